@@ -1,0 +1,1 @@
+//! Opting tables into change capture (the trigger installed by the migrations).

@@ -1,0 +1,85 @@
+//! The library's error type. Whether a failure is worth retrying is decided here, in one place.
+
+use thiserror::Error;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("database: {0}")]
+    Database(#[from] tokio_postgres::Error),
+
+    #[error("invalid database url: {0}")]
+    DatabaseUrl(String),
+
+    #[error("migration {version} ({name}) failed: {source}")]
+    Migration {
+        version: i32,
+        name: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    #[error("migration {version} ({name}) was changed after it was applied (checksum {applied} in the database, {embedded} in this build)")]
+    MigrationChanged {
+        version: i32,
+        name: &'static str,
+        applied: String,
+        embedded: String,
+    },
+
+    #[error("the change log is not usable: {0}")]
+    ChangeLogShape(String),
+
+    #[error("checkpoint of consumer '{consumer}' is ahead of the database (stored {stored}, current {current}): the database was probably restored or replaced; reset the checkpoint with `fraiseql-observers checkpoint reset --consumer {consumer}`")]
+    CheckpointAhead {
+        consumer: String,
+        stored: String,
+        current: String,
+    },
+
+    #[error("consumer '{consumer}' is led by another instance now (epoch {epoch} was superseded)")]
+    Fenced { consumer: String, epoch: i64 },
+
+    #[error("the database is a standby (in recovery); the change log must be read from the primary")]
+    ReadOnlyStandby,
+
+    #[error("invalid snapshot '{0}'")]
+    Snapshot(String),
+
+    #[error("{0}")]
+    Invalid(String),
+
+    #[error("the listener was stopped")]
+    Stopped,
+}
+
+impl Error {
+    /// Whether trying the same operation again later may succeed (a lost connection, a server
+    /// restarting), as opposed to a mistake that will fail the same way every time.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Database(e) => is_transient_db(e),
+            Error::Migration { source, .. } => is_transient_db(source),
+            _ => false,
+        }
+    }
+}
+
+/// Connection-level failures and the server's "try again" SQLSTATEs are transient.
+pub fn is_transient_db(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        // No SQLSTATE: the connection or the protocol failed, not the statement.
+        None => true,
+        Some(code) => {
+            let class = &code.code()[..2];
+            // 08: connection exception, 57: operator intervention (shutdown, admin terminate),
+            // 53: insufficient resources, 40: serialization failure / deadlock.
+            matches!(class, "08" | "57" | "53" | "40") || *code == SqlState::LOCK_NOT_AVAILABLE
+        }
+    }
+}

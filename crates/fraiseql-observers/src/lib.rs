@@ -1,0 +1,27 @@
+//! fraiseql-observers: turn every committed PostgreSQL change into reliable actions.
+//!
+//! Data flows one way, and the modules follow it:
+//!
+//! ```text
+//! listener (source: read the change log, decode rows)  ->  matcher/condition (match)
+//!     ->  actions (execute)  ->  delivery (retries, dead letters)  ->  checkpoint (record)
+//! ```
+//!
+//! * [`listener::ChangeLogListener`] reads `core.tb_entity_change_log` with the snapshot-diff
+//!   algorithm: every committed row exactly once per pass, in commit order per entity, never a row
+//!   of a transaction that is still open.
+//! * [`listener::parser`] turns a row into an [`EntityEvent`] (pure).
+//! * [`migrate`] installs the change log, the capture trigger and the observer's own tables.
+//!
+//! The library reads no environment variables and installs no global state.
+
+pub mod capture;
+pub mod db;
+pub mod error;
+pub mod event;
+pub mod listener;
+pub mod migrate;
+
+pub use error::{Error, Result};
+pub use event::{EntityEvent, EventKind, FieldChange, Position};
+// pub use listener::{ChangeLogListener, ListenerConfig, StartPosition};

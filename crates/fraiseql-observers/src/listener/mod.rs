@@ -1,0 +1,8 @@
+//! Reading the change log: the gap-safe reader, the row decoder, the checkpoint.
+
+pub mod change_log;
+pub mod checkpoint;
+pub mod parser;
+pub mod snapshot;
+
+// pub use change_log::{ChangeLogListener, ListenerConfig, StartPosition};
