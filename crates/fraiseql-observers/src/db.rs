@@ -19,13 +19,7 @@ pub fn parse_url(url: &str) -> Result<Config> {
 /// Open one connection with TCP keepalives on, driving it on a background task. `application`
 /// names it in `pg_stat_activity`.
 pub async fn connect(config: &Config, application: &str) -> Result<Client> {
-    let mut config = config.clone();
-    config.application_name(application);
-    config.keepalives(true);
-    config.keepalives_idle(std::time::Duration::from_secs(10));
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(std::time::Duration::from_secs(10));
-    }
+    let config = with_defaults(config, application);
     let (client, connection) = config.connect(NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
@@ -33,4 +27,45 @@ pub async fn connect(config: &Config, application: &str) -> Result<Client> {
         }
     });
     Ok(client)
+}
+
+/// Like [`connect`], and forward every `NOTIFY` the connection receives as a wake-up on the
+/// returned channel (payloads are ignored: a notification is only a hint).
+pub async fn connect_with_notifications(
+    config: &Config,
+    application: &str,
+) -> Result<(Client, tokio::sync::mpsc::UnboundedReceiver<()>)> {
+    use futures::StreamExt;
+    let config = with_defaults(config, application);
+    let (client, mut connection) = config.connect(NoTls).await?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                    let _ = tx.send(());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "database connection closed");
+                    break;
+                }
+            }
+        }
+    });
+    Ok((client, rx))
+}
+
+/// The connection settings every connection of ours uses: its name in `pg_stat_activity`, TCP
+/// keepalives (a dead peer is noticed), a connect timeout unless the URL sets one.
+fn with_defaults(config: &Config, application: &str) -> Config {
+    let mut config = config.clone();
+    config.application_name(application);
+    config.keepalives(true);
+    config.keepalives_idle(std::time::Duration::from_secs(10));
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(std::time::Duration::from_secs(10));
+    }
+    config
 }

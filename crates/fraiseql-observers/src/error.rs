@@ -46,6 +46,11 @@ pub enum Error {
     )]
     ReadOnlyStandby,
 
+    /// The database could not be reached again after a lost connection (any cause: it may be
+    /// restarting, refusing connections for a while, or failing over). Retried.
+    #[error("cannot reconnect to the database: {0}")]
+    Reconnect(String),
+
     #[error("invalid snapshot '{0}'")]
     Snapshot(String),
 
@@ -63,6 +68,7 @@ impl Error {
         match self {
             Error::Database(e) => is_transient_db(e),
             Error::Migration { source, .. } => is_transient_db(source),
+            Error::Reconnect(_) => true,
             _ => false,
         }
     }

@@ -24,4 +24,4 @@ pub mod migrate;
 
 pub use error::{Error, Result};
 pub use event::{EntityEvent, EventKind, FieldChange, Position};
-// pub use listener::{ChangeLogListener, ListenerConfig, StartPosition};
+pub use listener::{ChangeLogListener, ListenerConfig, StartPosition};

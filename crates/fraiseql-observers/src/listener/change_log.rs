@@ -1,1 +1,761 @@
+//! `ChangeLogListener`: the gap-safe reader of `core.tb_entity_change_log`.
+//!
+//! It reads with snapshot-diff batches (`correctness.md` section 2, the algorithm PgQ uses): a
+//! batch is exactly the rows whose writing transaction is visible in the current snapshot and was
+//! not visible in the previous one. So a transaction that drew a low `id` and commits late is read
+//! in a later batch (never lost), an open transaction delays only its own rows, and within a batch
+//! rows come in `id` order, which for one entity is commit order (the capture trigger runs AFTER
+//! the row is written, under the row lock).
+//!
+//! Invariants:
+//! * Every committed row is handed out once per run, in `(batch, sequence)` order, and never a row
+//!   of a transaction that is still open or rolled back.
+//! * The stored checkpoint moves only through [`ChangeLogListener::mark_done`] +
+//!   [`ChangeLogListener::save_checkpoint`], never because rows were fetched: a crash replays what
+//!   was in flight (duplicates, never loss).
+//! * A row that cannot be decoded is quarantined (with its reason and a copy of the row) and
+//!   skipped; it never stalls the stream.
+//! * A lost connection is retried with capped exponential backoff; the reading position is kept in
+//!   memory, so nothing is re-read or skipped when it comes back.
 
+use super::checkpoint::{self, BatchProgress, Checkpoint, StartPosition};
+use super::parser::{self, ChangeLogRow, TableShape};
+use super::snapshot::Snapshot;
+use crate::db;
+use crate::error::{Error, Result};
+use crate::event::{EntityEvent, Position};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::{Client, Statement};
+
+/// Consecutive failures after which the listener reports itself unhealthy (it keeps retrying).
+pub const UNHEALTHY_AFTER_FAILURES: u32 = 10;
+
+/// How the listener reads. `Default` gives the documented defaults.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// `postgres://...` URL of the primary.
+    pub database_url: String,
+    /// Names this consumer's checkpoint. Two consumers with different ids each see every change.
+    pub consumer_id: String,
+    /// Events handed out per [`ChangeLogListener::next_batch`] call (a large catch-up batch is
+    /// handed out in chunks of this size).
+    pub batch_size: usize,
+    /// The longest sleep between two polls when the log is idle.
+    pub poll_interval: Duration,
+    /// The first sleep after the log goes idle; it doubles up to `poll_interval`.
+    pub min_poll_interval: Duration,
+    /// Where a consumer without a checkpoint starts.
+    pub start: StartPosition,
+    /// Wake up on `NOTIFY fraiseql_observers` (see `capture::set_notify`) as well as by polling.
+    pub notify: bool,
+    /// First delay before reconnecting after a lost connection; doubles up to `retry_max_delay`.
+    pub retry_initial_delay: Duration,
+    pub retry_max_delay: Duration,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            database_url: String::new(),
+            consumer_id: "default".to_string(),
+            batch_size: 1000,
+            poll_interval: Duration::from_millis(100),
+            min_poll_interval: Duration::from_millis(5),
+            start: StartPosition::Now,
+            notify: false,
+            retry_initial_delay: Duration::from_millis(100),
+            retry_max_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Events handed out by one [`ChangeLogListener::next_batch`] call, in order.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub events: Vec<EntityEvent>,
+    /// The position of the last row of this chunk (decoded or quarantined). Once every event of
+    /// the batch is done, `mark_done(end)` covers the whole chunk, quarantined rows included.
+    pub end: Position,
+    /// Rows read (events plus quarantined rows).
+    pub rows: usize,
+    /// Rows that could not be decoded and were quarantined.
+    pub quarantined: usize,
+}
+
+/// Health and counters shared with whoever watches the listener.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    consecutive_failures: AtomicU32,
+    rows_read: AtomicU64,
+    quarantined: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+impl ListenerStats {
+    /// False after [`UNHEALTHY_AFTER_FAILURES`] consecutive failures to reach the database.
+    pub fn is_healthy(&self) -> bool {
+        self.consecutive_failures() < UNHEALTHY_AFTER_FAILURES
+    }
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+    pub fn rows_read(&self) -> u64 {
+        self.rows_read.load(Ordering::Relaxed)
+    }
+    pub fn quarantined(&self) -> u64 {
+        self.quarantined.load(Ordering::Relaxed)
+    }
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+}
+
+/// Stops a listener from another task: its pending or next `next_batch` returns `Ok(None)`.
+#[derive(Debug, Clone)]
+pub struct StopHandle(Arc<watch::Sender<bool>>);
+
+impl StopHandle {
+    pub fn stop(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+/// One diff between two snapshots, being handed out or waiting to be marked done.
+#[derive(Debug)]
+struct BatchState {
+    no: u64,
+    lower: Snapshot,
+    upper: Snapshot,
+    ids: Vec<i64>,
+    next: usize,
+}
+
+/// What has been handed out and what is done; shared by the reader and its checkpointers.
+#[derive(Debug)]
+struct Progress {
+    /// Batches not yet marked done, oldest first.
+    batches: VecDeque<BatchState>,
+    /// What is done, as last computed by `mark_done`, and whether it still needs saving.
+    done: Checkpoint,
+    dirty: bool,
+}
+
+impl Progress {
+    fn set_done(&mut self, done: Checkpoint) {
+        self.done = done;
+        self.dirty = true;
+    }
+
+    fn mark_done(&mut self, position: Position) {
+        while let Some(front) = self.batches.front() {
+            let complete = front.no < position.batch
+                || (front.no == position.batch
+                    && front.next == front.ids.len()
+                    && front
+                        .ids
+                        .last()
+                        .is_some_and(|last| *last <= position.sequence));
+            if complete {
+                let front = self.batches.pop_front().expect("front exists");
+                self.set_done(Checkpoint {
+                    snapshot: front.upper,
+                    batch: None,
+                });
+                continue;
+            }
+            if front.no == position.batch {
+                let done = Checkpoint {
+                    snapshot: front.lower.clone(),
+                    batch: Some(BatchProgress {
+                        snapshot: front.upper.clone(),
+                        done_sequence: position.sequence,
+                    }),
+                };
+                self.set_done(done);
+            }
+            break;
+        }
+    }
+}
+
+/// Marks events done and writes the checkpoint, on a connection of its own. Clones share the
+/// listener's progress (each opens its own connection).
+pub struct Checkpointer {
+    consumer: String,
+    epoch: i64,
+    db_config: tokio_postgres::Config,
+    client: Option<Client>,
+    progress: Arc<Mutex<Progress>>,
+}
+
+impl Clone for Checkpointer {
+    fn clone(&self) -> Self {
+        Checkpointer {
+            consumer: self.consumer.clone(),
+            epoch: self.epoch,
+            db_config: self.db_config.clone(),
+            client: None,
+            progress: self.progress.clone(),
+        }
+    }
+}
+
+impl Checkpointer {
+    /// Record that every event handed out at or before `position` is done.
+    pub fn mark_done(&self, position: Position) {
+        self.lock().mark_done(position);
+    }
+
+    /// Write what `mark_done` recorded, if anything changed since the last write. Fenced by the
+    /// epoch: `Error::Fenced` means another instance leads this consumer now.
+    pub async fn save(&mut self) -> Result<()> {
+        let (done, was_dirty) = {
+            let mut progress = self.lock();
+            let state = (progress.done.clone(), progress.dirty);
+            progress.dirty = false;
+            state
+        };
+        if !was_dirty {
+            return Ok(());
+        }
+        let result = self.write(&done).await;
+        if result.is_err() {
+            // Not written: write it (or something newer) next time.
+            self.lock().dirty = true;
+        }
+        result
+    }
+
+    /// The checkpoint as `mark_done` last computed it (saved or not).
+    pub fn done(&self) -> Checkpoint {
+        self.lock().done.clone()
+    }
+
+    /// Whether events have been handed out and not yet marked done.
+    pub fn has_outstanding(&self) -> bool {
+        !self.lock().batches.is_empty()
+    }
+
+    pub fn epoch(&self) -> i64 {
+        self.epoch
+    }
+
+    async fn write(&mut self, done: &Checkpoint) -> Result<()> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            let application = format!("fraiseql-observers-checkpoint:{}", self.consumer);
+            self.client = Some(db::connect(&self.db_config, &application).await?);
+        }
+        let client = self.client.as_ref().expect("connected");
+        let result = checkpoint::save(client, &self.consumer, self.epoch, done).await;
+        if result.as_ref().is_err_and(|e| e.is_transient()) {
+            self.client = None;
+        }
+        result
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().expect("progress lock poisoned")
+    }
+}
+
+struct Connection {
+    client: Client,
+    notifications: Option<mpsc::UnboundedReceiver<()>>,
+    snapshot: Statement,
+    ids: Statement,
+    rows: Statement,
+    quarantine: Statement,
+}
+
+/// Reads committed changes from `core.tb_entity_change_log` as [`EntityEvent`]s.
+pub struct ChangeLogListener {
+    config: ListenerConfig,
+    db_config: tokio_postgres::Config,
+    conn: Option<Connection>,
+    shape: TableShape,
+    /// Everything visible here has been handed out or sits in `progress.batches`.
+    read: Snapshot,
+    progress: Arc<Mutex<Progress>>,
+    checkpointer: Checkpointer,
+    next_batch_no: u64,
+    idle_delay: Duration,
+    stop_tx: Arc<watch::Sender<bool>>,
+    stop_rx: watch::Receiver<bool>,
+    stats: Arc<ListenerStats>,
+}
+
+impl ChangeLogListener {
+    /// Connect, claim the consumer (bumping its fencing epoch), load its checkpoint (creating it
+    /// at `config.start` for a new consumer) and get ready to resume exactly where it stopped.
+    pub async fn start(config: ListenerConfig) -> Result<Self> {
+        if config.batch_size == 0 {
+            return Err(Error::Invalid("batch_size must be at least 1".into()));
+        }
+        let db_config = db::parse_url(&config.database_url)?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (conn, shape) = open(&db_config, &config).await?;
+        let (stored, epoch) =
+            checkpoint::claim(&conn.client, &config.consumer_id, config.start).await?;
+
+        let current: Snapshot = current_snapshot(&conn).await?;
+        let stored_upper = stored
+            .batch
+            .as_ref()
+            .map_or(&stored.snapshot, |b| &b.snapshot);
+        if stored_upper.is_ahead_of(&current) {
+            return Err(Error::CheckpointAhead {
+                consumer: config.consumer_id.clone(),
+                stored: stored_upper.to_string(),
+                current: current.to_string(),
+            });
+        }
+
+        let progress = Arc::new(Mutex::new(Progress {
+            batches: VecDeque::new(),
+            done: stored.clone(),
+            dirty: false,
+        }));
+        let checkpointer = Checkpointer {
+            consumer: config.consumer_id.clone(),
+            epoch,
+            db_config: db_config.clone(),
+            client: None,
+            progress: progress.clone(),
+        };
+        let mut listener = ChangeLogListener {
+            idle_delay: config.min_poll_interval,
+            read: stored.snapshot.clone(),
+            progress,
+            checkpointer,
+            config,
+            db_config,
+            conn: Some(conn),
+            shape,
+            next_batch_no: 1,
+            stop_tx: Arc::new(stop_tx),
+            stop_rx,
+            stats: Arc::new(ListenerStats::default()),
+        };
+        if let Some(progress) = stored.batch {
+            // Resume the batch that was in progress: its rows after the last one done.
+            let conn = listener.conn.as_ref().expect("connected");
+            let ids = batch_ids(
+                conn,
+                &stored.snapshot,
+                &progress.snapshot,
+                progress.done_sequence,
+            )
+            .await?;
+            listener.read = progress.snapshot.clone();
+            if ids.is_empty() {
+                listener.lock().set_done(Checkpoint {
+                    snapshot: progress.snapshot,
+                    batch: None,
+                });
+            } else {
+                listener.push_batch(stored.snapshot, progress.snapshot, ids);
+            }
+        }
+        tracing::info!(
+            consumer = %listener.config.consumer_id,
+            epoch,
+            snapshot = %listener.read,
+            "change-log listener started"
+        );
+        Ok(listener)
+    }
+
+    /// The fencing epoch this instance holds.
+    pub fn epoch(&self) -> i64 {
+        self.checkpointer.epoch
+    }
+
+    pub fn consumer_id(&self) -> &str {
+        &self.config.consumer_id
+    }
+
+    pub fn stats(&self) -> Arc<ListenerStats> {
+        self.stats.clone()
+    }
+
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.stop_tx.clone())
+    }
+
+    /// Stop: the next `next_batch` returns `Ok(None)`.
+    pub fn stop(&self) {
+        self.stop_tx.send_replace(true);
+    }
+
+    /// The next chunk of committed changes, waiting (adaptive polling) until there is one.
+    /// `Ok(None)` once stopped. Lost connections are retried here, without end; other errors
+    /// (a missing table, a permission denied, ...) are returned.
+    pub async fn next_batch(&mut self) -> Result<Option<Batch>> {
+        let mut stop = self.stop_rx.clone();
+        let mut failure_delay = self.config.retry_initial_delay;
+        loop {
+            if *stop.borrow() {
+                return Ok(None);
+            }
+            let step = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => return Ok(None),
+                step = self.step() => step,
+            };
+            match step {
+                Ok(Some(batch)) => {
+                    self.stats.consecutive_failures.store(0, Ordering::Relaxed);
+                    return Ok(Some(batch));
+                }
+                Ok(None) => {
+                    self.stats.consecutive_failures.store(0, Ordering::Relaxed);
+                    failure_delay = self.config.retry_initial_delay;
+                    self.idle(&mut stop).await;
+                }
+                Err(e) if e.is_transient() => {
+                    self.conn = None;
+                    let failures = self
+                        .stats
+                        .consecutive_failures
+                        .fetch_add(1, Ordering::Relaxed)
+                        + 1;
+                    if failures == UNHEALTHY_AFTER_FAILURES {
+                        tracing::error!(consumer = %self.config.consumer_id, failures, error = %e,
+                            "change-log listener cannot reach the database; unhealthy, still retrying");
+                    } else {
+                        tracing::warn!(consumer = %self.config.consumer_id, failures, error = %e,
+                            retry_in_ms = failure_delay.as_millis() as u64, "change-log listener lost the database; retrying");
+                    }
+                    let jitter = rand::random_range(0.5..1.0);
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => return Ok(None),
+                        _ = tokio::time::sleep(failure_delay.mul_f64(jitter)) => {}
+                    }
+                    failure_delay = (failure_delay * 2).min(self.config.retry_max_delay);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A handle that marks events done and saves the checkpoint, usable from another task while
+    /// this listener waits in `next_batch`. It opens a connection of its own when it first saves.
+    pub fn checkpointer(&self) -> Checkpointer {
+        self.checkpointer.clone()
+    }
+
+    /// Record that every event handed out at or before `position` is done (its actions succeeded
+    /// or were handed over durably). Cheap; the checkpoint is written by `save_checkpoint`.
+    pub fn mark_done(&self, position: Position) {
+        self.checkpointer.mark_done(position);
+    }
+
+    /// Write what `mark_done` recorded, if anything changed. `Error::Fenced` when another instance
+    /// has claimed this consumer since: stop dispatching at once.
+    pub async fn save_checkpoint(&mut self) -> Result<()> {
+        self.checkpointer.save().await
+    }
+
+    /// Turn the listener into a stream of batches that ends when it is stopped. Checkpoints can
+    /// no longer be saved through it: for consumers that checkpoint elsewhere or not at all.
+    pub fn into_stream(self) -> impl futures::Stream<Item = Result<Batch>> {
+        futures::stream::unfold(self, |mut listener| async move {
+            match listener.next_batch().await {
+                Ok(Some(batch)) => Some((Ok(batch), listener)),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), listener)),
+            }
+        })
+    }
+
+    /// One poll: hand out the next chunk of a known batch, or look for a new batch.
+    /// `Ok(None)` when there is nothing new.
+    async fn step(&mut self) -> Result<Option<Batch>> {
+        if self.conn.is_none() {
+            self.reconnect().await?;
+        }
+        let conn = self.conn.as_ref().expect("connected");
+
+        let pending = self.lock().batches.back().and_then(|b| {
+            (b.next < b.ids.len()).then(|| {
+                let end = (b.next + self.config.batch_size).min(b.ids.len());
+                (b.no, end, b.ids[b.next..end].to_vec())
+            })
+        });
+        if let Some((no, end, chunk)) = pending {
+            let rows = conn.client.query(&conn.rows, &[&chunk]).await?;
+            let last_id = *chunk.last().expect("chunk is not empty");
+            let mut events = Vec::with_capacity(rows.len());
+            let mut quarantined = 0;
+            for row in &rows {
+                let sequence: i64 = row.get(0);
+                let position = Position {
+                    batch: no,
+                    sequence,
+                };
+                match ChangeLogRow::from_row(row)
+                    .and_then(|raw| parser::decode(&self.shape, &raw, position))
+                {
+                    Ok(event) => events.push(event),
+                    Err(e) => {
+                        quarantined += 1;
+                        quarantine(
+                            conn,
+                            &self.config.consumer_id,
+                            &self.stats,
+                            sequence,
+                            &e.reason,
+                        )
+                        .await?;
+                    }
+                }
+            }
+            let read = rows.len();
+            self.stats
+                .rows_read
+                .fetch_add(read as u64, Ordering::Relaxed);
+            metrics::counter!("fraiseql_observers_rows_read_total").increment(read as u64);
+            if let Some(batch) = self.lock().batches.iter_mut().find(|b| b.no == no) {
+                batch.next = end;
+            }
+            return Ok(Some(Batch {
+                events,
+                end: Position {
+                    batch: no,
+                    sequence: last_id,
+                },
+                rows: read,
+                quarantined,
+            }));
+        }
+
+        let current = current_snapshot(conn).await?;
+        if current == self.read {
+            return Ok(None);
+        }
+        let ids = batch_ids(conn, &self.read, &current, i64::MIN).await?;
+        if ids.is_empty() {
+            // Nothing of ours committed between the two snapshots: widen the newest batch (its
+            // row set is unchanged) or, with none outstanding, the done checkpoint.
+            let mut progress = self.lock();
+            match progress.batches.back_mut() {
+                Some(last) => last.upper = current.clone(),
+                None => progress.set_done(Checkpoint {
+                    snapshot: current.clone(),
+                    batch: None,
+                }),
+            }
+            drop(progress);
+            self.read = current;
+            return Ok(None);
+        }
+        let lower = std::mem::replace(&mut self.read, current.clone());
+        self.push_batch(lower, current, ids);
+        self.idle_delay = self.config.min_poll_interval;
+        Box::pin(self.step()).await
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().expect("progress lock poisoned")
+    }
+
+    fn push_batch(&mut self, lower: Snapshot, upper: Snapshot, ids: Vec<i64>) {
+        let no = self.next_batch_no;
+        self.next_batch_no += 1;
+        self.lock().batches.push_back(BatchState {
+            no,
+            lower,
+            upper,
+            ids,
+            next: 0,
+        });
+    }
+
+    /// Reopen the connection after a loss. Every failure here counts as transient: the daemon
+    /// keeps retrying (and reports itself unhealthy) rather than exiting while the database is
+    /// away, whatever it answers meanwhile.
+    async fn reconnect(&mut self) -> Result<()> {
+        let (conn, shape) = open(&self.db_config, &self.config)
+            .await
+            .map_err(|e| Error::Reconnect(e.to_string()))?;
+        self.conn = Some(conn);
+        self.shape = shape;
+        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(consumer = %self.config.consumer_id, "change-log listener reconnected");
+        Ok(())
+    }
+
+    /// Sleep before the next poll: short after activity, doubling towards `poll_interval` while
+    /// idle; a NOTIFY (when enabled) or a stop cuts it short.
+    async fn idle(&mut self, stop: &mut watch::Receiver<bool>) {
+        let delay = self.idle_delay;
+        self.idle_delay = (delay * 2).min(self.config.poll_interval);
+        let notified = async {
+            match self.conn.as_mut().and_then(|c| c.notifications.as_mut()) {
+                Some(rx) => {
+                    if rx.recv().await.is_some() {
+                        while rx.try_recv().is_ok() {}
+                    } else {
+                        std::future::pending::<()>().await
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = notified => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+    }
+}
+
+/// Open the reader's connection: primary only, shape discovered, statements prepared, LISTEN
+/// issued (when enabled) before the first poll.
+async fn open(
+    db_config: &tokio_postgres::Config,
+    config: &ListenerConfig,
+) -> Result<(Connection, TableShape)> {
+    let application = format!("fraiseql-observers-listener:{}", config.consumer_id);
+    let (client, notifications) = if config.notify {
+        let (client, rx) = db::connect_with_notifications(db_config, &application).await?;
+        client.batch_execute("LISTEN fraiseql_observers").await?;
+        (client, Some(rx))
+    } else {
+        (db::connect(db_config, &application).await?, None)
+    };
+    let in_recovery: bool = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await?
+        .get(0);
+    if in_recovery {
+        return Err(Error::ReadOnlyStandby);
+    }
+    let columns: Vec<(String, String)> = client
+        .query(TableShape::CATALOG_QUERY, &[])
+        .await
+        .map_err(|e| match e.code() {
+            Some(c) if *c == tokio_postgres::error::SqlState::UNDEFINED_TABLE => {
+                Error::ChangeLogShape(
+                    "core.tb_entity_change_log does not exist: run `fraiseql-observers migrate`"
+                        .into(),
+                )
+            }
+            _ => Error::Database(e),
+        })?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    if !columns
+        .iter()
+        .any(|(name, ty)| name == "txid" && ty == "xid8")
+    {
+        return Err(Error::ChangeLogShape(
+            "core.tb_entity_change_log has no txid xid8 column: run `fraiseql-observers migrate`"
+                .into(),
+        ));
+    }
+    let shape = TableShape::from_columns(&columns)?;
+    let seq = shape.sequence_column();
+    let snapshot = client.prepare("SELECT pg_current_snapshot()::text").await?;
+    let ids = client.prepare(&batch_ids_sql(seq)).await?;
+    let rows = client
+        .prepare(&format!(
+            "SELECT {} FROM core.tb_entity_change_log l WHERE l.{seq} = ANY ($1::bigint[]) ORDER BY l.{seq}",
+            shape.select_list()
+        ))
+        .await?;
+    let quarantine = client
+        .prepare(&format!(
+            "INSERT INTO core.observer_quarantine (consumer_id, sequence, reason, row_data)
+             SELECT $1, $2, $3, (SELECT to_jsonb(l) FROM core.tb_entity_change_log l WHERE l.{seq} = $2)
+             ON CONFLICT (consumer_id, sequence) DO NOTHING"
+        ))
+        .await?;
+    Ok((
+        Connection {
+            client,
+            notifications,
+            snapshot,
+            ids,
+            rows,
+            quarantine,
+        },
+        shape,
+    ))
+}
+
+/// Record a row that cannot be decoded, with a copy of it, so it is visible and nothing is lost.
+async fn quarantine(
+    conn: &Connection,
+    consumer: &str,
+    stats: &ListenerStats,
+    sequence: i64,
+    reason: &str,
+) -> Result<()> {
+    conn.client
+        .execute(&conn.quarantine, &[&consumer, &sequence, &reason])
+        .await?;
+    stats.quarantined.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!("fraiseql_observers_rows_quarantined_total").increment(1);
+    tracing::warn!(
+        consumer,
+        sequence,
+        reason,
+        "change-log row cannot be decoded; quarantined in core.observer_quarantine"
+    );
+    Ok(())
+}
+
+/// The batch query: sequences of the rows visible in `$4` (the upper snapshot) and not in the
+/// lower one, whose xmax is `$1` and xip `$3`; `$2` is the upper xmax and `$5` the last sequence
+/// already handled. Two index-friendly halves: written as one `OR`, a generic plan scans the
+/// whole table (correctness.md section 2).
+pub fn batch_ids_sql(seq: &str) -> String {
+    format!(
+        "SELECT b.seq FROM (
+             SELECT l.txid, l.{seq} AS seq FROM core.tb_entity_change_log l
+              WHERE l.txid >= $1::text::xid8 AND l.txid < $2::text::xid8
+           UNION ALL
+             SELECT l.txid, l.{seq} AS seq FROM core.tb_entity_change_log l
+              WHERE l.txid = ANY ($3::text[]::xid8[]) AND l.txid < $1::text::xid8
+         ) b
+         WHERE pg_visible_in_snapshot(b.txid, $4::text::pg_snapshot) AND b.seq > $5
+         ORDER BY b.seq"
+    )
+}
+
+async fn current_snapshot(conn: &Connection) -> Result<Snapshot> {
+    let text: String = conn.client.query_one(&conn.snapshot, &[]).await?.get(0);
+    text.parse()
+}
+
+/// Sequences of the rows visible in `upper` and not in `lower`, after `after`, ascending.
+async fn batch_ids(
+    conn: &Connection,
+    lower: &Snapshot,
+    upper: &Snapshot,
+    after: i64,
+) -> Result<Vec<i64>> {
+    let lower_xmax = lower.xmax.to_string();
+    let upper_xmax = upper.xmax.to_string();
+    let upper_text = upper.to_string();
+    let rows = conn
+        .client
+        .query(
+            &conn.ids,
+            &[
+                &lower_xmax,
+                &upper_xmax,
+                &lower.xip_text(),
+                &upper_text,
+                &after,
+            ],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}

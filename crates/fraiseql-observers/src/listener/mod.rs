@@ -5,4 +5,7 @@ pub mod checkpoint;
 pub mod parser;
 pub mod snapshot;
 
-// pub use change_log::{ChangeLogListener, ListenerConfig, StartPosition};
+pub use change_log::{
+    Batch, ChangeLogListener, Checkpointer, ListenerConfig, ListenerStats, StopHandle,
+};
+pub use checkpoint::StartPosition;

@@ -1,2 +1,3 @@
+mod listener;
 mod parser;
 mod support;
