@@ -41,7 +41,9 @@ pub enum Error {
     #[error("consumer '{consumer}' is led by another instance now (epoch {epoch} was superseded)")]
     Fenced { consumer: String, epoch: i64 },
 
-    #[error("the database is a standby (in recovery); the change log must be read from the primary")]
+    #[error(
+        "the database is a standby (in recovery); the change log must be read from the primary"
+    )]
     ReadOnlyStandby,
 
     #[error("invalid snapshot '{0}'")]
@@ -62,6 +64,27 @@ impl Error {
             Error::Database(e) => is_transient_db(e),
             Error::Migration { source, .. } => is_transient_db(source),
             _ => false,
+        }
+    }
+}
+
+/// One mistake in the configuration, found while compiling it (no I/O).
+///
+/// `path` names where the mistake is, in the configuration's own terms
+/// (`observers.order_paid.actions[0].url`); every mistake of a file is reported at once, so
+/// compilation returns a `Vec<ConfigError>`. A message never contains a secret's value.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
         }
     }
 }
