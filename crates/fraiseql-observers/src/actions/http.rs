@@ -105,7 +105,7 @@ impl HttpClient {
         let mut response = match result {
             Ok(response) => response,
             Err(e) => {
-                let error = describe_send_error(&e, target, request.timeout);
+                let error = describe_send_error(&e, request.timeout);
                 tracing::debug!(
                     target_url = %target.shown,
                     elapsed_ms = started.elapsed().as_millis() as u64,
@@ -354,7 +354,7 @@ fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
 
 /// A target the guard refused. Travels through reqwest's error chain from the resolver.
 #[derive(Debug, Error)]
-#[error("refused to send to {host}: it resolves to {ip}, a {reason} address; set allow_private_networks = true on the action to allow it")]
+#[error("refused to send to {host}: {ip} is a {reason} address; set allow_private_networks = true on the action to allow it")]
 struct RefusedTarget {
     host: String,
     ip: IpAddr,
@@ -414,8 +414,9 @@ fn check_literal_host(target: &Target) -> Result<(), ActionError> {
     }
 }
 
-/// A failed exchange, as an action error. The message never contains the URL's query.
-fn describe_send_error(e: &reqwest::Error, target: &Target, timeout: Duration) -> ActionError {
+/// A failed exchange, as an action error. The message never contains the URL (the action
+/// prefixes the shown form of it).
+fn describe_send_error(e: &reqwest::Error, timeout: Duration) -> ActionError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         if let Some(refused) = err.downcast_ref::<RefusedTarget>() {
@@ -427,18 +428,14 @@ fn describe_send_error(e: &reqwest::Error, target: &Target, timeout: Duration) -
     }
     if e.is_timeout() {
         return ActionError::Transient {
-            message: format!(
-                "{}: no answer within {} ms",
-                target.shown,
-                timeout.as_millis()
-            ),
+            message: format!("no answer within {} ms", timeout.as_millis()),
             retry_after: None,
         };
     }
     let chain = error_chain(e);
     if e.is_builder() {
         return ActionError::Permanent {
-            message: format!("{}: cannot build the request: {chain}", target.shown),
+            message: format!("cannot build the request: {chain}"),
         };
     }
     let what = if e.is_connect() {
@@ -447,7 +444,7 @@ fn describe_send_error(e: &reqwest::Error, target: &Target, timeout: Duration) -
         "the exchange failed"
     };
     ActionError::Transient {
-        message: format!("{}: {what}: {chain}", target.shown),
+        message: format!("{what}: {chain}"),
         retry_after: None,
     }
 }

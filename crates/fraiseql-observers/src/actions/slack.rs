@@ -20,9 +20,10 @@
 //!   scheme and host.
 //! * The request is `POST` of `{"text", "channel"?, "username"?, "icon_emoji"?}` as JSON; the
 //!   text is the rendered `message_template` (default: `"<entity_type> <entity_id> <kind>"`).
-//! * Outcomes: 2xx ok; 404 and 410 (`no_service`: the webhook was removed) gone; other 4xx
-//!   (`invalid_payload`, `channel_not_found`, `action_prohibited`...) permanent; 429 and 5xx
-//!   transient (see [`super::http::classify`]). Slack's short error code is kept in the message.
+//! * Outcomes: 2xx ok; 404 `no_service`/`no_team` (the webhook was removed) and any 410 gone;
+//!   other 4xx (`invalid_payload`, 404 `channel_not_found`, 403 `action_prohibited`...)
+//!   permanent; 429 and 5xx transient (see [`super::http::classify`]). Slack's short error code
+//!   is kept in the message.
 
 use std::fmt;
 use std::time::Duration;
@@ -36,6 +37,9 @@ use super::http::{classify, HttpClient, HttpRequest, HttpResponse, Target};
 use super::{resolve_url, timeout_setting, ActionError, DeliveryRequest, UrlSetting};
 use crate::error::ConfigError;
 use crate::template::{Template, TemplateMode};
+
+/// Slack's 404 answers that mean the incoming webhook itself no longer exists.
+const GONE_CODES: &[&str] = &["no_service", "no_team", ""];
 
 const DEFAULT_MESSAGE: &str = "{{ event.entity_type }} {{ event.entity_id }} {{ event.kind }}";
 
@@ -189,7 +193,7 @@ impl Slack {
                 timeout: self.timeout,
             })
             .await
-            .map_err(|e| e.context("slack"))?;
+            .map_err(|e| e.context(&context))?;
         let outcome = outcome(&response).map_err(|e| e.context(&context));
         tracing::debug!(
             action = "slack",
@@ -223,7 +227,9 @@ fn outcome(response: &HttpResponse) -> Result<(), ActionError> {
             }
         }
     };
-    if response.status == StatusCode::NOT_FOUND {
+    // `no_service` (or `no_team`, or no body at all): the webhook itself was removed. Other 404
+    // codes (`channel_not_found`, `user_not_found`) are about this message's channel: permanent.
+    if response.status == StatusCode::NOT_FOUND && GONE_CODES.contains(&code.as_str()) {
         return Err(with_code(ActionError::Gone {
             message: "the receiver answered 404 Not Found: the incoming webhook no longer exists"
                 .into(),

@@ -275,7 +275,7 @@ impl Webhook {
                 timeout: self.timeout,
             })
             .await
-            .map_err(|e| e.context("webhook"))?;
+            .map_err(|e| e.context(&context))?;
         let outcome = classify(response.status, &response.headers).map_err(|e| e.context(&context));
         tracing::debug!(
             action = "webhook",
