@@ -403,7 +403,7 @@ fn timeout_setting(value: Option<u64>, path: &str, errors: &mut Vec<ConfigError>
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn table(s: &str) -> toml::Table {
@@ -412,6 +412,37 @@ mod tests {
 
     fn no_env(_: &str) -> Option<String> {
         None
+    }
+
+    /// The TOML example at the top of an action file's docs, as the configuration table of its
+    /// one action (docs that show syntax the parser rejects are a known failure of this kind of
+    /// system, so the examples are executed).
+    pub(crate) fn doc_example(source: &str) -> toml::Table {
+        let docs: String = source
+            .lines()
+            .filter_map(|l| l.strip_prefix("//!"))
+            .map(|l| l.strip_prefix(' ').unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let start = docs.find("```toml").expect("a toml example") + "```toml".len();
+        let end = start + docs[start..].find("```").expect("the example ends");
+        let file: toml::Table = toml::from_str(&docs[start..end]).expect("the example parses");
+        file["observers"]["order_paid"]["actions"][0]
+            .as_table()
+            .unwrap()
+            .clone()
+    }
+
+    #[test]
+    fn actions_can_be_shared_across_tasks() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Action>();
+        send_sync::<HttpClient>();
+        fn send<T: Send>(_: T) {}
+        #[allow(dead_code)]
+        fn execute_future_is_send(a: &Action, h: &HttpClient, r: &DeliveryRequest<'_>) {
+            send(a.execute(h, r));
+        }
     }
 
     #[test]

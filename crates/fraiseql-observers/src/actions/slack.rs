@@ -237,3 +237,46 @@ fn outcome(response: &HttpResponse) -> Result<(), ActionError> {
     }
     classify(response.status, &response.headers).map_err(with_code)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doc_example_compiles() {
+        let table = crate::actions::tests::doc_example(include_str!("slack.rs"));
+        let config = match crate::actions::ActionConfig::parse(&table, "p").unwrap() {
+            crate::actions::ActionConfig::Slack(c) => c,
+            other => panic!("{other:?}"),
+        };
+        let env = |k: &str| {
+            (k == "SLACK_ORDERS_URL").then(|| "https://hooks.slack.com/services/T/B/X".to_string())
+        };
+        let slack = compile(&config, "p", &env).unwrap();
+        assert_eq!(slack.fixed["channel"], "#orders");
+        assert_eq!(slack.fixed["username"], "orders-bot");
+        assert_eq!(slack.target.shown(), "https://hooks.slack.com");
+    }
+
+    #[test]
+    fn missing_url_is_reported_under_the_env_key() {
+        let errors = compile(&SlackConfig::default(), "p", &|_| None).unwrap_err();
+        assert_eq!(errors[0].path, "p.webhook_url_env");
+        let errors = compile(
+            &SlackConfig {
+                webhook_url_env: Some("NOPE".into()),
+                channel: Some(" ".into()),
+                message_template: Some("{{ after.x".into()),
+                ..Default::default()
+            },
+            "p",
+            &|_| None,
+        )
+        .unwrap_err();
+        let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["p.webhook_url_env", "p.message_template", "p.channel"]
+        );
+    }
+}

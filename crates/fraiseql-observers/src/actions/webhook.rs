@@ -27,6 +27,8 @@
 //!   changes}}`. Its timestamp is the event's own time, not the send time, so a retry sends the
 //!   same body.
 //! * Only `Ok` when the receiver answered 2xx; see [`super::http::classify`].
+//! * Messages show a `url` without its query string; a URL from `url_env` is shown as scheme and
+//!   host only. A URL whose path carries a token belongs in `url_env`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -349,6 +351,63 @@ mod tests {
                 .find(|(n, _)| *n == k)
                 .map(|(_, v)| v.to_string())
         }
+    }
+
+    #[test]
+    fn doc_example_compiles_and_renders_json() {
+        let table = crate::actions::tests::doc_example(include_str!("webhook.rs"));
+        let config = match crate::actions::ActionConfig::parse(&table, "p").unwrap() {
+            crate::actions::ActionConfig::Webhook(c) => c,
+            other => panic!("{other:?}"),
+        };
+        let hook = compile(
+            &config,
+            "p",
+            &env_of(&[("ORDERS_HOOK_SECRET", "whsec_AAEC")]),
+        )
+        .unwrap();
+        assert_eq!(hook.method, Method::POST);
+        assert_eq!(hook.headers["x-team"], "billing");
+        assert_eq!(hook.timeout, Duration::from_secs(10));
+        let event = crate::event::EntityEvent {
+            after: Some(json!({"id": 1, "email": "a@b"})),
+            ..sample_event()
+        };
+        let body: serde_json::Value = serde_json::from_str(&hook.body(&event).unwrap()).unwrap();
+        assert_eq!(body, json!({"order": 1, "email": "a@b"}));
+    }
+
+    fn sample_event() -> crate::event::EntityEvent {
+        crate::event::EntityEvent {
+            id: uuid::Uuid::from_u128(1),
+            sequence: 1,
+            kind: EventKind::Created,
+            entity_type: "OrderItem".into(),
+            entity_id: uuid::Uuid::from_u128(2),
+            tenant: None,
+            author: None,
+            before: None,
+            after: None,
+            changes: None,
+            change_status: "new".into(),
+            extra_metadata: json!({}),
+            source: None,
+            created_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            source_ts: None,
+            position: crate::event::Position {
+                batch: 0,
+                sequence: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn default_body_type_is_lowercased_entity_and_verb() {
+        let body = default_body(&sample_event());
+        assert_eq!(body["type"], "orderitem.created");
+        assert_eq!(body["timestamp"], "2023-11-14T22:13:20Z");
+        assert_eq!(body["data"]["changes"], serde_json::Value::Null);
+        assert_eq!(body["data"]["before"], serde_json::Value::Null);
     }
 
     #[test]
