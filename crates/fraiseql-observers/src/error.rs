@@ -74,6 +74,27 @@ impl Error {
     }
 }
 
+/// One mistake in the configuration, found while compiling it (no I/O).
+///
+/// `path` names where the mistake is, in the configuration's own terms
+/// (`observers.order_paid.actions[0].url`); every mistake of a file is reported at once, so
+/// compilation returns a `Vec<ConfigError>`. A message never contains a secret's value.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
 /// Connection-level failures and the server's "try again" SQLSTATEs are transient.
 pub fn is_transient_db(e: &tokio_postgres::Error) -> bool {
     use tokio_postgres::error::SqlState;

@@ -15,13 +15,15 @@
 //!
 //! The library reads no environment variables and installs no global state.
 
+pub mod actions;
 pub mod capture;
 pub mod db;
 pub mod error;
 pub mod event;
 pub mod listener;
 pub mod migrate;
+pub mod template;
 
-pub use error::{Error, Result};
+pub use error::{ConfigError, Error, Result};
 pub use event::{EntityEvent, EventKind, FieldChange, Position};
 pub use listener::{ChangeLogListener, ListenerConfig, StartPosition};

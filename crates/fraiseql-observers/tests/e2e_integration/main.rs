@@ -1,3 +1,4 @@
+mod actions;
 mod listener;
 mod parser;
 mod support;
