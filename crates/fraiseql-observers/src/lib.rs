@@ -16,6 +16,7 @@
 //! The library reads no environment variables and installs no global state.
 
 pub mod capture;
+pub mod condition;
 pub mod db;
 pub mod error;
 pub mod event;
