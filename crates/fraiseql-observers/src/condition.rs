@@ -92,11 +92,10 @@ pub enum ConditionError {
     #[error("could not start the thread that compiles conditions: {0}")]
     CompilerThread(#[source] std::io::Error),
 
-    #[error("condition could not be evaluated: {source}")]
-    Evaluation {
-        #[source]
-        source: ExecutionError,
-    },
+    /// The message names types, keys and functions, never a value from the event, so it can be
+    /// logged.
+    #[error("condition could not be evaluated: {message}")]
+    Evaluation { message: String },
 
     #[error("condition asks whether field '{field}' changed, but the event has no before-image to compare with (log updates with their before-image)")]
     NoBeforeImage { field: String },
@@ -188,7 +187,9 @@ impl Condition {
             {
                 Err(ConditionError::NoBeforeImage { field: message })
             }
-            Err(source) => Err(ConditionError::Evaluation { source }),
+            Err(error) => Err(ConditionError::Evaluation {
+                message: describe(&error),
+            }),
         }
     }
 }
@@ -216,6 +217,43 @@ fn parse(source: &str) -> Result<Program, ConditionError> {
     Ok(program)
 }
 
+/// What went wrong, without the values CEL's own messages carry (they can be payload).
+fn describe(error: &ExecutionError) -> String {
+    use ExecutionError as E;
+    let ty = |v: &CelValue| v.type_of().to_string();
+    match error {
+        E::InvalidArgumentCount { expected, actual } => {
+            format!("expected {expected} argument(s), got {actual}")
+        }
+        E::UnsupportedTargetType { target } => format!("unsupported target of type {}", ty(target)),
+        E::NotSupportedAsMethod { method, target } => {
+            format!("'{method}' cannot be called on a {}", ty(target))
+        }
+        E::UnsupportedKeyType(key) => format!("a {} cannot be a map key", ty(key)),
+        E::UnexpectedType { want, .. } => format!("unexpected type, expected {want}"),
+        E::NoSuchKey(key) => format!("no such key '{key}' (test it with has())"),
+        E::NoSuchOverload(overload) => overload.to_string(),
+        E::UndeclaredReference(name) => format!("undeclared reference to '{name}'"),
+        E::MissingArgumentOrTarget => "missing argument or target".to_owned(),
+        E::ValuesNotComparable(a, b) => {
+            format!("a {} cannot be compared to a {}", ty(a), ty(b))
+        }
+        E::UnsupportedBinaryOperator(op, a, b) => {
+            format!("'{op}' does not apply to a {} and a {}", ty(a), ty(b))
+        }
+        E::UnsupportedIndex(index, target) => {
+            format!("a {} cannot index a {}", ty(index), ty(target))
+        }
+        E::FunctionError { function, .. } => format!("'{function}' failed on its arguments"),
+        E::DivisionByZero(_) => "division by zero".to_owned(),
+        E::RemainderByZero(_) => "remainder by zero".to_owned(),
+        E::Overflow(op, _, _) => format!("'{op}' overflowed"),
+        E::IndexOutOfBounds(_) => "index out of bounds".to_owned(),
+        E::DuplicateKey(_) => "repeated map key".to_owned(),
+        _ => "the expression failed".to_owned(),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The runtime: CEL's standard library plus our functions, built once and shared (immutable).
 
@@ -233,6 +271,24 @@ const CHANGES: &str = "#changes";
 /// The function name an evaluation error carries when "did it change" has no answer; the
 /// message is the field.
 const NO_BEFORE_IMAGE: &str = "#no_before_image";
+
+/// The names that are not data fields.
+const RESERVED: [&str; 5] = ["before", "after", "data", "event", "changes"];
+
+/// The entries of the `event` map.
+const EVENT_FIELDS: [&str; 11] = [
+    "id",
+    "sequence",
+    "kind",
+    "op",
+    "entity_type",
+    "entity_id",
+    "tenant",
+    "author",
+    "change_status",
+    "extra_metadata",
+    "source",
+];
 
 /// The functions this module adds, resolved through the root context.
 const OUR_FUNCTIONS: [&str; 4] = [
@@ -623,8 +679,9 @@ impl<'a> Bindings<'a> {
         }
     }
 
-    fn convert(&self, value: &'a Value, variable: &'static str) -> Box<dyn Val + 'a> {
-        json_to_val(value, 0, &|| {
+    /// Converts `value`, found `depth` levels below the root of `variable`'s data.
+    fn convert(&self, value: &'a Value, depth: usize, variable: &'static str) -> Box<dyn Val + 'a> {
+        json_to_val(value, depth, &|| {
             let _ = self.too_deep.set(variable);
         })
     }
@@ -632,55 +689,99 @@ impl<'a> Bindings<'a> {
     fn convert_optional(
         &self,
         value: Option<&'a Value>,
+        depth: usize,
         variable: &'static str,
     ) -> Box<dyn Val + 'a> {
         match value {
-            Some(v) => self.convert(v, variable),
+            Some(v) => self.convert(v, depth, variable),
             None => Box::new(CelNull),
         }
     }
 
-    fn event_map(&self) -> Box<dyn Val + 'a> {
-        let e = self.event;
-        let string_or_null = |s: Option<String>| -> Box<dyn Val + 'a> {
+    /// One entry of the `event` map.
+    fn event_field(&self, name: &str) -> Option<Box<dyn Val + 'a>> {
+        fn string_or_null<'v>(s: Option<String>) -> Box<dyn Val + 'v> {
             match s {
                 Some(s) => Box::new(CelString::from(s)),
                 None => Box::new(CelNull),
             }
-        };
-        let entries: [(&'static str, Box<dyn Val + 'a>); 11] = [
-            ("id", Box::new(CelString::from(e.id.to_string()))),
-            ("sequence", Box::new(CelInt::from(e.sequence))),
-            ("kind", Box::new(CelString::from(e.kind.as_str()))),
-            ("op", Box::new(CelString::from(e.kind.op()))),
-            (
-                "entity_type",
-                Box::new(CelString::from(e.entity_type.as_str())),
-            ),
-            (
-                "entity_id",
-                Box::new(CelString::from(e.entity_id.to_string())),
-            ),
-            ("tenant", string_or_null(e.tenant.map(|t| t.to_string()))),
-            (
-                "author",
-                match &e.author {
-                    Some(a) => Box::new(CelString::from(a.as_str())),
-                    None => Box::new(CelNull),
-                },
-            ),
-            (
-                "change_status",
-                Box::new(CelString::from(e.change_status.as_str())),
-            ),
-            ("extra_metadata", self.convert(&e.extra_metadata, "event")),
-            ("source", self.convert_optional(e.source.as_ref(), "event")),
-        ];
-        let map: HashMap<CelMapKey<'a>, Box<dyn Val + 'a>> = entries
-            .into_iter()
-            .map(|(k, v)| (CelMapKey::from(k), v))
+        }
+        let e = self.event;
+        Some(match name {
+            "id" => Box::new(CelString::from(e.id.to_string())),
+            "sequence" => Box::new(CelInt::from(e.sequence)),
+            "kind" => Box::new(CelString::from(e.kind.as_str())),
+            "op" => Box::new(CelString::from(e.kind.op())),
+            "entity_type" => Box::new(CelString::from(e.entity_type.as_str())),
+            "entity_id" => Box::new(CelString::from(e.entity_id.to_string())),
+            "tenant" => string_or_null(e.tenant.map(|t| t.to_string())),
+            "author" => match &e.author {
+                Some(a) => Box::new(CelString::from(a.as_str())),
+                None => Box::new(CelNull),
+            },
+            "change_status" => Box::new(CelString::from(e.change_status.as_str())),
+            "extra_metadata" => self.convert(&e.extra_metadata, 0, "event.extra_metadata"),
+            "source" => self.convert_optional(e.source.as_ref(), 0, "event.source"),
+            _ => return None,
+        })
+    }
+
+    fn event_map(&self) -> Box<dyn Val + 'a> {
+        let map: HashMap<CelMapKey<'a>, Box<dyn Val + 'a>> = EVENT_FIELDS
+            .iter()
+            .filter_map(|&name| Some((CelMapKey::from(name), self.event_field(name)?)))
             .collect();
         Box::new(CelMap::from(map))
+    }
+
+    /// `a.b.c` as a whole, converting only the value it names. CEL asks for the longest
+    /// qualified name first; answering it spares converting `a` whole. Anything short of a
+    /// plain walk through objects (a missing key, a list, an absent image) is left to CEL's own
+    /// selection (`None`), so the answer and the errors are the same as selecting step by step.
+    fn resolve_path(&self, name: &str) -> Option<Box<dyn Val + 'a>> {
+        let mut segments = name.split('.');
+        let head = segments.next()?;
+        let e = self.event;
+        let (mut value, variable): (&'a Value, &'static str) = match head {
+            "before" => (e.before.as_ref()?, "before"),
+            "after" => (e.after.as_ref()?, "after"),
+            "data" => (self.data, "data"),
+            "event" => match segments.next()? {
+                "extra_metadata" => (&e.extra_metadata, "event.extra_metadata"),
+                "source" => (e.source.as_ref()?, "event.source"),
+                field => {
+                    return match segments.next() {
+                        None => self.event_field(field),
+                        Some(_) => None,
+                    };
+                }
+            },
+            "changes" => {
+                let field = segments.next()?;
+                let change = e.changes.as_ref()?.iter().find(|c| c.field == field)?;
+                let side = match segments.next()? {
+                    "old" => change.old.as_ref(),
+                    "new" => change.new.as_ref(),
+                    _ => return None,
+                };
+                match side {
+                    Some(side) => (side, "changes"),
+                    None if segments.next().is_none() => return Some(Box::new(CelNull)),
+                    None => return None,
+                }
+            }
+            field => (self.data.get(field)?, "a bare field"),
+        };
+        let mut depth = if head == "changes" || !RESERVED.contains(&head) {
+            1
+        } else {
+            0
+        };
+        for segment in segments {
+            value = value.as_object()?.get(segment)?;
+            depth += 1;
+        }
+        Some(self.convert(value, depth, variable))
     }
 
     /// `changes`: from the event's own list; for a create or a delete without one, every field of
@@ -691,11 +792,11 @@ impl<'a> Bindings<'a> {
             let sides: HashMap<CelMapKey<'a>, Box<dyn Val + 'a>> = [
                 (
                     CelMapKey::from("old"),
-                    self.convert_optional(old, "changes"),
+                    self.convert_optional(old, 1, "changes"),
                 ),
                 (
                     CelMapKey::from("new"),
-                    self.convert_optional(new, "changes"),
+                    self.convert_optional(new, 1, "changes"),
                 ),
             ]
             .into_iter()
@@ -751,19 +852,18 @@ impl<'a> VariableResolver for Bindings<'a> {
         let event = self.event;
         match name {
             "before" => Self::cached(&self.before, || {
-                self.convert_optional(event.before.as_ref(), "before")
+                self.convert_optional(event.before.as_ref(), 0, "before")
             }),
             "after" => Self::cached(&self.after, || {
-                self.convert_optional(event.after.as_ref(), "after")
+                self.convert_optional(event.after.as_ref(), 0, "after")
             }),
-            "data" => Self::cached(&self.data_map, || self.convert(self.data, "data")),
+            "data" => Self::cached(&self.data_map, || self.convert(self.data, 0, "data")),
             "event" => Self::cached(&self.event_map, || self.event_map()),
             "changes" | CHANGES => Self::cached(&self.changes, || self.changes_map()),
             DATA_FIELDS => Some(CowVal::Borrowed(&self.data_fields)),
-            // `a.b` is asked for as a whole first: never answer it, so `a` is selected into.
-            _ if name.contains('.') => None,
+            _ if name.contains('.') => self.resolve_path(name).map(CowVal::Owned),
             _ => match self.data.get(name) {
-                Some(value) => Some(CowVal::Owned(self.convert(value, "a bare field"))),
+                Some(value) => Some(CowVal::Owned(self.convert(value, 1, "a bare field"))),
                 None if is_type_name(name) => None,
                 None => Some(CowVal::owned(CelNull)),
             },
@@ -1016,8 +1116,24 @@ mod tests {
             ],
         );
         // A key missing under a map is CEL's error, not false: test it with has().
+        // So is selecting into a list, a string or null, at any depth of the path.
+        for source in [
+            "after.address.zip == '75001'",
+            "after.tags.first == 'new'",
+            "after.name.first == 'A'",
+            "note.text == 'x'",
+            "changes.status.older == 'x'",
+            "changes.nickname.old == null",
+            "event.nope == 1",
+            "event.kind.x == 1",
+        ] {
+            assert!(
+                matches!(eval(source, &e), Err(ConditionError::Evaluation { .. })),
+                "`{source}`"
+            );
+        }
         assert!(matches!(
-            eval("after.address.zip == '75001'", &e),
+            eval("before.status == 'x'", &create(json!({"status": "new"}))),
             Err(ConditionError::Evaluation { .. })
         ));
         // `before` is null on a create, `after` on a delete; `data` is the state that exists.
@@ -1170,6 +1286,7 @@ mod tests {
                 ("field_changed('gone')", true),
                 ("field_changed_to('gone', null)", true),
                 ("field_changed_from('gone', 1)", true),
+                ("changes.gone.old == 1 && changes.gone.new == null", true),
             ],
         );
     }
@@ -1224,7 +1341,16 @@ mod tests {
             Some(json!({"status": "new"})),
             None,
         );
-        assert_cases(&bare, &[("field_changed_to('status', 'new')", true)]);
+        assert_cases(
+            &bare,
+            &[
+                ("field_changed_to('status', 'new')", true),
+                (
+                    "changes.status.old == null && changes.status.new == 'new'",
+                    true,
+                ),
+            ],
+        );
         let deleted = event(
             EventKind::Deleted,
             Some(json!({"status": "old"})),
@@ -1398,6 +1524,35 @@ mod tests {
     }
 
     #[test]
+    fn evaluation_errors_never_carry_event_values() {
+        let e = create(json!({"password": "hunter2", "pin": 7, "list": [1]}));
+        for source in [
+            "password > 1",
+            "password + 1 == 2",
+            "int(password) == 1",
+            "pin / 0 == 1",
+            "list[pin] == 1",
+            "{password: 1}[password] == 1 && pin > 'x'",
+        ] {
+            match eval(source, &e) {
+                Err(err @ ConditionError::Evaluation { .. }) => {
+                    let text = err.to_string();
+                    assert!(
+                        !text.contains("hunter2") && !text.contains('7'),
+                        "`{source}`: {text}"
+                    );
+                }
+                other => panic!("`{source}`: expected an evaluation error, got {other:?}"),
+            }
+        }
+        let err = eval("password > 1", &e).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "condition could not be evaluated: found no matching overload for '_>_' applied to '(string, int)'"
+        );
+    }
+
+    #[test]
     fn a_non_boolean_result_is_an_error() {
         for (source, found) in [
             ("total + 1", "int"),
@@ -1456,9 +1611,19 @@ mod tests {
         // Not read: not converted, no error.
         assert_cases(
             &e,
-            &[("status == 'new'", true), ("has_field('deep')", true)],
+            &[
+                ("status == 'new'", true),
+                ("has_field('deep')", true),
+                ("data.status == 'new'", true),
+                ("after.status == 'new'", true),
+            ],
         );
-        for source in ["deep != null", "has(after.status)", "data.status == 'new'"] {
+        for source in [
+            "deep != null",
+            "has(after.status)",
+            "size(data) > 0",
+            "after.deep.x != null",
+        ] {
             match eval(source, &e) {
                 Err(ConditionError::DataTooDeep { max, .. }) => assert_eq!(max, MAX_DATA_DEPTH),
                 other => panic!("`{source}`: expected DataTooDeep, got {other:?}"),
@@ -1555,6 +1720,8 @@ size(items) > 0 && items.exists(i, i.sku.startsWith('BOOK-'))
             "status == 'shipped' && total > 100",
             "field_changed_to('status', 'shipped') && customer.tier in ['gold', 'platinum']",
             "event.kind == 'UPDATE' && after.total > before.total - 1.0",
+            // Converts the whole after-image.
+            "size(after) > 20",
         ] {
             let condition = Condition::compile(source).unwrap();
             let rounds = 20_000u32;
