@@ -11,9 +11,12 @@
 //!   an update logged without a before-image is [`ConditionError::NoBeforeImage`]; a result that
 //!   is not a bool is [`ConditionError::NotBoolean`]; data nested deeper than [`MAX_DATA_DEPTH`]
 //!   is [`ConditionError::DataTooDeep`].
-//! * Only what the expression reads is converted: a bare field is converted when it is looked
-//!   up, `before`/`after`/`data`/`event`/`changes` at most once per evaluation, and strings are
-//!   borrowed from the event, not copied.
+//! * Only what the expression reads is converted: a bare field or a dotted path
+//!   (`after.address.city`, `event.kind`) converts just the value it names, when it is looked up;
+//!   a whole `before`/`after`/`data`/`event`/`changes` map is converted at most once per
+//!   evaluation; strings are borrowed from the event, not copied.
+//! * The expression tree is at most [`MAX_SOURCE_NESTING`] deep, so evaluating it (which
+//!   recurses on the caller's stack) fits a 2 MiB thread stack, even in a debug build.
 //!
 //! # The language
 //!
@@ -36,7 +39,9 @@
 //! Functions, besides CEL's standard library (`in`, `size`, `contains`, `startsWith`,
 //! `endsWith`, `matches`, `has()`, `int()`, `double()`, `string()`, `all`/`exists`, `? :`):
 //! `has_field('f')`, `field_changed('f')`, `field_changed_to('f', v)`,
-//! `field_changed_from('f', v)`, `lower(s)`, `upper(s)`.
+//! `field_changed_from('f', v)`, `lower(s)`, `upper(s)` (also `s.lower()`, `s.upper()`).
+//! On a create every present field changed (from absent); on a delete every field changed (to
+//! absent); absent compares as `null`.
 //!
 //! Numbers: a JSON integer is an `int`, any other JSON number a `double`; `==`, `<`, `in` compare
 //! numbers by value across the two (`100 == 100.0`, `100.00 > 99`), strings never equal numbers
@@ -47,6 +52,7 @@ use std::fmt;
 use std::sync::{Arc, LazyLock, OnceLock};
 
 use cel::common::ast::Expr;
+use cel::common::functions::Function;
 use cel::common::types::{
     CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelUInt,
     STRING_TYPE,
@@ -308,10 +314,19 @@ static RUNTIME: LazyLock<Runtime> = LazyLock::new(Runtime::new);
 impl Runtime {
     fn new() -> Runtime {
         let mut env = Env::stdlib();
-        env.add_overload("lower", "lower_string", vec![STRING_TYPE], lower)
-            .expect("'lower' is not a standard CEL function");
-        env.add_overload("upper", "upper_string", vec![STRING_TYPE], upper)
-            .expect("'upper' is not a standard CEL function");
+        for (name, function) in [("lower", lower as Function), ("upper", upper)] {
+            env.add_overload(name, &format!("{name}_string"), vec![STRING_TYPE], function)
+                .and_then(|()| {
+                    env.add_member_overload(
+                        name,
+                        &format!("string_{name}"),
+                        STRING_TYPE,
+                        vec![],
+                        function,
+                    )
+                })
+                .expect("'lower' and 'upper' are not standard CEL functions");
+        }
         let env = Arc::new(env);
         let mut root = Context::with_env(Arc::clone(&env));
         let functions: [(&str, ContextFunction); 4] = [
@@ -384,8 +399,8 @@ fn has_field<'c, 'k>(ftx: &mut FunctionContext<'c, 'k>) -> Result<CowVal<'c, 'k>
     bool_result(present)
 }
 
-/// The change of `field`: `Ok(None)` if it did not change, an error if that cannot be known.
-/// A change is a map `{'old': v, 'new': v}`.
+/// `f` applied to the change of `field` (a map `{'old': v, 'new': v}`, `None` if the field did
+/// not change); the `NO_BEFORE_IMAGE` error if the event cannot say what changed.
 fn lookup_change<'c, 'k>(
     ftx: &FunctionContext<'c, 'k>,
     field: &str,
@@ -646,10 +661,11 @@ fn qualified_name(expr: &cel::IdedExpr) -> Option<String> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Binding an event: names resolve lazily, the reserved maps are converted at most once.
+// Binding an event: names resolve lazily, converting only what they name.
 
-/// What one evaluation sees of one event. Reserved names are converted on first use and kept;
-/// a bare field is converted on each lookup (usually a scalar, and strings are borrowed).
+/// What one evaluation sees of one event. A whole reserved map is converted on first use and
+/// kept; a bare field or a dotted path converts only its value, on each lookup (usually a
+/// scalar; strings are borrowed).
 struct Bindings<'a> {
     event: &'a EntityEvent,
     data: &'a Value,
@@ -1082,6 +1098,7 @@ mod tests {
                 ("tags.all(t, t.startsWith('v'))", false),
                 ("lower(name) == 'ada'", true),
                 ("upper(name) == 'ADA'", true),
+                ("name.lower() == 'ada' && name.upper() == 'ADA'", true),
                 ("lower(name) == 'Ada'", false),
                 ("upper('straße') == 'STRASSE'", true),
                 ("email.endsWith('@example.org')", true),
