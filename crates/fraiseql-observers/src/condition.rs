@@ -1569,6 +1569,64 @@ mod tests {
         );
     }
 
+    /// Evaluation recurses on the caller's stack: the deepest expressions `compile` accepts must
+    /// evaluate on a 2 MiB stack (tokio's default for worker threads), in this debug build too.
+    #[test]
+    fn the_deepest_accepted_expressions_evaluate_on_a_2_mib_stack() {
+        let nest = |n: usize, open: &str, inner: &str, close: &str| {
+            format!("{}{inner}{}", open.repeat(n), close.repeat(n))
+        };
+        type Shape = Box<dyn Fn(usize) -> String>;
+        let shapes: Vec<(&str, Shape)> = vec![
+            (
+                "sum",
+                Box::new(|n| format!("{} > 0", vec!["total"; n].join(" + "))),
+            ),
+            (
+                "calls",
+                Box::new(move |n| format!("{} == 'ada'", nest(n, "lower(", "name", ")"))),
+            ),
+            (
+                "comprehensions",
+                Box::new(move |n| nest(n, "tags.exists(t, ", "field_changed('status')", ")")),
+            ),
+            (
+                "ternaries",
+                Box::new(move |n| nest(n, "status != '' ? (", "has_field('status')", ") : false")),
+            ),
+            (
+                "lists",
+                Box::new(move |n| format!("size({}) == 1", nest(n, "[", "total", "]"))),
+            ),
+            (
+                "selects",
+                Box::new(|n| format!("has(after{})", ".a".repeat(n))),
+            ),
+        ];
+        let mut deep = json!({"leaf": true});
+        for _ in 0..40 {
+            deep = json!({ "a": deep });
+        }
+        let mut after = order().after.unwrap();
+        after["a"] = deep["a"].clone();
+        let e = update(order().before.unwrap(), after);
+        for (name, shape) in shapes {
+            let (n, condition) = (1..60)
+                .rev()
+                .find_map(|n| Condition::compile(&shape(n)).ok().map(|c| (n, c)))
+                .unwrap_or_else(|| panic!("no {name} expression compiles"));
+            assert!(n >= 10, "{name}: only {n} levels accepted");
+            let e = e.clone();
+            let result = std::thread::Builder::new()
+                .stack_size(2 << 20)
+                .spawn(move || condition.evaluate(&e).map_err(|err| err.to_string()))
+                .unwrap()
+                .join()
+                .expect("evaluation overflowed a 2 MiB stack");
+            assert!(result.is_ok(), "{name} x{n}: {result:?}");
+        }
+    }
+
     #[test]
     fn a_non_boolean_result_is_an_error() {
         for (source, found) in [
