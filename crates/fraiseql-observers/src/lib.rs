@@ -17,6 +17,7 @@
 
 pub mod actions;
 pub mod capture;
+pub mod condition;
 pub mod db;
 pub mod error;
 pub mod event;
