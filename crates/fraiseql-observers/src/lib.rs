@@ -18,13 +18,21 @@
 pub mod actions;
 pub mod capture;
 pub mod condition;
+pub mod config;
 pub mod db;
+pub mod delivery;
 pub mod error;
 pub mod event;
+pub mod executor;
 pub mod listener;
+pub mod matcher;
+pub mod metrics;
 pub mod migrate;
 pub mod template;
 
+pub use config::{Config, Observer};
 pub use error::{ConfigError, Error, Result};
 pub use event::{EntityEvent, EventKind, FieldChange, Position};
+pub use executor::ObserverExecutor;
 pub use listener::{ChangeLogListener, ListenerConfig, StartPosition};
+pub use matcher::EventMatcher;

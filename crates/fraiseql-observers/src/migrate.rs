@@ -30,6 +30,7 @@ macro_rules! migration {
 pub const MIGRATIONS: &[Migration] = &[
     migration!(1, "0001_change_log"),
     migration!(2, "0002_observer_bookkeeping"),
+    migration!(6, "0006_delivery"),
 ];
 
 /// Arbitrary constant key for the migration advisory lock ("fqlobsmg").

@@ -28,11 +28,11 @@ pub mod webhook;
 
 use std::time::Duration;
 
-use serde::de::{DeserializeOwned, Visitor};
 use serde::Deserialize;
 use thiserror::Error;
 use uuid::Uuid;
 
+use crate::config::parse_fields;
 use crate::error::ConfigError;
 use crate::event::EntityEvent;
 
@@ -250,72 +250,6 @@ impl Action {
 // ---------------------------------------------------------------------------------------------
 // Shared compile steps (used by every action file).
 
-/// Read a config struct from a table with every error reported: each unknown key, then each key
-/// whose value has the wrong type (this works because every field of a config is optional).
-fn parse_fields<T: DeserializeOwned>(
-    table: &toml::Table,
-    path: &str,
-) -> Result<T, Vec<ConfigError>> {
-    let known = field_names::<T>();
-    let mut errors = Vec::new();
-    for key in table.keys() {
-        if !known.contains(&key.as_str()) {
-            errors.push(ConfigError::new(
-                format!("{path}.{key}"),
-                format!("unknown key; expected one of: {}", known.join(", ")),
-            ));
-            continue;
-        }
-        let mut single = toml::Table::new();
-        single.insert(key.clone(), table[key].clone());
-        if let Err(e) = toml::Value::Table(single).try_into::<T>() {
-            errors.push(ConfigError::new(
-                format!("{path}.{key}"),
-                e.message().trim().to_string(),
-            ));
-        }
-    }
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    toml::Value::Table(table.clone())
-        .try_into::<T>()
-        .map_err(|e| vec![ConfigError::new(path, e.message().trim().to_string())])
-}
-
-/// The field names a `#[derive(Deserialize)]` struct accepts, asked from serde itself.
-fn field_names<T: DeserializeOwned>() -> &'static [&'static str] {
-    struct Probe<'a>(&'a mut &'static [&'static str]);
-
-    impl<'de> serde::Deserializer<'de> for Probe<'_> {
-        type Error = serde::de::value::Error;
-
-        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
-            Err(serde::de::Error::custom("probe"))
-        }
-
-        fn deserialize_struct<V: Visitor<'de>>(
-            self,
-            _name: &'static str,
-            fields: &'static [&'static str],
-            _visitor: V,
-        ) -> Result<V::Value, Self::Error> {
-            *self.0 = fields;
-            Err(serde::de::Error::custom("probe"))
-        }
-
-        serde::forward_to_deserialize_any! {
-            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
-            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
-            ignored_any
-        }
-    }
-
-    let mut fields: &'static [&'static str] = &[];
-    let _ = T::deserialize(Probe(&mut fields));
-    fields
-}
-
 /// Where a URL comes from: written in the file, or read from the environment (then a secret).
 struct UrlSetting<'a> {
     key: &'a str,
@@ -405,6 +339,7 @@ fn timeout_setting(value: Option<u64>, path: &str, errors: &mut Vec<ConfigError>
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::config::field_names;
 
     fn table(s: &str) -> toml::Table {
         toml::from_str(s).unwrap()

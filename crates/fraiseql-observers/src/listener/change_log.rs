@@ -374,6 +374,11 @@ impl ChangeLogListener {
         self.checkpointer.epoch
     }
 
+    /// The change log's sequence column (`id`, or `pk_entity_change_log` in the later shape).
+    pub fn sequence_column(&self) -> &'static str {
+        self.shape.sequence_column()
+    }
+
     pub fn consumer_id(&self) -> &str {
         &self.config.consumer_id
     }
@@ -518,7 +523,7 @@ impl ChangeLogListener {
             self.stats
                 .rows_read
                 .fetch_add(read as u64, Ordering::Relaxed);
-            metrics::counter!("fraiseql_observers_rows_read_total").increment(read as u64);
+            metrics::counter!(crate::metrics::ROWS_READ).increment(read as u64);
             if let Some(batch) = self.lock().batches.iter_mut().find(|b| b.no == no) {
                 batch.next = end;
             }
@@ -701,7 +706,7 @@ async fn quarantine(
         .execute(&conn.quarantine, &[&consumer, &sequence, &reason])
         .await?;
     stats.quarantined.fetch_add(1, Ordering::Relaxed);
-    metrics::counter!("fraiseql_observers_rows_quarantined_total").increment(1);
+    metrics::counter!(crate::metrics::ROWS_QUARANTINED).increment(1);
     tracing::warn!(
         consumer,
         sequence,

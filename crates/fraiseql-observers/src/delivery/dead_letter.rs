@@ -1,0 +1,239 @@
+//! The dead letter queue (`core.observer_dlq_items`): deliveries that retrying will not fix, kept
+//! with the event, the error and their history until an operator retries or discards them.
+//!
+//! Invariant: an operator retry is claimed atomically (`pending` -> `retrying` in one UPDATE,
+//! with a lease), so two concurrent retries of one item fire once; a retry whose process died is
+//! claimable again when its lease runs out.
+
+use super::DeliveryItem;
+use crate::error::{Error, Result};
+use crate::event::EntityEvent;
+use chrono::{DateTime, Utc};
+use std::time::Duration;
+use tokio_postgres::{Client, Row};
+
+/// Why a delivery was dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Every allowed attempt failed with a transient error.
+    Exhausted,
+    /// The receiver refused it in a way retrying cannot change (a 4xx, a bad address, ...).
+    Permanent,
+    /// The receiver said the endpoint no longer exists (HTTP 410, an unregistered device).
+    Gone,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Exhausted => "exhausted",
+            Reason::Permanent => "permanent",
+            Reason::Gone => "gone",
+        }
+    }
+}
+
+/// One dead letter.
+#[derive(Debug, Clone)]
+pub struct DlqItem {
+    pub id: i64,
+    pub consumer_id: String,
+    pub observer: String,
+    pub action_index: usize,
+    pub action_type: String,
+    pub entity_key: String,
+    pub event: EntityEvent,
+    pub delivery_id: String,
+    pub attempts: u32,
+    pub reason: String,
+    pub last_error: String,
+    pub status: String,
+    pub history: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const COLUMNS: &str = "id, consumer_id, observer, action_index, action_type, entity_key, event, \
+    delivery_id, attempts, reason, last_error, status, history, created_at, updated_at";
+
+fn from_row(r: &Row) -> Result<DlqItem> {
+    let event: serde_json::Value = r.get(6);
+    Ok(DlqItem {
+        id: r.get(0),
+        consumer_id: r.get(1),
+        observer: r.get(2),
+        action_index: r.get::<_, i32>(3) as usize,
+        action_type: r.get(4),
+        entity_key: r.get(5),
+        event: serde_json::from_value(event)
+            .map_err(|e| Error::Invalid(format!("dead letter {}: {e}", r.get::<_, i64>(0))))?,
+        delivery_id: r.get(7),
+        attempts: r.get::<_, i32>(8) as u32,
+        reason: r.get(9),
+        last_error: r.get(10),
+        status: r.get(11),
+        history: r.get(12),
+        created_at: r.get(13),
+        updated_at: r.get(14),
+    })
+}
+
+/// Dead-letter a delivery that failed in-line (never queued for retry). Fenced by the epoch. A
+/// replay of the same delivery updates the existing item instead of adding a second one.
+pub async fn insert(
+    client: &Client,
+    consumer: &str,
+    epoch: i64,
+    item: &DeliveryItem<'_>,
+    attempts: u32,
+    reason: Reason,
+    error: &str,
+) -> Result<()> {
+    let event = serde_json::to_value(item.event).map_err(|e| Error::Invalid(e.to_string()))?;
+    let n = client
+        .execute(
+            "INSERT INTO core.observer_dlq_items
+                 (consumer_id, observer, action_index, action_type, entity_key, event_id,
+                  event_sequence, event, delivery_id, attempts, reason, last_error, history)
+             SELECT $1, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
+                    jsonb_build_array(jsonb_build_object('attempt', $11, 'error', $13::text, 'at', now()))
+              WHERE EXISTS (SELECT 1 FROM core.observer_checkpoints c WHERE c.consumer_id = $1 AND c.epoch = $2)
+             ON CONFLICT (consumer_id, delivery_id) DO UPDATE
+                SET attempts = EXCLUDED.attempts, reason = EXCLUDED.reason,
+                    last_error = EXCLUDED.last_error, status = 'pending', claimed_until = NULL,
+                    history = core.observer_dlq_items.history || EXCLUDED.history,
+                    updated_at = now()",
+            &[
+                &consumer,
+                &epoch,
+                &item.observer,
+                &(item.action_index as i32),
+                &item.action_type,
+                &item.entity_key,
+                &item.event.id,
+                &item.event.sequence,
+                &event,
+                &item.delivery_id,
+                &(attempts as i32),
+                &reason.as_str(),
+                &error,
+            ],
+        )
+        .await?;
+    if n == 0 {
+        return Err(Error::Fenced {
+            consumer: consumer.to_string(),
+            epoch,
+        });
+    }
+    Ok(())
+}
+
+/// Dead letters, newest first; `status` filters (`pending`, `retrying`, `delivered`, `discarded`).
+pub async fn list(client: &Client, status: Option<&str>, limit: i64) -> Result<Vec<DlqItem>> {
+    client
+        .query(
+            &format!(
+                "SELECT {COLUMNS} FROM core.observer_dlq_items
+                  WHERE $1::text IS NULL OR status = $1
+                  ORDER BY id DESC LIMIT $2"
+            ),
+            &[&status, &limit],
+        )
+        .await?
+        .iter()
+        .map(from_row)
+        .collect()
+}
+
+pub async fn get(client: &Client, id: i64) -> Result<Option<DlqItem>> {
+    client
+        .query_opt(
+            &format!("SELECT {COLUMNS} FROM core.observer_dlq_items WHERE id = $1"),
+            &[&id],
+        )
+        .await?
+        .as_ref()
+        .map(from_row)
+        .transpose()
+}
+
+/// Claim item `id` for an operator retry: `None` when it is not pending (already delivered,
+/// discarded, or being retried by someone else right now).
+pub async fn claim_for_retry(client: &Client, id: i64, lease: Duration) -> Result<Option<DlqItem>> {
+    client
+        .query_opt(
+            &format!(
+                "UPDATE core.observer_dlq_items
+                    SET status = 'retrying', claimed_until = now() + make_interval(secs => $2),
+                        updated_at = now(),
+                        history = history || jsonb_build_array(jsonb_build_object('retry_claimed', now()))
+                  WHERE id = $1
+                    AND (status = 'pending' OR (status = 'retrying' AND claimed_until < now()))
+              RETURNING {COLUMNS}"
+            ),
+            &[&id, &lease.as_secs_f64()],
+        )
+        .await?
+        .as_ref()
+        .map(from_row)
+        .transpose()
+}
+
+/// Ids of every pending item (for `dlq retry --all`).
+pub async fn pending_ids(client: &Client) -> Result<Vec<i64>> {
+    Ok(client
+        .query(
+            "SELECT id FROM core.observer_dlq_items WHERE status = 'pending' ORDER BY id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Record the outcome of an operator retry: `delivered`, or back to `pending` with the error.
+pub async fn finish_retry(client: &Client, id: i64, error: Option<&str>) -> Result<()> {
+    client
+        .execute(
+            "UPDATE core.observer_dlq_items
+                SET status = CASE WHEN $2::text IS NULL THEN 'delivered' ELSE 'pending' END,
+                    claimed_until = NULL,
+                    attempts = attempts + 1,
+                    last_error = COALESCE($2, last_error),
+                    updated_at = now(),
+                    history = history || jsonb_build_array(CASE WHEN $2::text IS NULL
+                        THEN jsonb_build_object('retry_delivered', now())
+                        ELSE jsonb_build_object('retry_failed', now(), 'error', $2::text) END)
+              WHERE id = $1 AND status = 'retrying'",
+            &[&id, &error],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Discard a pending item (kept, marked `discarded`). Returns false when it was not pending.
+pub async fn discard(client: &Client, id: i64) -> Result<bool> {
+    Ok(client
+        .execute(
+            "UPDATE core.observer_dlq_items
+                SET status = 'discarded', updated_at = now(),
+                    history = history || jsonb_build_array(jsonb_build_object('discarded', now()))
+              WHERE id = $1 AND status = 'pending'",
+            &[&id],
+        )
+        .await?
+        > 0)
+}
+
+/// Pending dead letters (for the metrics).
+pub async fn pending_count(client: &Client) -> Result<i64> {
+    Ok(client
+        .query_one(
+            "SELECT count(*) FROM core.observer_dlq_items WHERE status = 'pending'",
+            &[],
+        )
+        .await?
+        .get(0))
+}

@@ -1,0 +1,28 @@
+//! Metric names, in one place, recorded through the `metrics` facade. The library installs no
+//! recorder: the daemon does (Prometheus at `/metrics`); without one, recording is a no-op.
+
+pub const ROWS_READ: &str = "fraiseql_observers_rows_read_total";
+pub const ROWS_QUARANTINED: &str = "fraiseql_observers_rows_quarantined_total";
+pub const EVENTS_READ: &str = "fraiseql_observers_events_read_total";
+pub const EVENTS_MATCHED: &str = "fraiseql_observers_events_matched_total";
+pub const CONDITION_ERRORS: &str = "fraiseql_observers_condition_errors_total";
+/// Labelled `observer`, `action` and `outcome` = ok | failed | retried | parked | dead_lettered | dropped.
+pub const ACTIONS: &str = "fraiseql_observers_actions_total";
+pub const DEAD_LETTERED: &str = "fraiseql_observers_dead_lettered_total";
+/// Seconds from the change's commit (its `created_at`) to a successful delivery, per observer.
+pub const DELIVERY_LATENCY: &str = "fraiseql_observers_delivery_latency_seconds";
+/// Age in seconds of the oldest committed change not yet processed (0 when caught up).
+pub const LAG_SECONDS: &str = "fraiseql_observers_lag_seconds";
+/// Committed changes not yet covered by the checkpoint.
+pub const BACKLOG: &str = "fraiseql_observers_backlog";
+pub const RETRY_QUEUE: &str = "fraiseql_observers_retry_queue";
+pub const DLQ_PENDING: &str = "fraiseql_observers_dlq_pending";
+pub const IN_FLIGHT: &str = "fraiseql_observers_in_flight";
+pub const LISTENER_HEALTHY: &str = "fraiseql_observers_listener_healthy";
+pub const LEADER: &str = "fraiseql_observers_leader";
+
+/// Count one action outcome.
+pub fn action(observer: &str, action: &'static str, outcome: &'static str) {
+    metrics::counter!(ACTIONS, "observer" => observer.to_string(), "action" => action, "outcome" => outcome)
+        .increment(1);
+}
