@@ -41,7 +41,9 @@ pub enum Error {
     #[error("consumer '{consumer}' is led by another instance now (epoch {epoch} was superseded)")]
     Fenced { consumer: String, epoch: i64 },
 
-    #[error("the database is a standby (in recovery); the change log must be read from the primary")]
+    #[error(
+        "the database is a standby (in recovery); the change log must be read from the primary"
+    )]
     ReadOnlyStandby,
 
     #[error("invalid snapshot '{0}'")]

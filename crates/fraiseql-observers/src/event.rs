@@ -136,7 +136,10 @@ pub fn diff_fields(before: &Value, after: &Value) -> Vec<FieldChange> {
     let empty = Map::new();
     let b = before.as_object().unwrap_or(&empty);
     let a = after.as_object().unwrap_or(&empty);
-    let mut keys: Vec<&String> = b.keys().chain(a.keys().filter(|k| !b.contains_key(*k))).collect();
+    let mut keys: Vec<&String> = b
+        .keys()
+        .chain(a.keys().filter(|k| !b.contains_key(*k)))
+        .collect();
     keys.sort();
     keys.into_iter()
         .filter_map(|k| {

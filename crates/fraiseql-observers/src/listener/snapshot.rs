@@ -92,7 +92,9 @@ mod tests {
 
     #[test]
     fn rejects_malformed_text() {
-        for text in ["", "10", "10:20", "x:20:", "20:10:", "10:20:9", "10:20:20", "10:20:a"] {
+        for text in [
+            "", "10", "10:20", "x:20:", "20:10:", "10:20:9", "10:20:20", "10:20:a",
+        ] {
             assert!(text.parse::<Snapshot>().is_err(), "{text}");
         }
     }

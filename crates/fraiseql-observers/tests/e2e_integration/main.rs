@@ -1,1 +1,3 @@
+mod capture;
+mod migrations;
 mod support;
