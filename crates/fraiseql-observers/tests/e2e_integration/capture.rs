@@ -922,3 +922,93 @@ async fn log_mutation_event_rejects_an_unknown_modification_type() {
         0
     );
 }
+
+#[tokio::test]
+async fn a_large_update_after_small_ones_in_the_same_session_stays_fast() {
+    // The trigger's cached plans are made for the first statements' (tiny) transition tables; a
+    // nested-loop plan reused for a large UPDATE is quadratic (minutes for tens of thousands of
+    // rows). The generated function forbids nested loops; this guards that.
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE tb_counter (id UUID PRIMARY KEY DEFAULT gen_random_uuid(), n INT NOT NULL);
+             SET fraiseql.tenant_id = '11111111-1111-1111-1111-111111111111';
+             INSERT INTO tb_counter (n) SELECT g FROM generate_series(1, 30000) g;",
+        )
+        .await
+        .unwrap();
+    capture::enable(&client, &CaptureSpec::new("tb_counter", "Counter"))
+        .await
+        .unwrap();
+    for n in 1..=8 {
+        client
+            .execute("UPDATE tb_counter SET n = -n WHERE n = $1", &[&n])
+            .await
+            .unwrap();
+    }
+    client
+        .batch_execute("SET statement_timeout = '15s'")
+        .await
+        .unwrap();
+    let updated = client
+        .execute("UPDATE tb_counter SET n = n + 1", &[])
+        .await
+        .expect("a 30,000-row update finishes well within 15 s");
+    assert_eq!(updated, 30000);
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM core.tb_entity_change_log WHERE modification_type = 'UPDATE'"
+        )
+        .await,
+        30008
+    );
+}
+
+#[tokio::test]
+async fn columns_named_like_the_triggers_own_identifiers_are_captured() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE tb_clash (id UUID PRIMARY KEY, n INT, o INT, v_table TEXT,
+                                    tg_table_name TEXT, tg_table_schema TEXT, observer_new TEXT);
+             SET fraiseql.tenant_id = '11111111-1111-1111-1111-111111111111';",
+        )
+        .await
+        .unwrap();
+    capture::enable(&client, &CaptureSpec::new("tb_clash", "Clash"))
+        .await
+        .unwrap();
+    let id = Uuid::new_v4();
+    client
+        .execute(
+            "INSERT INTO tb_clash VALUES ($1, 1, 2, 'vt', 'tn', 'ts', 'on')",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("UPDATE tb_clash SET n = 10, o = 20; DELETE FROM tb_clash;")
+        .await
+        .unwrap();
+
+    let rows = log_rows(&client).await;
+    let ops: Vec<&str> = rows
+        .iter()
+        .map(|r| r.object_data["op"].as_str().unwrap())
+        .collect();
+    assert_eq!(ops, ["c", "u", "d"]);
+    let first = json!({"id": id.to_string(), "n": 1, "o": 2, "v_table": "vt", "tg_table_name": "tn",
+                       "tg_table_schema": "ts", "observer_new": "on"});
+    let mut second = first.clone();
+    second["n"] = json!(10);
+    second["o"] = json!(20);
+    assert_eq!(rows[0].object_data["after"], first);
+    assert_eq!(rows[1].object_data["before"], first);
+    assert_eq!(rows[1].object_data["after"], second);
+    assert_eq!(rows[2].object_data["before"], second);
+    assert_eq!(rows[2].object_data["source"]["table"], "tb_clash");
+    assert!(rows.iter().all(|r| r.object_id == id));
+}
