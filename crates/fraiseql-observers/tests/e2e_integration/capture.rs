@@ -1012,3 +1012,51 @@ async fn columns_named_like_the_triggers_own_identifiers_are_captured() {
     assert_eq!(rows[2].object_data["source"]["table"], "tb_clash");
     assert!(rows.iter().all(|r| r.object_id == id));
 }
+
+#[tokio::test]
+async fn a_writer_without_rights_on_the_change_log_is_captured_and_cannot_forge_rows() {
+    // The generated trigger function runs with the rights of whoever enabled capture.
+    let db = TestDb::new().await;
+    let admin = db.client().await;
+    let role = format!("{}_writer", db.name);
+    admin
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {role};
+             CREATE ROLE {role} LOGIN;
+             CREATE TABLE tb_doc (id UUID PRIMARY KEY DEFAULT gen_random_uuid(), org UUID NOT NULL, body TEXT);
+             GRANT SELECT, INSERT, UPDATE, DELETE ON tb_doc TO {role};"
+        ))
+        .await
+        .unwrap();
+    let mut spec = CaptureSpec::new("tb_doc", "Doc");
+    spec.tenant_column = Some("org".into());
+    capture::enable(&admin, &spec).await.unwrap();
+
+    let writer =
+        crate::support::connect(&db.url.replacen("postgres@", &format!("{role}@"), 1)).await;
+    writer
+        .execute(
+            "INSERT INTO tb_doc (org, body) VALUES ($1, 'hello')",
+            &[&TENANT],
+        )
+        .await
+        .unwrap();
+    let forged = writer
+        .execute(
+            "INSERT INTO core.tb_entity_change_log (fk_customer_org, object_type, object_id, modification_type, change_status, object_data)
+             VALUES ($1, 'Doc', gen_random_uuid(), 'INSERT', 'new', '{}')",
+            &[&TENANT],
+        )
+        .await;
+    drop(writer);
+
+    let rows = log_rows(&admin).await;
+    admin
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
+        .await
+        .unwrap();
+    assert!(forged.is_err(), "the writer has no right on the change log");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].object_type, "Doc");
+    assert_eq!(rows[0].object_data["after"]["body"], "hello");
+}
