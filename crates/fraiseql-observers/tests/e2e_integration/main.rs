@@ -1,4 +1,6 @@
 mod actions;
+mod capture;
 mod listener;
+mod migrations;
 mod parser;
 mod support;
