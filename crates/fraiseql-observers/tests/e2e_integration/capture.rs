@@ -1060,3 +1060,45 @@ async fn a_writer_without_rights_on_the_change_log_is_captured_and_cannot_forge_
     assert_eq!(rows[0].object_type, "Doc");
     assert_eq!(rows[0].object_data["after"]["body"], "hello");
 }
+
+#[tokio::test]
+async fn a_dropped_table_is_forgotten_by_the_next_enable() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE tb_old (id UUID PRIMARY KEY);
+             CREATE TABLE tb_new (id UUID PRIMARY KEY);",
+        )
+        .await
+        .unwrap();
+    capture::enable(&client, &CaptureSpec::new("tb_old", "Old"))
+        .await
+        .unwrap();
+    client.batch_execute("DROP TABLE tb_old").await.unwrap();
+    assert!(capture::list(&client).await.unwrap().is_empty());
+
+    capture::enable(&client, &CaptureSpec::new("tb_new", "New"))
+        .await
+        .unwrap();
+    let listed: Vec<String> = capture::list(&client)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.table)
+        .collect();
+    assert_eq!(listed, ["public.tb_new"]);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM core.observer_capture").await,
+        1
+    );
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM pg_proc WHERE proname ~ '^observer_capture_[0-9]+$'"
+        )
+        .await,
+        1,
+        "the dropped table's generated function is gone"
+    );
+}
