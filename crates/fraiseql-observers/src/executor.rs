@@ -777,14 +777,14 @@ impl ObserverExecutor {
         let client = self.store.client().await?;
         let row = client
             .query_opt(
-                "SELECT snapshot::text, batch_snapshot::text, batch_done_sequence, pg_current_snapshot()::text
+                "SELECT snapshot::text, pg_current_snapshot()::text
                    FROM core.observer_checkpoints WHERE consumer_id = $1",
                 &[&self.consumer],
             )
             .await?;
         let Some(row) = row else { return Ok(()) };
         let lower: crate::listener::snapshot::Snapshot = row.get::<_, String>(0).parse()?;
-        let current: crate::listener::snapshot::Snapshot = row.get::<_, String>(3).parse()?;
+        let current: crate::listener::snapshot::Snapshot = row.get::<_, String>(1).parse()?;
         let ids = crate::listener::change_log::batch_ids_sql(sequence_column);
         let counted = client
             .query_one(
@@ -798,7 +798,8 @@ impl ObserverExecutor {
                     &current.xmax.to_string(),
                     &lower.xip_text(),
                     &current.to_string(),
-                    &row.get::<_, Option<i64>>(2).filter(|_| false).unwrap_or(i64::MIN),
+                    // Rows of a batch in progress count until the batch is done: an upper bound.
+                    &i64::MIN,
                 ],
             )
             .await?;

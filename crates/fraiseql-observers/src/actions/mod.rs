@@ -416,13 +416,13 @@ pub(crate) mod tests {
         assert_eq!(
             paths,
             [
+                "observers.o.actions[0].urll",
                 "observers.o.actions[0].retries",
-                "observers.o.actions[0].timeout_ms",
-                "observers.o.actions[0].urll"
+                "observers.o.actions[0].timeout_ms"
             ],
             "{errors:?}"
         );
-        assert!(errors[2].message.contains("expected one of"), "{errors:?}");
+        assert!(errors[0].message.contains("expected one of"), "{errors:?}");
     }
 
     #[test]
