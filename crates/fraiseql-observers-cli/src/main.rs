@@ -1,1 +1,6 @@
-fn main() {}
+mod demo;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    demo::run(std::env::var("DATABASE_URL").ok()).await
+}
