@@ -1,5 +1,6 @@
 mod actions;
 mod capture;
+mod docs;
 mod engine;
 mod listener;
 mod migrations;
