@@ -21,7 +21,9 @@
 //!   out of pieces, concatenate inside one expression: `{{ "order " ~ after.id ~ " paid" }}`.
 //! * [`TemplateMode::Html`] HTML-escapes every printed value (for e-mail HTML bodies), so event
 //!   data cannot add markup; `| safe` opts out for a value known to be HTML.
-//! * [`TemplateMode::Glob`] is text mode for Redis glob patterns: every printed value has the
+//! * [`TemplateMode::Key`] is text mode for keys: printing an absent or null value is a render
+//!   error rather than an empty hole (`order:{{ after.id }}` on a delete would be `order:`).
+//! * [`TemplateMode::Glob`] is key mode for Redis glob patterns: every printed value has the
 //!   glob metacharacters `* ? [ ] \` backslash-escaped (see [`escape_glob`]), so only the
 //!   template's own literal text can be a wildcard and no event value can widen a pattern.
 //! * Rendering reads only the event: no I/O, no clock, no environment.
@@ -69,8 +71,12 @@ pub enum TemplateMode {
     Json,
     /// HTML: every printed value is HTML-escaped (`<` becomes `&lt;`); `| safe` opts out.
     Html,
-    /// A Redis glob pattern: text mode, but every printed value (`{{ ... }}`) has its glob
-    /// metacharacters escaped, so only the literal text of the template is a wildcard.
+    /// A key (Redis, cache): text mode, but a printed value that is absent or null is a render
+    /// error, so a key is never silently cut short (`order:` instead of `order:7`).
+    Key,
+    /// A Redis glob pattern: like [`TemplateMode::Key`], and every printed value (`{{ ... }}`)
+    /// has its glob metacharacters escaped, so only the literal text of the template is a
+    /// wildcard.
     Glob,
 }
 
@@ -99,14 +105,19 @@ impl Template {
         match mode {
             TemplateMode::Text => env.set_auto_escape_callback(|_| AutoEscape::None),
             TemplateMode::Html => env.set_auto_escape_callback(|_| AutoEscape::Html),
-            TemplateMode::Glob => {
+            TemplateMode::Key | TemplateMode::Glob => {
                 env.set_auto_escape_callback(|_| AutoEscape::None);
-                env.set_formatter(|out, _state, value| {
-                    if value.is_undefined() {
-                        return Ok(());
+                let glob = mode == TemplateMode::Glob;
+                env.set_formatter(move |out, _state, value| {
+                    if value.is_undefined() || value.is_none() {
+                        return Err(minijinja::Error::new(
+                            minijinja::ErrorKind::UndefinedError,
+                            "a printed value is absent (or null) for this event, so the key would be incomplete",
+                        ));
                     }
-                    out.write_str(&escape_glob(&value.to_string()))
-                        .map_err(minijinja::Error::from)
+                    let text = value.to_string();
+                    let text = if glob { escape_glob(&text) } else { text };
+                    out.write_str(&text).map_err(minijinja::Error::from)
                 });
             }
             TemplateMode::Json => {
@@ -456,12 +467,29 @@ mod tests {
             Some(json!({"name": "a*b?[c]\\d", "id": 7})),
         );
         let t = Template::compile(
-            "user:{{ after.id }}:{{ after.name }}:{{ '*' }}:{{ after.missing }}:*",
+            "user:{{ after.id }}:{{ after.name }}:{{ '*' }}:{{ after.missing | default('') }}:*",
             TemplateMode::Glob,
         )
         .unwrap();
         assert_eq!(t.render(&e).unwrap(), r"user:7:a\*b\?\[c\]\\d:\*::*");
         assert_eq!(escape_glob("plain:key"), "plain:key");
+    }
+
+    #[test]
+    fn key_modes_refuse_absent_values() {
+        let deleted = event(EventKind::Deleted, Some(json!({"id": 7})), None);
+        for mode in [TemplateMode::Key, TemplateMode::Glob] {
+            let t = Template::compile("order:{{ after.id }}", mode).unwrap();
+            let err = t.render(&deleted).unwrap_err();
+            assert!(err.to_string().contains("absent"), "{err}");
+            let t = Template::compile("order:{{ data.id }}:{{ before.none }}", mode).unwrap();
+            assert!(t.render(&deleted).is_err());
+            let t = Template::compile("order:{{ data.id }}", mode).unwrap();
+            assert_eq!(t.render(&deleted).unwrap(), "order:7");
+        }
+        let t = Template::compile("k:{{ after.name }}", TemplateMode::Key).unwrap();
+        let e = event(EventKind::Created, None, Some(json!({"name": "a*b"})));
+        assert_eq!(t.render(&e).unwrap(), "k:a*b");
     }
 
     #[test]

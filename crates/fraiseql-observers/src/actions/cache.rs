@@ -10,7 +10,7 @@
 //! [[observers.order_paid.actions]]
 //! type = "cache"
 //! operation = "invalidate"                   # "invalidate", "refresh" or "publish"
-//! keys = ["order:{{ after.id }}", "orders:customer:{{ after.customer_id }}:*"]
+//! keys = ["order:{{ data.id }}", "orders:customer:{{ data.customer_id }}:*"]
 //! pattern = false                            # true: every key is a glob pattern
 //! ```
 //!
@@ -18,7 +18,7 @@
 //!
 //! ```text
 //! operation = "refresh"                      # SET each key to the value
-//! keys = ["order:{{ after.id }}"]
+//! keys = ["order:{{ data.id }}"]
 //! value_template = '{"id": {{ after.id }}, "total": {{ after.total }}}'   # default {{ data }}
 //! format = "json"                            # "json" (default) or "text" for the template
 //! ttl_seconds = 3600                         # optional
@@ -35,7 +35,9 @@
 //!   action without them fails at compile. Every action compiled with the same settings shares
 //!   one connection manager (reconnecting, multiplexed), connected on first use: compiling does
 //!   no I/O. The URL may hold a password, so messages show only host and port.
-//! * Keys are text templates, each prefixed with `key_prefix`. `invalidate` UNLINKs them. A key
+//! * Keys are text templates ([`TemplateMode::Key`]: printing an absent or null value is an
+//!   error, never a truncated key; use `data`, which is the before-image on a delete, rather
+//!   than `after`), each prefixed with `key_prefix`. `invalidate` UNLINKs them. A key
 //!   is a glob pattern when `pattern = true` or when its template contains `*`; patterns are
 //!   expanded with `SCAN MATCH` (`COUNT 1000`) and the matches UNLINKed. In a pattern, every
 //!   value printed by `{{ }}` has the glob metacharacters `* ? [ ] \` backslash-escaped
@@ -44,7 +46,8 @@
 //! * `refresh` SETs every key to the rendered value (JSON mode by default: the entity's data),
 //!   with `EX ttl_seconds` when given, in one `MULTI`/`EXEC`. On a delete event there is no
 //!   state to store: `refresh` UNLINKs the keys instead (it never caches a deleted entity).
-//! * `publish` PUBLISHes the rendered message on the rendered channel (no `key_prefix`); the
+//! * `publish` PUBLISHes the rendered message on the rendered channel (a key-mode template, no
+//!   `key_prefix`); the
 //!   default message is `{"entity_type", "entity_id", "kind", "event_id"}`. Having no
 //!   subscriber is success (the number of receivers is logged at debug).
 //! * Every key of the table is read by the operation it belongs to: a key that the chosen
@@ -526,7 +529,7 @@ fn key_templates(
             let mode = if pattern {
                 TemplateMode::Glob
             } else {
-                TemplateMode::Text
+                TemplateMode::Key
             };
             template(source, mode, &format!("keys[{i}]"), path, errors).map(|t| (t, pattern))
         })

@@ -1,4 +1,5 @@
 mod actions;
+mod cache;
 mod email;
 mod listener;
 mod parser;
