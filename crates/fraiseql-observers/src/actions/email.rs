@@ -375,15 +375,18 @@ pub struct EmailConfig {
     pub html_template: Option<String>,
 }
 
-/// Where the `To` list comes from.
+/// Where the `To` list comes from. (Templates are boxed: they are large, and an [`Action`]
+/// holds its variant inline.)
+///
+/// [`Action`]: super::Action
 enum Recipients {
     Fixed(Vec<Mailbox>),
-    Template(Template),
+    Template(Box<Template>),
 }
 
 enum Subject {
     Fixed(String),
-    Template(Template),
+    Template(Box<Template>),
 }
 
 /// A compiled email action.
@@ -394,8 +397,8 @@ pub struct Email {
     bcc: Vec<Mailbox>,
     reply_to: Vec<Mailbox>,
     subject: Subject,
-    body: Template,
-    html: Option<Template>,
+    body: Box<Template>,
+    html: Option<Box<Template>>,
 }
 
 impl fmt::Debug for Email {
@@ -439,7 +442,7 @@ pub fn compile(
         }
         (None, Some(source)) => {
             template(source, TemplateMode::Text, "to_template", path, &mut errors)
-                .map(Recipients::Template)
+                .map(|t| Recipients::Template(Box::new(t)))
         }
     };
 
@@ -466,7 +469,7 @@ pub fn compile(
             path,
             &mut errors,
         )
-        .map(Subject::Template),
+        .map(|t| Subject::Template(Box::new(t))),
     };
 
     let body = match &config.body_template {
@@ -518,8 +521,8 @@ pub fn compile(
             bcc,
             reply_to,
             subject,
-            body,
-            html,
+            body: Box::new(body),
+            html: html.map(Box::new),
         }),
         _ => Err(errors),
     }

@@ -4,5 +4,6 @@ mod email;
 mod listener;
 mod parser;
 mod sample;
+mod sms;
 mod smtp_server;
 mod support;
