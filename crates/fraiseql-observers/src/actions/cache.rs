@@ -390,6 +390,21 @@ pub fn compile(
     } else {
         TemplateMode::Text
     };
+    // `format` says how the operation's template renders: without that template it would be
+    // read by nothing. (refresh with format = "text" and no template is reported below.)
+    let formatted_template = match operation_name {
+        Some("refresh") => Some(("value_template", config.value_template.is_some())),
+        Some("publish") => Some(("message_template", config.message_template.is_some())),
+        _ => None,
+    };
+    if let (Some((key, false)), Some(_)) = (formatted_template, &config.format) {
+        if json || key != "value_template" {
+            errors.push(ConfigError::new(
+                format!("{path}.format"),
+                format!("applies to {key}, which is not set"),
+            ));
+        }
+    }
 
     let operation = match operation_name {
         Some("invalidate") => {
@@ -857,6 +872,13 @@ mod tests {
         );
         let errors = compile_toml(r#"operation = "publish""#).unwrap_err();
         assert_eq!(paths(&errors), ["p.channel"]);
+        let errors = compile_toml(
+            r#"operation = "publish"
+               channel = "c"
+               format = "text""#,
+        )
+        .unwrap_err();
+        assert_eq!(paths(&errors), ["p.format"]);
         let errors = compile_toml(r#"operation = "evict""#).unwrap_err();
         assert_eq!(paths(&errors), ["p.operation"]);
         let errors = compile_toml(
