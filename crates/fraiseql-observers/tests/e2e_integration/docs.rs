@@ -22,7 +22,11 @@ fn blocks<'a>(markdown: &'a str, lang: &str) -> Vec<&'a str> {
 
 /// Plausible values for whatever the examples name: a secret, a URL, or a database.
 fn env(name: &str) -> Option<String> {
-    Some(if name.ends_with("SECRET") {
+    Some(if name == "REDIS_URL" {
+        "redis://127.0.0.1:6379/0".to_string()
+    } else if name == "TWILIO_ACCOUNT_SID" {
+        "AC0123456789abcdef0123456789abcdef".to_string()
+    } else if name.ends_with("SECRET") {
         "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_string()
     } else if name == "DATABASE_URL" {
         "postgres://app@localhost:5432/app".to_string()
