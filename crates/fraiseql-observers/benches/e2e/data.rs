@@ -33,12 +33,16 @@ pub async fn connect(url: &str) -> Client {
 /// Drop and create database `name`; returns its URL.
 pub async fn recreate(name: &str) -> String {
     let admin = connect(&admin_url()).await;
-    admin
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name}"
-        ))
-        .await
-        .unwrap_or_else(|e| panic!("recreate {name}: {e}"));
+    // Two statements: CREATE DATABASE cannot run in the implicit transaction of a batch.
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        admin
+            .batch_execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
     url_of(name)
 }
 
@@ -156,7 +160,7 @@ pub fn user_values(g: &str, id: &str) -> String {
 
 /// Create the tables (no capture).
 pub async fn create_tables(client: &Client) {
-    client.batch_execute(SCHEMA).await.expect("bench schema");
+    client.batch_execute(SCHEMA).await.unwrap_or_else(|e| panic!("bench schema: {e:?}"));
 }
 
 /// Capture both tables with the real trigger (`capture::enable`).

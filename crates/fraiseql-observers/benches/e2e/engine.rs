@@ -20,11 +20,17 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Start consumer `consumer` from the beginning of the log with `observers` (TOML) and the
-    /// documented runtime defaults plus `runtime_extra` (TOML lines of `[observers.runtime]`).
+    /// Start consumer `consumer` with `observers` (TOML) and the documented runtime defaults
+    /// plus `runtime_extra` (TOML lines of `[observers.runtime]`); a new consumer starts from the
+    /// beginning of the log unless `runtime_extra` sets `start_position`.
     pub async fn start(url: &str, consumer: &str, runtime_extra: &str, observers: &str) -> Engine {
+        let start = if runtime_extra.contains("start_position") {
+            ""
+        } else {
+            "start_position = \"beginning\"\n"
+        };
         let text = format!(
-            "[observers.runtime]\nconsumer_id = \"{consumer}\"\nstart_position = \"beginning\"\n{runtime_extra}\n{observers}"
+            "[observers.runtime]\nconsumer_id = \"{consumer}\"\n{start}{runtime_extra}\n{observers}"
         );
         let config = config::load(&text, &env).unwrap_or_else(|e| panic!("{e}"));
         let runtime = config.runtime;
