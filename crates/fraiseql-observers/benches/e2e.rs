@@ -323,8 +323,9 @@ impl ThroughputDb {
     }
 
     /// Run a consumer over the whole backlog; returns the seconds until its checkpoint passed
-    /// the last change.
-    async fn drain(&self, consumer: &str, observers: &str) -> f64 {
+    /// the last change, and the CPU time spent meanwhile.
+    async fn drain(&self, consumer: &str, observers: &str, receiver: &ReceiverProcess) -> (f64, Cpu) {
+        let before = Cpu::sample(&self.client, receiver.pid()).await;
         let started = Instant::now();
         let engine = Engine::start(&self.url, consumer, "", observers).await;
         loop {
@@ -339,6 +340,7 @@ impl ThroughputDb {
             );
         }
         let seconds = started.elapsed().as_secs_f64();
+        let cpu = Cpu::sample(&self.client, receiver.pid()).await.minus(&before);
         let read = engine
             .status
             .events_read
@@ -348,8 +350,89 @@ impl ThroughputDb {
             read as i64, self.events,
             "{consumer}: the engine read every change"
         );
-        seconds
+        (seconds, cpu)
     }
+}
+
+/// CPU seconds used so far by the engine (this process), the receiver process, and the
+/// PostgreSQL backends connected to the bench database (the engine's connections and the
+/// harness's own, which only polls the checkpoint).
+#[derive(Debug, Clone, Default)]
+struct Cpu {
+    engine: f64,
+    receiver: f64,
+    postgres: std::collections::HashMap<i32, f64>,
+}
+
+impl Cpu {
+    async fn sample(client: &Client, receiver_pid: u32) -> Cpu {
+        let pids: Vec<i32> = client
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()",
+                &[],
+            )
+            .await
+            .expect("backends")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        Cpu {
+            engine: cpu_seconds("self"),
+            receiver: cpu_seconds(&receiver_pid.to_string()),
+            postgres: pids
+                .into_iter()
+                .map(|p| (p, cpu_seconds(&p.to_string())))
+                .collect(),
+        }
+    }
+
+    /// What was used since `earlier` (backends that were not there then count from zero).
+    fn minus(&self, earlier: &Cpu) -> Cpu {
+        Cpu {
+            engine: self.engine - earlier.engine,
+            receiver: self.receiver - earlier.receiver,
+            postgres: self
+                .postgres
+                .iter()
+                .map(|(p, s)| (*p, s - earlier.postgres.get(p).copied().unwrap_or(0.0)))
+                .collect(),
+        }
+    }
+
+    fn postgres(&self) -> f64 {
+        self.postgres.values().sum()
+    }
+
+    /// Microseconds of CPU per event, by process.
+    fn per_event(&self, events: i64) -> Value {
+        let us = |s: f64| (s * 1e6 / events as f64 * 10.0).round() / 10.0;
+        json!({
+            "engine_us": us(self.engine),
+            "postgres_us": us(self.postgres()),
+            "receiver_us": us(self.receiver),
+        })
+    }
+}
+
+/// utime + stime of `/proc/<pid>/stat`, in seconds (clock ticks of 10 ms).
+fn cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may contain spaces) start at state (field 3).
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The median run's CPU per event (by engine CPU).
+fn median_cpu(cpus: &[(f64, Value)]) -> Value {
+    let mut sorted: Vec<&(f64, Value)> = cpus.iter().collect();
+    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+    sorted
+        .get(sorted.len() / 2)
+        .map_or(Value::Null, |(_, v)| v.clone())
 }
 
 async fn check_deliveries(receiver: &ReceiverProcess, expected: i64, what: &str) {
@@ -369,16 +452,18 @@ async fn drain(options: &Options, db: &ThroughputDb, receiver: &ReceiverProcess)
         "",
         &receiver.url("/drain"),
     );
-    let mut runs = Vec::new();
+    let (mut runs, mut cpus) = (Vec::new(), Vec::new());
     for run in 1..=options.runs {
         receiver.reset().await;
-        let seconds = db.drain(&format!("drain_{run}"), &observer).await;
+        let (seconds, cpu) = db.drain(&format!("drain_{run}"), &observer, receiver).await;
         check_deliveries(receiver, db.events, "drain").await;
         let eps = db.events as f64 / seconds;
-        eprintln!("drain run {run}: {seconds:.2} s, {eps:.0} events/s");
+        let per_event = cpu.per_event(db.events);
+        eprintln!("drain run {run}: {seconds:.2} s, {eps:.0} events/s, CPU per event {per_event}");
         runs.push(eps);
+        cpus.push((cpu.engine, per_event));
     }
-    json!({ "events": db.events, "events_per_s": Summary::of(&runs) })
+    json!({ "events": db.events, "events_per_s": Summary::of(&runs), "cpu_per_event": median_cpu(&cpus) })
 }
 
 async fn match_only(options: &Options, db: &ThroughputDb, receiver: &ReceiverProcess) -> Value {
@@ -389,16 +474,18 @@ async fn match_only(options: &Options, db: &ThroughputDb, receiver: &ReceiverPro
         "status == 'refunded'",
         &receiver.url("/never"),
     );
-    let mut runs = Vec::new();
+    let (mut runs, mut cpus) = (Vec::new(), Vec::new());
     for run in 1..=options.runs {
         receiver.reset().await;
-        let seconds = db.drain(&format!("match_{run}"), &observer).await;
+        let (seconds, cpu) = db.drain(&format!("match_{run}"), &observer, receiver).await;
         check_deliveries(receiver, 0, "match-only").await;
         let eps = db.events as f64 / seconds;
-        eprintln!("match-only run {run}: {seconds:.2} s, {eps:.0} events/s");
+        let per_event = cpu.per_event(db.events);
+        eprintln!("match-only run {run}: {seconds:.2} s, {eps:.0} events/s, CPU per event {per_event}");
         runs.push(eps);
+        cpus.push((cpu.engine, per_event));
     }
-    json!({ "events": db.events, "events_per_s": Summary::of(&runs) })
+    json!({ "events": db.events, "events_per_s": Summary::of(&runs), "cpu_per_event": median_cpu(&cpus) })
 }
 
 async fn fan_out(options: &Options, db: &ThroughputDb, receiver: &ReceiverProcess) -> Value {
@@ -415,19 +502,20 @@ async fn fan_out(options: &Options, db: &ThroughputDb, receiver: &ReceiverProces
         })
         .collect();
     let expected = engine::fan_out_expected(&db.client).await;
-    let mut events = Vec::new();
-    let mut deliveries = Vec::new();
+    let (mut events, mut deliveries, mut cpus) = (Vec::new(), Vec::new(), Vec::new());
     for run in 1..=options.runs {
         receiver.reset().await;
-        let seconds = db.drain(&format!("fanout_{run}"), &observers).await;
+        let (seconds, cpu) = db.drain(&format!("fanout_{run}"), &observers, receiver).await;
         check_deliveries(receiver, expected, "fan-out").await;
+        let per_event = cpu.per_event(db.events);
         eprintln!(
-            "fan-out run {run}: {seconds:.2} s, {:.0} events/s, {:.0} deliveries/s",
+            "fan-out run {run}: {seconds:.2} s, {:.0} events/s, {:.0} deliveries/s, CPU per event {per_event}",
             db.events as f64 / seconds,
             expected as f64 / seconds
         );
         events.push(db.events as f64 / seconds);
         deliveries.push(expected as f64 / seconds);
+        cpus.push((cpu.engine, per_event));
     }
     json!({
         "events": db.events,
@@ -435,6 +523,7 @@ async fn fan_out(options: &Options, db: &ThroughputDb, receiver: &ReceiverProces
         "deliveries_per_event": expected as f64 / db.events as f64,
         "events_per_s": Summary::of(&events),
         "deliveries_per_s": Summary::of(&deliveries),
+        "cpu_per_event": median_cpu(&cpus),
     })
 }
 

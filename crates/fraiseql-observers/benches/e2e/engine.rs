@@ -29,8 +29,13 @@ impl Engine {
         } else {
             "start_position = \"beginning\"\n"
         };
+        // FRAISEQL_BENCH_RUNTIME: extra `[observers.runtime]` lines for every engine (to try
+        // other settings than the defaults, e.g. "concurrency = 16").
+        let tuning = std::env::var("FRAISEQL_BENCH_RUNTIME")
+            .unwrap_or_default()
+            .replace("\\n", "\n");
         let text = format!(
-            "[observers.runtime]\nconsumer_id = \"{consumer}\"\n{start}{runtime_extra}\n{observers}"
+            "[observers.runtime]\nconsumer_id = \"{consumer}\"\n{start}{runtime_extra}\n{tuning}\n{observers}"
         );
         let config = config::load(&text, &env).unwrap_or_else(|e| panic!("{e}"));
         let runtime = config.runtime;
