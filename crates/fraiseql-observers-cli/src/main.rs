@@ -1,3 +1,4 @@
+mod allocator;
 mod demo;
 
 #[tokio::main]

@@ -42,6 +42,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
+/// The allocator the daemon uses (`crates/fraiseql-observers-cli/src/allocator.rs`), so the
+/// in-process engine is measured as it runs in production.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const SCENARIOS: &[&str] = &[
     "drain",
     "match-only",
