@@ -69,7 +69,7 @@ pub fn unix_nanos() -> i64 {
 pub fn read_line(out: &mut impl std::io::Read) -> String {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
-    while out.read(&mut byte).map_or(false, |n| n == 1) && byte[0] != b'\n' {
+    while out.read(&mut byte).is_ok_and(|n| n == 1) && byte[0] != b'\n' {
         line.push(byte[0]);
     }
     String::from_utf8_lossy(&line).into_owned()
@@ -257,11 +257,8 @@ async fn run(options: Options) {
         "e2e-partial.json"
     };
     let path = dir.join(name);
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&results).expect("json"),
-    )
-    .expect("write results");
+    std::fs::write(&path, serde_json::to_string_pretty(&results).expect("json"))
+        .expect("write results");
     let markdown = report::markdown(&results);
     println!("\n{markdown}");
     eprintln!("results written to {}", path.display());
@@ -329,7 +326,12 @@ impl ThroughputDb {
 
     /// Run a consumer over the whole backlog; returns the seconds until its checkpoint passed
     /// the last change, and the CPU time spent meanwhile.
-    async fn drain(&self, consumer: &str, observers: &str, receiver: &ReceiverProcess) -> (f64, Cpu) {
+    async fn drain(
+        &self,
+        consumer: &str,
+        observers: &str,
+        receiver: &ReceiverProcess,
+    ) -> (f64, Cpu) {
         let before = Cpu::sample(&self.client, receiver.pid()).await;
         let started = Instant::now();
         let engine = Engine::start(&self.url, consumer, "", observers).await;
@@ -345,7 +347,9 @@ impl ThroughputDb {
             );
         }
         let seconds = started.elapsed().as_secs_f64();
-        let cpu = Cpu::sample(&self.client, receiver.pid()).await.minus(&before);
+        let cpu = Cpu::sample(&self.client, receiver.pid())
+            .await
+            .minus(&before);
         let read = engine
             .status
             .events_read
@@ -427,7 +431,12 @@ fn cpu_seconds(pid: &str) -> f64 {
     // Fields after the command name (which may contain spaces) start at state (field 3).
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / 100.0
 }
 
@@ -486,7 +495,9 @@ async fn match_only(options: &Options, db: &ThroughputDb, receiver: &ReceiverPro
         check_deliveries(receiver, 0, "match-only").await;
         let eps = db.events as f64 / seconds;
         let per_event = cpu.per_event(db.events);
-        eprintln!("match-only run {run}: {seconds:.2} s, {eps:.0} events/s, CPU per event {per_event}");
+        eprintln!(
+            "match-only run {run}: {seconds:.2} s, {eps:.0} events/s, CPU per event {per_event}"
+        );
         runs.push(eps);
         cpus.push((cpu.engine, per_event));
     }
@@ -510,7 +521,9 @@ async fn fan_out(options: &Options, db: &ThroughputDb, receiver: &ReceiverProces
     let (mut events, mut deliveries, mut cpus) = (Vec::new(), Vec::new(), Vec::new());
     for run in 1..=options.runs {
         receiver.reset().await;
-        let (seconds, cpu) = db.drain(&format!("fanout_{run}"), &observers, receiver).await;
+        let (seconds, cpu) = db
+            .drain(&format!("fanout_{run}"), &observers, receiver)
+            .await;
         check_deliveries(receiver, expected, "fan-out").await;
         let per_event = cpu.per_event(db.events);
         eprintln!(
@@ -596,13 +609,7 @@ async fn latency(options: &Options, receiver: &ReceiverProcess) -> Value {
             &receiver.url("/latency"),
         );
         let consumer = format!("latency_{rate}");
-        let engine = Engine::start(
-            &url,
-            &consumer,
-            "start_position = \"now\"",
-            &observer,
-        )
-        .await;
+        let engine = Engine::start(&url, &consumer, "start_position = \"now\"", &observer).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let result = steady_run(&url, receiver, rate, options.latency_secs()).await;
         engine.stop().await;
@@ -701,13 +708,8 @@ async fn soak(options: &Options, receiver: &ReceiverProcess) -> Value {
     const DB: &str = "fo_bench_e2e_soak";
     let (rate, secs) = (2000u64, if options.quick { 60 } else { 600 });
     let (url, _client) = fresh_captured_db(DB).await;
-    let observer = engine::webhook_observer(
-        "orders",
-        "Order",
-        r#""INSERT""#,
-        "",
-        &receiver.url("/soak"),
-    );
+    let observer =
+        engine::webhook_observer("orders", "Order", r#""INSERT""#, "", &receiver.url("/soak"));
     let engine = Engine::start(&url, "soak", "start_position = \"now\"", &observer).await;
     let rss_start = engine::rss_kib();
     let sampler = {
@@ -877,9 +879,7 @@ async fn writer_cost(options: &Options) -> Value {
             let mut tps = Vec::new();
             for _ in 0..runs {
                 client
-                    .batch_execute(
-                        "TRUNCATE tb_order, core.tb_entity_change_log; CHECKPOINT",
-                    )
+                    .batch_execute("TRUNCATE tb_order, core.tb_entity_change_log; CHECKPOINT")
                     .await
                     .expect("truncate");
                 if peer_ready && variant.starts_with("graphile") {
@@ -889,16 +889,20 @@ async fn writer_cost(options: &Options) -> Value {
                         .expect("clear jobs");
                 }
                 let script = script.clone();
-                let value = tokio::task::spawn_blocking(move || pgbench(DB, &script, clients, secs))
-                    .await
-                    .expect("pgbench");
+                let value =
+                    tokio::task::spawn_blocking(move || pgbench(DB, &script, clients, secs))
+                        .await
+                        .expect("pgbench");
                 tps.push(value);
             }
             let summary = Summary::of(&tps);
             if *variant == "plain" {
                 plain = summary.median;
             }
-            eprintln!("writer cost, {clients} writer(s), {variant}: {}", summary.show());
+            eprintln!(
+                "writer cost, {clients} writer(s), {variant}: {}",
+                summary.show()
+            );
             rows.push(json!({
                 "clients": clients,
                 "variant": variant,
@@ -949,10 +953,7 @@ fn add_ratios(scenarios: &mut serde_json::Map<String, Value>) {
             if let Some(t) = theirs.iter().find(|t| t["rate"] == o["rate"]) {
                 for q in ["p50_ms", "p99_ms"] {
                     let r = o[q].as_f64().unwrap_or(f64::NAN) / t[q].as_f64().unwrap_or(f64::NAN);
-                    ratios.insert(
-                        format!("latency {} at {}/s", &q[..3], o["rate"]),
-                        json!(r),
-                    );
+                    ratios.insert(format!("latency {} at {}/s", &q[..3], o["rate"]), json!(r));
                 }
             }
         }

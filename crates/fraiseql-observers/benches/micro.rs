@@ -112,7 +112,11 @@ fn decode_row(bencher: divan::Bencher, update: bool) {
 fn condition(bencher: divan::Bencher, source: &str) {
     let condition = Condition::compile(source).expect("compiles");
     let event = event(true);
-    bencher.bench(|| condition.evaluate(divan::black_box(&event)).expect("evaluates"));
+    bencher.bench(|| {
+        condition
+            .evaluate(divan::black_box(&event))
+            .expect("evaluates")
+    });
 }
 
 /// The fan-out scenario's ten observers matched against one update (verdicts for every candidate).

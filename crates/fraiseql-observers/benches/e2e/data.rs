@@ -160,7 +160,10 @@ pub fn user_values(g: &str, id: &str) -> String {
 
 /// Create the tables (no capture).
 pub async fn create_tables(client: &Client) {
-    client.batch_execute(SCHEMA).await.unwrap_or_else(|e| panic!("bench schema: {e:?}"));
+    client
+        .batch_execute(SCHEMA)
+        .await
+        .unwrap_or_else(|e| panic!("bench schema: {e:?}"));
 }
 
 /// Capture both tables with the real trigger (`capture::enable`).
@@ -169,10 +172,14 @@ pub async fn enable_capture(client: &Client) {
     let mut user = CaptureSpec::new("tb_user", "User");
     user.tenant_column = Some("fk_customer_org".into());
     user.exclude_columns = vec!["password_hash".into()];
-    capture::enable(client, &user).await.expect("capture tb_user");
+    capture::enable(client, &user)
+        .await
+        .expect("capture tb_user");
     let mut order = CaptureSpec::new("tb_order", "Order");
     order.tenant_column = Some("fk_customer_org".into());
-    capture::enable(client, &order).await.expect("capture tb_order");
+    capture::enable(client, &order)
+        .await
+        .expect("capture tb_order");
 }
 
 /// How many changes of each kind a backlog holds.

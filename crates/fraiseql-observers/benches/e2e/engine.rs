@@ -51,9 +51,14 @@ impl Engine {
         .await
         .expect("listener starts");
         let executor = Arc::new(
-            ObserverExecutor::new(config.observers, url, &runtime.consumer_id, listener.epoch())
-                .await
-                .expect("executor starts"),
+            ObserverExecutor::new(
+                config.observers,
+                url,
+                &runtime.consumer_id,
+                listener.epoch(),
+            )
+            .await
+            .expect("executor starts"),
         );
         let status = executor.status();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -89,10 +94,7 @@ impl Engine {
 /// The highest writing transaction in the change log (everything waiting was committed by then).
 pub async fn last_txid(client: &Client) -> String {
     client
-        .query_one(
-            "SELECT max(txid)::text FROM core.tb_entity_change_log",
-            &[],
-        )
+        .query_one("SELECT max(txid)::text FROM core.tb_entity_change_log", &[])
         .await
         .expect("last txid")
         .get::<_, Option<String>>(0)
@@ -113,7 +115,13 @@ pub async fn checkpoint_covers(client: &Client, consumer: &str, txid: &str) -> b
 }
 
 /// One webhook observer (signed, to the local receiver).
-pub fn webhook_observer(name: &str, entity: &str, kinds: &str, condition: &str, url: &str) -> String {
+pub fn webhook_observer(
+    name: &str,
+    entity: &str,
+    kinds: &str,
+    condition: &str,
+    url: &str,
+) -> String {
     let condition = if condition.is_empty() {
         String::new()
     } else {
@@ -156,7 +164,9 @@ pub const FAN_OUT: &[(&str, &str, &str, &str, &str)] = &[
 pub async fn fan_out_expected(client: &Client) -> i64 {
     let mut sum = 0;
     for (_, entity, kinds, _, twin) in FAN_OUT {
-        let kinds = kinds.trim_matches(|c| c == '[' || c == ']').replace('"', "'");
+        let kinds = kinds
+            .trim_matches(|c| c == '[' || c == ']')
+            .replace('"', "'");
         let n: i64 = client
             .query_one(
                 &format!(

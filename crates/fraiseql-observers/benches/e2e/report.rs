@@ -219,7 +219,9 @@ pub fn markdown(results: &Value) -> String {
     let s = &results["scenarios"];
     if s.get("drain").is_some() || s.get("fan_out").is_some() || s.get("peer").is_some() {
         md.push_str("**Throughput** (a backlog of committed changes, from engine start until the checkpoint passes the last one; median (min-max) of the runs):\n\n");
-        md.push_str("| scenario | events | events/s | deliveries/s | target |\n|---|---:|---:|---:|---|\n");
+        md.push_str(
+            "| scenario | events | events/s | deliveries/s | target |\n|---|---:|---:|---:|---|\n",
+        );
         if let Some(d) = s.get("drain") {
             md.push_str(&format!(
                 "| drain: 1 observer, signed webhook | {} | {} | {} | >= 20,000 |\n",

@@ -401,11 +401,7 @@ struct Rfc3339<'a>(&'a chrono::DateTime<chrono::Utc>);
 
 impl Serialize for Rfc3339<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(
-            &self
-                .0
-                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
-        )
+        serializer.serialize_str(&self.0.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
     }
 }
 
@@ -531,7 +527,8 @@ mod tests {
     #[test]
     fn default_body_json_is_default_body_serialized() {
         use crate::event::{diff_fields, FieldChange};
-        let before = json!({"id": 1, "status": "new", "total": 10.5, "note": "a \"quote\"", "tags": ["x"]});
+        let before =
+            json!({"id": 1, "status": "new", "total": 10.5, "note": "a \"quote\"", "tags": ["x"]});
         let after = json!({"id": 1, "status": "paid", "total": 12, "extra": {"b": 1, "a": [null]}});
         let created = crate::event::EntityEvent {
             after: Some(after.clone()),
@@ -561,9 +558,21 @@ mod tests {
         let unsorted = crate::event::EntityEvent {
             kind: EventKind::Custom,
             changes: Some(vec![
-                FieldChange { field: "b".into(), old: None, new: Some(json!(1)) },
-                FieldChange { field: "a".into(), old: Some(json!(2)), new: None },
-                FieldChange { field: "b".into(), old: Some(json!(3)), new: Some(json!(4)) },
+                FieldChange {
+                    field: "b".into(),
+                    old: None,
+                    new: Some(json!(1)),
+                },
+                FieldChange {
+                    field: "a".into(),
+                    old: Some(json!(2)),
+                    new: None,
+                },
+                FieldChange {
+                    field: "b".into(),
+                    old: Some(json!(3)),
+                    new: Some(json!(4)),
+                },
             ]),
             ..sample_event()
         };

@@ -262,6 +262,14 @@ impl Checkpointer {
     }
 }
 
+/// Rows of chunk `ids[start..end]` of batch `batch`, read ahead.
+struct Prefetched {
+    batch: u64,
+    start: usize,
+    end: usize,
+    rows: Vec<tokio_postgres::Row>,
+}
+
 struct Connection {
     client: Client,
     notifications: Option<mpsc::UnboundedReceiver<()>>,
@@ -276,6 +284,8 @@ pub struct ChangeLogListener {
     config: ListenerConfig,
     db_config: tokio_postgres::Config,
     conn: Option<Connection>,
+    /// The rows of the chunk after the one last handed out, read while that one was decoded.
+    prefetched: Option<Prefetched>,
     shape: TableShape,
     /// Everything visible here has been handed out or sits in `progress.batches`.
     read: Snapshot,
@@ -334,6 +344,7 @@ impl ChangeLogListener {
             config,
             db_config,
             conn: Some(conn),
+            prefetched: None,
             shape,
             next_batch_no: 1,
             stop_tx: Arc::new(stop_tx),
@@ -423,6 +434,7 @@ impl ChangeLogListener {
                 }
                 Err(e) if e.is_transient() => {
                     self.conn = None;
+                    self.prefetched = None;
                     let failures = self
                         .stats
                         .consecutive_failures
@@ -488,37 +500,65 @@ impl ChangeLogListener {
         let pending = self.lock().batches.back().and_then(|b| {
             (b.next < b.ids.len()).then(|| {
                 let end = (b.next + self.config.batch_size).min(b.ids.len());
-                (b.no, end, b.ids[b.next..end].to_vec())
+                let after = (end + self.config.batch_size).min(b.ids.len());
+                (
+                    b.no,
+                    b.next,
+                    end,
+                    b.ids[b.next..end].to_vec(),
+                    b.ids[end..after].to_vec(),
+                )
             })
         });
-        if let Some((no, end, chunk)) = pending {
-            let rows = conn.client.query(&conn.rows, &[&chunk]).await?;
+        if let Some((no, start, end, chunk, next_chunk)) = pending {
+            let rows = match self.prefetched.take() {
+                Some(p) if p.batch == no && p.start == start && p.end == end => p.rows,
+                _ => conn.client.query(&conn.rows, &[&chunk]).await?,
+            };
             let last_id = *chunk.last().expect("chunk is not empty");
-            let mut events = Vec::with_capacity(rows.len());
-            let mut quarantined = 0;
-            for row in &rows {
-                let sequence: i64 = row.get(0);
-                let position = Position {
-                    batch: no,
-                    sequence,
-                };
-                match ChangeLogRow::from_row(row)
-                    .and_then(|raw| parser::decode(&self.shape, &raw, position))
-                {
-                    Ok(event) => events.push(event),
-                    Err(e) => {
-                        quarantined += 1;
-                        quarantine(
-                            conn,
-                            &self.config.consumer_id,
-                            &self.stats,
-                            sequence,
-                            &e.reason,
-                        )
-                        .await?;
+            // Ask for the next chunk before decoding this one: the server reads it while the
+            // rows here are decoded (the connection pipelines the two).
+            let prefetch = async {
+                if next_chunk.is_empty() {
+                    Ok(None)
+                } else {
+                    conn.client
+                        .query(&conn.rows, &[&next_chunk])
+                        .await
+                        .map(Some)
+                }
+            };
+            let decode = async {
+                let mut events = Vec::with_capacity(rows.len());
+                let mut quarantined = 0;
+                for row in &rows {
+                    let sequence: i64 = row.get(0);
+                    let position = Position {
+                        batch: no,
+                        sequence,
+                    };
+                    match ChangeLogRow::from_row(row)
+                        .and_then(|raw| parser::decode(&self.shape, &raw, position))
+                    {
+                        Ok(event) => events.push(event),
+                        Err(e) => {
+                            quarantined += 1;
+                            quarantine(
+                                conn,
+                                &self.config.consumer_id,
+                                &self.stats,
+                                sequence,
+                                &e.reason,
+                            )
+                            .await?;
+                        }
                     }
                 }
-            }
+                Ok::<_, Error>((events, quarantined))
+            };
+            let (next_rows, decoded) = futures::future::join(prefetch, decode).await;
+            let (events, quarantined) = decoded?;
+            let next_rows = next_rows?;
             let read = rows.len();
             self.stats
                 .rows_read
@@ -527,6 +567,12 @@ impl ChangeLogListener {
             if let Some(batch) = self.lock().batches.iter_mut().find(|b| b.no == no) {
                 batch.next = end;
             }
+            self.prefetched = next_rows.map(|rows| Prefetched {
+                batch: no,
+                start: end,
+                end: end + next_chunk.len(),
+                rows,
+            });
             return Ok(Some(Batch {
                 events,
                 end: Position {
