@@ -575,6 +575,11 @@ async fn steady_run(url: &str, receiver: &ReceiverProcess, rate: u64, secs: u64)
     tokio::time::sleep(Duration::from_millis(300)).await;
     let stats = receiver.stats().await;
     let arrivals = receiver.arrivals().await;
+    write_latency_series(
+        &target_dir().join(format!("bench-results/latency-{rate}.txt")),
+        &report.commits,
+        &arrivals,
+    );
     Latency::of(
         rate,
         secs,
@@ -583,6 +588,24 @@ async fn steady_run(url: &str, receiver: &ReceiverProcess, rate: u64, secs: u64)
         &arrivals,
         stats.duplicates,
     )
+}
+
+/// `seconds_since_first_commit latency_ms` per change, in commit order (for plots and for
+/// finding stalls).
+fn write_latency_series(path: &std::path::Path, commits: &[(String, i64)], arrivals: &[(String, i64)]) {
+    let arrived: std::collections::HashMap<&str, i64> =
+        arrivals.iter().map(|(e, t)| (e.as_str(), *t)).collect();
+    let mut rows: Vec<(i64, f64)> = commits
+        .iter()
+        .filter_map(|(e, c)| arrived.get(e.as_str()).map(|a| (*c, (a - c) as f64 / 1e6)))
+        .collect();
+    rows.sort_by_key(|r| r.0);
+    let first = rows.first().map_or(0, |r| r.0);
+    let text: String = rows
+        .iter()
+        .map(|(c, ms)| format!("{:.4} {ms:.3}\n", (c - first) as f64 / 1e9))
+        .collect();
+    let _ = std::fs::write(path, text);
 }
 
 async fn fresh_captured_db(name: &str) -> (String, Client) {
