@@ -592,7 +592,11 @@ async fn steady_run(url: &str, receiver: &ReceiverProcess, rate: u64, secs: u64)
 
 /// `seconds_since_first_commit latency_ms` per change, in commit order (for plots and for
 /// finding stalls).
-fn write_latency_series(path: &std::path::Path, commits: &[(String, i64)], arrivals: &[(String, i64)]) {
+fn write_latency_series(
+    path: &std::path::Path,
+    commits: &[(String, i64)],
+    arrivals: &[(String, i64)],
+) {
     let arrived: std::collections::HashMap<&str, i64> =
         arrivals.iter().map(|(e, t)| (e.as_str(), *t)).collect();
     let mut rows: Vec<(i64, f64)> = commits
@@ -621,25 +625,35 @@ async fn fresh_captured_db(name: &str) -> (String, Client) {
 
 async fn latency(options: &Options, receiver: &ReceiverProcess) -> Value {
     const DB: &str = "fo_bench_e2e_latency";
-    let (url, _client) = fresh_captured_db(DB).await;
+    let (url, client) = fresh_captured_db(DB).await;
     let mut rows = Vec::new();
-    for rate in [1000, 5000] {
-        let observer = engine::webhook_observer(
-            "orders",
-            "Order",
-            r#""INSERT""#,
-            "",
-            &receiver.url("/latency"),
-        );
-        let consumer = format!("latency_{rate}");
-        let engine = Engine::start(&url, &consumer, "start_position = \"now\"", &observer).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let result = steady_run(&url, receiver, rate, options.latency_secs()).await;
-        engine.stop().await;
-        eprintln!("latency at {rate}/s (ours): {result:?}");
-        assert_eq!(result.missing, 0, "every change delivered");
-        assert_eq!(result.duplicates, 0, "no change delivered twice");
-        rows.push(serde_json::to_value(&result).expect("json"));
+    // The default (polling), then with the optional NOTIFY hint (which costs writers: see the
+    // writer-cost scenario).
+    for (mode, notify) in [("polling", false), ("NOTIFY hint", true)] {
+        fraiseql_observers::capture::set_notify(&client, notify)
+            .await
+            .expect("notify hint");
+        for rate in [1000, 5000] {
+            let observer = engine::webhook_observer(
+                "orders",
+                "Order",
+                r#""INSERT""#,
+                "",
+                &receiver.url("/latency"),
+            );
+            let consumer = format!("latency_{rate}_{notify}");
+            let runtime = format!("start_position = \"now\"\nnotify = {notify}");
+            let engine = Engine::start(&url, &consumer, &runtime, &observer).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let result = steady_run(&url, receiver, rate, options.latency_secs()).await;
+            engine.stop().await;
+            eprintln!("latency at {rate}/s (ours, {mode}): {result:?}");
+            assert_eq!(result.missing, 0, "every change delivered");
+            assert_eq!(result.duplicates, 0, "no change delivered twice");
+            let mut row = serde_json::to_value(&result).expect("json");
+            row["mode"] = json!(mode);
+            rows.push(row);
+        }
     }
     data::drop_database(DB).await;
     Value::Array(rows)
@@ -657,10 +671,16 @@ async fn peer_scenarios(options: &Options, receiver: &ReceiverProcess) -> Value 
             return json!({ "skipped": reason });
         }
     };
+    // graphile-worker's best settings found on this machine (see BENCHMARKS.md): 32 jobs at
+    // once, jobs fetched in batches of 200 (its `localQueue`).
     let concurrency = std::env::var("BENCH_PEER_CONCURRENCY")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(64);
+        .unwrap_or(32);
+    let local_queue = std::env::var("BENCH_LOCAL_QUEUE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200usize);
     let url = data::recreate(DB).await;
     let client = data::connect(&url).await;
     data::create_tables(&client).await;
@@ -683,7 +703,8 @@ async fn peer_scenarios(options: &Options, receiver: &ReceiverProcess) -> Value 
             .expect("vacuum");
         receiver.reset().await;
         let started = Instant::now();
-        let worker = peer::PeerProcess::start(&url, &receiver.url("/peer"), concurrency);
+        let worker =
+            peer::PeerProcess::start(&url, &receiver.url("/peer"), concurrency, local_queue);
         loop {
             tokio::time::sleep(Duration::from_millis(10)).await;
             if receiver.stats().await.unique as i64 >= total && peer::jobs_left(&client).await == 0
@@ -710,7 +731,8 @@ async fn peer_scenarios(options: &Options, receiver: &ReceiverProcess) -> Value 
     let mut latency = Vec::new();
     if options.wants("latency") {
         for rate in [1000, 5000] {
-            let worker = peer::PeerProcess::start(&url, &receiver.url("/peer"), concurrency);
+            let worker =
+                peer::PeerProcess::start(&url, &receiver.url("/peer"), concurrency, local_queue);
             tokio::time::sleep(Duration::from_millis(500)).await;
             let result = steady_run(&url, receiver, rate, options.latency_secs()).await;
             drop(worker);
@@ -722,6 +744,7 @@ async fn peer_scenarios(options: &Options, receiver: &ReceiverProcess) -> Value 
     json!({
         "version": version,
         "concurrency": concurrency,
+        "local_queue": local_queue,
         "drain": { "events": shape.total(), "events_per_s": Summary::of(&runs) },
         "latency": latency,
     })
@@ -956,6 +979,10 @@ fn add_ratios(scenarios: &mut serde_json::Map<String, Value>) {
         .get("drain")
         .map(|d| d["events_per_s"]["median"].as_f64().unwrap_or(f64::NAN));
     let ours_latency = scenarios.get("latency").cloned();
+    let writer_rows = scenarios
+        .get("writer_cost")
+        .and_then(|w| w["rows"].as_array().cloned())
+        .unwrap_or_default();
     let Some(peer) = scenarios.get_mut("peer") else {
         return;
     };
@@ -976,9 +1003,32 @@ fn add_ratios(scenarios: &mut serde_json::Map<String, Value>) {
             if let Some(t) = theirs.iter().find(|t| t["rate"] == o["rate"]) {
                 for q in ["p50_ms", "p99_ms"] {
                     let r = o[q].as_f64().unwrap_or(f64::NAN) / t[q].as_f64().unwrap_or(f64::NAN);
-                    ratios.insert(format!("latency {} at {}/s", &q[..3], o["rate"]), json!(r));
+                    ratios.insert(
+                        format!(
+                            "latency {} at {}/s, ours {}",
+                            &q[..3],
+                            o["rate"],
+                            o["mode"].as_str().unwrap_or("")
+                        ),
+                        json!(r),
+                    );
                 }
             }
+        }
+    }
+    for clients in [1, 16] {
+        let tps = |variant: &str| {
+            writer_rows
+                .iter()
+                .find(|r| r["clients"] == clients && r["variant"] == variant)
+                .and_then(|r| r["tps"]["median"].as_f64())
+        };
+        if let (Some(ours), Some(theirs)) = (tps("capture"), tps("graphile-worker add_job trigger"))
+        {
+            ratios.insert(
+                format!("writer inserts/s with {clients} writer(s), capture vs add_job trigger"),
+                json!(ours / theirs),
+            );
         }
     }
     peer["ratios"] = Value::Object(ratios);

@@ -105,7 +105,12 @@ pub struct PeerProcess {
 
 impl PeerProcess {
     /// Start the worker and wait until it is listening for jobs.
-    pub fn start(url: &str, receiver_url: &str, concurrency: usize) -> PeerProcess {
+    pub fn start(
+        url: &str,
+        receiver_url: &str,
+        concurrency: usize,
+        local_queue: usize,
+    ) -> PeerProcess {
         let mut child = Command::new("node")
             .arg("run.js")
             .current_dir(dir())
@@ -113,6 +118,7 @@ impl PeerProcess {
             .env("BENCH_RECEIVER_URL", receiver_url)
             .env("BENCH_SECRET", super::engine::SECRET)
             .env("BENCH_CONCURRENCY", concurrency.to_string())
+            .env("BENCH_LOCAL_QUEUE", local_queue.to_string())
             .stdout(Stdio::piped())
             .spawn()
             .expect("start graphile-worker");

@@ -248,9 +248,10 @@ pub fn markdown(results: &Value) -> String {
         }
         if let Some(p) = s.get("peer").and_then(|p| p.get("drain")) {
             md.push_str(&format!(
-                "| graphile-worker {} drain (concurrency {}) | {} | {} | {} | |\n",
+                "| graphile-worker {} drain (concurrency {}, local queue {}) | {} | {} | {} | |\n",
                 s["peer"]["version"].as_str().unwrap_or(""),
                 s["peer"]["concurrency"],
+                s["peer"]["local_queue"],
                 thousands(f(&p["events"])),
                 summary(&p["events_per_s"]),
                 summary(&p["events_per_s"])
@@ -266,15 +267,28 @@ pub fn markdown(results: &Value) -> String {
             .get("peer")
             .and_then(|p| p.get("latency"))
             .and_then(Value::as_array);
+        let mut rows: Vec<&Value> = rows.iter().collect();
+        rows.sort_by_key(|r| (r["rate"].as_u64(), r["mode"] != "polling"));
         for row in rows {
             let target = if row["rate"].as_u64() == Some(1000) {
                 "p50 <= 5, p99 <= 25"
             } else {
                 "p99 <= 100"
             };
-            md.push_str(&latency_row("fraiseql-observers", row, target));
-            if let Some(p) = peer.and_then(|p| p.iter().find(|p| p["rate"] == row["rate"])) {
-                md.push_str(&latency_row("graphile-worker", p, ""));
+            let polling = row["mode"] == "polling";
+            let system = format!(
+                "fraiseql-observers ({})",
+                row["mode"].as_str().unwrap_or("")
+            );
+            md.push_str(&latency_row(
+                &system,
+                row,
+                if polling { target } else { "" },
+            ));
+            if !polling {
+                if let Some(p) = peer.and_then(|p| p.iter().find(|p| p["rate"] == row["rate"])) {
+                    md.push_str(&latency_row("graphile-worker (LISTEN/NOTIFY)", p, ""));
+                }
             }
         }
         md.push('\n');
