@@ -8,7 +8,7 @@
 //!
 //! No database, no network: these are the CPU costs the end-to-end figures are made of.
 
-use fraiseql_observers::actions::webhook::{default_body_json, sign};
+use fraiseql_observers::actions::webhook::{default_body, default_body_json, sign};
 use fraiseql_observers::condition::Condition;
 use fraiseql_observers::listener::parser::{decode, ChangeLogRow, TableShape};
 use fraiseql_observers::template::{Template, TemplateMode};
@@ -152,6 +152,13 @@ fn match_ten_observers(bencher: divan::Bencher) {
 fn default_webhook_body(bencher: divan::Bencher, update: bool) {
     let event = event(update);
     bencher.bench(|| default_body_json(divan::black_box(&event)));
+}
+
+/// The same body through an intermediate `serde_json::Value` (how it was built before).
+#[divan::bench(args = [false, true])]
+fn default_webhook_body_via_value(bencher: divan::Bencher, update: bool) {
+    let event = event(update);
+    bencher.bench(|| default_body(divan::black_box(&event)).to_string());
 }
 
 /// A JSON-mode body template (escaped by construction, checked to parse).

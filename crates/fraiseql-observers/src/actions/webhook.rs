@@ -50,7 +50,7 @@ use super::{
 };
 use crate::error::ConfigError;
 use crate::event::{EntityEvent, EventKind};
-use crate::template::{changes_json, event_json, Template, TemplateMode};
+use crate::template::{changes_json, event_json, Changes, Rfc3339, Shown, Template, TemplateMode};
 
 /// Headers the action sets itself; a configured header cannot replace them.
 const RESERVED_HEADERS: &[&str] = &[
@@ -352,56 +352,6 @@ impl Serialize for BodyData<'_> {
         map.serialize_entry("source_ts", &e.source_ts.as_ref().map(Rfc3339))?;
         map.serialize_entry("tenant", &e.tenant.as_ref().map(Shown))?;
         map.end()
-    }
-}
-
-/// `{field: {"new", "old"}}` in field order (as a sorted map, the last entry of a repeated field
-/// winning), or `null`.
-struct Changes<'a>(Option<&'a [crate::event::FieldChange]>);
-
-impl Serialize for Changes<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let Some(changes) = self.0 else {
-            return serializer.serialize_none();
-        };
-        fn change(c: &crate::event::FieldChange) -> OldNew<'_> {
-            OldNew(c.old.as_ref(), c.new.as_ref())
-        }
-        if changes.windows(2).all(|w| w[0].field < w[1].field) {
-            serializer.collect_map(changes.iter().map(|c| (&c.field, change(c))))
-        } else {
-            let sorted: BTreeMap<&str, &crate::event::FieldChange> =
-                changes.iter().map(|c| (c.field.as_str(), c)).collect();
-            serializer.collect_map(sorted.into_iter().map(|(f, c)| (f, change(c))))
-        }
-    }
-}
-
-struct OldNew<'a>(Option<&'a serde_json::Value>, Option<&'a serde_json::Value>);
-
-impl Serialize for OldNew<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(2))?;
-        map.serialize_entry("new", &self.1)?;
-        map.serialize_entry("old", &self.0)?;
-        map.end()
-    }
-}
-
-/// A value written as the string its `Display` gives.
-struct Shown<'a, T: fmt::Display>(&'a T);
-
-impl<T: fmt::Display> Serialize for Shown<'_, T> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self.0)
-    }
-}
-
-struct Rfc3339<'a>(&'a chrono::DateTime<chrono::Utc>);
-
-impl Serialize for Rfc3339<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.0.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
     }
 }
 
