@@ -10,7 +10,8 @@
 //! Scenarios: `drain`, `match-only`, `fan-out`, `latency`, `soak`, `writer-cost`, `peer`
 //! (`--scenario` may be repeated or comma-separated). Options: `--runs N` (throughput runs,
 //! default 3, 1 with `--quick`), `--events N` (backlog size, default 100,000, 10,000 with
-//! `--quick`), `--no-peer`. Needs PostgreSQL at `postgres://postgres@127.0.0.1:5432` (or
+//! `--quick`), `--no-peer`, `--report-only` (rewrite BENCHMARKS.md's tables from the last full
+//! run's `e2e.json`). Needs PostgreSQL at `postgres://postgres@127.0.0.1:5432` (or
 //! `FRAISEQL_BENCH_ADMIN_URL`), allowed to create databases; the peer needs Node and npm.
 //!
 //! Invariants: every database is created fresh for the run (`fo_bench_e2e_*`) and dropped at the
@@ -170,6 +171,17 @@ fn main() {
         Some("writer") => return writer::main(&args),
         Some(other) => panic!("unknown role {other}"),
         None => {}
+    }
+    if args.iter().any(|a| a == "--report-only") {
+        // Rewrite BENCHMARKS.md's tables from the last full run's results.
+        let path = target_dir().join("bench-results/e2e.json");
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let results: Value = serde_json::from_str(&text).expect("results JSON");
+        let doc = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../BENCHMARKS.md");
+        report::write_section(&doc, &report::markdown(&results)).expect("write BENCHMARKS.md");
+        eprintln!("BENCHMARKS.md rewritten from {}", path.display());
+        return;
     }
     if args.iter().any(|a| a == "--list" || a == "--test") {
         // `cargo test --benches` runs bench binaries with --test: nothing to check here.

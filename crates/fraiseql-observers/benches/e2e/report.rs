@@ -260,9 +260,31 @@ pub fn markdown(results: &Value) -> String {
         md.push('\n');
     }
 
+    let cpu_rows: Vec<(&str, &Value)> = [
+        ("drain", "drain"),
+        ("match-only", "match_only"),
+        ("fan-out", "fan_out"),
+    ]
+    .iter()
+    .filter_map(|(label, key)| s.get(*key).map(|v| (*label, &v["cpu_per_event"])))
+    .filter(|(_, v)| v.is_object())
+    .collect();
+    if !cpu_rows.is_empty() {
+        md.push_str("**CPU per event** (microseconds, median run; the engine is the bench process, PostgreSQL the backends of the bench database):\n\n| scenario | engine | PostgreSQL | receiver |\n|---|---:|---:|---:|\n");
+        for (label, v) in cpu_rows {
+            md.push_str(&format!(
+                "| {label} | {:.1} | {:.1} | {:.1} |\n",
+                f(&v["engine_us"]),
+                f(&v["postgres_us"]),
+                f(&v["receiver_us"])
+            ));
+        }
+        md.push('\n');
+    }
+
     if let Some(rows) = s.get("latency").and_then(Value::as_array) {
-        md.push_str("**Latency** from the writer's COMMIT to the receiver's arrival (one row per transaction, steady rate; milliseconds):\n\n");
-        md.push_str("| system | rate/s | seconds | delivered | p50 | p95 | p99 | max | target |\n|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
+        md.push_str(&format!("**Latency** from the writer's COMMIT to the receiver's arrival (one row per transaction, steady rate, {} s per row of the table; milliseconds):\n\n", rows.first().map_or(Value::Null, |r| r["secs"].clone())));
+        md.push_str("| system | rate/s asked | rate/s written | delivered | p50 | p95 | p99 | max | target |\n|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
         let peer = s
             .get("peer")
             .and_then(|p| p.get("latency"))
@@ -355,7 +377,7 @@ fn latency_row(system: &str, row: &Value, target: &str) -> String {
     format!(
         "| {system} | {} | {} | {}/{} | {} | {} | {} | {} | {target} |\n",
         thousands(f(&row["rate"])),
-        row["secs"],
+        thousands(f(&row["achieved_rate"])),
         thousands(f(&row["delivered"])),
         thousands(f(&row["written"])),
         ms(&row["p50_ms"]),
