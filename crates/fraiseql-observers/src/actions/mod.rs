@@ -23,6 +23,7 @@
 //! same on every retry, crash replay and restart; receivers use it to deduplicate.
 
 pub mod http;
+pub mod push;
 pub mod slack;
 pub mod webhook;
 
@@ -37,14 +38,15 @@ use crate::error::ConfigError;
 use crate::event::EntityEvent;
 
 pub use http::HttpClient;
+pub use push::{Push, PushConfig};
 pub use slack::{Slack, SlackConfig};
 pub use webhook::{Webhook, WebhookConfig};
 
 /// The action types this version can run.
-pub const AVAILABLE: &[&str] = &["webhook", "slack"];
+pub const AVAILABLE: &[&str] = &["webhook", "slack", "push"];
 
 /// Action types FraiseQL documents that this version does not implement yet.
-pub const NOT_AVAILABLE: &[&str] = &["email", "sms", "push", "search", "cache"];
+pub const NOT_AVAILABLE: &[&str] = &["email", "sms", "search", "cache"];
 
 /// How an attempt failed. The delivery engine retries `Transient` and dead-letters the others.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -136,6 +138,7 @@ pub fn delivery_id(event_id: Uuid, observer: &str, action_index: usize) -> Strin
 pub enum ActionConfig {
     Webhook(WebhookConfig),
     Slack(SlackConfig),
+    Push(PushConfig),
 }
 
 impl ActionConfig {
@@ -163,6 +166,7 @@ impl ActionConfig {
         match kind {
             "webhook" => parse_fields(&rest, path).map(ActionConfig::Webhook),
             "slack" => parse_fields(&rest, path).map(ActionConfig::Slack),
+            "push" => parse_fields(&rest, path).map(ActionConfig::Push),
             _ if NOT_AVAILABLE.contains(&kind) => Err(vec![ConfigError::new(
                 type_path,
                 format!(
@@ -185,6 +189,7 @@ impl ActionConfig {
         match self {
             ActionConfig::Webhook(_) => "webhook",
             ActionConfig::Slack(_) => "slack",
+            ActionConfig::Push(_) => "push",
         }
     }
 
@@ -197,6 +202,7 @@ impl ActionConfig {
         match self {
             ActionConfig::Webhook(c) => webhook::compile(c, path, env).map(Action::Webhook),
             ActionConfig::Slack(c) => slack::compile(c, path, env).map(Action::Slack),
+            ActionConfig::Push(c) => push::compile(c, path, env).map(Action::Push),
         }
     }
 }
@@ -223,6 +229,7 @@ impl<'de> Deserialize<'de> for ActionConfig {
 pub enum Action {
     Webhook(Webhook),
     Slack(Slack),
+    Push(Push),
 }
 
 impl Action {
@@ -231,6 +238,7 @@ impl Action {
         match self {
             Action::Webhook(_) => "webhook",
             Action::Slack(_) => "slack",
+            Action::Push(_) => "push",
         }
     }
 
@@ -243,6 +251,7 @@ impl Action {
         match self {
             Action::Webhook(a) => a.execute(http, request).await,
             Action::Slack(a) => a.execute(http, request).await,
+            Action::Push(a) => a.execute(http, request).await,
         }
     }
 }
