@@ -24,6 +24,7 @@
 
 pub mod http;
 pub mod push;
+pub mod search;
 pub mod slack;
 pub mod webhook;
 
@@ -39,14 +40,15 @@ use crate::event::EntityEvent;
 
 pub use http::HttpClient;
 pub use push::{Push, PushConfig};
+pub use search::{Search, SearchConfig};
 pub use slack::{Slack, SlackConfig};
 pub use webhook::{Webhook, WebhookConfig};
 
 /// The action types this version can run.
-pub const AVAILABLE: &[&str] = &["webhook", "slack", "push"];
+pub const AVAILABLE: &[&str] = &["webhook", "slack", "push", "search"];
 
 /// Action types FraiseQL documents that this version does not implement yet.
-pub const NOT_AVAILABLE: &[&str] = &["email", "sms", "search", "cache"];
+pub const NOT_AVAILABLE: &[&str] = &["email", "sms", "cache"];
 
 /// How an attempt failed. The delivery engine retries `Transient` and dead-letters the others.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -139,6 +141,7 @@ pub enum ActionConfig {
     Webhook(WebhookConfig),
     Slack(SlackConfig),
     Push(PushConfig),
+    Search(SearchConfig),
 }
 
 impl ActionConfig {
@@ -167,6 +170,7 @@ impl ActionConfig {
             "webhook" => parse_fields(&rest, path).map(ActionConfig::Webhook),
             "slack" => parse_fields(&rest, path).map(ActionConfig::Slack),
             "push" => parse_fields(&rest, path).map(ActionConfig::Push),
+            "search" => parse_fields(&rest, path).map(ActionConfig::Search),
             _ if NOT_AVAILABLE.contains(&kind) => Err(vec![ConfigError::new(
                 type_path,
                 format!(
@@ -190,6 +194,7 @@ impl ActionConfig {
             ActionConfig::Webhook(_) => "webhook",
             ActionConfig::Slack(_) => "slack",
             ActionConfig::Push(_) => "push",
+            ActionConfig::Search(_) => "search",
         }
     }
 
@@ -203,6 +208,7 @@ impl ActionConfig {
             ActionConfig::Webhook(c) => webhook::compile(c, path, env).map(Action::Webhook),
             ActionConfig::Slack(c) => slack::compile(c, path, env).map(Action::Slack),
             ActionConfig::Push(c) => push::compile(c, path, env).map(Action::Push),
+            ActionConfig::Search(c) => search::compile(c, path, env).map(Action::Search),
         }
     }
 }
@@ -230,6 +236,7 @@ pub enum Action {
     Webhook(Webhook),
     Slack(Slack),
     Push(Push),
+    Search(Search),
 }
 
 impl Action {
@@ -239,6 +246,7 @@ impl Action {
             Action::Webhook(_) => "webhook",
             Action::Slack(_) => "slack",
             Action::Push(_) => "push",
+            Action::Search(_) => "search",
         }
     }
 
@@ -252,6 +260,7 @@ impl Action {
             Action::Webhook(a) => a.execute(http, request).await,
             Action::Slack(a) => a.execute(http, request).await,
             Action::Push(a) => a.execute(http, request).await,
+            Action::Search(a) => a.execute(http, request).await,
         }
     }
 }

@@ -740,12 +740,12 @@ fn config_errors_are_all_reported_with_their_paths() {
     );
     assert_eq!(
         message(6),
-        "action type 'email' is not available in this version (available: webhook, slack)"
+        "action type 'email' is not available in this version (available: webhook, slack, push, search)"
     );
     assert!(message(8).contains("'evnt'"), "{}", message(8));
     // Display is "path: message".
     assert_eq!(
         errors[6].to_string(),
-        "observers.order_paid.actions[6].type: action type 'email' is not available in this version (available: webhook, slack)"
+        "observers.order_paid.actions[6].type: action type 'email' is not available in this version (available: webhook, slack, push, search)"
     );
 }
