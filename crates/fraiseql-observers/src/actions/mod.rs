@@ -140,7 +140,7 @@ pub fn delivery_id(event_id: Uuid, observer: &str, action_index: usize) -> Strin
 pub enum ActionConfig {
     Webhook(WebhookConfig),
     Slack(SlackConfig),
-    Push(PushConfig),
+    Push(Box<PushConfig>),
     Search(SearchConfig),
 }
 
@@ -169,7 +169,7 @@ impl ActionConfig {
         match kind {
             "webhook" => parse_fields(&rest, path).map(ActionConfig::Webhook),
             "slack" => parse_fields(&rest, path).map(ActionConfig::Slack),
-            "push" => parse_fields(&rest, path).map(ActionConfig::Push),
+            "push" => parse_fields(&rest, path).map(|c| ActionConfig::Push(Box::new(c))),
             "search" => parse_fields(&rest, path).map(ActionConfig::Search),
             _ if NOT_AVAILABLE.contains(&kind) => Err(vec![ConfigError::new(
                 type_path,
@@ -207,7 +207,7 @@ impl ActionConfig {
         match self {
             ActionConfig::Webhook(c) => webhook::compile(c, path, env).map(Action::Webhook),
             ActionConfig::Slack(c) => slack::compile(c, path, env).map(Action::Slack),
-            ActionConfig::Push(c) => push::compile(c, path, env).map(Action::Push),
+            ActionConfig::Push(c) => push::compile(c, path, env).map(|a| Action::Push(Box::new(a))),
             ActionConfig::Search(c) => search::compile(c, path, env).map(Action::Search),
         }
     }
@@ -235,7 +235,7 @@ impl<'de> Deserialize<'de> for ActionConfig {
 pub enum Action {
     Webhook(Webhook),
     Slack(Slack),
-    Push(Push),
+    Push(Box<Push>),
     Search(Search),
 }
 

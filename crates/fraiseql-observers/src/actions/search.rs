@@ -300,8 +300,7 @@ fn index_name_problem(name: &str, engine: Option<SearchEngine>) -> Option<String
     if name.is_empty() {
         return Some("must not be empty".into());
     }
-    if name.chars().any(|c| c.is_whitespace() || c.is_control()) || name.contains(['/', '?', '#'])
-    {
+    if name.chars().any(|c| c.is_whitespace() || c.is_control()) || name.contains(['/', '?', '#']) {
         return Some(format!(
             "'{name}' cannot be an index name (no spaces, '/', '?' or '#')"
         ));
@@ -440,8 +439,13 @@ fn auth(
 /// What one event asks of the index.
 #[derive(Debug, Clone, PartialEq)]
 enum Operation {
-    Upsert { id: String, document: Map<String, Value> },
-    Delete { id: String },
+    Upsert {
+        id: String,
+        document: Map<String, Value>,
+    },
+    Delete {
+        id: String,
+    },
 }
 
 impl Operation {
@@ -615,9 +619,7 @@ impl Search {
         for (_, op) in operations {
             match op {
                 Operation::Upsert { id, document } => {
-                    body.push_str(
-                        &json!({"index": {"_index": self.index, "_id": id}}).to_string(),
-                    );
+                    body.push_str(&json!({"index": {"_index": self.index, "_id": id}}).to_string());
                     body.push('\n');
                     body.push_str(&Value::Object(document.clone()).to_string());
                     body.push('\n');
@@ -640,7 +642,8 @@ impl Search {
                 body.into_bytes(),
             )
             .await;
-        let response = match answer {
+        // The request as a whole first: refused or failed, every event shares that outcome.
+        let response = match answer.and_then(|r| status_outcome(&r, false).map(|_| r)) {
             Ok(response) => response,
             Err(e) => {
                 for (slot, _) in operations {
@@ -873,8 +876,7 @@ impl Search {
                     outcomes.set(
                         *later,
                         Err(ActionError::Transient {
-                            message: "not sent: an earlier request of the same batch failed"
-                                .into(),
+                            message: "not sent: an earlier request of the same batch failed".into(),
                             retry_after: None,
                         }),
                     );
@@ -981,7 +983,10 @@ fn bulk_item_outcome(op: &Operation, item: &Value) -> Result<(), ActionError> {
     let result = &item[key];
     let Some(status) = result["status"].as_u64() else {
         return Err(ActionError::Transient {
-            message: format!("the _bulk answer has no '{key}' status for document {}", op.id()),
+            message: format!(
+                "the _bulk answer has no '{key}' status for document {}",
+                op.id()
+            ),
             retry_after: None,
         });
     };
@@ -994,7 +999,10 @@ fn bulk_item_outcome(op: &Operation, item: &Value) -> Result<(), ActionError> {
         (Some(t), None) => t.to_string(),
         _ => error.as_str().unwrap_or_default().to_string(),
     };
-    let message = format!("document {}: the engine answered {status} ({detail})", op.id());
+    let message = format!(
+        "document {}: the engine answered {status} ({detail})",
+        op.id()
+    );
     if status == 429 || status >= 500 {
         Err(ActionError::Transient {
             message,
@@ -1083,7 +1091,13 @@ mod tests {
         let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(
             paths,
-            ["p.engine", "p.base_url", "p.index", "p.fields", "p.timeout_ms"],
+            [
+                "p.engine",
+                "p.base_url",
+                "p.index",
+                "p.fields",
+                "p.timeout_ms"
+            ],
             "{errors:#?}"
         );
 
@@ -1141,7 +1155,9 @@ mod tests {
         assert!(bulk_item_outcome(&upsert, &item("index", 503))
             .unwrap_err()
             .is_retryable());
-        assert!(bulk_item_outcome(&upsert, &json!({})).unwrap_err().is_retryable());
+        assert!(bulk_item_outcome(&upsert, &json!({}))
+            .unwrap_err()
+            .is_retryable());
     }
 
     #[test]

@@ -1,4 +1,6 @@
 mod actions;
 mod listener;
 mod parser;
+mod push;
+mod search;
 mod support;

@@ -144,7 +144,7 @@ pub struct Push {
 }
 
 enum Provider {
-    Fcm(fcm::Fcm),
+    Fcm(Box<fcm::Fcm>),
     Apns(apns::Apns),
     WebPush(web_push::WebPush),
 }
@@ -320,7 +320,9 @@ pub fn compile(
     let timeout = timeout_setting(config.timeout_ms, path, &mut errors);
 
     let provider = match provider_name {
-        Some("fcm") => fcm::compile(config, path, env, &mut errors).map(Provider::Fcm),
+        Some("fcm") => {
+            fcm::compile(config, path, env, &mut errors).map(|f| Provider::Fcm(Box::new(f)))
+        }
         Some("apns") => apns::compile(config, ttl, path, env, &mut errors).map(Provider::Apns),
         Some("web_push") => {
             web_push::compile(config, ttl, path, env, &mut errors).map(Provider::WebPush)
