@@ -741,6 +741,91 @@ fn with_detail(error: ActionError, detail: &str) -> ActionError {
 mod tests {
     use super::*;
 
+    /// `rand` 0.9 behind the `rand_core` 0.10 traits the `rsa` crate takes.
+    struct TestRng;
+
+    impl rsa::rand_core::TryRng for TestRng {
+        type Error = std::convert::Infallible;
+        fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+            Ok(rand::random())
+        }
+        fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+            Ok(rand::random())
+        }
+        fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+            rand::fill(dst);
+            Ok(())
+        }
+    }
+
+    impl rsa::rand_core::TryCryptoRng for TestRng {}
+
+    fn pem(label: &str, der: &[u8]) -> String {
+        use base64::engine::general_purpose::STANDARD;
+        format!(
+            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+            STANDARD.encode(der)
+        )
+    }
+
+    #[test]
+    fn doc_examples_compile() {
+        use p256::pkcs8::EncodePrivateKey;
+        let docs: String = include_str!("mod.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("//!"))
+            .map(|l| l.strip_prefix(' ').unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let start = docs.find("```toml").unwrap() + "```toml".len();
+        let end = start + docs[start..].find("```").unwrap();
+        let file: toml::Table = toml::from_str(&docs[start..end]).unwrap();
+        let actions = file["observers"]["order_paid"]["actions"]
+            .as_array()
+            .unwrap();
+        assert_eq!(actions.len(), 3);
+
+        let rsa_key = rsa::PrivateKey::new(&mut TestRng, 2048).unwrap();
+        let account = serde_json::json!({
+            "type": "service_account",
+            "project_id": "shop-prod",
+            "private_key_id": "k1",
+            "private_key": pem("PRIVATE KEY", rsa_key.to_pkcs8_der().unwrap().as_bytes()),
+            "client_email": "observers@shop-prod.iam.gserviceaccount.com",
+            "token_uri": "https://oauth2.googleapis.com/token",
+        })
+        .to_string();
+        let apns_key = p256::SecretKey::from_slice(&[7; 32])
+            .unwrap()
+            .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
+            .unwrap()
+            .to_string();
+        let env = |name: &str| match name {
+            "FCM_SERVICE_ACCOUNT" => Some(account.clone()),
+            "APNS_KEY" => Some(apns_key.clone()),
+            "VAPID_PRIVATE_KEY" => Some(BASE64URL.encode([9u8; 32])),
+            _ => None,
+        };
+        for (i, action) in actions.iter().enumerate() {
+            let path = format!("observers.order_paid.actions[{i}]");
+            let config =
+                match crate::actions::ActionConfig::parse(action.as_table().unwrap(), &path)
+                    .unwrap()
+                {
+                    crate::actions::ActionConfig::Push(c) => c,
+                    other => panic!("{other:?}"),
+                };
+            let push = compile(&config, &path, &env).unwrap();
+            let debug = format!("{push:?}");
+            assert!(!debug.contains("PRIVATE KEY"), "{debug}");
+            match (&push.provider, i) {
+                (Provider::Fcm(fcm), 0) => assert!(format!("{fcm:?}").contains("shop-prod")),
+                (Provider::Apns(_), 1) | (Provider::WebPush(_), 2) => {}
+                (_, i) => panic!("example {i}: {debug}"),
+            }
+        }
+    }
+
     #[test]
     fn field_paths() {
         let p = FieldPath::parse("after.device.token").unwrap();
