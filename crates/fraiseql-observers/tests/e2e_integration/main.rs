@@ -1,4 +1,5 @@
 mod actions;
+mod leader;
 mod listener;
 mod parser;
 mod support;
