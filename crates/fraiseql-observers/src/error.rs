@@ -6,13 +6,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, Error)]
 pub enum Error {
-    #[error("database: {0}")]
+    #[error("database: {}", describe_db(.0))]
     Database(#[from] tokio_postgres::Error),
 
     #[error("invalid database url: {0}")]
     DatabaseUrl(String),
 
-    #[error("migration {version} ({name}) failed: {source}")]
+    #[error("migration {version} ({name}) failed: {}", describe_db(.source))]
     Migration {
         version: i32,
         name: &'static str,
@@ -110,5 +110,25 @@ pub fn is_transient_db(e: &tokio_postgres::Error) -> bool {
             // 53: insufficient resources, 40: serialization failure / deadlock.
             matches!(class, "08" | "57" | "53" | "40") || *code == SqlState::LOCK_NOT_AVAILABLE
         }
+    }
+}
+
+/// The server's own words for a database error (message, detail, hint), or the client's.
+pub fn describe_db(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut text = db.message().to_string();
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!(" ({detail})"));
+            }
+            if let Some(hint) = db.hint() {
+                text.push_str(&format!("; hint: {hint}"));
+            }
+            text
+        }
+        None => match std::error::Error::source(e) {
+            Some(source) => format!("{e}: {source}"),
+            None => e.to_string(),
+        },
     }
 }

@@ -30,6 +30,9 @@ macro_rules! migration {
 pub const MIGRATIONS: &[Migration] = &[
     migration!(1, "0001_change_log"),
     migration!(2, "0002_observer_bookkeeping"),
+    migration!(3, "0003_log_mutation_event"),
+    migration!(4, "0004_capture"),
+    migration!(5, "0005_notify_hint"),
     migration!(6, "0006_delivery"),
 ];
 

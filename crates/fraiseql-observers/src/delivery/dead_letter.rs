@@ -96,7 +96,7 @@ pub async fn insert(
                  (consumer_id, observer, action_index, action_type, entity_key, event_id,
                   event_sequence, event, delivery_id, attempts, reason, last_error, history)
              SELECT $1, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
-                    jsonb_build_array(jsonb_build_object('attempt', $11, 'error', $13::text, 'at', now()))
+                    jsonb_build_array(jsonb_build_object('attempt', $11::int, 'error', $13::text, 'at', now()))
               WHERE EXISTS (SELECT 1 FROM core.observer_checkpoints c WHERE c.consumer_id = $1 AND c.epoch = $2)
              ON CONFLICT (consumer_id, delivery_id) DO UPDATE
                 SET attempts = EXCLUDED.attempts, reason = EXCLUDED.reason,

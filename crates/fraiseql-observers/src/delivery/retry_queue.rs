@@ -177,7 +177,7 @@ pub async fn reschedule(
                     SET attempts = $4, next_attempt_at = now() + make_interval(secs => $5),
                         locked_until = NULL, last_error = $6,
                         history = history || jsonb_build_array(jsonb_build_object(
-                            'attempt', $4, 'error', $6::text, 'at', now()))
+                            'attempt', $4::int, 'error', $6::text, 'at', now()))
                   WHERE id = $3 AND consumer_id = $1 AND {FENCE}"
             ),
             &[
@@ -219,7 +219,7 @@ pub async fn dead_letter(
                       event_sequence, event, delivery_id, attempts, reason, last_error, history)
                  SELECT consumer_id, observer, action_index, action_type, entity_key, event_id,
                         event_sequence, event, delivery_id, $4, $5, $6,
-                        history || jsonb_build_array(jsonb_build_object('attempt', $4, 'error', $6::text, 'at', now()))
+                        history || jsonb_build_array(jsonb_build_object('attempt', $4::int, 'error', $6::text, 'at', now()))
                    FROM moved
                  ON CONFLICT (consumer_id, delivery_id) DO UPDATE
                     SET attempts = EXCLUDED.attempts, reason = EXCLUDED.reason,

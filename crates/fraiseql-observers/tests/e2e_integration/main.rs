@@ -1,5 +1,9 @@
 mod actions;
+mod capture;
+mod engine;
 mod leader;
 mod listener;
+mod migrations;
 mod parser;
+mod receiver;
 mod support;

@@ -34,6 +34,7 @@ impl TestDb {
 
     /// A fresh database with nothing in it.
     pub async fn empty() -> TestDb {
+        init_logs();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!(
             "fo_test_{}_{}_{}",
@@ -120,5 +121,15 @@ where
             panic!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Logs to the test's captured output, filtered by `RUST_LOG` (nothing when unset).
+pub fn init_logs() {
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
     }
 }
