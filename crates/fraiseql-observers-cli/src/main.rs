@@ -53,6 +53,12 @@ pub enum Command {
     /// Change-log rows the reader could not decode.
     #[command(subcommand)]
     Quarantine(commands::quarantine::QuarantineCommand),
+    /// Which tables write their changes to the change log.
+    #[command(subcommand)]
+    Capture(commands::capture::CaptureCommand),
+    /// The NOTIFY wake-up hint sent on captured commits.
+    #[command(subcommand)]
+    Notify(commands::capture::NotifyCommand),
 }
 
 fn main() -> ExitCode {

@@ -2,6 +2,7 @@
 //! return an exit code. Shared here: where the configuration and the database URL come from, and
 //! the tracing set-up.
 
+pub mod capture;
 pub mod checkpoint;
 pub mod dlq;
 pub mod migrate;
@@ -28,6 +29,8 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dlq(command) => dlq::execute(&cli, command).await,
         Command::Checkpoint(command) => checkpoint::execute(&cli, command).await,
         Command::Quarantine(command) => quarantine::execute(&cli, command).await,
+        Command::Capture(command) => capture::execute(&cli, command).await,
+        Command::Notify(command) => capture::execute_notify(&cli, command).await,
     }
 }
 
