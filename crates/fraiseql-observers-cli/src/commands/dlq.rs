@@ -102,7 +102,7 @@ pub async fn execute(cli: &Cli, command: &DlqCommand) -> anyhow::Result<ExitCode
                         i.attempts.to_string(),
                         i.reason.clone(),
                         i.status.clone(),
-                        table::truncate(&i.last_error, 60),
+                        table::truncate(&i.last_error, 80),
                         table::time(&i.created_at),
                     ]);
                 }
