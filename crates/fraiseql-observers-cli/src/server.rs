@@ -137,7 +137,10 @@ pub async fn start(
 
 async fn metrics(State(s): State<Endpoints>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s.prometheus.render(),
     )
         .into_response()
@@ -146,4 +149,42 @@ async fn metrics(State(s): State<Endpoints>) -> Response {
 async fn healthz(State(s): State<Endpoints>) -> Response {
     let (code, body) = s.health.report();
     (code, Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_answers_by_role_and_listener_state() {
+        let health = Health::new("orders");
+        let (code, body) = health.report();
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["role"], "starting");
+
+        health.set_role(Role::Standby);
+        let (code, body) = health.report();
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(body["role"], "standby");
+        assert_eq!(body["consumer"], "orders");
+        assert!(body["backlog"].is_null(), "a standby reports no figures");
+
+        health.set_role(Role::Leader);
+        assert_eq!(health.report().0, StatusCode::SERVICE_UNAVAILABLE);
+        let status = Arc::new(EngineStatus::default());
+        health.set_engine(status.clone());
+        let (code, body) = health.report();
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["status"], "unhealthy");
+        assert_eq!(body["listener_healthy"], false);
+
+        status.listener_healthy.store(true, Ordering::Relaxed);
+        status.backlog.store(7, Ordering::Relaxed);
+        status.events_read.store(3, Ordering::Relaxed);
+        let (code, body) = health.report();
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(body["status"], "ok");
+        assert_eq!(body["backlog"], 7);
+        assert_eq!(body["events_read"], 3);
+    }
 }

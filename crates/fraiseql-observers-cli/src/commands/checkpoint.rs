@@ -78,7 +78,10 @@ async fn show(client: &Client, consumer: Option<&str>) -> anyhow::Result<ExitCod
     ]);
     for row in &rows {
         let consumer: String = row.get(0);
-        let batch = match (row.get::<_, Option<String>>(2), row.get::<_, Option<i64>>(3)) {
+        let batch = match (
+            row.get::<_, Option<String>>(2),
+            row.get::<_, Option<i64>>(3),
+        ) {
             (Some(upper), Some(done)) => format!("up to {upper}, done through sequence {done}"),
             _ => "-".to_string(),
         };
@@ -121,9 +124,9 @@ async fn reset(client: &Client, consumer: &str, from: ResetFrom) -> anyhow::Resu
         .execute("SELECT pg_advisory_unlock($1)", &[&key])
         .await?;
     let existed = existed?;
-    let (stored, _) = checkpoint::load(client, consumer)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("the checkpoint of '{consumer}' vanished after the reset"))?;
+    let (stored, _) = checkpoint::load(client, consumer).await?.ok_or_else(|| {
+        anyhow::anyhow!("the checkpoint of '{consumer}' vanished after the reset")
+    })?;
     println!(
         "consumer '{consumer}': checkpoint {} ({}); it resumes from {} at its next start",
         if existed { "reset" } else { "created" },

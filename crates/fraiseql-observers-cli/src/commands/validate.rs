@@ -48,10 +48,16 @@ fn describe_runtime(r: &RuntimeConfig) -> String {
     let mut out = String::from("runtime\n");
     let mut line = |k: &str, v: String| out.push_str(&format!("  {k:<24}{v}\n"));
     line("consumer_id", r.consumer_id.clone());
-    line("start_position", format!("{:?}", r.start_position).to_lowercase());
+    line(
+        "start_position",
+        format!("{:?}", r.start_position).to_lowercase(),
+    );
     line("batch_size", r.batch_size.to_string());
     line("concurrency", r.concurrency.to_string());
-    line("poll_interval", format!("{} ms", r.poll_interval.as_millis()));
+    line(
+        "poll_interval",
+        format!("{} ms", r.poll_interval.as_millis()),
+    );
     line("notify", r.notify.to_string());
     line(
         "backlog_alert_threshold",
@@ -79,7 +85,9 @@ fn describe_observer(o: &Observer) -> String {
     }
     line(
         "entity",
-        o.entity.clone().unwrap_or_else(|| "* (every entity)".into()),
+        o.entity
+            .clone()
+            .unwrap_or_else(|| "* (every entity)".into()),
     );
     line(
         "event_types",

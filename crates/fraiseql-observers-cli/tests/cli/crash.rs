@@ -49,19 +49,30 @@ async fn killed_at_random_moments_the_daemon_loses_nothing_and_keeps_ids_and_ord
             "round {round}: killed after {lifetime:?}, {} deliveries",
             after - before
         );
-        assert!(after > before, "round {round}: the daemon delivered nothing");
+        assert!(
+            after > before,
+            "round {round}: the daemon delivered nothing"
+        );
     }
     let committed = writer.finish().await;
-    assert!(committed.len() > 200, "only {} rows written", committed.len());
+    assert!(
+        committed.len() > 200,
+        "only {} rows written",
+        committed.len()
+    );
 
     // A final run drains what is left, then stops cleanly.
     let mut daemon = Daemon::start(&db.url, &file.path);
     let wanted: HashSet<i64> = committed.iter().map(|(s, _)| *s).collect();
-    eventually(Duration::from_secs(30), "every committed change delivered", || {
-        let got: HashSet<i64> = receiver.accepted().iter().map(|h| h.sequence()).collect();
-        let done = wanted.is_subset(&got);
-        async move { done.then_some(()) }
-    })
+    eventually(
+        Duration::from_secs(30),
+        "every committed change delivered",
+        || {
+            let got: HashSet<i64> = receiver.accepted().iter().map(|h| h.sequence()).collect();
+            let done = wanted.is_subset(&got);
+            async move { done.then_some(()) }
+        },
+    )
     .await;
     daemon.signal("TERM");
     let status = daemon.exit(Duration::from_secs(15)).await;

@@ -50,7 +50,11 @@ async fn dead_letters_are_listed_shown_retried_once_and_discarded() {
     .await;
     daemon.signal("TERM");
     assert_eq!(daemon.exit(Duration::from_secs(15)).await.code(), Some(0));
-    assert_eq!(receiver.hooks().len(), 3, "each refused once (400 is permanent)");
+    assert_eq!(
+        receiver.hooks().len(),
+        3,
+        "each refused once (400 is permanent)"
+    );
     let (retried, discarded, remaining) = (ids[0], ids[1], ids[2]);
 
     // list (table and JSON) and show come from the table.
@@ -77,7 +81,9 @@ async fn dead_letters_are_listed_shown_retried_once_and_discarded() {
     let show = cli(Some(url), &["dlq", "show", &retried.to_string()]).await;
     assert_eq!(show.code, Some(0), "{}", show.all());
     assert!(show.stdout.contains(&entities[0].to_string()));
-    assert!(show.stdout.contains(&format!("\"sequence\": {}", sequences[0])));
+    assert!(show
+        .stdout
+        .contains(&format!("\"sequence\": {}", sequences[0])));
     assert!(show.stdout.contains("history:"));
     let shown: Value = serde_json::from_str(
         &cli(Some(url), &["dlq", "show", &retried.to_string(), "--json"])
@@ -137,7 +143,11 @@ async fn dead_letters_are_listed_shown_retried_once_and_discarded() {
 
     // --all retries only what is pending: the third item.
     receiver.set(|_| (200, Duration::ZERO));
-    let all = cli(Some(url), &["dlq", "retry", "--all", "--config", file.arg()]).await;
+    let all = cli(
+        Some(url),
+        &["dlq", "retry", "--all", "--config", file.arg()],
+    )
+    .await;
     assert_eq!(all.code, Some(0), "{}", all.all());
     assert!(all
         .stdout

@@ -37,11 +37,15 @@ async fn test_metrics_collection() {
         ..Setup::new("metrics", &hook)
     }));
     let mut daemon = Daemon::start(&db.url, &file.path);
-    eventually(Duration::from_secs(10), "/healthz to answer as leader", || async {
-        let (status, body) = healthz(port).await?;
-        (status == 200 && body["role"] == "leader" && body["listener_healthy"] == true)
-            .then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "/healthz to answer as leader",
+        || async {
+            let (status, body) = healthz(port).await?;
+            (status == 200 && body["role"] == "leader" && body["listener_healthy"] == true)
+                .then_some(())
+        },
+    )
     .await;
 
     for n in 0..5 {
@@ -52,7 +56,11 @@ async fn test_metrics_collection() {
         async move { (n == 5).then_some(()) }
     })
     .await;
-    assert_eq!(receiver.hooks().len(), 6, "one refused attempt, five accepted");
+    assert_eq!(
+        receiver.hooks().len(),
+        6,
+        "one refused attempt, five accepted"
+    );
 
     let page = eventually(Duration::from_secs(10), "the counters", || async {
         let (status, page) = http_get(port, "/metrics").await?;

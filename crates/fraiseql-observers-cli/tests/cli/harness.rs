@@ -275,7 +275,10 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 /// `/healthz` as JSON with its status code.
 pub async fn healthz(port: u16) -> Option<(u16, Value)> {
     let (status, body) = http_get(port, "/healthz").await?;
-    Some((status, serde_json::from_str(&body).expect("/healthz answers JSON")))
+    Some((
+        status,
+        serde_json::from_str(&body).expect("/healthz answers JSON"),
+    ))
 }
 
 /// Writes change-log rows continuously, one transaction each, for a fixed set of entities picked

@@ -17,7 +17,9 @@ async fn migrate_applies_everything_once_and_is_idempotent() {
     let all = fraiseql_observers::migrate::MIGRATIONS;
     for m in all {
         assert!(
-            first.stdout.contains(&format!("applied  {:>4}  {}", m.version, m.name)),
+            first
+                .stdout
+                .contains(&format!("applied  {:>4}  {}", m.version, m.name)),
             "{}",
             first.stdout
         );
@@ -44,7 +46,8 @@ async fn commands_say_where_the_database_url_comes_from() {
     let none = cli(None, &["dlq", "list"]).await;
     assert_eq!(none.code, Some(1));
     assert!(
-        none.stderr.contains("pass --database-url, set DATABASE_URL"),
+        none.stderr
+            .contains("pass --database-url, set DATABASE_URL"),
         "{}",
         none.all()
     );
@@ -61,7 +64,11 @@ async fn commands_say_where_the_database_url_comes_from() {
     let empty = TestDb::empty().await;
     let out = cli(Some(&empty.url), &["checkpoint", "show"]).await;
     assert_eq!(out.code, Some(1));
-    assert!(out.stderr.contains("fraiseql-observers migrate"), "{}", out.all());
+    assert!(
+        out.stderr.contains("fraiseql-observers migrate"),
+        "{}",
+        out.all()
+    );
 }
 
 #[tokio::test]
@@ -76,7 +83,14 @@ async fn checkpoints_are_shown_and_reset_only_without_a_running_leader() {
 
     let out = cli(
         Some(url),
-        &["checkpoint", "reset", "--consumer", "orders", "--from", "beginning"],
+        &[
+            "checkpoint",
+            "reset",
+            "--consumer",
+            "orders",
+            "--from",
+            "beginning",
+        ],
     )
     .await;
     assert_eq!(out.code, Some(0), "{}", out.all());
@@ -114,10 +128,14 @@ async fn checkpoints_are_shown_and_reset_only_without_a_running_leader() {
     drop(leader);
 
     // Without it, reset to now moves the checkpoint to the current snapshot.
-    let out = eventually(Duration::from_secs(5), "the lock to be released", || async {
-        let out = cli(Some(url), &["checkpoint", "reset", "--consumer", "orders"]).await;
-        (out.code == Some(0)).then_some(out)
-    })
+    let out = eventually(
+        Duration::from_secs(5),
+        "the lock to be released",
+        || async {
+            let out = cli(Some(url), &["checkpoint", "reset", "--consumer", "orders"]).await;
+            (out.code == Some(0)).then_some(out)
+        },
+    )
     .await;
     assert!(out.stdout.contains("checkpoint reset"), "{}", out.all());
     let moved: String = client
@@ -264,7 +282,9 @@ allow_private_networks = true
     assert_eq!(delivered.body["type"], "user.created");
     assert_eq!(delivered.body["data"]["after"]["email"], "ada@example.com");
     assert_eq!(delivered.body["data"]["tenant"], TENANT);
-    assert!(delivered.body["data"]["after"].get("password_hash").is_none());
+    assert!(delivered.body["data"]["after"]
+        .get("password_hash")
+        .is_none());
     daemon.signal("TERM");
     assert_eq!(daemon.exit(Duration::from_secs(15)).await.code(), Some(0));
 
@@ -297,4 +317,33 @@ allow_private_networks = true
     assert!(!fraiseql_observers::capture::notify_enabled(&client)
         .await
         .unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_logs_json_lines_when_asked() {
+    let db = TestDb::new().await;
+    let receiver = Receiver::start().await;
+    let hook = receiver.url("/hook");
+    let text = config(&Setup::new("json-logs", &hook)).replace(
+        "[observers.runtime]\n",
+        "[observers.runtime]\nlog_format = \"json\"\n",
+    );
+    let file = ConfigFile::new(&text);
+    let mut daemon = Daemon::start(&db.url, &file.path);
+    daemon
+        .wait_for_log("change-log listener started", Duration::from_secs(10))
+        .await;
+    daemon.signal("TERM");
+    assert_eq!(daemon.exit(Duration::from_secs(15)).await.code(), Some(0));
+    let log = daemon.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let started = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "change-log listener started")
+        .expect("the start is logged");
+    assert_eq!(started["level"], "INFO");
+    assert_eq!(started["fields"]["consumer"], "json-logs");
 }

@@ -60,7 +60,11 @@ async fn test_listener_graceful_shutdown() {
     let mut sorted = delivered.clone();
     sorted.sort();
     assert_eq!(sorted, first, "the in-flight deliveries did not all finish");
-    assert_eq!(started.load(Ordering::SeqCst), 5, "it kept reading after SIGTERM");
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        5,
+        "it kept reading after SIGTERM"
+    );
     let saved: Option<i64> = client
         .query_one(
             "SELECT epoch FROM core.observer_checkpoints WHERE consumer_id = 'graceful'",
@@ -74,11 +78,15 @@ async fn test_listener_graceful_shutdown() {
     // A restart delivers what came after, and nothing that was delivered.
     receiver.set(|_| (200, Duration::ZERO));
     let mut daemon = Daemon::start(&db.url, &file.path);
-    eventually(Duration::from_secs(10), "the later changes delivered", || {
-        let got: Vec<i64> = receiver.accepted().iter().map(|h| h.sequence()).collect();
-        let done = later.iter().all(|s| got.contains(s));
-        async move { done.then_some(()) }
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the later changes delivered",
+        || {
+            let got: Vec<i64> = receiver.accepted().iter().map(|h| h.sequence()).collect();
+            let done = later.iter().all(|s| got.contains(s));
+            async move { done.then_some(()) }
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut all: Vec<i64> = receiver.hooks().iter().map(|h| h.sequence()).collect();

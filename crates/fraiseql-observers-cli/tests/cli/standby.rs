@@ -69,11 +69,15 @@ async fn the_standby_takes_over_when_the_leader_is_killed() {
     let committed = writer.finish().await;
 
     let wanted: HashSet<i64> = committed.iter().map(|(s, _)| *s).collect();
-    eventually(Duration::from_secs(20), "every committed change delivered", || {
-        let got: HashSet<i64> = receiver.accepted().iter().map(|h| h.sequence()).collect();
-        let done = wanted.is_subset(&got);
-        async move { done.then_some(()) }
-    })
+    eventually(
+        Duration::from_secs(20),
+        "every committed change delivered",
+        || {
+            let got: HashSet<i64> = receiver.accepted().iter().map(|h| h.sequence()).collect();
+            let done = wanted.is_subset(&got);
+            async move { done.then_some(()) }
+        },
+    )
     .await;
     let accepted = receiver.accepted();
     let report = check_at_least_once(&committed, &accepted);
@@ -104,5 +108,66 @@ async fn the_standby_takes_over_when_the_leader_is_killed() {
         Some(0),
         "log:\n{}",
         b.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_loses_its_lock_connection_stops_at_once_and_exits_non_zero() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::start().await;
+    let hook = receiver.url("/hook");
+    let file = ConfigFile::new(&config(&Setup::new("lost", &hook)));
+    let mut daemon = Daemon::start(&db.url, &file.path);
+    daemon
+        .wait_for_log("change-log listener started", Duration::from_secs(10))
+        .await;
+    let terminated: i64 = client
+        .query_one(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE application_name = 'fraiseql-observers-leader:lost') t",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(terminated, 1);
+    let status = daemon.exit(Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(1), "log:\n{}", daemon.log());
+    assert!(
+        daemon.log().contains("lost the lead of consumer 'lost'"),
+        "log:\n{}",
+        daemon.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_daemon_stops_at_its_next_write_and_exits_non_zero() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::start().await;
+    let hook = receiver.url("/hook");
+    let file = ConfigFile::new(&config(&Setup::new("fenced", &hook)));
+    let mut daemon = Daemon::start(&db.url, &file.path);
+    daemon
+        .wait_for_log("change-log listener started", Duration::from_secs(10))
+        .await;
+    // Another instance claims the consumer (as a new leader would): the epoch moves on.
+    client
+        .execute(
+            "UPDATE core.observer_checkpoints SET epoch = epoch + 1 WHERE consumer_id = 'fenced'",
+            &[],
+        )
+        .await
+        .unwrap();
+    crate::harness::insert_change(&client, uuid::Uuid::new_v4(), "c", serde_json::json!({})).await;
+    let status = daemon.exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(1), "log:\n{}", daemon.log());
+    assert!(
+        daemon
+            .log()
+            .contains("consumer 'fenced' is led by another instance now"),
+        "log:\n{}",
+        daemon.log()
     );
 }

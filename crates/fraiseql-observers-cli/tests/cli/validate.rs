@@ -111,7 +111,44 @@ async fn validate_needs_a_configuration_file() {
     let out = cli(None, &["validate"]).await;
     assert_eq!(out.code, Some(1));
     assert!(out.stderr.contains("--config FILE"), "{}", out.all());
-    let missing = cli(None, &["validate", "--config", "/nonexistent/observers.toml"]).await;
+    let missing = cli(
+        None,
+        &["validate", "--config", "/nonexistent/observers.toml"],
+    )
+    .await;
     assert_eq!(missing.code, Some(1));
-    assert!(missing.stderr.contains("cannot read /nonexistent/observers.toml"));
+    assert!(missing
+        .stderr
+        .contains("cannot read /nonexistent/observers.toml"));
+}
+
+#[tokio::test]
+async fn run_refuses_a_bad_configuration_with_every_error() {
+    let file = ConfigFile::new(
+        r#"
+[observers.broken]
+entity = "Order"
+event_type = "INSERT"
+condition = "total >"
+
+[[observers.broken.actions]]
+type = "email"
+"#,
+    );
+    let out = cli(
+        Some("postgres://nobody@127.0.0.1:1/none"),
+        &["run", "--config", file.arg()],
+    )
+    .await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(
+        out.stderr.contains("observers.broken.condition: "),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("observers.broken.actions[0].type: "),
+        "{}",
+        out.stderr
+    );
 }
