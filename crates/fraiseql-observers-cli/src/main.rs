@@ -9,6 +9,7 @@
 //! is printed that was not read.
 
 mod commands;
+mod demo;
 mod server;
 mod table;
 
@@ -38,6 +39,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Watch database changes become signed webhooks, with nothing to set up (a throwaway
+    /// PostgreSQL cluster unless --database-url / DATABASE_URL names a server).
+    Demo,
     /// Apply the database migrations that are not applied yet.
     Migrate,
     /// Check a configuration and print the compiled observers, or every error (exit code 1).

@@ -24,7 +24,9 @@
 //! (`observers.order_shipped.actions[0].url`); a secret is only ever named by the environment
 //! variable that holds it (`*_env`) and never appears in a message.
 
-use crate::actions::{Action, ActionConfig};
+use crate::actions::cache::RedisSettings;
+use crate::actions::email::EmailSettings;
+use crate::actions::{Action, ActionConfig, CompileContext};
 use crate::condition::Condition;
 use crate::delivery::schedule::{BackoffStrategy, RetryPolicy};
 use crate::error::ConfigError;
@@ -172,6 +174,13 @@ pub fn load(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, 
     let mut database = DatabaseConfig::default();
     let mut runtime = RuntimeConfig::default();
     let mut observers = Vec::new();
+    let mut email = None;
+    let mut redis = None;
+    let empty = toml::Table::new();
+    let observer_tables = match root.get("observers") {
+        Some(toml::Value::Table(t)) => t,
+        _ => &empty,
+    };
     for (key, value) in &root {
         match (key.as_str(), value) {
             ("database", toml::Value::Table(t)) => match parse_fields::<RawDatabase>(t, "database")
@@ -179,31 +188,57 @@ pub fn load(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, 
                 Ok(raw) => database.url = raw.url,
                 Err(e) => errors.extend(e),
             },
-            ("observers", toml::Value::Table(t)) => {
-                for (name, value) in t {
-                    let path = format!("observers.{name}");
-                    let Some(table) = value.as_table() else {
-                        errors.push(ConfigError::new(path, "must be a table"));
-                        continue;
-                    };
-                    if name == "runtime" {
-                        match parse_fields::<RawRuntime>(table, &path) {
-                            Ok(raw) => raw.apply(&mut runtime, &path, &mut errors),
-                            Err(e) => errors.extend(e),
-                        }
-                    } else {
-                        match compile_observer(name, table, &path, env) {
-                            Ok(o) => observers.push(o),
-                            Err(e) => errors.extend(e),
-                        }
-                    }
-                }
-            }
+            ("observers", toml::Value::Table(_)) => {}
             ("database" | "observers", _) => errors.push(ConfigError::new(key, "must be a table")),
             _ => errors.push(ConfigError::new(
                 key.clone(),
                 "unknown key; expected one of: database, observers",
             )),
+        }
+    }
+    // The runtime first: actions compile against its shared settings (SMTP server, Redis).
+    match observer_tables.get("runtime") {
+        None => {}
+        Some(toml::Value::Table(table)) => {
+            let path = "observers.runtime";
+            match parse_fields::<RawRuntime>(table, path) {
+                Ok(raw) => {
+                    if let Some(t) = &raw.email {
+                        match EmailSettings::parse(t, &format!("{path}.email"), env) {
+                            Ok(s) => email = Some(s),
+                            Err(e) => errors.extend(e),
+                        }
+                    }
+                    if let Some(t) = &raw.redis {
+                        match RedisSettings::parse(t, &format!("{path}.redis"), env) {
+                            Ok(s) => redis = Some(s),
+                            Err(e) => errors.extend(e),
+                        }
+                    }
+                    raw.apply(&mut runtime, path, &mut errors);
+                }
+                Err(e) => errors.extend(e),
+            }
+        }
+        Some(_) => errors.push(ConfigError::new("observers.runtime", "must be a table")),
+    }
+    let context = CompileContext {
+        env,
+        email: email.as_ref(),
+        redis: redis.as_ref(),
+    };
+    for (name, value) in observer_tables
+        .iter()
+        .filter(|(name, _)| *name != "runtime")
+    {
+        let path = format!("observers.{name}");
+        let Some(table) = value.as_table() else {
+            errors.push(ConfigError::new(path, "must be a table"));
+            continue;
+        };
+        match compile_observer(name, table, &path, &context) {
+            Ok(o) => observers.push(o),
+            Err(e) => errors.extend(e),
         }
     }
     if errors.is_empty() {
@@ -238,6 +273,10 @@ struct RawRuntime {
     retry_poll_interval_ms: Option<u64>,
     metrics_address: Option<String>,
     log_format: Option<LogFormat>,
+    /// `[observers.runtime.email]`: the SMTP server email actions use.
+    email: Option<toml::Table>,
+    /// `[observers.runtime.redis]`: the Redis server cache actions use.
+    redis: Option<toml::Table>,
 }
 
 impl RawRuntime {
@@ -338,7 +377,7 @@ fn compile_observer(
     name: &str,
     table: &toml::Table,
     path: &str,
-    env: &dyn Fn(&str) -> Option<String>,
+    context: &CompileContext<'_>,
 ) -> Result<Observer, Vec<ConfigError>> {
     let raw: RawObserver = parse_fields(table, path)?;
     let mut errors = Vec::new();
@@ -434,7 +473,7 @@ fn compile_observer(
                     continue;
                 };
                 match ActionConfig::parse(t, &action_path)
-                    .and_then(|c| c.compile(&action_path, env))
+                    .and_then(|c| c.compile(&action_path, context))
                 {
                     Ok(a) => actions.push(a),
                     Err(e) => errors.extend(e),

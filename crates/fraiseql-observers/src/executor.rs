@@ -81,16 +81,25 @@ pub struct EngineStatus {
 /// Concurrent statements pipeline on it.
 struct Store {
     db_config: tokio_postgres::Config,
+    application: &'static str,
     client: tokio::sync::Mutex<Option<Arc<Client>>>,
 }
 
 impl Store {
+    fn new(db_config: tokio_postgres::Config, application: &'static str) -> Store {
+        Store {
+            db_config,
+            application,
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
     async fn client(&self) -> Result<Arc<Client>> {
         let mut slot = self.client.lock().await;
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
-        let client = Arc::new(db::connect(&self.db_config, "fraiseql-observers-delivery").await?);
+        let client = Arc::new(db::connect(&self.db_config, self.application).await?);
         *slot = Some(client.clone());
         Ok(client)
     }
@@ -101,6 +110,9 @@ pub struct ObserverExecutor {
     matcher: EventMatcher,
     http: HttpClient,
     store: Store,
+    /// A connection of its own for the monitor's counting queries, so they never delay a
+    /// bookkeeping write.
+    monitor: Store,
     consumer: String,
     epoch: i64,
     /// (observer index, entity key) -> items in the retry queue (ordered observers only).
@@ -122,10 +134,8 @@ impl ObserverExecutor {
             matcher: EventMatcher::new(&observers),
             observers,
             http: HttpClient::new()?,
-            store: Store {
-                db_config: db::parse_url(database_url)?,
-                client: tokio::sync::Mutex::new(None),
-            },
+            store: Store::new(db::parse_url(database_url)?, "fraiseql-observers-delivery"),
+            monitor: Store::new(db::parse_url(database_url)?, "fraiseql-observers-monitor"),
             consumer: consumer.to_string(),
             epoch,
             blocked: Mutex::new(HashMap::new()),
@@ -693,10 +703,13 @@ impl ObserverExecutor {
                         .in_flight
                         .store(watermark.in_flight() as u64, Ordering::Relaxed);
                     metrics::gauge!(m::IN_FLIGHT).set(watermark.in_flight() as f64);
+                    let started = tokio::time::Instant::now();
                     if let Err(e) = executor.measure_backlog(sequence_column, threshold).await {
                         tracing::debug!(error = %e, "backlog measurement failed");
                     }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    // Counting a huge backlog is not free: spend at most a tenth of the time on it.
+                    let pause = (started.elapsed() * 10).max(Duration::from_secs(1));
+                    tokio::time::sleep(pause).await;
                 }
             });
         }
@@ -774,17 +787,17 @@ impl ObserverExecutor {
     }
 
     async fn measure_backlog(&self, sequence_column: &str, threshold: u64) -> Result<()> {
-        let client = self.store.client().await?;
+        let client = self.monitor.client().await?;
         let row = client
             .query_opt(
-                "SELECT snapshot::text, batch_snapshot::text, batch_done_sequence, pg_current_snapshot()::text
+                "SELECT snapshot::text, pg_current_snapshot()::text
                    FROM core.observer_checkpoints WHERE consumer_id = $1",
                 &[&self.consumer],
             )
             .await?;
         let Some(row) = row else { return Ok(()) };
         let lower: crate::listener::snapshot::Snapshot = row.get::<_, String>(0).parse()?;
-        let current: crate::listener::snapshot::Snapshot = row.get::<_, String>(3).parse()?;
+        let current: crate::listener::snapshot::Snapshot = row.get::<_, String>(1).parse()?;
         let ids = crate::listener::change_log::batch_ids_sql(sequence_column);
         let counted = client
             .query_one(
@@ -798,7 +811,8 @@ impl ObserverExecutor {
                     &current.xmax.to_string(),
                     &lower.xip_text(),
                     &current.to_string(),
-                    &row.get::<_, Option<i64>>(2).filter(|_| false).unwrap_or(i64::MIN),
+                    // Rows of a batch in progress count until the batch is done: an upper bound.
+                    &i64::MIN,
                 ],
             )
             .await?;

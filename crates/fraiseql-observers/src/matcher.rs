@@ -21,19 +21,22 @@ pub enum Verdict {
 }
 
 pub struct EventMatcher {
-    by_entity: HashMap<(String, EventKind), Vec<usize>>,
+    /// entity type -> event kind -> observers (looked up by `&str`: no allocation per event).
+    by_entity: HashMap<String, HashMap<EventKind, Vec<usize>>>,
     wildcard: HashMap<EventKind, Vec<usize>>,
 }
 
 impl EventMatcher {
     pub fn new(observers: &[Observer]) -> EventMatcher {
-        let mut by_entity: HashMap<(String, EventKind), Vec<usize>> = HashMap::new();
+        let mut by_entity: HashMap<String, HashMap<EventKind, Vec<usize>>> = HashMap::new();
         let mut wildcard: HashMap<EventKind, Vec<usize>> = HashMap::new();
         for (i, o) in observers.iter().enumerate() {
             for kind in &o.event_types {
                 match &o.entity {
                     Some(entity) => by_entity
-                        .entry((entity.clone(), *kind))
+                        .entry(entity.clone())
+                        .or_default()
+                        .entry(*kind)
                         .or_default()
                         .push(i),
                     None => wildcard.entry(*kind).or_default().push(i),
@@ -50,7 +53,8 @@ impl EventMatcher {
     pub fn candidates(&self, event: &EntityEvent) -> Vec<usize> {
         let specific = self
             .by_entity
-            .get(&(event.entity_type.clone(), event.kind))
+            .get(event.entity_type.as_str())
+            .and_then(|kinds| kinds.get(&event.kind))
             .map(Vec::as_slice)
             .unwrap_or_default();
         let any = self
@@ -92,5 +96,146 @@ pub fn verdict(observer: &Observer, event: &EntityEvent) -> Verdict {
             Ok(false) => Verdict::ConditionFalse,
             Err(e) => Verdict::ConditionError(e.to_string()),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Position;
+    use serde_json::json;
+    use uuid::Uuid;
+
+    const TENANT: &str = "aaaaaaaa-0000-0000-0000-000000000001";
+
+    fn observers() -> Vec<Observer> {
+        let mut toml = String::new();
+        for (name, entity, types, extra) in [
+            ("orders", "Order", "[\"INSERT\", \"UPDATE\"]", ""),
+            ("every_delete", "*", "\"DELETE\"", ""),
+            (
+                "shipped",
+                "Order",
+                "\"UPDATE\"",
+                "condition = \"status == 'shipped'\"",
+            ),
+            (
+                "tenant_only",
+                "Order",
+                "\"INSERT\"",
+                &*format!("tenant = \"{TENANT}\""),
+            ),
+            ("paused", "Order", "\"INSERT\"", "enabled = false"),
+            (
+                "changed",
+                "Order",
+                "\"UPDATE\"",
+                "condition = \"field_changed('status')\"",
+            ),
+            ("every_insert", "*", "\"INSERT\"", ""),
+        ] {
+            toml.push_str(&format!(
+                "[observers.{name}]\nentity = \"{entity}\"\nevent_type = {types}\n{extra}\n\
+                 [[observers.{name}.actions]]\ntype = \"webhook\"\nurl = \"https://example.com/{name}\"\n\n"
+            ));
+        }
+        crate::config::load(&toml, &|_| None).unwrap().observers
+    }
+
+    fn event(
+        kind: EventKind,
+        tenant: Option<&str>,
+        after: serde_json::Value,
+        with_before: bool,
+    ) -> EntityEvent {
+        let before = with_before.then(|| json!({"status": "new"}));
+        EntityEvent {
+            id: Uuid::nil(),
+            sequence: 1,
+            kind,
+            entity_type: "Order".into(),
+            entity_id: Uuid::nil(),
+            tenant: tenant.map(|t| t.parse().unwrap()),
+            author: None,
+            changes: before
+                .as_ref()
+                .map(|b| crate::event::diff_fields(b, &after)),
+            before,
+            after: Some(after),
+            change_status: "updated".into(),
+            extra_metadata: json!({}),
+            source: None,
+            created_at: chrono::Utc::now(),
+            source_ts: None,
+            position: Position {
+                batch: 1,
+                sequence: 1,
+            },
+        }
+    }
+
+    fn names(observers: &[Observer], verdicts: &[(usize, Verdict)]) -> Vec<(String, Verdict)> {
+        verdicts
+            .iter()
+            .map(|(i, v)| (observers[*i].name.clone(), v.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn candidates_follow_entity_kind_and_wildcards_in_configuration_order() {
+        let observers = observers();
+        let matcher = EventMatcher::new(&observers);
+        let insert = event(
+            EventKind::Created,
+            Some(TENANT),
+            json!({"status": "new"}),
+            false,
+        );
+        let verdicts = names(&observers, &matcher.evaluate(&observers, &insert));
+        assert_eq!(
+            verdicts,
+            [
+                ("orders".to_string(), Verdict::Matched),
+                ("tenant_only".to_string(), Verdict::Matched),
+                ("paused".to_string(), Verdict::Paused),
+                ("every_insert".to_string(), Verdict::Matched),
+            ]
+        );
+        let mut delete = insert.clone();
+        delete.kind = EventKind::Deleted;
+        assert_eq!(matcher.candidates(&delete), [1]);
+        let mut other = insert.clone();
+        other.entity_type = "User".into();
+        assert_eq!(matcher.candidates(&other), [6], "only the wildcard");
+    }
+
+    #[test]
+    fn tenant_scope_and_conditions_decide_among_candidates() {
+        let observers = observers();
+        let matcher = EventMatcher::new(&observers);
+        let insert = event(EventKind::Created, None, json!({"status": "new"}), false);
+        let tenant_only = matcher
+            .evaluate(&observers, &insert)
+            .into_iter()
+            .find(|(i, _)| observers[*i].name == "tenant_only")
+            .unwrap();
+        assert_eq!(tenant_only.1, Verdict::OtherTenant);
+
+        let update = event(EventKind::Updated, None, json!({"status": "shipped"}), true);
+        let verdicts = names(&observers, &matcher.evaluate(&observers, &update));
+        assert_eq!(verdicts[1], ("shipped".to_string(), Verdict::Matched));
+        assert_eq!(verdicts[2], ("changed".to_string(), Verdict::Matched));
+
+        // No before-image: "did status change" is an error, never a silent false.
+        let blind = event(EventKind::Updated, None, json!({"status": "new"}), false);
+        let verdicts = names(&observers, &matcher.evaluate(&observers, &blind));
+        assert_eq!(
+            verdicts[1],
+            ("shipped".to_string(), Verdict::ConditionFalse)
+        );
+        assert!(
+            matches!(verdicts[2].1, Verdict::ConditionError(_)),
+            "{verdicts:?}"
+        );
     }
 }

@@ -19,6 +19,13 @@
 //!   available, and a rendered body that does not parse as JSON is a render error. So
 //!   `{"email": {{ after.email }}}` stays valid JSON whatever the email contains. To build a string
 //!   out of pieces, concatenate inside one expression: `{{ "order " ~ after.id ~ " paid" }}`.
+//! * [`TemplateMode::Html`] HTML-escapes every printed value (for e-mail HTML bodies), so event
+//!   data cannot add markup; `| safe` opts out for a value known to be HTML.
+//! * [`TemplateMode::Key`] is text mode for keys: printing an absent or null value is a render
+//!   error rather than an empty hole (`order:{{ after.id }}` on a delete would be `order:`).
+//! * [`TemplateMode::Glob`] is key mode for Redis glob patterns: every printed value has the
+//!   glob metacharacters `* ? [ ] \` backslash-escaped (see [`escape_glob`]), so only the
+//!   template's own literal text can be a wildcard and no event value can widen a pattern.
 //! * Rendering reads only the event: no I/O, no clock, no environment.
 
 use std::collections::BTreeSet;
@@ -62,6 +69,15 @@ pub enum TemplateMode {
     Text,
     /// JSON: every printed value is a JSON value, and the whole output must parse as JSON.
     Json,
+    /// HTML: every printed value is HTML-escaped (`<` becomes `&lt;`); `| safe` opts out.
+    Html,
+    /// A key (Redis, cache): text mode, but a printed value that is absent or null is a render
+    /// error, so a key is never silently cut short (`order:` instead of `order:7`).
+    Key,
+    /// A Redis glob pattern: like [`TemplateMode::Key`], and every printed value (`{{ ... }}`)
+    /// has its glob metacharacters escaped, so only the literal text of the template is a
+    /// wildcard.
+    Glob,
 }
 
 #[derive(Debug, Error)]
@@ -88,6 +104,22 @@ impl Template {
         env.set_undefined_behavior(UndefinedBehavior::Chainable);
         match mode {
             TemplateMode::Text => env.set_auto_escape_callback(|_| AutoEscape::None),
+            TemplateMode::Html => env.set_auto_escape_callback(|_| AutoEscape::Html),
+            TemplateMode::Key | TemplateMode::Glob => {
+                env.set_auto_escape_callback(|_| AutoEscape::None);
+                let glob = mode == TemplateMode::Glob;
+                env.set_formatter(move |out, _state, value| {
+                    if value.is_undefined() || value.is_none() {
+                        return Err(minijinja::Error::new(
+                            minijinja::ErrorKind::UndefinedError,
+                            "a printed value is absent (or null) for this event, so the key would be incomplete",
+                        ));
+                    }
+                    let text = value.to_string();
+                    let text = if glob { escape_glob(&text) } else { text };
+                    out.write_str(&text).map_err(minijinja::Error::from)
+                });
+            }
             TemplateMode::Json => {
                 env.set_auto_escape_callback(|_| AutoEscape::Json);
                 env.remove_filter("safe");
@@ -239,6 +271,19 @@ pub fn changes_json(event: &EntityEvent) -> Json {
                 .collect::<Map<_, _>>(),
         ),
     }
+}
+
+/// `text` with the Redis glob metacharacters `* ? [ ] \` backslash-escaped: as a `SCAN MATCH`
+/// pattern it matches exactly `text`.
+pub fn escape_glob(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
 }
 
 /// A compile error with its position: "line 1: syntax error: unexpected `}` (near `{{ a }`)".
@@ -403,6 +448,48 @@ mod tests {
         let e = event(EventKind::Deleted, Some(json!({"email": "x@y"})), None);
         let t = Template::compile("{{ data.email }} {{ event.kind }}", TemplateMode::Text).unwrap();
         assert_eq!(t.render(&e).unwrap(), "x@y DELETE");
+    }
+
+    #[test]
+    fn html_mode_escapes_printed_values() {
+        let t = Template::compile("<p>{{ after.email }}</p>", TemplateMode::Html).unwrap();
+        assert_eq!(
+            t.render(&created()).unwrap(),
+            "<p>a&quot;b\\c&lt;&#x2f;script&gt;</p>"
+        );
+    }
+
+    #[test]
+    fn glob_mode_escapes_printed_values_but_not_the_template_text() {
+        let e = event(
+            EventKind::Created,
+            None,
+            Some(json!({"name": "a*b?[c]\\d", "id": 7})),
+        );
+        let t = Template::compile(
+            "user:{{ after.id }}:{{ after.name }}:{{ '*' }}:{{ after.missing | default('') }}:*",
+            TemplateMode::Glob,
+        )
+        .unwrap();
+        assert_eq!(t.render(&e).unwrap(), r"user:7:a\*b\?\[c\]\\d:\*::*");
+        assert_eq!(escape_glob("plain:key"), "plain:key");
+    }
+
+    #[test]
+    fn key_modes_refuse_absent_values() {
+        let deleted = event(EventKind::Deleted, Some(json!({"id": 7})), None);
+        for mode in [TemplateMode::Key, TemplateMode::Glob] {
+            let t = Template::compile("order:{{ after.id }}", mode).unwrap();
+            let err = t.render(&deleted).unwrap_err();
+            assert!(err.to_string().contains("absent"), "{err}");
+            let t = Template::compile("order:{{ data.id }}:{{ before.none }}", mode).unwrap();
+            assert!(t.render(&deleted).is_err());
+            let t = Template::compile("order:{{ data.id }}", mode).unwrap();
+            assert_eq!(t.render(&deleted).unwrap(), "order:7");
+        }
+        let t = Template::compile("k:{{ after.name }}", TemplateMode::Key).unwrap();
+        let e = event(EventKind::Created, None, Some(json!({"name": "a*b"})));
+        assert_eq!(t.render(&e).unwrap(), "k:a*b");
     }
 
     #[test]

@@ -23,6 +23,10 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         init_tracing(LogFormat::Text, "warn");
     }
     match &cli.command {
+        Command::Demo => {
+            crate::demo::run(cli.database_url.clone()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Migrate => migrate::execute(&cli).await,
         Command::Validate => validate::execute(&cli),
         Command::Run => run::execute(&cli).await,

@@ -8,11 +8,19 @@
 //!    allowed, is decided by `compile`, so that every mistake is reported with its path instead
 //!    of serde stopping at the first one.
 //! 2. `pub fn compile(config: &FooConfig, path: &str, env: &dyn Fn(&str) -> Option<String>)
-//!    -> Result<Foo, Vec<ConfigError>>`: pure (no I/O); reports every error with its path
+//!    -> Result<Foo, Vec<ConfigError>>` (or `ctx: &CompileContext` for actions that need server
+//!    settings from `[observers.runtime.*]`): pure (no I/O); reports every error with its path
 //!    (`observers.order_paid.actions[0].url`); resolves `*_env` secrets through `env` (the
 //!    library never reads the environment itself); compiles templates.
 //! 3. `Foo::execute(&self, http, &DeliveryRequest) -> Result<(), ActionError>`: sends for real
 //!    and classifies the outcome. It never reports success without having delivered.
+//!
+//! Server settings shared by several actions (`[observers.runtime.email]`,
+//! `[observers.runtime.redis]`) are parsed by their action module (`EmailSettings::parse`,
+//! `RedisSettings::parse`) and handed to compilation in a [`CompileContext`]. They own the one
+//! client (SMTP pool, Redis connection manager) that every action compiled with them shares; it
+//! connects lazily on first use, so compiling stays free of I/O. An action whose settings are
+//! absent fails at compile.
 //!
 //! Adding an action = one file, one [`ActionConfig`] variant, one [`Action`] variant, its entry
 //! in [`AVAILABLE`], its tests against a local receiver. The future types listed in
@@ -22,8 +30,11 @@
 //! Delivery identity: [`delivery_id`] derives one id per (event, observer, action) that is the
 //! same on every retry, crash replay and restart; receivers use it to deduplicate.
 
+pub mod cache;
+pub mod email;
 pub mod http;
 pub mod slack;
+pub mod sms;
 pub mod webhook;
 
 use std::time::Duration;
@@ -36,15 +47,49 @@ use crate::config::parse_fields;
 use crate::error::ConfigError;
 use crate::event::EntityEvent;
 
+pub use cache::{Cache, CacheConfig, RedisSettings};
+pub use email::{Email, EmailConfig, EmailSettings};
 pub use http::HttpClient;
 pub use slack::{Slack, SlackConfig};
+pub use sms::{Sms, SmsConfig};
 pub use webhook::{Webhook, WebhookConfig};
 
 /// The action types this version can run.
-pub const AVAILABLE: &[&str] = &["webhook", "slack"];
+pub const AVAILABLE: &[&str] = &["webhook", "slack", "email", "sms", "cache"];
 
 /// Action types FraiseQL documents that this version does not implement yet.
-pub const NOT_AVAILABLE: &[&str] = &["email", "sms", "push", "search", "cache"];
+pub const NOT_AVAILABLE: &[&str] = &["push", "search"];
+
+/// What compiling an action may use besides its own table: the environment (for `*_env`
+/// secrets) and the server settings of `[observers.runtime.*]`, `None` when a section is absent.
+#[derive(Clone, Copy)]
+pub struct CompileContext<'a> {
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+    /// `[observers.runtime.email]`.
+    pub email: Option<&'a EmailSettings>,
+    /// `[observers.runtime.redis]`.
+    pub redis: Option<&'a RedisSettings>,
+}
+
+impl<'a> CompileContext<'a> {
+    /// A context with the environment only (no `[observers.runtime.*]` settings).
+    pub fn new(env: &'a dyn Fn(&str) -> Option<String>) -> CompileContext<'a> {
+        CompileContext {
+            env,
+            email: None,
+            redis: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for CompileContext<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompileContext")
+            .field("email", &self.email)
+            .field("redis", &self.redis)
+            .finish_non_exhaustive()
+    }
+}
 
 /// How an attempt failed. The delivery engine retries `Transient` and dead-letters the others.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -136,6 +181,9 @@ pub fn delivery_id(event_id: Uuid, observer: &str, action_index: usize) -> Strin
 pub enum ActionConfig {
     Webhook(WebhookConfig),
     Slack(SlackConfig),
+    Email(EmailConfig),
+    Sms(SmsConfig),
+    Cache(CacheConfig),
 }
 
 impl ActionConfig {
@@ -163,6 +211,9 @@ impl ActionConfig {
         match kind {
             "webhook" => parse_fields(&rest, path).map(ActionConfig::Webhook),
             "slack" => parse_fields(&rest, path).map(ActionConfig::Slack),
+            "email" => parse_fields(&rest, path).map(ActionConfig::Email),
+            "sms" => parse_fields(&rest, path).map(ActionConfig::Sms),
+            "cache" => parse_fields(&rest, path).map(ActionConfig::Cache),
             _ if NOT_AVAILABLE.contains(&kind) => Err(vec![ConfigError::new(
                 type_path,
                 format!(
@@ -185,6 +236,9 @@ impl ActionConfig {
         match self {
             ActionConfig::Webhook(_) => "webhook",
             ActionConfig::Slack(_) => "slack",
+            ActionConfig::Email(_) => "email",
+            ActionConfig::Sms(_) => "sms",
+            ActionConfig::Cache(_) => "cache",
         }
     }
 
@@ -192,11 +246,14 @@ impl ActionConfig {
     pub fn compile(
         &self,
         path: &str,
-        env: &dyn Fn(&str) -> Option<String>,
+        ctx: &CompileContext<'_>,
     ) -> Result<Action, Vec<ConfigError>> {
         match self {
-            ActionConfig::Webhook(c) => webhook::compile(c, path, env).map(Action::Webhook),
-            ActionConfig::Slack(c) => slack::compile(c, path, env).map(Action::Slack),
+            ActionConfig::Webhook(c) => webhook::compile(c, path, ctx.env).map(Action::Webhook),
+            ActionConfig::Slack(c) => slack::compile(c, path, ctx.env).map(Action::Slack),
+            ActionConfig::Email(c) => email::compile(c, path, ctx).map(Action::Email),
+            ActionConfig::Sms(c) => sms::compile(c, path, ctx.env).map(Action::Sms),
+            ActionConfig::Cache(c) => cache::compile(c, path, ctx).map(Action::Cache),
         }
     }
 }
@@ -223,14 +280,20 @@ impl<'de> Deserialize<'de> for ActionConfig {
 pub enum Action {
     Webhook(Webhook),
     Slack(Slack),
+    Email(Email),
+    Sms(Sms),
+    Cache(Cache),
 }
 
 impl Action {
-    /// The `type` of the action (`"webhook"`, `"slack"`): a label for metrics and logs.
+    /// The `type` of the action (`"webhook"`, `"email"`, ...): a label for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {
             Action::Webhook(_) => "webhook",
             Action::Slack(_) => "slack",
+            Action::Email(_) => "email",
+            Action::Sms(_) => "sms",
+            Action::Cache(_) => "cache",
         }
     }
 
@@ -243,6 +306,9 @@ impl Action {
         match self {
             Action::Webhook(a) => a.execute(http, request).await,
             Action::Slack(a) => a.execute(http, request).await,
+            Action::Email(a) => a.execute(request).await,
+            Action::Sms(a) => a.execute(http, request).await,
+            Action::Cache(a) => a.execute(request).await,
         }
     }
 }
@@ -416,22 +482,22 @@ pub(crate) mod tests {
         assert_eq!(
             paths,
             [
+                "observers.o.actions[0].urll",
                 "observers.o.actions[0].retries",
-                "observers.o.actions[0].timeout_ms",
-                "observers.o.actions[0].urll"
+                "observers.o.actions[0].timeout_ms"
             ],
             "{errors:?}"
         );
-        assert!(errors[2].message.contains("expected one of"), "{errors:?}");
+        assert!(errors[0].message.contains("expected one of"), "{errors:?}");
     }
 
     #[test]
     fn types_future_and_unknown() {
-        let err = ActionConfig::parse(&table(r#"type = "email""#), "a").unwrap_err();
+        let err = ActionConfig::parse(&table(r#"type = "push""#), "a").unwrap_err();
         assert_eq!(err[0].path, "a.type");
         assert!(err[0]
             .message
-            .contains("action type 'email' is not available in this version"));
+            .contains("action type 'push' is not available in this version"));
         let err = ActionConfig::parse(&table(r#"type = "fax""#), "a").unwrap_err();
         assert!(err[0].message.contains("webhook, slack"), "{err:?}");
         let err = ActionConfig::parse(&table("url = 'x'"), "a").unwrap_err();
@@ -453,13 +519,15 @@ pub(crate) mod tests {
         assert_eq!(file.actions[0].kind(), "slack");
         let err = toml::from_str::<File>(
             r#"[[actions]]
-               type = "sms""#,
+               type = "push""#,
         )
         .err()
         .unwrap()
         .to_string();
         assert!(err.contains("not available in this version"), "{err}");
-        let compiled = file.actions[0].compile("a", &no_env).unwrap_err();
+        let compiled = file.actions[0]
+            .compile("a", &CompileContext::new(&no_env))
+            .unwrap_err();
         assert_eq!(compiled[0].path, "a.webhook_url_env");
     }
 }

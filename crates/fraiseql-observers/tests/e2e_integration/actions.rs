@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use chrono::TimeZone;
 use fraiseql_observers::actions::{
-    delivery_id, Action, ActionConfig, ActionError, DeliveryRequest, HttpClient,
+    delivery_id, Action, ActionConfig, ActionError, CompileContext, DeliveryRequest, HttpClient,
 };
 use fraiseql_observers::event::diff_fields;
 use fraiseql_observers::{ConfigError, EntityEvent, EventKind, Position};
@@ -177,7 +177,7 @@ fn action(toml_src: &str, env: &[(&str, &str)]) -> Result<Action, Vec<ConfigErro
         .collect();
     let lookup = move |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     ActionConfig::parse(&table, "observers.o.actions[0]")?
-        .compile("observers.o.actions[0]", &lookup)
+        .compile("observers.o.actions[0]", &CompileContext::new(&lookup))
 }
 
 async fn run(action: &Action, event: &EntityEvent, attempt: u32) -> Result<(), ActionError> {
@@ -668,7 +668,7 @@ fn config_errors_are_all_reported_with_their_paths() {
         type = "pager"
 
         [[observers.order_paid.actions]]
-        type = "email"
+        type = "push"
         to = "ops@example.com"
 
         [[observers.order_paid.actions]]
@@ -690,7 +690,7 @@ fn config_errors_are_all_reported_with_their_paths() {
         let path = format!("observers.order_paid.actions[{i}]");
         match ActionConfig::parse(value.as_table().unwrap(), &path) {
             Ok(config) => {
-                if let Err(e) = config.compile(&path, &env) {
+                if let Err(e) = config.compile(&path, &CompileContext::new(&env)) {
                     errors.extend(e);
                 }
             }
@@ -740,12 +740,12 @@ fn config_errors_are_all_reported_with_their_paths() {
     );
     assert_eq!(
         message(6),
-        "action type 'email' is not available in this version (available: webhook, slack)"
+        "action type 'push' is not available in this version (available: webhook, slack, email, sms, cache)"
     );
     assert!(message(8).contains("'evnt'"), "{}", message(8));
     // Display is "path: message".
     assert_eq!(
         errors[6].to_string(),
-        "observers.order_paid.actions[6].type: action type 'email' is not available in this version (available: webhook, slack)"
+        "observers.order_paid.actions[6].type: action type 'push' is not available in this version (available: webhook, slack, email, sms, cache)"
     );
 }

@@ -1,9 +1,15 @@
 mod actions;
+mod cache;
 mod capture;
+mod docs;
+mod email;
 mod engine;
 mod leader;
 mod listener;
 mod migrations;
 mod parser;
 mod receiver;
+mod sample;
+mod sms;
+mod smtp_server;
 mod support;
