@@ -24,6 +24,7 @@ pub mod delivery;
 pub mod error;
 pub mod event;
 pub mod executor;
+pub mod leader;
 pub mod listener;
 pub mod matcher;
 pub mod metrics;

@@ -4,6 +4,7 @@ mod capture;
 mod docs;
 mod email;
 mod engine;
+mod leader;
 mod listener;
 mod migrations;
 mod parser;
