@@ -125,7 +125,7 @@ async fn a_daemon_that_loses_its_lock_connection_stops_at_once_and_exits_non_zer
     let terminated: i64 = client
         .query_one(
             "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-              WHERE application_name = 'fraiseql-observers-leader:lost') t",
+              WHERE application_name = 'fraiseql-observers-leader:lost' AND datname = current_database()) t",
             &[],
         )
         .await
