@@ -242,10 +242,24 @@ impl rsa::rand_core::TryRng for TestRng {
 impl rsa::rand_core::TryCryptoRng for TestRng {}
 
 /// One RSA key for the whole test binary (generating one is slow in a debug build).
-static RSA_KEY: LazyLock<rsa::PrivateKey> =
+pub(crate) static RSA_KEY: LazyLock<rsa::PrivateKey> =
     LazyLock::new(|| rsa::PrivateKey::new(&mut TestRng, 2048).expect("RSA key generation"));
 
-fn pem(label: &str, der: &[u8]) -> String {
+/// A service-account JSON with the test RSA key, whose tokens come from `token_uri`.
+pub(crate) fn service_account_json(token_uri: &str) -> String {
+    json!({
+        "type": "service_account",
+        "project_id": PROJECT,
+        "private_key_id": "key-1",
+        "private_key": pem("PRIVATE KEY", RSA_KEY.to_pkcs8_der().unwrap().as_bytes()),
+        "client_email": CLIENT_EMAIL,
+        "client_id": "1234567890",
+        "token_uri": token_uri,
+    })
+    .to_string()
+}
+
+pub(crate) fn pem(label: &str, der: &[u8]) -> String {
     let body = BASE64.encode(der);
     let lines: Vec<&str> = body
         .as_bytes()
@@ -423,16 +437,7 @@ impl FakeFcm {
     }
 
     fn service_account(&self) -> String {
-        json!({
-            "type": "service_account",
-            "project_id": PROJECT,
-            "private_key_id": "key-1",
-            "private_key": pem("PRIVATE KEY", RSA_KEY.to_pkcs8_der().unwrap().as_bytes()),
-            "client_email": CLIENT_EMAIL,
-            "client_id": "1234567890",
-            "token_uri": self.token_uri(),
-        })
-        .to_string()
+        service_account_json(&self.token_uri())
     }
 
     fn action(&self) -> Action {
