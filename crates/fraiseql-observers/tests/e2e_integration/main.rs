@@ -1,4 +1,5 @@
 mod actions;
+mod all_actions;
 mod cache;
 mod capture;
 mod docs;

@@ -37,16 +37,16 @@ use uuid::Uuid;
 // A local server: records every request, answers with `answer`.
 
 #[derive(Debug, Clone)]
-struct Received {
-    method: Method,
-    uri: Uri,
+pub(crate) struct Received {
+    pub(crate) method: Method,
+    pub(crate) uri: Uri,
     version: Version,
-    headers: HeaderMap,
-    body: Bytes,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
 }
 
 impl Received {
-    fn header(&self, name: &str) -> &str {
+    pub(crate) fn header(&self, name: &str) -> &str {
         self.headers
             .get(name)
             .unwrap_or_else(|| panic!("header {name} missing: {:?}", self.headers))
@@ -54,7 +54,7 @@ impl Received {
             .unwrap()
     }
 
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_slice(&self.body).expect("the body is JSON")
     }
 }
@@ -63,8 +63,8 @@ impl Received {
 type Answer = (u16, Vec<(&'static str, String)>, String);
 type Handler = Arc<dyn Fn(&Received) -> Answer + Send + Sync>;
 
-struct Server {
-    base: String,
+pub(crate) struct Server {
+    pub(crate) base: String,
     received: Arc<Mutex<Vec<Received>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -95,11 +95,11 @@ impl Server {
         }
     }
 
-    fn received(&self) -> Vec<Received> {
+    pub(crate) fn received(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
     }
 
-    fn on(&self, path: &str) -> Vec<Received> {
+    pub(crate) fn on(&self, path: &str) -> Vec<Received> {
         self.received()
             .into_iter()
             .filter(|r| r.uri.path() == path)
@@ -296,9 +296,9 @@ fn verify_es256(public: &p256::PublicKey, input: &str, signature: &[u8]) -> bool
 // ---------------------------------------------------------------------------------------------
 // FCM
 
-const PROJECT: &str = "demo-project";
+pub(crate) const PROJECT: &str = "demo-project";
 const CLIENT_EMAIL: &str = "observers@demo-project.iam.gserviceaccount.com";
-const FCM_SEND: &str = "/v1/projects/demo-project/messages:send";
+pub(crate) const FCM_SEND: &str = "/v1/projects/demo-project/messages:send";
 
 #[derive(Default)]
 struct FcmState {
@@ -307,8 +307,8 @@ struct FcmState {
     send_answers: VecDeque<Answer>,
 }
 
-struct FakeFcm {
-    server: Server,
+pub(crate) struct FakeFcm {
+    pub(crate) server: Server,
     state: Arc<Mutex<FcmState>>,
 }
 
@@ -382,7 +382,7 @@ fn check_token_request(request: &Received, token_uri: &str) -> Result<(), String
 }
 
 impl FakeFcm {
-    async fn start() -> FakeFcm {
+    pub(crate) async fn start() -> FakeFcm {
         let state = Arc::new(Mutex::new(FcmState::default()));
         let shared = state.clone();
         let token_uri = Arc::new(Mutex::new(String::new()));
@@ -432,11 +432,11 @@ impl FakeFcm {
         FakeFcm { server, state }
     }
 
-    fn token_uri(&self) -> String {
+    pub(crate) fn token_uri(&self) -> String {
         format!("{}/token", self.server.base)
     }
 
-    fn service_account(&self) -> String {
+    pub(crate) fn service_account(&self) -> String {
         service_account_json(&self.token_uri())
     }
 
