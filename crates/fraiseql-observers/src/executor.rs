@@ -20,7 +20,7 @@ use crate::actions::{self, Action, ActionError, DeliveryRequest, HttpClient};
 use crate::config::{Observer, OnFailure, RuntimeConfig};
 use crate::db;
 use crate::delivery::dead_letter::{self, Reason};
-use crate::delivery::lanes::{lane_of, Watermark};
+use crate::delivery::lanes::{lane_of, Coalescer, Watermark};
 use crate::delivery::{entity_key, retry_queue, DeliveryItem};
 use crate::error::{Error, Result};
 use crate::event::EntityEvent;
@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 use tokio_postgres::Client;
@@ -174,6 +174,16 @@ impl ObserverExecutor {
     /// order. Returns once every delivery is done or handed over durably. `Err` only when a
     /// failure could not be recorded (fenced, or a database error that is not transient).
     pub async fn process_event(&self, event: &EntityEvent) -> Result<ExecutionSummary> {
+        self.process(event, None).await
+    }
+
+    /// `process_event`, except that the observers that coalesce are not run but returned in
+    /// `coalesced` (with their window), for the lane to hold.
+    async fn process(
+        &self,
+        event: &EntityEvent,
+        mut coalesced: Option<&mut Vec<(usize, Duration)>>,
+    ) -> Result<ExecutionSummary> {
         let mut summary = ExecutionSummary::default();
         for (i, verdict) in self.matcher.evaluate(&self.observers, event) {
             let observer = &self.observers[i];
@@ -182,6 +192,12 @@ impl ObserverExecutor {
                     metrics::counter!(m::EVENTS_MATCHED, "observer" => observer.name.clone())
                         .increment(1);
                     self.status.events_matched.fetch_add(1, Ordering::Relaxed);
+                    if let (Some(window), Some(held)) =
+                        (observer.coalesce, coalesced.as_deref_mut())
+                    {
+                        held.push((i, window));
+                        continue;
+                    }
                     for a in 0..observer.actions.len() {
                         let outcome = self.deliver(i, a, event).await?;
                         summary.deliveries.push((observer.name.clone(), a, outcome));
@@ -623,14 +639,8 @@ impl ObserverExecutor {
             lanes.push(tx);
             let (executor, watermark, fatal) = (self.clone(), watermark.clone(), fatal_tx.clone());
             lane_tasks.spawn(async move {
-                while let Some(event) = rx.recv().await {
-                    match executor.process_event(&event).await {
-                        Ok(_) => watermark.completed(event.position),
-                        Err(e) => {
-                            let _ = fatal.send(e);
-                            return;
-                        }
-                    }
+                if let Err(e) = executor.lane(&mut rx, &watermark).await {
+                    let _ = fatal.send(e);
                 }
             });
         }
@@ -762,6 +772,55 @@ impl ObserverExecutor {
         }
     }
 
+    /// One lane: its events one after another; coalescing observers' changes held in groups and
+    /// delivered at the end of their window (or when the lane closes: nothing held is lost).
+    async fn lane(
+        &self,
+        rx: &mut mpsc::Receiver<EntityEvent>,
+        watermark: &Watermark,
+    ) -> Result<()> {
+        let mut coalescer = Coalescer::default();
+        let mut held = Vec::new();
+        loop {
+            let deadline = coalescer.next_deadline();
+            let next = tokio::select! {
+                event = rx.recv() => event,
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    self.flush(&mut coalescer, Some(Instant::now()), watermark).await?;
+                    continue;
+                }
+            };
+            let Some(event) = next else {
+                return self.flush(&mut coalescer, None, watermark).await;
+            };
+            held.clear();
+            self.process(&event, Some(&mut held)).await?;
+            if held.is_empty() {
+                watermark.completed(event.position);
+            } else {
+                coalescer.hold(&event, &entity_key(&event), &held, Instant::now());
+            }
+        }
+    }
+
+    /// Deliver the coalesced groups that are due (all of them with `now = None`).
+    async fn flush(
+        &self,
+        coalescer: &mut Coalescer,
+        now: Option<Instant>,
+        watermark: &Watermark,
+    ) -> Result<()> {
+        for group in coalescer.take_due(now) {
+            for a in 0..self.observers[group.observer].actions.len() {
+                self.deliver(group.observer, a, &group.event).await?;
+            }
+            for position in coalescer.release(&group.held) {
+                watermark.completed(position);
+            }
+        }
+        Ok(())
+    }
+
     /// Hand a batch to the lanes (waiting when they are full: backpressure on the reader).
     async fn dispatch(
         &self,
@@ -859,5 +918,13 @@ fn reason_of(e: &ActionError) -> Reason {
         ActionError::Transient { .. } => Reason::Exhausted,
         ActionError::Permanent { .. } => Reason::Permanent,
         ActionError::Gone { .. } => Reason::Gone,
+    }
+}
+
+/// Sleep until `deadline` (forever when there is none).
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
     }
 }

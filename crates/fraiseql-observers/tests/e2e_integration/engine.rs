@@ -953,3 +953,97 @@ async fn test_e2e_memory_stability() {
     assert_eq!(queued, 0);
     engine.stop().await.unwrap();
 }
+
+/// Issue 4, coalescing: ten quick changes of one entity become one search update with the final
+/// state; another entity's changes are not merged into it.
+#[tokio::test]
+async fn coalescing_delivers_the_latest_state_once_per_window() {
+    let db = TestDb::new().await;
+    let client = schema(&db).await;
+    let receiver = Receiver::start().await;
+    receiver.set(|_| (202, Duration::ZERO));
+    let observers = format!(
+        r#"
+[observers.index]
+entity = "Order"
+event_type = ["INSERT", "UPDATE"]
+coalesce_ms = 400
+
+[[observers.index.actions]]
+type = "search"
+engine = "meilisearch"
+base_url = "{}"
+index = "orders"
+fields = ["status", "total"]
+allow_private_networks = true
+"#,
+        receiver.base
+    );
+    let engine = Engine::start(&db, &observers).await;
+    let order = insert_order(&client, "new", 1.0).await;
+    let other = insert_order(&client, "new", 2.0).await;
+    for i in 0..10 {
+        client
+            .execute(
+                "UPDATE tb_order SET status = $1, total = $2::int4::numeric WHERE id = $3",
+                &[&format!("step-{i}"), &(i + 10), &order],
+            )
+            .await
+            .unwrap();
+    }
+    eventually(Duration::from_secs(10), "the coalesced updates", || {
+        let hooks = receiver.hooks();
+        async move { (hooks.len() >= 2).then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let documents: Vec<serde_json::Value> = receiver
+        .hooks()
+        .iter()
+        .flat_map(|h| h.body.as_array().cloned().unwrap_or_default())
+        .collect();
+    let of = |id: Uuid| -> Vec<serde_json::Value> {
+        documents
+            .iter()
+            .filter(|d| d["id"] == id.to_string())
+            .cloned()
+            .collect()
+    };
+    let order_docs = of(order);
+    assert!(
+        order_docs.len() <= 2,
+        "11 changes, at most 2 windows: {order_docs:?}"
+    );
+    assert_eq!(
+        order_docs.last().unwrap(),
+        &serde_json::json!({"id": order.to_string(), "status": "step-9", "total": 19.0}),
+        "the final state is delivered"
+    );
+    assert_eq!(of(other).len(), 1);
+    engine.stop().await.unwrap();
+}
+
+#[test]
+fn coalescing_is_refused_for_actions_that_must_see_every_change() {
+    let errors = config::load(
+        r#"
+[observers.hook]
+entity = "Order"
+event_type = "UPDATE"
+coalesce_ms = 100
+
+[[observers.hook.actions]]
+type = "webhook"
+url = "https://example.com/h"
+"#,
+        &env,
+    )
+    .unwrap_err()
+    .0;
+    assert_eq!(errors[0].path, "observers.hook.coalesce_ms");
+    assert!(
+        errors[0].message.contains("webhook"),
+        "{}",
+        errors[0].message
+    );
+}
