@@ -57,6 +57,15 @@ pub enum Command {
     /// Change-log rows the reader could not decode.
     #[command(subcommand)]
     Quarantine(commands::quarantine::QuarantineCommand),
+    /// Delete change-log rows every consumer has processed, older than a retention period.
+    Prune {
+        /// The retention period: 7d, 12h, 30m, 90s.
+        #[arg(long)]
+        older_than: String,
+        /// Rows deleted per statement (short transactions).
+        #[arg(long, default_value_t = 10_000)]
+        batch_size: i64,
+    },
     /// Which tables write their changes to the change log.
     #[command(subcommand)]
     Capture(commands::capture::CaptureCommand),

@@ -67,6 +67,7 @@ pub mod listener;
 pub mod matcher;
 pub mod metrics;
 pub mod migrate;
+pub mod retention;
 pub mod template;
 
 pub use config::{Config, Observer};

@@ -6,6 +6,7 @@ pub mod capture;
 pub mod checkpoint;
 pub mod dlq;
 pub mod migrate;
+pub mod prune;
 pub mod quarantine;
 pub mod run;
 pub mod validate;
@@ -33,6 +34,10 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dlq(command) => dlq::execute(&cli, command).await,
         Command::Checkpoint(command) => checkpoint::execute(&cli, command).await,
         Command::Quarantine(command) => quarantine::execute(&cli, command).await,
+        Command::Prune {
+            older_than,
+            batch_size,
+        } => prune::execute(&cli, older_than, *batch_size).await,
         Command::Capture(command) => capture::execute(&cli, command).await,
         Command::Notify(command) => capture::execute_notify(&cli, command).await,
     }

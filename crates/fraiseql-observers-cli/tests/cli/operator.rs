@@ -347,3 +347,51 @@ async fn the_daemon_logs_json_lines_when_asked() {
     assert_eq!(started["level"], "INFO");
     assert_eq!(started["fields"]["consumer"], "json-logs");
 }
+
+#[tokio::test]
+async fn prune_deletes_only_processed_old_rows_and_refuses_without_consumers() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO core.tb_entity_change_log
+                 (fk_customer_org, object_type, object_id, modification_type, change_status, object_data, created_at)
+             SELECT '{TENANT}', 'Item', gen_random_uuid(), 'INSERT', 'new', '{{\"op\":\"c\",\"after\":{{}}}}',
+                    now() - interval '30 days'
+               FROM generate_series(1, 5)"
+        ))
+        .await
+        .unwrap();
+    let refused = cli(Some(&db.url), &["prune", "--older-than", "7d"]).await;
+    assert_eq!(refused.code, Some(1), "{}", refused.all());
+    assert!(
+        refused.stderr.contains("no consumer has a checkpoint"),
+        "{}",
+        refused.all()
+    );
+
+    // A consumer created now, from "now": every existing row counts as processed by it.
+    fraiseql_observers::listener::checkpoint::claim(
+        &client,
+        "pruner",
+        fraiseql_observers::StartPosition::Now,
+    )
+    .await
+    .unwrap();
+    let young = cli(Some(&db.url), &["prune", "--older-than", "60d"]).await;
+    assert_eq!(young.code, Some(0), "{}", young.all());
+    assert!(young.stdout.contains("deleted 0 "), "{}", young.stdout);
+    let pruned = cli(
+        Some(&db.url),
+        &["prune", "--older-than", "7d", "--batch-size", "2"],
+    )
+    .await;
+    assert_eq!(pruned.code, Some(0), "{}", pruned.all());
+    assert!(pruned.stdout.contains("deleted 5 "), "{}", pruned.stdout);
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM core.tb_entity_change_log", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}
