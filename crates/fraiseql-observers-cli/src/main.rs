@@ -57,6 +57,27 @@ pub enum Command {
     /// Change-log rows the reader could not decode.
     #[command(subcommand)]
     Quarantine(commands::quarantine::QuarantineCommand),
+    /// What one change did: which observers fired, why the others did not, its retries and dead
+    /// letters (needs --config).
+    Explain {
+        /// The change's sequence (`id` of the change log).
+        #[arg(long)]
+        sequence: i64,
+    },
+    /// Send a range of past changes again through one observer, in order (needs --config).
+    Replay {
+        #[arg(long)]
+        observer: String,
+        /// First sequence of the range.
+        #[arg(long)]
+        from: i64,
+        /// Last sequence of the range (inclusive).
+        #[arg(long)]
+        to: i64,
+        /// Only say what would be sent.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Delete change-log rows every consumer has processed, older than a retention period.
     Prune {
         /// The retention period: 7d, 12h, 30m, 90s.

@@ -578,6 +578,58 @@ impl ObserverExecutor {
         Ok(())
     }
 
+    /// Why each observer does or does not fire for `event` (every observer, configuration order):
+    /// `None` when its entity or event type does not fit.
+    pub fn explain(&self, event: &EntityEvent) -> Vec<(&str, Option<Verdict>)> {
+        let verdicts: HashMap<usize, Verdict> = self
+            .matcher
+            .evaluate(&self.observers, event)
+            .into_iter()
+            .collect();
+        self.observers
+            .iter()
+            .enumerate()
+            .map(|(i, o)| (o.name.as_str(), verdicts.get(&i).cloned()))
+            .collect()
+    }
+
+    /// Send `event` again through every action of observer `name`, once each, when it matches
+    /// (an operator's replay: same delivery ids, so receivers can deduplicate; failures are
+    /// returned, not queued). `Ok(None)` when the observer does not fire for this event.
+    pub async fn replay(
+        &self,
+        name: &str,
+        event: &EntityEvent,
+    ) -> Result<Option<Vec<std::result::Result<(), ActionError>>>> {
+        let i = self
+            .observers
+            .iter()
+            .position(|o| o.name == name)
+            .ok_or_else(|| {
+                Error::Invalid(format!("no observer named '{name}' in this configuration"))
+            })?;
+        let fires = self
+            .matcher
+            .evaluate(&self.observers, event)
+            .into_iter()
+            .any(|(j, v)| j == i && v == Verdict::Matched);
+        if !fires {
+            return Ok(None);
+        }
+        let observer = &self.observers[i];
+        let mut results = Vec::with_capacity(observer.actions.len());
+        for (a, action) in observer.actions.iter().enumerate() {
+            let delivery_id = actions::delivery_id(event.id, &observer.name, a);
+            let request = DeliveryRequest {
+                event,
+                delivery_id: &delivery_id,
+                attempt: 1,
+            };
+            results.push(action.execute(&self.http, &request).await);
+        }
+        Ok(Some(results))
+    }
+
     /// Retry dead letter `id` once, on an operator's request: claimed atomically, so two
     /// concurrent retries of one item deliver once. `Ok(None)` when it is not pending.
     pub async fn retry_dead_letter(

@@ -8,6 +8,7 @@ pub mod dlq;
 pub mod migrate;
 pub mod prune;
 pub mod quarantine;
+pub mod replay;
 pub mod run;
 pub mod validate;
 
@@ -34,6 +35,13 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dlq(command) => dlq::execute(&cli, command).await,
         Command::Checkpoint(command) => checkpoint::execute(&cli, command).await,
         Command::Quarantine(command) => quarantine::execute(&cli, command).await,
+        Command::Explain { sequence } => replay::explain(&cli, *sequence).await,
+        Command::Replay {
+            observer,
+            from,
+            to,
+            dry_run,
+        } => replay::replay(&cli, observer, *from, *to, *dry_run).await,
         Command::Prune {
             older_than,
             batch_size,
