@@ -21,9 +21,7 @@ use axum::Router;
 use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD as BASE64URL};
 use base64::Engine;
 use chrono::TimeZone;
-use fraiseql_observers::actions::{
-    delivery_id, Action, ActionConfig, ActionError, DeliveryRequest, HttpClient,
-};
+use fraiseql_observers::actions::{delivery_id, Action, ActionError};
 use fraiseql_observers::{ConfigError, EntityEvent, EventKind, Position};
 use hkdf::Hkdf;
 use p256::ecdsa::signature::Verifier as _;
@@ -176,31 +174,17 @@ fn order(token: &str) -> EntityEvent {
 }
 
 fn action(toml_src: &str, env: &[(&str, &str)]) -> Result<Action, Vec<ConfigError>> {
-    let table: toml::Table = toml::from_str(toml_src).unwrap();
-    let env: Vec<(String, String)> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let lookup = move |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    ActionConfig::parse(&table, "observers.o.actions[0]")?.compile(
+    crate::sample::compile_at(
         "observers.o.actions[0]",
-        &fraiseql_observers::actions::CompileContext::new(&lookup),
+        toml_src,
+        &crate::sample::env_of(env),
+        None,
+        None,
     )
 }
 
 async fn run(action: &Action, event: &EntityEvent) -> Result<(), ActionError> {
-    let http = HttpClient::new().unwrap();
-    let id = delivery_id(event.id, "order_paid", 0);
-    action
-        .execute(
-            &http,
-            &DeliveryRequest {
-                event,
-                delivery_id: &id,
-                attempt: 1,
-            },
-        )
-        .await
+    crate::sample::run(action, event, 1).await
 }
 
 /// The signing input and the decoded header, claims and signature of a compact JWS.

@@ -13,9 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use fraiseql_observers::actions::{
-    delivery_id, Action, ActionConfig, ActionError, DeliveryRequest, HttpClient,
-};
+use fraiseql_observers::actions::{delivery_id, Action, ActionError, DeliveryRequest, HttpClient};
 use fraiseql_observers::{ConfigError, EntityEvent, EventKind, Position};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -507,15 +505,12 @@ fn refused_create(n: u128) -> EntityEvent {
 }
 
 fn action(toml_src: &str, env: &[(&str, &str)]) -> Result<Action, Vec<ConfigError>> {
-    let table: toml::Table = toml::from_str(toml_src).unwrap();
-    let env: Vec<(String, String)> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let lookup = move |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    ActionConfig::parse(&table, "observers.o.actions[0]")?.compile(
+    crate::sample::compile_at(
         "observers.o.actions[0]",
-        &fraiseql_observers::actions::CompileContext::new(&lookup),
+        toml_src,
+        &crate::sample::env_of(env),
+        None,
+        None,
     )
 }
 
