@@ -20,14 +20,14 @@ use crate::actions::{self, Action, ActionError, DeliveryRequest, HttpClient};
 use crate::config::{Observer, OnFailure, RuntimeConfig};
 use crate::db;
 use crate::delivery::dead_letter::{self, Reason};
-use crate::delivery::lanes::{lane_of, Coalescer, Watermark};
+use crate::delivery::lanes::{lane_of, Coalescer, Group, Watermark};
 use crate::delivery::{entity_key, retry_queue, DeliveryItem};
 use crate::error::{Error, Result};
 use crate::event::EntityEvent;
 use crate::listener::{Batch, ChangeLogListener, Checkpointer};
 use crate::matcher::{EventMatcher, Verdict};
 use crate::metrics as m;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -831,7 +831,7 @@ impl ObserverExecutor {
         rx: &mut mpsc::Receiver<EntityEvent>,
         watermark: &Watermark,
     ) -> Result<()> {
-        let mut coalescer = Coalescer::default();
+        let mut coalescer = Coalescer::new(Instant::now());
         let mut held = Vec::new();
         loop {
             let deadline = coalescer.next_deadline();
@@ -862,15 +862,66 @@ impl ObserverExecutor {
         now: Option<Instant>,
         watermark: &Watermark,
     ) -> Result<()> {
-        for group in coalescer.take_due(now) {
+        let groups = coalescer.take_due(now);
+        let delivered = self.flush_search_batches(&groups).await;
+        for (g, group) in groups.iter().enumerate() {
             for a in 0..self.observers[group.observer].actions.len() {
-                self.deliver(group.observer, a, &group.event).await?;
+                if !delivered.contains(&(g, a)) {
+                    self.deliver(group.observer, a, &group.event).await?;
+                }
             }
             for position in coalescer.release(&group.held) {
                 watermark.completed(position);
             }
         }
         Ok(())
+    }
+
+    /// Search actions take every due group of their observer in one request (one `_bulk` for
+    /// Elasticsearch): the groups are distinct entities, so no entity's order is at stake.
+    /// Returns the (group, action) pairs delivered; the others go through `deliver` (retries,
+    /// parking, dead letters) as usual.
+    async fn flush_search_batches(&self, groups: &[Group]) -> HashSet<(usize, usize)> {
+        let mut delivered = HashSet::new();
+        let mut by_observer: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (g, group) in groups.iter().enumerate() {
+            let observer = &self.observers[group.observer];
+            if !(observer.ordered && self.is_blocked(group.observer, &entity_key(&group.event))) {
+                by_observer.entry(group.observer).or_default().push(g);
+            }
+        }
+        for (i, members) in by_observer {
+            let observer = &self.observers[i];
+            for (a, action) in observer.actions.iter().enumerate() {
+                let Action::Search(search) = action else {
+                    continue;
+                };
+                if members.len() < 2 {
+                    continue;
+                }
+                let ids: Vec<String> = members
+                    .iter()
+                    .map(|g| actions::delivery_id(groups[*g].event.id, &observer.name, a))
+                    .collect();
+                let requests: Vec<DeliveryRequest<'_>> = members
+                    .iter()
+                    .zip(&ids)
+                    .map(|(g, id)| DeliveryRequest {
+                        event: &groups[*g].event,
+                        delivery_id: id,
+                        attempt: 1,
+                    })
+                    .collect();
+                let results = search.execute_batch(&self.http, &requests).await;
+                for (g, result) in members.iter().zip(results) {
+                    if result.is_ok() {
+                        self.delivered(observer, action, &groups[*g].event);
+                        delivered.insert((*g, a));
+                    }
+                }
+            }
+        }
+        delivered
     }
 
     /// Hand a batch to the lanes (waiting when they are full: backpressure on the reader).

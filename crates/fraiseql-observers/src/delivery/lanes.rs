@@ -85,14 +85,35 @@ pub struct Group {
 /// Invariants: an event joins at most one group per observer; a group is flushed at its deadline
 /// (or when the lane closes) and a later change of the same entity starts a new group, so one
 /// observer's deliveries of one entity stay in order and the last change is always delivered.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Coalescer {
     groups: HashMap<(usize, String), Group>,
     /// Groups an event still waits for.
     pending: HashMap<Position, u32>,
+    /// Deadlines fall on multiples of the window counted from here, so groups started close
+    /// together are due together and can share one request.
+    epoch: Instant,
 }
 
 impl Coalescer {
+    pub fn new(epoch: Instant) -> Coalescer {
+        Coalescer {
+            groups: HashMap::new(),
+            pending: HashMap::new(),
+            epoch,
+        }
+    }
+
+    /// The first multiple of `window` (from the epoch) at or after `now + window`.
+    fn deadline(&self, now: Instant, window: Duration) -> Instant {
+        let window_ns = window.as_nanos().max(1);
+        let since = (now + window)
+            .saturating_duration_since(self.epoch)
+            .as_nanos();
+        let aligned = since.div_ceil(window_ns) * window_ns;
+        self.epoch + Duration::from_nanos(aligned.min(u64::MAX as u128) as u64)
+    }
+
     /// Hold `event` for each `(observer, window)`; `key` is the event's entity key.
     pub fn hold(
         &mut self,
@@ -106,6 +127,7 @@ impl Coalescer {
         }
         *self.pending.entry(event.position).or_default() += observers.len() as u32;
         for (observer, window) in observers {
+            let deadline = self.deadline(now, *window);
             let group = self
                 .groups
                 .entry((*observer, key.to_string()))
@@ -113,7 +135,7 @@ impl Coalescer {
                     observer: *observer,
                     event: event.clone(),
                     held: Vec::new(),
-                    deadline: now + *window,
+                    deadline,
                 });
             group.event = event.clone();
             group.held.push(event.position);
@@ -222,26 +244,18 @@ mod coalescer_tests {
 
     #[test]
     fn changes_in_a_window_become_one_delivery_of_the_latest() {
-        let mut c = Coalescer::default();
         let t0 = Instant::now();
+        let mut c = Coalescer::new(t0);
         let w = Duration::from_millis(100);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
         for seq in 1..=3 {
-            c.hold(
-                &event(seq, 7),
-                "Order/7",
-                &[(0, w)],
-                t0 + Duration::from_millis(seq as u64),
-            );
+            c.hold(&event(seq, 7), "Order/7", &[(0, w)], at(seq as u64));
         }
-        c.hold(
-            &event(4, 8),
-            "Order/8",
-            &[(0, w)],
-            t0 + Duration::from_millis(50),
-        );
-        assert_eq!(c.next_deadline(), Some(t0 + Duration::from_millis(101)));
-        assert!(c.take_due(Some(t0 + Duration::from_millis(100))).is_empty());
-        let due = c.take_due(Some(t0 + Duration::from_millis(101)));
+        c.hold(&event(4, 8), "Order/8", &[(0, w)], at(150));
+        // Deadlines fall on multiples of the window: entity 7 at 200 ms, entity 8 at 300 ms.
+        assert_eq!(c.next_deadline(), Some(at(200)));
+        assert!(c.take_due(Some(at(199))).is_empty());
+        let due = c.take_due(Some(at(200)));
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].event.sequence, 3, "the latest state");
         let done = c.release(&due[0].held);
@@ -250,12 +264,7 @@ mod coalescer_tests {
             [1, 2, 3]
         );
         // A later change of entity 7 starts a new group.
-        c.hold(
-            &event(5, 7),
-            "Order/7",
-            &[(0, w)],
-            t0 + Duration::from_millis(120),
-        );
+        c.hold(&event(5, 7), "Order/7", &[(0, w)], at(220));
         let all = c.take_due(None);
         assert_eq!(
             all.iter().map(|g| g.event.sequence).collect::<Vec<_>>(),
@@ -265,9 +274,29 @@ mod coalescer_tests {
     }
 
     #[test]
+    fn groups_started_close_together_are_due_together() {
+        let t0 = Instant::now();
+        let mut c = Coalescer::new(t0);
+        let w = Duration::from_millis(100);
+        c.hold(
+            &event(1, 7),
+            "Order/7",
+            &[(0, w)],
+            t0 + Duration::from_millis(101),
+        );
+        c.hold(
+            &event(2, 8),
+            "Order/8",
+            &[(0, w)],
+            t0 + Duration::from_millis(180),
+        );
+        assert_eq!(c.take_due(Some(t0 + Duration::from_millis(300))).len(), 2);
+    }
+
+    #[test]
     fn an_event_held_by_two_observers_is_done_after_both() {
-        let mut c = Coalescer::default();
         let now = Instant::now();
+        let mut c = Coalescer::new(now);
         let w = Duration::from_millis(10);
         c.hold(&event(1, 7), "Order/7", &[(0, w), (1, w)], now);
         let groups = c.take_due(None);

@@ -1047,3 +1047,64 @@ url = "https://example.com/h"
         errors[0].message
     );
 }
+
+/// Issue 4: coalesced search updates of several entities share one request.
+#[tokio::test]
+async fn coalesced_search_updates_of_several_entities_share_a_request() {
+    let db = TestDb::new().await;
+    let client = schema(&db).await;
+    let receiver = Receiver::start().await;
+    receiver.set(|_| (202, Duration::ZERO));
+    let observer = format!(
+        r#"
+[observers.index]
+entity = "Order"
+event_type = ["INSERT", "UPDATE"]
+coalesce_ms = 500
+
+[[observers.index.actions]]
+type = "search"
+engine = "meilisearch"
+base_url = "{}"
+index = "orders"
+fields = ["status"]
+allow_private_networks = true
+"#,
+        receiver.base
+    );
+    let config = config::load(
+        &format!("{RUNTIME}\n{observer}").replace("concurrency = 8\n", "concurrency = 1\n"),
+        &env,
+    )
+    .unwrap();
+    let engine = Engine::start_with(&db, config.observers, config.runtime).await;
+    let mut orders = Vec::new();
+    for _ in 0..6 {
+        let o = insert_order(&client, "new", 1.0).await;
+        set_order(&client, o, "final").await;
+        orders.push(o.to_string());
+    }
+    let documents = eventually(Duration::from_secs(10), "every final state", || {
+        let hooks = receiver.hooks();
+        let orders = orders.clone();
+        async move {
+            let docs: Vec<serde_json::Value> = hooks
+                .iter()
+                .flat_map(|h| h.body.as_array().cloned().unwrap_or_default())
+                .filter(|d| d["status"] == "final")
+                .collect();
+            orders
+                .iter()
+                .all(|o| docs.iter().any(|d| d["id"] == o.as_str()))
+                .then_some(docs)
+        }
+    })
+    .await;
+    assert!(documents.len() >= 6);
+    let requests = receiver.hooks().len();
+    assert!(
+        requests < 6,
+        "{requests} requests for 6 entities: not batched"
+    );
+    engine.stop().await.unwrap();
+}
