@@ -663,12 +663,7 @@ async fn open(
     let seq = shape.sequence_column();
     let snapshot = client.prepare("SELECT pg_current_snapshot()::text").await?;
     let ids = client.prepare(&batch_ids_sql(seq)).await?;
-    let rows = client
-        .prepare(&format!(
-            "SELECT {} FROM core.tb_entity_change_log l WHERE l.{seq} = ANY ($1::bigint[]) ORDER BY l.{seq}",
-            shape.select_list()
-        ))
-        .await?;
+    let rows = client.prepare(&chunk_rows_sql(&shape)).await?;
     let quarantine = client
         .prepare(&format!(
             "INSERT INTO core.observer_quarantine (consumer_id, sequence, reason, row_data)
@@ -726,6 +721,16 @@ pub fn batch_ids_sql(seq: &str) -> String {
          ) b
          WHERE pg_visible_in_snapshot(b.txid, $4::text::pg_snapshot) AND b.seq > $5
          ORDER BY b.seq"
+    )
+}
+
+/// The chunk query: the rows whose sequences are in `$1` (`bigint[]`, ascending), in sequence
+/// order, selected with [`TableShape::select_list`].
+pub fn chunk_rows_sql(shape: &TableShape) -> String {
+    let seq = shape.sequence_column();
+    format!(
+        "SELECT {} FROM core.tb_entity_change_log l WHERE l.{seq} = ANY ($1::bigint[]) ORDER BY l.{seq}",
+        shape.select_list()
     )
 }
 
