@@ -572,7 +572,7 @@ impl ChangeLogListener {
                     sequence,
                 };
                 match ChangeLogRowRef::from_row(row)
-                    .and_then(|raw| parser::decode(&self.shape, &raw, position))
+                    .and_then(|raw| parser::decode(&self.shape, raw, position))
                 {
                     Ok(event) => events.push(event),
                     Err(e) => {
