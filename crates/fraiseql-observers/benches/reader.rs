@@ -15,8 +15,8 @@
 //!   workspace root.
 
 use anyhow::{bail, ensure, Context, Result};
-use fraiseql_observers::listener::change_log::{batch_ids_sql, chunk_rows_sql};
-use fraiseql_observers::listener::parser::{self, ChangeLogRow, TableShape};
+use fraiseql_observers::listener::change_log::{batch_ids_sql, chunk_range_sql, chunk_rows_sql};
+use fraiseql_observers::listener::parser::{self, ChangeLogRowRef, TableShape};
 use fraiseql_observers::{ChangeLogListener, ListenerConfig, Position, StartPosition};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -359,28 +359,46 @@ async fn breakdown(client: &Client, rows: u64) -> Result<Value> {
         ids.len()
     );
 
-    let chunk_statement = client.prepare(&chunk_rows_sql(&shape)).await?;
-    let chunks = ids.chunks(1000).take(200).collect::<Vec<_>>();
+    // The two forms of the chunk query on the same chunks, after a pass that warms the cache.
+    let list_statement = client.prepare(&chunk_rows_sql(&shape)).await?;
+    let range_statement = client.prepare(&chunk_range_sql(&shape)).await?;
+    let chunks: Vec<&[i64]> = ids.chunks(1000).take(100).collect();
+    let by_range = |chunk: &[i64]| (chunk[0], chunk[chunk.len() - 1]);
+    for chunk in &chunks {
+        let (first, last) = by_range(chunk);
+        client.query(&range_statement, &[&first, &last]).await?;
+    }
+    let started = Instant::now();
+    let mut list_rows = 0;
+    for chunk in &chunks {
+        list_rows += client
+            .query(&list_statement, &[&chunk.to_vec()])
+            .await?
+            .len();
+    }
+    let list_secs = started.elapsed().as_secs_f64();
     let started = Instant::now();
     let mut fetched = Vec::new();
-    let mut fetched_rows = 0;
+    let mut range_rows = 0;
     for chunk in &chunks {
-        let rows = client.query(&chunk_statement, &[&chunk.to_vec()]).await?;
-        fetched_rows += rows.len();
+        let (first, last) = by_range(chunk);
+        let rows = client.query(&range_statement, &[&first, &last]).await?;
+        range_rows += rows.len();
         fetched.push(rows);
     }
-    let fetch_secs = started.elapsed().as_secs_f64();
+    let range_secs = started.elapsed().as_secs_f64();
 
+    // Decoding alone, as the reader does it (borrowing the rows' text), events then dropped.
     let started = Instant::now();
     let mut decoded = 0;
     for rows in &fetched {
         for row in rows {
-            let raw = ChangeLogRow::from_row(row)?;
+            let raw = ChangeLogRowRef::from_row(row)?;
             let position = Position {
                 batch: 1,
                 sequence: raw.sequence,
             };
-            let event = parser::decode(&shape, &raw, position)?;
+            let event = parser::decode(&shape, raw, position)?;
             std::hint::black_box(&event);
             decoded += 1;
         }
@@ -389,8 +407,10 @@ async fn breakdown(client: &Client, rows: u64) -> Result<Value> {
     Ok(json!({
         "ids_query_secs": ids_secs,
         "ids_query_rows": ids.len(),
-        "chunk_fetch_rows": fetched_rows,
-        "chunk_fetch_rows_per_sec": fetched_rows as f64 / fetch_secs,
+        "chunk_fetch_list_rows": list_rows,
+        "chunk_fetch_list_rows_per_sec": list_rows as f64 / list_secs,
+        "chunk_fetch_range_rows": range_rows,
+        "chunk_fetch_range_rows_per_sec": range_rows as f64 / range_secs,
         "decode_rows": decoded,
         "decode_rows_per_sec": decoded as f64 / decode_secs,
     }))
@@ -410,6 +430,7 @@ async fn table_shape(client: &Client) -> Result<TableShape> {
 // Catch-up
 
 struct RunResult {
+    load_at_start: f64,
     rows: u64,
     elapsed: Duration,
     first_batch: Duration,
@@ -441,6 +462,7 @@ async fn catch_up_run(
         start: StartPosition::Beginning,
         ..ListenerConfig::default()
     };
+    let load_at_start = load_average();
     let cpu_before = self_cpu()?;
     let started = Instant::now();
     let mut listener = ChangeLogListener::start(config).await?;
@@ -502,6 +524,7 @@ async fn catch_up_run(
     }
     drop(listener);
     Ok(RunResult {
+        load_at_start,
         rows,
         elapsed,
         first_batch: first_batch.unwrap_or_default(),
@@ -550,6 +573,9 @@ fn summary_json(batch_size: usize, runs: &[RunResult]) -> Value {
         "median_client_cpu_secs": secs(|r| r.client_cpu),
         "median_server_cpu_secs": secs(|r| r.server_cpu),
         "median_server_runqueue_wait_secs": secs(|r| r.server_wait),
+        "load_at_start": runs.iter().map(|r| r.load_at_start).collect::<Vec<_>>(),
+        "client_cpu_secs": runs.iter().map(|r| r.client_cpu.as_secs_f64()).collect::<Vec<_>>(),
+        "server_cpu_secs": runs.iter().map(|r| r.server_cpu.as_secs_f64()).collect::<Vec<_>>(),
     })
 }
 
@@ -599,7 +625,8 @@ async fn poll_round_trip(db_config: &tokio_postgres::Config, n: u32) -> Result<V
 }
 
 /// A listener on an idle log for `secs` seconds with `poll_interval = interval_ms`: polls per
-/// second (counted as the bench database's committed transactions) and CPU of both sides.
+/// second, how many of them ran the batch query (the cluster's snapshot moved: other databases'
+/// transactions count), and CPU of both sides.
 async fn idle_listener(
     client: &Client,
     db_url: &str,
@@ -615,6 +642,7 @@ async fn idle_listener(
         ..ListenerConfig::default()
     };
     let mut listener = ChangeLogListener::start(config).await?;
+    let stats = listener.stats();
     let stop = listener.stop_handle();
     let task = tokio::spawn(async move {
         let mut unexpected = 0_usize;
@@ -625,9 +653,9 @@ async fn idle_listener(
     });
     // Let the poll interval back off to its maximum.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let pids = backend_pids(client, &consumer).await?;
-    let pid = pids[0];
-    let commits_before = xact_commits(client).await?;
+    let pid = backend_pids(client, &consumer).await?[0];
+    let polls_before = stats.polls();
+    let batch_queries_before = stats.batch_queries();
     let (server_before, _) = process_cpu(pid)?;
     let client_before = self_cpu()?;
     let started = Instant::now();
@@ -636,40 +664,24 @@ async fn idle_listener(
     let client_cpu = self_cpu()?.saturating_sub(client_before).as_secs_f64();
     let (server_after, _) = process_cpu(pid)?;
     let server_cpu = server_after.saturating_sub(server_before).as_secs_f64();
-    // Statistics are flushed at most once a second: wait for the last polls to show.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let commits_after = xact_commits(client).await?;
+    let polls = (stats.polls() - polls_before) as f64;
+    let batch_queries = (stats.batch_queries() - batch_queries_before) as f64;
     stop.stop();
     let unexpected = task.await??;
     if unexpected > 0 {
         bail!("the idle listener read {unexpected} rows from a log nobody writes");
     }
-    // Our own two statistics queries per measurement count too.
-    let polls = (commits_after - commits_before - 2).max(0) as f64;
-    let polls_per_sec = polls / (elapsed + 1.5);
+    ensure!(polls > 0.0, "the idle listener did not poll");
     Ok(json!({
         "poll_interval_ms": interval_ms,
         "secs": elapsed,
-        "polls_per_sec": polls_per_sec,
+        "polls_per_sec": polls / elapsed,
+        "batch_queries_per_sec": batch_queries / elapsed,
         "client_cpu_percent": client_cpu / elapsed * 100.0,
         "server_cpu_percent": server_cpu / elapsed * 100.0,
-        "client_cpu_us_per_poll": client_cpu * 1e6 / (polls_per_sec * elapsed),
-        "server_cpu_us_per_poll": server_cpu * 1e6 / (polls_per_sec * elapsed),
+        "client_cpu_us_per_poll": client_cpu * 1e6 / polls,
+        "server_cpu_us_per_poll": server_cpu * 1e6 / polls,
     }))
-}
-
-/// Transactions committed in the current database so far (as flushed to the statistics).
-async fn xact_commits(client: &Client) -> Result<i64> {
-    client
-        .execute("SELECT pg_stat_clear_snapshot()", &[])
-        .await?;
-    Ok(client
-        .query_one(
-            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
-            &[],
-        )
-        .await?
-        .get(0))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -708,6 +720,14 @@ fn schedstat(text: &str) -> Result<(Duration, Duration)> {
 // ---------------------------------------------------------------------------------------------
 // Machine and report
 
+/// The 1-minute load average: how busy the (shared) machine was.
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().and_then(|x| x.parse().ok()))
+        .unwrap_or(0.0)
+}
+
 async fn machine() -> Result<Value> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
@@ -745,12 +765,19 @@ async fn server_settings(client: &Client) -> Result<Value> {
 
 fn markdown(report: &Value) -> String {
     let mut out = String::new();
-    out.push_str("| batch_size | runs | median rows/s | min rows/s | max rows/s | median s | first batch s | client CPU s | server CPU s |\n");
-    out.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str("| batch_size | runs | median rows/s | min rows/s | max rows/s | median s | first batch s | reader CPU us/row | backend CPU us/row | load avg (1 min) at start |\n");
+    out.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     for group in report["catch_up"].as_array().into_iter().flatten() {
         let rate = &group["rows_per_sec"];
+        let rows = group["rows"].as_f64().unwrap_or(1.0);
+        let loads: Vec<String> = group["load_at_start"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|l| format!("{:.1}", l.as_f64().unwrap_or(0.0)))
+            .collect();
         out.push_str(&format!(
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {} |\n",
             group["batch_size"],
             group["runs"],
             rate["median"].as_f64().unwrap_or(0.0),
@@ -758,10 +785,19 @@ fn markdown(report: &Value) -> String {
             rate["max"].as_f64().unwrap_or(0.0),
             group["median_secs"].as_f64().unwrap_or(0.0),
             group["median_first_batch_secs"].as_f64().unwrap_or(0.0),
-            group["median_client_cpu_secs"].as_f64().unwrap_or(0.0),
-            group["median_server_cpu_secs"].as_f64().unwrap_or(0.0),
+            group["median_client_cpu_secs"].as_f64().unwrap_or(0.0) * 1e6 / rows,
+            group["median_server_cpu_secs"].as_f64().unwrap_or(0.0) * 1e6 / rows,
+            loads.join(", "),
         ));
     }
+    let breakdown = &report["breakdown"];
+    out.push_str(&format!(
+        "\nParts measured alone: ids query over the whole backlog {:.2} s; fetching 1000-row chunks {:.0} rows/s by sequence list, {:.0} rows/s by range; decoding {:.0} rows/s (one thread)\n",
+        breakdown["ids_query_secs"].as_f64().unwrap_or(0.0),
+        breakdown["chunk_fetch_list_rows_per_sec"].as_f64().unwrap_or(0.0),
+        breakdown["chunk_fetch_range_rows_per_sec"].as_f64().unwrap_or(0.0),
+        breakdown["decode_rows_per_sec"].as_f64().unwrap_or(0.0),
+    ));
     let poll = &report["idle"]["poll_round_trip"];
     out.push_str(&format!(
         "\nIdle poll (`SELECT pg_current_snapshot()::text`, {} calls back to back): {:.1} us round trip, {:.1} us server CPU, {:.1} us client CPU per poll\n\n",
@@ -770,13 +806,14 @@ fn markdown(report: &Value) -> String {
         poll["server_cpu_us"].as_f64().unwrap_or(0.0),
         poll["client_cpu_us"].as_f64().unwrap_or(0.0),
     ));
-    out.push_str("| idle listener poll_interval | polls/s | reader CPU % | backend CPU % | reader CPU us/poll | backend CPU us/poll |\n");
-    out.push_str("|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str("| idle listener poll_interval | polls/s | of which batch queries/s | reader CPU % | backend CPU % | reader CPU us/poll | backend CPU us/poll |\n");
+    out.push_str("|---:|---:|---:|---:|---:|---:|---:|\n");
     for idle in report["idle"]["listener"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "| {} ms | {:.1} | {:.3} | {:.3} | {:.0} | {:.0} |\n",
+            "| {} ms | {:.1} | {:.1} | {:.3} | {:.3} | {:.0} | {:.0} |\n",
             idle["poll_interval_ms"],
             idle["polls_per_sec"].as_f64().unwrap_or(0.0),
+            idle["batch_queries_per_sec"].as_f64().unwrap_or(0.0),
             idle["client_cpu_percent"].as_f64().unwrap_or(0.0),
             idle["server_cpu_percent"].as_f64().unwrap_or(0.0),
             idle["client_cpu_us_per_poll"].as_f64().unwrap_or(0.0),

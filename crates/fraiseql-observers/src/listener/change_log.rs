@@ -97,6 +97,8 @@ pub struct ListenerStats {
     rows_read: AtomicU64,
     quarantined: AtomicU64,
     reconnects: AtomicU64,
+    polls: AtomicU64,
+    batch_queries: AtomicU64,
 }
 
 impl ListenerStats {
@@ -115,6 +117,15 @@ impl ListenerStats {
     }
     pub fn reconnects(&self) -> u64 {
         self.reconnects.load(Ordering::Relaxed)
+    }
+    /// Looks for a new batch (one `pg_current_snapshot()` query each; an idle poll is only that).
+    pub fn polls(&self) -> u64 {
+        self.polls.load(Ordering::Relaxed)
+    }
+    /// Polls that found a new snapshot and so ran the batch query (any transaction in the
+    /// cluster that took an id moves the snapshot, whether it wrote to the change log or not).
+    pub fn batch_queries(&self) -> u64 {
+        self.batch_queries.load(Ordering::Relaxed)
     }
 }
 
@@ -606,10 +617,12 @@ impl ChangeLogListener {
             }));
         }
 
+        self.stats.polls.fetch_add(1, Ordering::Relaxed);
         let current = current_snapshot(conn).await?;
         if current == self.read {
             return Ok(None);
         }
+        self.stats.batch_queries.fetch_add(1, Ordering::Relaxed);
         let ids = batch_ids(conn, &self.read, &current, i64::MIN).await?;
         if ids.is_empty() {
             // Nothing of ours committed between the two snapshots: widen the newest batch (its
