@@ -287,6 +287,30 @@ async fn a_batch_read_in_chunks_survives_gaps_bad_rows_and_a_lost_connection() {
     assert!(quarantined[0].contains("'t'"), "{quarantined:?}");
 }
 
+/// The poll counters the idle benchmark reads: an idle listener keeps polling; a new row is found
+/// by a batch query.
+#[tokio::test]
+async fn poll_counters_count_idle_polls_and_batch_queries() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let mut listener = ChangeLogListener::start(config(&db, "counters"))
+        .await
+        .unwrap();
+    let stats = listener.stats();
+    nothing_more(&mut listener).await; // 300 ms idle, polling every 2-20 ms
+    let polls = stats.polls();
+    assert!(polls >= 5, "an idle listener polls: {polls}");
+    let batch_queries = stats.batch_queries();
+    assert!(batch_queries <= polls);
+    let seq = insert_change(&client, Uuid::new_v4(), "c", json!({})).await;
+    assert_eq!(read_n(&mut listener, 1).await[0].sequence, seq);
+    assert!(
+        stats.batch_queries() > batch_queries,
+        "the row came from a batch query"
+    );
+    assert!(stats.polls() > polls);
+}
+
 #[tokio::test]
 async fn test_resume_from_checkpoint() {
     let db = TestDb::new().await;
