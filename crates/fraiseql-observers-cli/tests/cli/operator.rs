@@ -491,3 +491,29 @@ async fn explain_and_replay_a_range_for_one_observer() {
         .collect();
     assert_eq!(ns, [2, 3], "in sequence order, only what matches");
 }
+
+/// The README's main command: the demo, against this server (it creates and drops a database of
+/// its own), shows changes becoming signed webhooks.
+#[tokio::test]
+async fn the_demo_delivers_signed_webhooks_and_cleans_up() {
+    let admin = crate::support::admin_url();
+    let out = cli(Some(&admin), &["demo"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert!(
+        out.stdout.contains("3 deliveries accepted"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("signature valid"), "{}", out.stdout);
+    assert!(!out.stdout.contains("INVALID"), "{}", out.stdout);
+    let client = crate::support::connect(&admin).await;
+    let left: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'fraiseql_observers_demo%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the demo database is dropped");
+}
