@@ -991,9 +991,21 @@ allow_private_networks = true
             .await
             .unwrap();
     }
+    let (order_id, other_id) = (order.to_string(), other.to_string());
     eventually(Duration::from_secs(10), "the coalesced updates", || {
         let hooks = receiver.hooks();
-        async move { (hooks.len() >= 2).then_some(()) }
+        let (order_id, other_id) = (order_id.clone(), other_id.clone());
+        async move {
+            let docs: Vec<serde_json::Value> = hooks
+                .iter()
+                .flat_map(|h| h.body.as_array().cloned().unwrap_or_default())
+                .collect();
+            let final_state = docs
+                .iter()
+                .any(|d| d["id"] == order_id.as_str() && d["status"] == "step-9");
+            let other = docs.iter().any(|d| d["id"] == other_id.as_str());
+            (final_state && other).then_some(())
+        }
     })
     .await;
     tokio::time::sleep(Duration::from_millis(800)).await;
