@@ -8,6 +8,7 @@
 //! Invariant: every command's output comes from the database or the configuration file; nothing
 //! is printed that was not read.
 
+mod allocator;
 mod commands;
 mod demo;
 mod server;
@@ -16,11 +17,6 @@ mod table;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-
-/// mimalloc: the reader builds and frees many small JSON values per change; with it the reader
-/// needs 15-20 % less CPU per row than with the system allocator (BENCHMARKS.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -775,21 +775,38 @@ impl ObserverExecutor {
                 }
             });
         }
+
+        // The checkpoint writer, off the dispatch path (a write waits for a commit): it owns a
+        // clone of the checkpointer (same progress, its own connection) and is stopped between
+        // two writes, never in the middle of one.
+        let (checkpoint_stop, mut checkpoint_stopped) = tokio::sync::watch::channel(false);
+        let checkpoint_task = {
+            let (watermark, fatal) = (watermark.clone(), fatal_tx.clone());
+            let mut checkpointer = checkpointer.clone();
+            let mut tick = tokio::time::interval(runtime.checkpoint_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = checkpoint_stopped.changed() => return,
+                        _ = tick.tick() => {
+                            if let Err(e) = checkpoint(&watermark, &mut checkpointer).await {
+                                let _ = fatal.send(e);
+                                return;
+                            }
+                        }
+                    }
+                }
+            })
+        };
         drop(fatal_tx);
 
-        let mut tick = tokio::time::interval(runtime.checkpoint_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         let result: Result<()> = loop {
             tokio::select! {
                 biased;
                 Some(e) = fatal_rx.recv() => break Err(e),
                 _ = &mut shutdown => break Ok(()),
-                _ = tick.tick() => {
-                    if let Err(e) = checkpoint(&watermark, &mut checkpointer).await {
-                        break Err(e);
-                    }
-                }
                 batch = batch_rx.recv() => match batch {
                     Some(batch) => self.dispatch(batch, &lanes, &watermark).await,
                     None => break Ok(()),
@@ -814,6 +831,8 @@ impl ObserverExecutor {
         lane_tasks.abort_all();
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
+        checkpoint_stop.send_replace(true);
+        let _ = checkpoint_task.await;
         match result {
             Ok(()) => {
                 checkpoint(&watermark, &mut checkpointer).await?;

@@ -29,6 +29,10 @@
 //! * Rendering reads only the event: no I/O, no clock, no environment.
 
 use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::ser::{SerializeMap, Serializer};
+use serde::Serialize;
 
 use minijinja::{AutoEscape, Environment, UndefinedBehavior, Value};
 use serde_json::{json, Map, Value as Json};
@@ -220,10 +224,102 @@ pub struct EventContext {
 }
 
 impl EventContext {
+    /// The same context as `Value::from_serialize(context_json(event))`, built straight from
+    /// the event (no intermediate JSON copy of the images).
     pub fn new(event: &EntityEvent) -> EventContext {
         EventContext {
-            value: Value::from_serialize(context_json(event)),
+            value: Value::from_serialize(ContextRef(event)),
         }
+    }
+}
+
+/// [`context_json`] as a borrowing `Serialize`, keys in a sorted map's order.
+struct ContextRef<'a>(&'a EntityEvent);
+
+impl Serialize for ContextRef<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let e = self.0;
+        let mut map = serializer.serialize_map(Some(5))?;
+        map.serialize_entry("after", &e.after)?;
+        map.serialize_entry("before", &e.before)?;
+        map.serialize_entry("changes", &Changes(e.changes.as_deref()))?;
+        map.serialize_entry("data", e.data())?;
+        map.serialize_entry("event", &EventRef(e))?;
+        map.end()
+    }
+}
+
+/// [`event_json`] as a borrowing `Serialize`, keys in a sorted map's order.
+struct EventRef<'a>(&'a EntityEvent);
+
+impl Serialize for EventRef<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let e = self.0;
+        let mut map = serializer.serialize_map(Some(13))?;
+        map.serialize_entry("author", &e.author)?;
+        map.serialize_entry("change_status", &e.change_status)?;
+        map.serialize_entry("created_at", &Rfc3339(&e.created_at))?;
+        map.serialize_entry("entity_id", &Shown(&e.entity_id))?;
+        map.serialize_entry("entity_type", &e.entity_type)?;
+        map.serialize_entry("extra_metadata", &e.extra_metadata)?;
+        map.serialize_entry("id", &Shown(&e.id))?;
+        map.serialize_entry("kind", e.kind.as_str())?;
+        map.serialize_entry("op", e.kind.op())?;
+        map.serialize_entry("sequence", &e.sequence)?;
+        map.serialize_entry("source", &e.source)?;
+        map.serialize_entry("source_ts", &e.source_ts.as_ref().map(Rfc3339))?;
+        map.serialize_entry("tenant", &e.tenant.as_ref().map(Shown))?;
+        map.end()
+    }
+}
+
+/// `{field: {"new", "old"}}` in field order (as a sorted map, the last entry of a repeated field
+/// winning), or `null`.
+pub(crate) struct Changes<'a>(pub(crate) Option<&'a [crate::event::FieldChange]>);
+
+impl Serialize for Changes<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let Some(changes) = self.0 else {
+            return serializer.serialize_none();
+        };
+        fn change(c: &crate::event::FieldChange) -> OldNew<'_> {
+            OldNew(c.old.as_ref(), c.new.as_ref())
+        }
+        if changes.windows(2).all(|w| w[0].field < w[1].field) {
+            serializer.collect_map(changes.iter().map(|c| (&c.field, change(c))))
+        } else {
+            let sorted: std::collections::BTreeMap<&str, &crate::event::FieldChange> =
+                changes.iter().map(|c| (c.field.as_str(), c)).collect();
+            serializer.collect_map(sorted.into_iter().map(|(f, c)| (f, change(c))))
+        }
+    }
+}
+
+struct OldNew<'a>(Option<&'a serde_json::Value>, Option<&'a serde_json::Value>);
+
+impl Serialize for OldNew<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(2))?;
+        map.serialize_entry("new", &self.1)?;
+        map.serialize_entry("old", &self.0)?;
+        map.end()
+    }
+}
+
+/// A value written as the string its `Display` gives.
+pub(crate) struct Shown<'a, T: fmt::Display>(pub(crate) &'a T);
+
+impl<T: fmt::Display> Serialize for Shown<'_, T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self.0)
+    }
+}
+
+pub(crate) struct Rfc3339<'a>(pub(crate) &'a chrono::DateTime<chrono::Utc>);
+
+impl Serialize for Rfc3339<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
     }
 }
 
@@ -357,6 +453,43 @@ mod tests {
             None,
             Some(json!({"email": "a\"b\\c</script>", "total": 10})),
         )
+    }
+
+    /// The context built straight from the event is the one built through `context_json`.
+    #[test]
+    fn event_context_is_context_json() {
+        let updated = event(
+            EventKind::Updated,
+            Some(
+                json!({"status": "new", "total": 1.5, "tags": ["a"], "addr": {"z": 1, "a": null}}),
+            ),
+            Some(json!({"status": "paid", "total": 2, "tags": [], "extra": "x"})),
+        );
+        let deleted = EntityEvent {
+            tenant: None,
+            author: None,
+            source: Some(json!({"table": "tb_order", "ts_us": 5})),
+            source_ts: Some(chrono::Utc.with_ymd_and_hms(2024, 5, 1, 12, 0, 1).unwrap()),
+            ..event(EventKind::Deleted, Some(json!({"id": 7})), None)
+        };
+        for e in [created(), updated, deleted] {
+            assert_eq!(
+                EventContext::new(&e).value,
+                Value::from_serialize(context_json(&e))
+            );
+            let text = Template::compile(
+                "{{ event }} {{ before }} {{ after }} {{ data }} {{ changes }}",
+                TemplateMode::Text,
+            )
+            .unwrap();
+            assert_eq!(
+                text.render(&e).unwrap(),
+                text.render_context(&EventContext {
+                    value: Value::from_serialize(context_json(&e))
+                })
+                .unwrap()
+            );
+        }
     }
 
     #[test]
