@@ -780,12 +780,12 @@ impl ObserverExecutor {
         // clone of the checkpointer (same progress, its own connection) and is stopped between
         // two writes, never in the middle of one.
         let (checkpoint_stop, mut checkpoint_stopped) = tokio::sync::watch::channel(false);
-        let checkpoint_task = {
+        let mut checkpoint_task = {
             let (watermark, fatal) = (watermark.clone(), fatal_tx.clone());
             let mut checkpointer = checkpointer.clone();
             let mut tick = tokio::time::interval(runtime.checkpoint_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tokio::spawn(async move {
+            AbortOnDrop(tokio::spawn(async move {
                 loop {
                     tokio::select! {
                         _ = checkpoint_stopped.changed() => return,
@@ -797,7 +797,7 @@ impl ObserverExecutor {
                         }
                     }
                 }
-            })
+            }))
         };
         drop(fatal_tx);
 
@@ -832,7 +832,7 @@ impl ObserverExecutor {
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
         checkpoint_stop.send_replace(true);
-        let _ = checkpoint_task.await;
+        let _ = (&mut checkpoint_task.0).await;
         match result {
             Ok(()) => {
                 checkpoint(&watermark, &mut checkpointer).await?;
@@ -1048,5 +1048,15 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+/// A spawned task that is aborted when its handle is dropped: if the `run` future is dropped (a
+/// lost lead), the checkpoint writer does not outlive it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
