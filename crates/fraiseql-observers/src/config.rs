@@ -153,6 +153,9 @@ pub struct Observer {
     pub ordered: bool,
     /// A paused observer matches nothing.
     pub enabled: bool,
+    /// Coalescing window (search and cache actions only): changes of one entity within it become
+    /// one delivery of the latest state.
+    pub coalesce: Option<Duration>,
     pub description: Option<String>,
 }
 
@@ -360,6 +363,7 @@ struct RawObserver {
     on_failure: Option<OnFailure>,
     ordered: Option<bool>,
     enabled: Option<bool>,
+    coalesce_ms: Option<u64>,
     description: Option<String>,
 }
 
@@ -481,10 +485,35 @@ fn compile_observer(
             }
         }
     }
+    let coalesce = match raw.coalesce_ms {
+        None | Some(0) => None,
+        Some(ms) => {
+            if let Some(a) = actions
+                .iter()
+                .find(|a| !matches!(a.kind(), "search" | "cache"))
+            {
+                errors.push(ConfigError::new(
+                    format!("{path}.coalesce_ms"),
+                    format!(
+                        "coalescing keeps only the latest state of an entity: it applies to search and cache actions, and this observer has a {} action (put it in an observer of its own)",
+                        a.kind()
+                    ),
+                ));
+            }
+            if ms > 60_000 {
+                errors.push(ConfigError::new(
+                    format!("{path}.coalesce_ms"),
+                    "at most 60000 (the checkpoint waits for coalesced changes)",
+                ));
+            }
+            Some(Duration::from_millis(ms))
+        }
+    };
     if !errors.is_empty() {
         return Err(errors);
     }
     Ok(Observer {
+        coalesce,
         name: name.to_string(),
         entity,
         event_types,

@@ -20,18 +20,18 @@ use crate::actions::{self, Action, ActionError, DeliveryRequest, HttpClient};
 use crate::config::{Observer, OnFailure, RuntimeConfig};
 use crate::db;
 use crate::delivery::dead_letter::{self, Reason};
-use crate::delivery::lanes::{lane_of, Watermark};
+use crate::delivery::lanes::{lane_of, Coalescer, Group, Watermark};
 use crate::delivery::{entity_key, retry_queue, DeliveryItem};
 use crate::error::{Error, Result};
 use crate::event::EntityEvent;
 use crate::listener::{Batch, ChangeLogListener, Checkpointer};
 use crate::matcher::{EventMatcher, Verdict};
 use crate::metrics as m;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 use tokio_postgres::Client;
@@ -174,6 +174,16 @@ impl ObserverExecutor {
     /// order. Returns once every delivery is done or handed over durably. `Err` only when a
     /// failure could not be recorded (fenced, or a database error that is not transient).
     pub async fn process_event(&self, event: &EntityEvent) -> Result<ExecutionSummary> {
+        self.process(event, None).await
+    }
+
+    /// `process_event`, except that the observers that coalesce are not run but returned in
+    /// `coalesced` (with their window), for the lane to hold.
+    async fn process(
+        &self,
+        event: &EntityEvent,
+        mut coalesced: Option<&mut Vec<(usize, Duration)>>,
+    ) -> Result<ExecutionSummary> {
         let mut summary = ExecutionSummary::default();
         for (i, verdict) in self.matcher.evaluate(&self.observers, event) {
             let observer = &self.observers[i];
@@ -182,6 +192,12 @@ impl ObserverExecutor {
                     metrics::counter!(m::EVENTS_MATCHED, "observer" => observer.name.clone())
                         .increment(1);
                     self.status.events_matched.fetch_add(1, Ordering::Relaxed);
+                    if let (Some(window), Some(held)) =
+                        (observer.coalesce, coalesced.as_deref_mut())
+                    {
+                        held.push((i, window));
+                        continue;
+                    }
                     for a in 0..observer.actions.len() {
                         let outcome = self.deliver(i, a, event).await?;
                         summary.deliveries.push((observer.name.clone(), a, outcome));
@@ -562,6 +578,58 @@ impl ObserverExecutor {
         Ok(())
     }
 
+    /// Why each observer does or does not fire for `event` (every observer, configuration order):
+    /// `None` when its entity or event type does not fit.
+    pub fn explain(&self, event: &EntityEvent) -> Vec<(&str, Option<Verdict>)> {
+        let verdicts: HashMap<usize, Verdict> = self
+            .matcher
+            .evaluate(&self.observers, event)
+            .into_iter()
+            .collect();
+        self.observers
+            .iter()
+            .enumerate()
+            .map(|(i, o)| (o.name.as_str(), verdicts.get(&i).cloned()))
+            .collect()
+    }
+
+    /// Send `event` again through every action of observer `name`, once each, when it matches
+    /// (an operator's replay: same delivery ids, so receivers can deduplicate; failures are
+    /// returned, not queued). `Ok(None)` when the observer does not fire for this event.
+    pub async fn replay(
+        &self,
+        name: &str,
+        event: &EntityEvent,
+    ) -> Result<Option<Vec<std::result::Result<(), ActionError>>>> {
+        let i = self
+            .observers
+            .iter()
+            .position(|o| o.name == name)
+            .ok_or_else(|| {
+                Error::Invalid(format!("no observer named '{name}' in this configuration"))
+            })?;
+        let fires = self
+            .matcher
+            .evaluate(&self.observers, event)
+            .into_iter()
+            .any(|(j, v)| j == i && v == Verdict::Matched);
+        if !fires {
+            return Ok(None);
+        }
+        let observer = &self.observers[i];
+        let mut results = Vec::with_capacity(observer.actions.len());
+        for (a, action) in observer.actions.iter().enumerate() {
+            let delivery_id = actions::delivery_id(event.id, &observer.name, a);
+            let request = DeliveryRequest {
+                event,
+                delivery_id: &delivery_id,
+                attempt: 1,
+            };
+            results.push(action.execute(&self.http, &request).await);
+        }
+        Ok(Some(results))
+    }
+
     /// Retry dead letter `id` once, on an operator's request: claimed atomically, so two
     /// concurrent retries of one item deliver once. `Ok(None)` when it is not pending.
     pub async fn retry_dead_letter(
@@ -623,14 +691,8 @@ impl ObserverExecutor {
             lanes.push(tx);
             let (executor, watermark, fatal) = (self.clone(), watermark.clone(), fatal_tx.clone());
             lane_tasks.spawn(async move {
-                while let Some(event) = rx.recv().await {
-                    match executor.process_event(&event).await {
-                        Ok(_) => watermark.completed(event.position),
-                        Err(e) => {
-                            let _ = fatal.send(e);
-                            return;
-                        }
-                    }
+                if let Err(e) = executor.lane(&mut rx, &watermark).await {
+                    let _ = fatal.send(e);
                 }
             });
         }
@@ -718,12 +780,12 @@ impl ObserverExecutor {
         // clone of the checkpointer (same progress, its own connection) and is stopped between
         // two writes, never in the middle of one.
         let (checkpoint_stop, mut checkpoint_stopped) = tokio::sync::watch::channel(false);
-        let checkpoint_task = {
+        let mut checkpoint_task = {
             let (watermark, fatal) = (watermark.clone(), fatal_tx.clone());
             let mut checkpointer = checkpointer.clone();
             let mut tick = tokio::time::interval(runtime.checkpoint_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tokio::spawn(async move {
+            AbortOnDrop(tokio::spawn(async move {
                 loop {
                     tokio::select! {
                         _ = checkpoint_stopped.changed() => return,
@@ -735,7 +797,7 @@ impl ObserverExecutor {
                         }
                     }
                 }
-            })
+            }))
         };
         drop(fatal_tx);
 
@@ -770,7 +832,7 @@ impl ObserverExecutor {
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
         checkpoint_stop.send_replace(true);
-        let _ = checkpoint_task.await;
+        let _ = (&mut checkpoint_task.0).await;
         match result {
             Ok(()) => {
                 checkpoint(&watermark, &mut checkpointer).await?;
@@ -779,6 +841,106 @@ impl ObserverExecutor {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// One lane: its events one after another; coalescing observers' changes held in groups and
+    /// delivered at the end of their window (or when the lane closes: nothing held is lost).
+    async fn lane(
+        &self,
+        rx: &mut mpsc::Receiver<EntityEvent>,
+        watermark: &Watermark,
+    ) -> Result<()> {
+        let mut coalescer = Coalescer::new(Instant::now());
+        let mut held = Vec::new();
+        loop {
+            let deadline = coalescer.next_deadline();
+            let next = tokio::select! {
+                event = rx.recv() => event,
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    self.flush(&mut coalescer, Some(Instant::now()), watermark).await?;
+                    continue;
+                }
+            };
+            let Some(event) = next else {
+                return self.flush(&mut coalescer, None, watermark).await;
+            };
+            held.clear();
+            self.process(&event, Some(&mut held)).await?;
+            if held.is_empty() {
+                watermark.completed(event.position);
+            } else {
+                coalescer.hold(&event, &entity_key(&event), &held, Instant::now());
+            }
+        }
+    }
+
+    /// Deliver the coalesced groups that are due (all of them with `now = None`).
+    async fn flush(
+        &self,
+        coalescer: &mut Coalescer,
+        now: Option<Instant>,
+        watermark: &Watermark,
+    ) -> Result<()> {
+        let groups = coalescer.take_due(now);
+        let delivered = self.flush_search_batches(&groups).await;
+        for (g, group) in groups.iter().enumerate() {
+            for a in 0..self.observers[group.observer].actions.len() {
+                if !delivered.contains(&(g, a)) {
+                    self.deliver(group.observer, a, &group.event).await?;
+                }
+            }
+            for position in coalescer.release(&group.held) {
+                watermark.completed(position);
+            }
+        }
+        Ok(())
+    }
+
+    /// Search actions take every due group of their observer in one request (one `_bulk` for
+    /// Elasticsearch): the groups are distinct entities, so no entity's order is at stake.
+    /// Returns the (group, action) pairs delivered; the others go through `deliver` (retries,
+    /// parking, dead letters) as usual.
+    async fn flush_search_batches(&self, groups: &[Group]) -> HashSet<(usize, usize)> {
+        let mut delivered = HashSet::new();
+        let mut by_observer: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (g, group) in groups.iter().enumerate() {
+            let observer = &self.observers[group.observer];
+            if !(observer.ordered && self.is_blocked(group.observer, &entity_key(&group.event))) {
+                by_observer.entry(group.observer).or_default().push(g);
+            }
+        }
+        for (i, members) in by_observer {
+            let observer = &self.observers[i];
+            for (a, action) in observer.actions.iter().enumerate() {
+                let Action::Search(search) = action else {
+                    continue;
+                };
+                if members.len() < 2 {
+                    continue;
+                }
+                let ids: Vec<String> = members
+                    .iter()
+                    .map(|g| actions::delivery_id(groups[*g].event.id, &observer.name, a))
+                    .collect();
+                let requests: Vec<DeliveryRequest<'_>> = members
+                    .iter()
+                    .zip(&ids)
+                    .map(|(g, id)| DeliveryRequest {
+                        event: &groups[*g].event,
+                        delivery_id: id,
+                        attempt: 1,
+                    })
+                    .collect();
+                let results = search.execute_batch(&self.http, &requests).await;
+                for (g, result) in members.iter().zip(results) {
+                    if result.is_ok() {
+                        self.delivered(observer, action, &groups[*g].event);
+                        delivered.insert((*g, a));
+                    }
+                }
+            }
+        }
+        delivered
     }
 
     /// Hand a batch to the lanes (waiting when they are full: backpressure on the reader).
@@ -878,5 +1040,23 @@ fn reason_of(e: &ActionError) -> Reason {
         ActionError::Transient { .. } => Reason::Exhausted,
         ActionError::Permanent { .. } => Reason::Permanent,
         ActionError::Gone { .. } => Reason::Gone,
+    }
+}
+
+/// Sleep until `deadline` (forever when there is none).
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A spawned task that is aborted when its handle is dropped: if the `run` future is dropped (a
+/// lost lead), the checkpoint writer does not outlive it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -11,7 +11,45 @@
 //!   algorithm: every committed row exactly once per pass, in commit order per entity, never a row
 //!   of a transaction that is still open.
 //! * [`listener::parser`] turns a row into an [`EntityEvent`] (pure).
-//! * [`migrate`] installs the change log, the capture trigger and the observer's own tables.
+//! * [`config::load`] parses and compiles observers (pure); [`EventMatcher`] and
+//!   [`condition::Condition`] decide which observers an event concerns (pure).
+//! * [`ObserverExecutor`] runs the pipeline: lanes per entity, [`actions`] (webhook, slack,
+//!   email, sms, push, search, cache), the durable retry queue and dead letters of [`delivery`],
+//!   and the checkpoint at the low watermark of done events.
+//! * [`migrate`] installs the change log, the capture trigger ([`capture`]) and the observer's
+//!   own tables; [`leader`] elects one active instance per consumer.
+//!
+//! ```no_run
+//! # async fn run() -> fraiseql_observers::Result<()> {
+//! use fraiseql_observers::{config, ChangeLogListener, ListenerConfig, ObserverExecutor};
+//! use std::sync::Arc;
+//!
+//! let url = "postgres://app@localhost/app";
+//! let config = config::load(
+//!     r#"
+//!     [observers.user_signed_up]
+//!     entity = "User"
+//!     event_type = "INSERT"
+//!     [[observers.user_signed_up.actions]]
+//!     type = "webhook"
+//!     url = "https://hooks.example.com/users"
+//!     "#,
+//!     &|name| std::env::var(name).ok(),
+//! )
+//! .expect("a valid configuration");
+//! let runtime = config.runtime;
+//! let listener = ChangeLogListener::start(ListenerConfig {
+//!     database_url: url.into(),
+//!     consumer_id: runtime.consumer_id.clone(),
+//!     ..ListenerConfig::default()
+//! })
+//! .await?;
+//! let executor = Arc::new(
+//!     ObserverExecutor::new(config.observers, url, &runtime.consumer_id, listener.epoch()).await?,
+//! );
+//! executor.run(listener, &runtime, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
 //!
 //! The library reads no environment variables and installs no global state.
 
@@ -24,10 +62,12 @@ pub mod delivery;
 pub mod error;
 pub mod event;
 pub mod executor;
+pub mod leader;
 pub mod listener;
 pub mod matcher;
 pub mod metrics;
 pub mod migrate;
+pub mod retention;
 pub mod template;
 
 pub use config::{Config, Observer};

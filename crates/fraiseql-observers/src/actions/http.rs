@@ -41,15 +41,32 @@ pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(600);
 /// connection can go back to the pool.
 const BODY_KEPT: usize = 1024;
 const BODY_READ_MAX: usize = 64 * 1024;
+/// The most a [`SendOptions::body_limit`] can keep.
+const BODY_LIMIT_MAX: usize = 16 * 1024 * 1024;
 
 /// The HTTP client every action shares: built once, keeps connections alive per host.
 ///
 /// It holds two pools: one whose resolver refuses private addresses (the default for every
-/// target) and one for targets that set `allow_private_networks = true`. Cloning is cheap.
+/// target) and one for targets that set `allow_private_networks = true`; and the same two again
+/// speaking HTTP/2 only, for receivers that require it ([`SendOptions::http2_only`]). Cloning is
+/// cheap.
 #[derive(Clone)]
 pub struct HttpClient {
     guarded: reqwest::Client,
     open: reqwest::Client,
+    guarded_h2: reqwest::Client,
+    open_h2: reqwest::Client,
+}
+
+/// How one exchange departs from the defaults.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SendOptions {
+    /// Speak HTTP/2 only: negotiated by ALPN over `https`, with prior knowledge (h2c) over plain
+    /// `http` (a local test server). APNs requires HTTP/2.
+    pub http2_only: bool,
+    /// Keep up to this many bytes of the response body instead of the first KiB (for answers the
+    /// action must read: an OAuth2 token, a bulk API's per-item results). Capped at 16 MiB.
+    pub body_limit: Option<usize>,
 }
 
 impl fmt::Debug for HttpClient {
@@ -60,7 +77,7 @@ impl fmt::Debug for HttpClient {
 
 impl HttpClient {
     pub fn new() -> Result<HttpClient, crate::Error> {
-        let build = |guarded: bool| {
+        let build = |guarded: bool, http2_only: bool| {
             let mut builder = reqwest::Client::builder()
                 .use_rustls_tls()
                 .user_agent(USER_AGENT)
@@ -72,28 +89,47 @@ impl HttpClient {
             if guarded {
                 builder = builder.dns_resolver(Arc::new(GuardedResolver));
             }
+            if http2_only {
+                builder = builder.http2_prior_knowledge();
+            }
             builder
                 .build()
                 .map_err(|e| crate::Error::Invalid(format!("cannot build the HTTP client: {e}")))
         };
         Ok(HttpClient {
-            guarded: build(true)?,
-            open: build(false)?,
+            guarded: build(true, false)?,
+            open: build(false, false)?,
+            guarded_h2: build(true, true)?,
+            open_h2: build(false, true)?,
         })
     }
 
     /// Send one request. `Ok` for any answer, whatever its status (see [`classify`]); `Err` when
     /// there is no answer: refused target (permanent), timeout or connection failure (transient).
     pub async fn send(&self, request: HttpRequest<'_>) -> Result<HttpResponse, ActionError> {
+        self.send_with(request, SendOptions::default()).await
+    }
+
+    /// [`HttpClient::send`], with [`SendOptions`].
+    pub async fn send_with(
+        &self,
+        request: HttpRequest<'_>,
+        options: SendOptions,
+    ) -> Result<HttpResponse, ActionError> {
         let target = request.target;
         if !target.allow_private_networks {
             check_literal_host(target)?;
         }
-        let client = if target.allow_private_networks {
-            &self.open
-        } else {
-            &self.guarded
+        let client = match (target.allow_private_networks, options.http2_only) {
+            (true, false) => &self.open,
+            (false, false) => &self.guarded,
+            (true, true) => &self.open_h2,
+            (false, true) => &self.guarded_h2,
         };
+        let kept = options
+            .body_limit
+            .map_or(BODY_KEPT, |limit| limit.min(BODY_LIMIT_MAX));
+        let read_max = kept.max(BODY_READ_MAX);
         let started = Instant::now();
         let result = client
             .request(request.method, target.url.clone())
@@ -121,11 +157,11 @@ impl HttpClient {
         let mut read = 0usize;
         // The status decides the outcome; the body is only kept for messages. A body that fails
         // halfway does not change the outcome.
-        while read < BODY_READ_MAX {
+        while read < read_max {
             match response.chunk().await {
                 Ok(Some(chunk)) => {
                     read += chunk.len();
-                    let room = BODY_KEPT.saturating_sub(body.len());
+                    let room = kept.saturating_sub(body.len());
                     body.extend_from_slice(&chunk[..chunk.len().min(room)]);
                 }
                 _ => break,
@@ -155,7 +191,7 @@ pub struct HttpRequest<'a> {
     pub timeout: Duration,
 }
 
-/// An answer: status, headers, and the first KiB of the body.
+/// An answer: status, headers, and the first KiB of the body (or [`SendOptions::body_limit`]).
 #[derive(Debug)]
 pub struct HttpResponse {
     pub status: StatusCode,

@@ -23,9 +23,8 @@
 //! absent fails at compile.
 //!
 //! Adding an action = one file, one [`ActionConfig`] variant, one [`Action`] variant, its entry
-//! in [`AVAILABLE`], its tests against a local receiver. The future types listed in
-//! [`NOT_AVAILABLE`] are refused at configuration load with a clear message: no stub ever
-//! reports success.
+//! in [`AVAILABLE`], its tests against a local receiver. A type not in [`AVAILABLE`] is refused
+//! at configuration load with a clear message: no stub ever reports success.
 //!
 //! Delivery identity: [`delivery_id`] derives one id per (event, observer, action) that is the
 //! same on every retry, crash replay and restart; receivers use it to deduplicate.
@@ -33,6 +32,8 @@
 pub mod cache;
 pub mod email;
 pub mod http;
+pub mod push;
+pub mod search;
 pub mod slack;
 pub mod sms;
 pub mod webhook;
@@ -50,15 +51,16 @@ use crate::event::EntityEvent;
 pub use cache::{Cache, CacheConfig, RedisSettings};
 pub use email::{Email, EmailConfig, EmailSettings};
 pub use http::HttpClient;
+pub use push::{Push, PushConfig};
+pub use search::{Search, SearchConfig};
 pub use slack::{Slack, SlackConfig};
 pub use sms::{Sms, SmsConfig};
 pub use webhook::{Webhook, WebhookConfig};
 
 /// The action types this version can run.
-pub const AVAILABLE: &[&str] = &["webhook", "slack", "email", "sms", "cache"];
-
-/// Action types FraiseQL documents that this version does not implement yet.
-pub const NOT_AVAILABLE: &[&str] = &["push", "search"];
+pub const AVAILABLE: &[&str] = &[
+    "webhook", "slack", "email", "sms", "push", "search", "cache",
+];
 
 /// What compiling an action may use besides its own table: the environment (for `*_env`
 /// secrets) and the server settings of `[observers.runtime.*]`, `None` when a section is absent.
@@ -184,6 +186,8 @@ pub enum ActionConfig {
     Email(EmailConfig),
     Sms(SmsConfig),
     Cache(CacheConfig),
+    Push(Box<PushConfig>),
+    Search(SearchConfig),
 }
 
 impl ActionConfig {
@@ -214,13 +218,8 @@ impl ActionConfig {
             "email" => parse_fields(&rest, path).map(ActionConfig::Email),
             "sms" => parse_fields(&rest, path).map(ActionConfig::Sms),
             "cache" => parse_fields(&rest, path).map(ActionConfig::Cache),
-            _ if NOT_AVAILABLE.contains(&kind) => Err(vec![ConfigError::new(
-                type_path,
-                format!(
-                    "action type '{kind}' is not available in this version (available: {})",
-                    AVAILABLE.join(", ")
-                ),
-            )]),
+            "push" => parse_fields(&rest, path).map(|c| ActionConfig::Push(Box::new(c))),
+            "search" => parse_fields(&rest, path).map(ActionConfig::Search),
             _ => Err(vec![ConfigError::new(
                 type_path,
                 format!(
@@ -239,6 +238,8 @@ impl ActionConfig {
             ActionConfig::Email(_) => "email",
             ActionConfig::Sms(_) => "sms",
             ActionConfig::Cache(_) => "cache",
+            ActionConfig::Push(_) => "push",
+            ActionConfig::Search(_) => "search",
         }
     }
 
@@ -254,6 +255,10 @@ impl ActionConfig {
             ActionConfig::Email(c) => email::compile(c, path, ctx).map(Action::Email),
             ActionConfig::Sms(c) => sms::compile(c, path, ctx.env).map(Action::Sms),
             ActionConfig::Cache(c) => cache::compile(c, path, ctx).map(Action::Cache),
+            ActionConfig::Push(c) => {
+                push::compile(c, path, ctx.env).map(|a| Action::Push(Box::new(a)))
+            }
+            ActionConfig::Search(c) => search::compile(c, path, ctx.env).map(Action::Search),
         }
     }
 }
@@ -283,6 +288,8 @@ pub enum Action {
     Email(Email),
     Sms(Sms),
     Cache(Cache),
+    Push(Box<Push>),
+    Search(Search),
 }
 
 impl Action {
@@ -294,6 +301,8 @@ impl Action {
             Action::Email(_) => "email",
             Action::Sms(_) => "sms",
             Action::Cache(_) => "cache",
+            Action::Push(_) => "push",
+            Action::Search(_) => "search",
         }
     }
 
@@ -309,6 +318,8 @@ impl Action {
             Action::Email(a) => a.execute(request).await,
             Action::Sms(a) => a.execute(http, request).await,
             Action::Cache(a) => a.execute(request).await,
+            Action::Push(a) => a.execute(http, request).await,
+            Action::Search(a) => a.execute(http, request).await,
         }
     }
 }
@@ -492,14 +503,15 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn types_future_and_unknown() {
-        let err = ActionConfig::parse(&table(r#"type = "push""#), "a").unwrap_err();
-        assert_eq!(err[0].path, "a.type");
-        assert!(err[0]
-            .message
-            .contains("action type 'push' is not available in this version"));
+    fn unknown_types_are_refused_listing_the_known_ones() {
         let err = ActionConfig::parse(&table(r#"type = "fax""#), "a").unwrap_err();
-        assert!(err[0].message.contains("webhook, slack"), "{err:?}");
+        assert_eq!(err[0].path, "a.type");
+        assert!(
+            err[0]
+                .message
+                .contains("webhook, slack, email, sms, push, search, cache"),
+            "{err:?}"
+        );
         let err = ActionConfig::parse(&table("url = 'x'"), "a").unwrap_err();
         assert_eq!(err[0].path, "a.type");
     }
@@ -519,12 +531,12 @@ pub(crate) mod tests {
         assert_eq!(file.actions[0].kind(), "slack");
         let err = toml::from_str::<File>(
             r#"[[actions]]
-               type = "push""#,
+               type = "fax""#,
         )
         .err()
         .unwrap()
         .to_string();
-        assert!(err.contains("not available in this version"), "{err}");
+        assert!(err.contains("unknown action type 'fax'"), "{err}");
         let compiled = file.actions[0]
             .compile("a", &CompileContext::new(&no_env))
             .unwrap_err();

@@ -17,9 +17,13 @@
 //!   skipped; it never stalls the stream.
 //! * A lost connection is retried with capped exponential backoff; the reading position is kept in
 //!   memory, so nothing is re-read or skipped when it comes back.
+//! * While a consumer works on one chunk of a batch, the next chunk of the same batch is already
+//!   being fetched and decoded (one chunk ahead, never more): a prefetch is only used if it is
+//!   exactly the chunk due next, and is dropped (aborted) on reconnect, so it never changes what
+//!   is handed out or in what order.
 
 use super::checkpoint::{self, BatchProgress, Checkpoint, StartPosition};
-use super::parser::{self, ChangeLogRow, TableShape};
+use super::parser::{self, ChangeLogRowRef, TableShape};
 use super::snapshot::Snapshot;
 use crate::db;
 use crate::error::{Error, Result};
@@ -29,7 +33,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::{Client, Row, Statement};
 
 /// Consecutive failures after which the listener reports itself unhealthy (it keeps retrying).
 pub const UNHEALTHY_AFTER_FAILURES: u32 = 10;
@@ -96,6 +100,8 @@ pub struct ListenerStats {
     rows_read: AtomicU64,
     quarantined: AtomicU64,
     reconnects: AtomicU64,
+    polls: AtomicU64,
+    batch_queries: AtomicU64,
 }
 
 impl ListenerStats {
@@ -114,6 +120,15 @@ impl ListenerStats {
     }
     pub fn reconnects(&self) -> u64 {
         self.reconnects.load(Ordering::Relaxed)
+    }
+    /// Looks for a new batch (one `pg_current_snapshot()` query each; an idle poll is only that).
+    pub fn polls(&self) -> u64 {
+        self.polls.load(Ordering::Relaxed)
+    }
+    /// Polls that found a new snapshot and so ran the batch query (any transaction in the
+    /// cluster that took an id moves the snapshot, whether it wrote to the change log or not).
+    pub fn batch_queries(&self) -> u64 {
+        self.batch_queries.load(Ordering::Relaxed)
     }
 }
 
@@ -265,21 +280,50 @@ impl Checkpointer {
     }
 }
 
-/// Rows of chunk `ids[start..end]` of batch `batch`, read ahead.
-struct Prefetched {
-    batch: u64,
-    start: usize,
-    end: usize,
-    rows: Vec<tokio_postgres::Row>,
-}
-
 struct Connection {
-    client: Client,
+    /// Shared with the task prefetching the next chunk.
+    client: Arc<Client>,
     notifications: Option<mpsc::UnboundedReceiver<()>>,
     snapshot: Statement,
     ids: Statement,
-    rows: Statement,
+    chunk: ChunkStatements,
     quarantine: Statement,
+}
+
+/// The two forms of the chunk query: by a list of sequences, or by a range when the chunk's
+/// sequences are consecutive (one index range scan instead of one index probe per row).
+#[derive(Clone)]
+struct ChunkStatements {
+    list: Statement,
+    range: Statement,
+}
+
+/// The next chunk of a batch, being fetched on a task of its own while the consumer works on the
+/// current one (it is decoded by the reader when it is due, so an event is allocated on the
+/// consumer's thread). Aborted when dropped.
+struct Prefetch {
+    batch: u64,
+    start: usize,
+    end: usize,
+    task: tokio::task::JoinHandle<Result<Vec<Row>>>,
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Prefetch {
+    /// The chunk's rows; `None` when the task was cancelled (fetch it again). A panic in the task
+    /// is resumed here.
+    async fn join(mut self) -> Option<Result<Vec<Row>>> {
+        match (&mut self.task).await {
+            Ok(result) => Some(result),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => None,
+        }
+    }
 }
 
 /// Reads committed changes from `core.tb_entity_change_log` as [`EntityEvent`]s.
@@ -287,9 +331,8 @@ pub struct ChangeLogListener {
     config: ListenerConfig,
     db_config: tokio_postgres::Config,
     conn: Option<Connection>,
-    /// The rows of the chunk after the one last handed out, read while that one was decoded.
-    prefetched: Option<Prefetched>,
     shape: TableShape,
+    prefetch: Option<Prefetch>,
     /// Everything visible here has been handed out or sits in `progress.batches`.
     read: Snapshot,
     progress: Arc<Mutex<Progress>>,
@@ -347,8 +390,8 @@ impl ChangeLogListener {
             config,
             db_config,
             conn: Some(conn),
-            prefetched: None,
             shape,
+            prefetch: None,
             next_batch_no: 1,
             stop_tx: Arc::new(stop_tx),
             stop_rx,
@@ -437,7 +480,7 @@ impl ChangeLogListener {
                 }
                 Err(e) if e.is_transient() => {
                     self.conn = None;
-                    self.prefetched = None;
+                    self.prefetch = None;
                     let failures = self
                         .stats
                         .consecutive_failures
@@ -500,10 +543,11 @@ impl ChangeLogListener {
         }
         let conn = self.conn.as_ref().expect("connected");
 
+        let batch_size = self.config.batch_size;
         let pending = self.lock().batches.back().and_then(|b| {
             (b.next < b.ids.len()).then(|| {
-                let end = (b.next + self.config.batch_size).min(b.ids.len());
-                let after = (end + self.config.batch_size).min(b.ids.len());
+                let end = (b.next + batch_size).min(b.ids.len());
+                let after = (end + batch_size).min(b.ids.len());
                 (
                     b.no,
                     b.next,
@@ -513,56 +557,56 @@ impl ChangeLogListener {
                 )
             })
         });
-        if let Some((no, start, end, chunk, next_chunk)) = pending {
-            let rows = match self.prefetched.take() {
-                Some(p) if p.batch == no && p.start == start && p.end == end => p.rows,
-                _ => conn.client.query(&conn.rows, &[&chunk]).await?,
-            };
+        if let Some((no, start, end, chunk, following)) = pending {
             let last_id = *chunk.last().expect("chunk is not empty");
-            // Ask for the next chunk before decoding this one: the server reads it while the
-            // rows here are decoded (the connection pipelines the two).
-            let prefetch = async {
-                if next_chunk.is_empty() {
-                    Ok(None)
-                } else {
-                    conn.client
-                        .query(&conn.rows, &[&next_chunk])
-                        .await
-                        .map(Some)
-                }
+            let prefetched = match self.prefetch.take() {
+                Some(p) if p.batch == no && p.start == start && p.end == end => p.join().await,
+                _ => None,
             };
-            let decode = async {
-                let mut events = Vec::with_capacity(rows.len());
-                let mut quarantined = 0;
-                for row in &rows {
-                    let sequence: i64 = row.get(0);
-                    let position = Position {
-                        batch: no,
-                        sequence,
-                    };
-                    match ChangeLogRow::from_row(row)
-                        .and_then(|raw| parser::decode(&self.shape, &raw, position))
-                    {
-                        Ok(event) => events.push(event),
-                        Err(e) => {
-                            quarantined += 1;
-                            quarantine(
-                                conn,
-                                &self.config.consumer_id,
-                                &self.stats,
-                                sequence,
-                                &e.reason,
-                            )
-                            .await?;
-                        }
+            let rows = match prefetched {
+                Some(result) => result?,
+                None => fetch_chunk(conn.client.clone(), conn.chunk.clone(), chunk).await?,
+            };
+            if !following.is_empty() {
+                let following_end = end + following.len();
+                let task = tokio::spawn(fetch_chunk(
+                    conn.client.clone(),
+                    conn.chunk.clone(),
+                    following,
+                ));
+                self.prefetch = Some(Prefetch {
+                    batch: no,
+                    start: end,
+                    end: following_end,
+                    task,
+                });
+            }
+            let read = rows.len();
+            let mut events = Vec::with_capacity(read);
+            let mut quarantined = 0;
+            for row in &rows {
+                let sequence: i64 = row.try_get(0)?;
+                let position = Position {
+                    batch: no,
+                    sequence,
+                };
+                match ChangeLogRowRef::from_row(row)
+                    .and_then(|raw| parser::decode(&self.shape, raw, position))
+                {
+                    Ok(event) => events.push(event),
+                    Err(e) => {
+                        quarantined += 1;
+                        quarantine(
+                            conn,
+                            &self.config.consumer_id,
+                            &self.stats,
+                            sequence,
+                            &e.reason,
+                        )
+                        .await?;
                     }
                 }
-                Ok::<_, Error>((events, quarantined))
-            };
-            let (next_rows, decoded) = futures::future::join(prefetch, decode).await;
-            let (events, quarantined) = decoded?;
-            let next_rows = next_rows?;
-            let read = rows.len();
+            }
             self.stats
                 .rows_read
                 .fetch_add(read as u64, Ordering::Relaxed);
@@ -570,12 +614,6 @@ impl ChangeLogListener {
             if let Some(batch) = self.lock().batches.iter_mut().find(|b| b.no == no) {
                 batch.next = end;
             }
-            self.prefetched = next_rows.map(|rows| Prefetched {
-                batch: no,
-                start: end,
-                end: end + next_chunk.len(),
-                rows,
-            });
             return Ok(Some(Batch {
                 events,
                 end: Position {
@@ -587,10 +625,12 @@ impl ChangeLogListener {
             }));
         }
 
+        self.stats.polls.fetch_add(1, Ordering::Relaxed);
         let current = current_snapshot(conn).await?;
         if current == self.read {
             return Ok(None);
         }
+        self.stats.batch_queries.fetch_add(1, Ordering::Relaxed);
         let ids = batch_ids(conn, &self.read, &current, i64::MIN).await?;
         if ids.is_empty() {
             // Nothing of ours committed between the two snapshots: widen the newest batch (its
@@ -636,6 +676,7 @@ impl ChangeLogListener {
         let (conn, shape) = open(&self.db_config, &self.config)
             .await
             .map_err(|e| Error::Reconnect(e.to_string()))?;
+        self.prefetch = None;
         self.conn = Some(conn);
         self.shape = shape;
         self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -717,12 +758,10 @@ async fn open(
     let seq = shape.sequence_column();
     let snapshot = client.prepare("SELECT pg_current_snapshot()::text").await?;
     let ids = client.prepare(&batch_ids_sql(seq)).await?;
-    let rows = client
-        .prepare(&format!(
-            "SELECT {} FROM core.tb_entity_change_log l WHERE l.{seq} = ANY ($1::bigint[]) ORDER BY l.{seq}",
-            shape.select_list()
-        ))
-        .await?;
+    let chunk = ChunkStatements {
+        list: client.prepare(&chunk_rows_sql(&shape)).await?,
+        range: client.prepare(&chunk_range_sql(&shape)).await?,
+    };
     let quarantine = client
         .prepare(&format!(
             "INSERT INTO core.observer_quarantine (consumer_id, sequence, reason, row_data)
@@ -732,11 +771,11 @@ async fn open(
         .await?;
     Ok((
         Connection {
-            client,
+            client: Arc::new(client),
             notifications,
             snapshot,
             ids,
-            rows,
+            chunk,
             quarantine,
         },
         shape,
@@ -781,6 +820,46 @@ pub fn batch_ids_sql(seq: &str) -> String {
          WHERE pg_visible_in_snapshot(b.txid, $4::text::pg_snapshot) AND b.seq > $5
          ORDER BY b.seq"
     )
+}
+
+/// The chunk query: the rows whose sequences are in `$1` (`bigint[]`, ascending), in sequence
+/// order, selected with [`TableShape::select_list`].
+pub fn chunk_rows_sql(shape: &TableShape) -> String {
+    let seq = shape.sequence_column();
+    format!(
+        "SELECT {} FROM core.tb_entity_change_log l WHERE l.{seq} = ANY ($1::bigint[]) ORDER BY l.{seq}",
+        shape.select_list()
+    )
+}
+
+/// The chunk query for consecutive sequences: the rows with a sequence from `$1` to `$2`, in
+/// sequence order, selected with [`TableShape::select_list`].
+pub fn chunk_range_sql(shape: &TableShape) -> String {
+    let seq = shape.sequence_column();
+    format!(
+        "SELECT {} FROM core.tb_entity_change_log l WHERE l.{seq} BETWEEN $1 AND $2 ORDER BY l.{seq}",
+        shape.select_list()
+    )
+}
+
+/// Fetch the rows of `ids` (ascending sequences), in sequence order. When the ids are
+/// consecutive, every row in their range is one of them, so the range query returns exactly the
+/// rows the list query would.
+async fn fetch_chunk(
+    client: Arc<Client>,
+    statements: ChunkStatements,
+    ids: Vec<i64>,
+) -> Result<Vec<Row>> {
+    let (Some(&first), Some(&last)) = (ids.first(), ids.last()) else {
+        return Ok(Vec::new());
+    };
+    let consecutive = i128::from(last) - i128::from(first) + 1 == ids.len() as i128;
+    let rows = if consecutive {
+        client.query(&statements.range, &[&first, &last]).await?
+    } else {
+        client.query(&statements.list, &[&ids]).await?
+    };
+    Ok(rows)
 }
 
 async fn current_snapshot(conn: &Connection) -> Result<Snapshot> {

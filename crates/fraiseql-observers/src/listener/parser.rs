@@ -4,7 +4,8 @@
 //! Invariants:
 //! * The mapping from table columns to event fields lives here and nowhere else: the reader
 //!   discovers the table's shape once ([`TableShape::CATALOG_QUERY`], [`TableShape::from_columns`]),
-//!   selects [`TableShape::select_list`], and decodes each row with [`ChangeLogRow::from_row`] and
+//!   selects [`TableShape::select_list`], and decodes each row with [`ChangeLogRowRef::from_row`]
+//!   (borrowing the row's text, as the reader does) or [`ChangeLogRow::from_row`] (owned), and
 //!   [`decode`].
 //! * Every column whose content a user's table might hold in an unexpected form (UUIDs, JSON) is
 //!   selected **as text** and parsed here, so one bad value is a [`DecodeError`] for that row
@@ -402,6 +403,86 @@ impl ChangeLogRow {
     }
 }
 
+/// The same row as [`ChangeLogRow`], borrowing its text from the driver's row buffer instead of
+/// copying it: what the reader decodes, so a row's JSON is never copied before it is parsed.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ChangeLogRowRef<'a> {
+    pub sequence: i64,
+    pub change_id: Option<&'a str>,
+    pub tenant: Option<&'a str>,
+    pub author: Option<&'a str>,
+    pub object_type: Option<&'a str>,
+    pub object_id: Option<&'a str>,
+    pub modification_type: Option<&'a str>,
+    pub change_status: Option<&'a str>,
+    pub object_data: Option<&'a str>,
+    pub object_data_before: Option<&'a str>,
+    pub extra_metadata: Option<&'a str>,
+    pub created_at: Option<DateTime<Utc>>,
+    pub commit_time: Option<DateTime<Utc>>,
+}
+
+impl<'a> ChangeLogRowRef<'a> {
+    /// Like [`ChangeLogRow::from_row`], borrowing from `row`.
+    pub fn from_row(row: &'a tokio_postgres::Row) -> Result<ChangeLogRowRef<'a>, DecodeError> {
+        if row.len() < SLOT_COUNT {
+            return Err(DecodeError::new(format!(
+                "the row has {} columns, the change-log select list has {SLOT_COUNT}",
+                row.len()
+            )));
+        }
+        fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
+            row: &'a tokio_postgres::Row,
+            slot: usize,
+        ) -> Result<T, DecodeError> {
+            row.try_get(slot).map_err(|e| {
+                DecodeError::new(format!("column {} cannot be read: {e}", SLOTS[slot].0))
+            })
+        }
+        Ok(ChangeLogRowRef {
+            sequence: get(row, 0)?,
+            change_id: get(row, 1)?,
+            tenant: get(row, 2)?,
+            author: get(row, 3)?,
+            object_type: get(row, 4)?,
+            object_id: get(row, 5)?,
+            modification_type: get(row, 6)?,
+            change_status: get(row, 7)?,
+            object_data: get(row, 8)?,
+            object_data_before: get(row, 9)?,
+            extra_metadata: get(row, 10)?,
+            created_at: get(row, 11)?,
+            commit_time: get(row, 12)?,
+        })
+    }
+}
+
+impl<'a> From<&'a ChangeLogRow> for ChangeLogRowRef<'a> {
+    fn from(row: &'a ChangeLogRow) -> Self {
+        ChangeLogRowRef {
+            sequence: row.sequence,
+            change_id: row.change_id.as_deref(),
+            tenant: row.tenant.as_deref(),
+            author: row.author.as_deref(),
+            object_type: row.object_type.as_deref(),
+            object_id: row.object_id.as_deref(),
+            modification_type: row.modification_type.as_deref(),
+            change_status: row.change_status.as_deref(),
+            object_data: row.object_data.as_deref(),
+            object_data_before: row.object_data_before.as_deref(),
+            extra_metadata: row.extra_metadata.as_deref(),
+            created_at: row.created_at,
+            commit_time: row.commit_time,
+        }
+    }
+}
+
+impl<'a> From<&ChangeLogRowRef<'a>> for ChangeLogRowRef<'a> {
+    fn from(row: &ChangeLogRowRef<'a>) -> Self {
+        *row
+    }
+}
+
 /// Turn one change-log row into an event.
 ///
 /// * `id` is the change id column parsed as a UUID (missing or invalid: error; never random);
@@ -433,31 +514,30 @@ impl ChangeLogRow {
 ///   error.
 ///
 /// Each JSON text is parsed once and its parts are moved, not cloned, into the event.
-pub fn decode(
+///
+/// `row` is a [`ChangeLogRow`] or a [`ChangeLogRowRef`] (by reference); both decode the same.
+pub fn decode<'a>(
     shape: &TableShape,
-    row: &ChangeLogRow,
+    row: impl Into<ChangeLogRowRef<'a>>,
     position: Position,
 ) -> Result<EntityEvent, DecodeError> {
-    let id = required_uuid(shape.change_id_column(), row.change_id.as_deref())?;
-    let entity_type = match row.object_type.as_deref() {
+    let row = row.into();
+    let id = required_uuid(shape.change_id_column(), row.change_id)?;
+    let entity_type = match row.object_type {
         Some(t) if !t.trim().is_empty() => t.to_string(),
         Some(_) => return Err(DecodeError::new("object_type is empty")),
         None => return Err(DecodeError::new("object_type is NULL")),
     };
-    let entity_id = required_uuid("object_id", row.object_id.as_deref())?;
-    let tenant = match row.tenant.as_deref() {
+    let entity_id = required_uuid("object_id", row.object_id)?;
+    let tenant = match row.tenant {
         None => None,
         Some(text) => Some(parse_uuid(tenant_column(shape.kind), text)?),
     };
-    let modification = row
-        .modification_type
-        .as_deref()
-        .map(modification_kind)
-        .transpose()?;
+    let modification = row.modification_type.map(modification_kind).transpose()?;
 
     let images = match shape.kind {
-        ShapeKind::Envelope => envelope_images(row, modification)?,
-        ShapeKind::Split => split_images(row, modification)?,
+        ShapeKind::Envelope => envelope_images(&row, modification)?,
+        ShapeKind::Split => split_images(&row, modification)?,
     };
     let Images {
         kind,
@@ -491,7 +571,7 @@ pub fn decode(
         _ => None,
     };
 
-    let extra_metadata = match row.extra_metadata.as_deref() {
+    let extra_metadata = match row.extra_metadata {
         None => empty,
         Some(text) => match parse_json("extra_metadata", text)? {
             Value::Null => empty,
@@ -510,11 +590,11 @@ pub fn decode(
         entity_type,
         entity_id,
         tenant,
-        author: row.author.clone(),
+        author: row.author.map(str::to_string),
         before,
         after,
         changes,
-        change_status: row.change_status.clone().unwrap_or_default(),
+        change_status: row.change_status.unwrap_or_default().to_string(),
         extra_metadata,
         source,
         created_at,
@@ -533,12 +613,11 @@ struct Images {
 }
 
 fn envelope_images(
-    row: &ChangeLogRow,
+    row: &ChangeLogRowRef<'_>,
     modification: Option<EventKind>,
 ) -> Result<Images, DecodeError> {
     let text = row
         .object_data
-        .as_deref()
         .ok_or_else(|| DecodeError::new("object_data is NULL"))?;
     let mut envelope = match parse_json("object_data", text)? {
         Value::Object(map) => map,
@@ -582,7 +661,7 @@ fn envelope_images(
         Some(_) => {
             return Err(DecodeError::new(format!(
                 "modification_type {} disagrees with the envelope's operation {}",
-                quoted(row.modification_type.as_deref().unwrap_or_default()),
+                quoted(row.modification_type.unwrap_or_default()),
                 quoted(&op)
             )))
         }
@@ -604,7 +683,7 @@ fn envelope_images(
 }
 
 fn split_images(
-    row: &ChangeLogRow,
+    row: &ChangeLogRowRef<'_>,
     modification: Option<EventKind>,
 ) -> Result<Images, DecodeError> {
     let kind = modification.ok_or_else(|| DecodeError::new("modification_type is NULL"))?;
@@ -614,8 +693,8 @@ fn split_images(
     };
     Ok(Images {
         kind,
-        before: parse_image("object_data_before", row.object_data_before.as_deref())?,
-        after: parse_image("object_data", row.object_data.as_deref())?,
+        before: parse_image("object_data_before", row.object_data_before)?,
+        after: parse_image("object_data", row.object_data)?,
         source: None,
         source_ts: row.commit_time,
     })

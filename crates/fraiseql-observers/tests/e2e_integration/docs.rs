@@ -22,7 +22,9 @@ fn blocks<'a>(markdown: &'a str, lang: &str) -> Vec<&'a str> {
 
 /// Plausible values for whatever the examples name: a secret, a URL, or a database.
 fn env(name: &str) -> Option<String> {
-    Some(if name == "REDIS_URL" {
+    Some(if name == "FCM_SERVICE_ACCOUNT" {
+        crate::push::service_account_json("https://oauth2.googleapis.com/token")
+    } else if name == "REDIS_URL" {
         "redis://127.0.0.1:6379/0".to_string()
     } else if name == "TWILIO_ACCOUNT_SID" {
         "AC0123456789abcdef0123456789abcdef".to_string()

@@ -953,3 +953,170 @@ async fn test_e2e_memory_stability() {
     assert_eq!(queued, 0);
     engine.stop().await.unwrap();
 }
+
+/// Issue 4, coalescing: ten quick changes of one entity become one search update with the final
+/// state; another entity's changes are not merged into it.
+#[tokio::test]
+async fn coalescing_delivers_the_latest_state_once_per_window() {
+    let db = TestDb::new().await;
+    let client = schema(&db).await;
+    let receiver = Receiver::start().await;
+    receiver.set(|_| (202, Duration::ZERO));
+    let observers = format!(
+        r#"
+[observers.index]
+entity = "Order"
+event_type = ["INSERT", "UPDATE"]
+coalesce_ms = 400
+
+[[observers.index.actions]]
+type = "search"
+engine = "meilisearch"
+base_url = "{}"
+index = "orders"
+fields = ["status", "total"]
+allow_private_networks = true
+"#,
+        receiver.base
+    );
+    let engine = Engine::start(&db, &observers).await;
+    let order = insert_order(&client, "new", 1.0).await;
+    let other = insert_order(&client, "new", 2.0).await;
+    for i in 0..10 {
+        client
+            .execute(
+                "UPDATE tb_order SET status = $1, total = $2::int4::numeric WHERE id = $3",
+                &[&format!("step-{i}"), &(i + 10), &order],
+            )
+            .await
+            .unwrap();
+    }
+    let (order_id, other_id) = (order.to_string(), other.to_string());
+    eventually(Duration::from_secs(10), "the coalesced updates", || {
+        let hooks = receiver.hooks();
+        let (order_id, other_id) = (order_id.clone(), other_id.clone());
+        async move {
+            let docs: Vec<serde_json::Value> = hooks
+                .iter()
+                .flat_map(|h| h.body.as_array().cloned().unwrap_or_default())
+                .collect();
+            let final_state = docs
+                .iter()
+                .any(|d| d["id"] == order_id.as_str() && d["status"] == "step-9");
+            let other = docs.iter().any(|d| d["id"] == other_id.as_str());
+            (final_state && other).then_some(())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let documents: Vec<serde_json::Value> = receiver
+        .hooks()
+        .iter()
+        .flat_map(|h| h.body.as_array().cloned().unwrap_or_default())
+        .collect();
+    let of = |id: Uuid| -> Vec<serde_json::Value> {
+        documents
+            .iter()
+            .filter(|d| d["id"] == id.to_string())
+            .cloned()
+            .collect()
+    };
+    let order_docs = of(order);
+    assert!(
+        order_docs.len() <= 2,
+        "11 changes, at most 2 windows: {order_docs:?}"
+    );
+    assert_eq!(
+        order_docs.last().unwrap(),
+        &serde_json::json!({"id": order.to_string(), "status": "step-9", "total": 19.0}),
+        "the final state is delivered"
+    );
+    assert_eq!(of(other).len(), 1);
+    engine.stop().await.unwrap();
+}
+
+#[test]
+fn coalescing_is_refused_for_actions_that_must_see_every_change() {
+    let errors = config::load(
+        r#"
+[observers.hook]
+entity = "Order"
+event_type = "UPDATE"
+coalesce_ms = 100
+
+[[observers.hook.actions]]
+type = "webhook"
+url = "https://example.com/h"
+"#,
+        &env,
+    )
+    .unwrap_err()
+    .0;
+    assert_eq!(errors[0].path, "observers.hook.coalesce_ms");
+    assert!(
+        errors[0].message.contains("webhook"),
+        "{}",
+        errors[0].message
+    );
+}
+
+/// Issue 4: coalesced search updates of several entities share one request.
+#[tokio::test]
+async fn coalesced_search_updates_of_several_entities_share_a_request() {
+    let db = TestDb::new().await;
+    let client = schema(&db).await;
+    let receiver = Receiver::start().await;
+    receiver.set(|_| (202, Duration::ZERO));
+    let observer = format!(
+        r#"
+[observers.index]
+entity = "Order"
+event_type = ["INSERT", "UPDATE"]
+coalesce_ms = 500
+
+[[observers.index.actions]]
+type = "search"
+engine = "meilisearch"
+base_url = "{}"
+index = "orders"
+fields = ["status"]
+allow_private_networks = true
+"#,
+        receiver.base
+    );
+    let config = config::load(
+        &format!("{RUNTIME}\n{observer}").replace("concurrency = 8\n", "concurrency = 1\n"),
+        &env,
+    )
+    .unwrap();
+    let engine = Engine::start_with(&db, config.observers, config.runtime).await;
+    let mut orders = Vec::new();
+    for _ in 0..6 {
+        let o = insert_order(&client, "new", 1.0).await;
+        set_order(&client, o, "final").await;
+        orders.push(o.to_string());
+    }
+    let documents = eventually(Duration::from_secs(10), "every final state", || {
+        let hooks = receiver.hooks();
+        let orders = orders.clone();
+        async move {
+            let docs: Vec<serde_json::Value> = hooks
+                .iter()
+                .flat_map(|h| h.body.as_array().cloned().unwrap_or_default())
+                .filter(|d| d["status"] == "final")
+                .collect();
+            orders
+                .iter()
+                .all(|o| docs.iter().any(|d| d["id"] == o.as_str()))
+                .then_some(docs)
+        }
+    })
+    .await;
+    assert!(documents.len() >= 6);
+    let requests = receiver.hooks().len();
+    assert!(
+        requests < 6,
+        "{requests} requests for 6 entities: not batched"
+    );
+    engine.stop().await.unwrap();
+}

@@ -210,6 +210,107 @@ async fn test_batch_processing() {
     );
 }
 
+/// A batch handed out in chunks while the next chunk is prefetched: a chunk with a gap in its
+/// sequences (list query), consecutive chunks (range query), a bad row in a prefetched chunk, and
+/// the connection lost between two chunks. Every good row arrives once, in order; the bad row is
+/// quarantined once.
+#[tokio::test]
+async fn a_batch_read_in_chunks_survives_gaps_bad_rows_and_a_lost_connection() {
+    let db = TestDb::new().await;
+    let admin = connect(&crate::support::admin_url()).await;
+    let client = db.client().await;
+    let insert = |from: i32, to: i32| {
+        format!(
+            "INSERT INTO core.tb_entity_change_log
+                 (fk_customer_org, object_type, object_id, modification_type, change_status, object_data)
+             SELECT '{TENANT}', 'Item', gen_random_uuid(), 'INSERT', 'new',
+                    jsonb_build_object('op', CASE WHEN g = 1500 THEN 't' ELSE 'c' END,
+                                       'after', jsonb_build_object('n', g))
+               FROM generate_series({from}, {to}) g"
+        )
+    };
+    client.batch_execute(&insert(1, 500)).await.unwrap();
+    // Ten sequence numbers drawn and rolled back: a gap inside the first chunk.
+    client
+        .batch_execute(&format!("BEGIN; {}; ROLLBACK", insert(-10, -1)))
+        .await
+        .unwrap();
+    client.batch_execute(&insert(501, 2500)).await.unwrap();
+
+    let mut cfg = config(&db, "chunks");
+    cfg.batch_size = 1000;
+    let mut listener = ChangeLogListener::start(cfg).await.unwrap();
+    let stats = listener.stats();
+    let first = next_events(&mut listener, Duration::from_secs(10))
+        .await
+        .unwrap();
+    listener.mark_done(first.end);
+    assert_eq!(first.events.len(), 1000);
+    let first_seq: Vec<i64> = first.events.iter().map(|e| e.sequence).collect();
+    assert!(
+        first_seq.windows(2).any(|w| w[1] - w[0] > 1),
+        "the first chunk has the gap"
+    );
+
+    // Lose the connection while the second chunk is being (or has been) prefetched.
+    admin
+        .batch_execute(&format!(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+              WHERE datname = '{}' AND application_name = 'fraiseql-observers-listener:chunks'",
+            db.name
+        ))
+        .await
+        .unwrap();
+    let rest = read_n(&mut listener, 1499).await;
+    nothing_more(&mut listener).await;
+
+    let ns: Vec<i64> = first
+        .events
+        .iter()
+        .chain(&rest)
+        .map(|e| e.after.as_ref().unwrap()["n"].as_i64().unwrap())
+        .collect();
+    let expected: Vec<i64> = (1..=2500).filter(|n| *n != 1500).collect();
+    assert_eq!(ns, expected, "every good row once, in order");
+    assert!(stats.reconnects() >= 1, "the lost connection was noticed");
+    let quarantined: Vec<String> = client
+        .query(
+            "SELECT reason FROM core.observer_quarantine WHERE consumer_id = 'chunks'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    assert!(quarantined[0].contains("'t'"), "{quarantined:?}");
+}
+
+/// The poll counters the idle benchmark reads: an idle listener keeps polling; a new row is found
+/// by a batch query.
+#[tokio::test]
+async fn poll_counters_count_idle_polls_and_batch_queries() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let mut listener = ChangeLogListener::start(config(&db, "counters"))
+        .await
+        .unwrap();
+    let stats = listener.stats();
+    nothing_more(&mut listener).await; // 300 ms idle, polling every 2-20 ms
+    let polls = stats.polls();
+    assert!(polls >= 5, "an idle listener polls: {polls}");
+    let batch_queries = stats.batch_queries();
+    assert!(batch_queries <= polls);
+    let seq = insert_change(&client, Uuid::new_v4(), "c", json!({})).await;
+    assert_eq!(read_n(&mut listener, 1).await[0].sequence, seq);
+    assert!(
+        stats.batch_queries() > batch_queries,
+        "the row came from a batch query"
+    );
+    assert!(stats.polls() > polls);
+}
+
 #[tokio::test]
 async fn test_resume_from_checkpoint() {
     let db = TestDb::new().await;

@@ -55,8 +55,18 @@ pub fn compile(
     email: Option<&EmailSettings>,
     redis: Option<&RedisSettings>,
 ) -> Result<Action, Vec<ConfigError>> {
+    compile_at("observers.order_paid.actions[0]", source, env, email, redis)
+}
+
+/// `compile`, with the action's table at `path`.
+pub fn compile_at(
+    path: &str,
+    source: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    email: Option<&EmailSettings>,
+    redis: Option<&RedisSettings>,
+) -> Result<Action, Vec<ConfigError>> {
     let table: toml::Table = toml::from_str(source).unwrap();
-    let path = "observers.order_paid.actions[0]";
     ActionConfig::parse(&table, path)?.compile(path, &CompileContext { env, email, redis })
 }
 

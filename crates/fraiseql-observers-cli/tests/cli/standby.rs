@@ -1,0 +1,173 @@
+//! Two daemons on one consumer: one leads, the other stands by (and says so at /healthz); the
+//! leader is SIGKILLed mid-stream and the standby takes over within a few seconds; nothing is
+//! lost, and only events in flight at the kill are delivered again, with the same ids.
+
+use crate::harness::{
+    check_at_least_once, config, free_port, healthz, ConfigFile, Daemon, Setup, Writer,
+};
+use crate::receiver::Receiver;
+use crate::support::{eventually, TestDb};
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+async fn role(port: u16) -> Option<(u16, String)> {
+    let (status, body) = healthz(port).await?;
+    Some((status, body["role"].as_str()?.to_string()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standby_takes_over_when_the_leader_is_killed() {
+    let db = TestDb::new().await;
+    let receiver = Receiver::start().await;
+    let hook = receiver.url("/hook");
+    let (port_a, port_b) = (free_port(), free_port());
+    let file_a = ConfigFile::new(&config(&Setup {
+        metrics_port: Some(port_a),
+        instance: "a",
+        ..Setup::new("shared", &hook)
+    }));
+    let file_b = ConfigFile::new(&config(&Setup {
+        metrics_port: Some(port_b),
+        instance: "b",
+        ..Setup::new("shared", &hook)
+    }));
+
+    let mut a = Daemon::start(&db.url, &file_a.path);
+    eventually(Duration::from_secs(10), "A to lead", || async {
+        (role(port_a).await == Some((200, "leader".into()))).then_some(())
+    })
+    .await;
+    let mut b = Daemon::start(&db.url, &file_b.path);
+    eventually(Duration::from_secs(10), "B to stand by", || async {
+        (role(port_b).await == Some((200, "standby".into()))).then_some(())
+    })
+    .await;
+    b.wait_for_log(
+        "standby: another instance leads consumer shared",
+        Duration::from_secs(5),
+    )
+    .await;
+
+    let writer = Writer::start(&db.url, 20, 7, Duration::from_millis(5)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before_kill = receiver.accepted();
+    assert!(!before_kill.is_empty(), "A delivered nothing");
+    assert!(
+        before_kill.iter().all(|h| h.header("x-instance") == "a"),
+        "the standby delivered while A led"
+    );
+
+    let killed_at = Instant::now();
+    a.sigkill().await;
+    eventually(Duration::from_secs(5), "B to take over", || async {
+        (role(port_b).await == Some((200, "leader".into()))).then_some(())
+    })
+    .await;
+    let takeover = killed_at.elapsed();
+    eprintln!("B took over {takeover:?} after the kill");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let committed = writer.finish().await;
+
+    let wanted: HashSet<i64> = committed.iter().map(|(s, _)| *s).collect();
+    eventually(
+        Duration::from_secs(20),
+        "every committed change delivered",
+        || {
+            let got: HashSet<i64> = receiver.accepted().iter().map(|h| h.sequence()).collect();
+            let done = wanted.is_subset(&got);
+            async move { done.then_some(()) }
+        },
+    )
+    .await;
+    let accepted = receiver.accepted();
+    let report = check_at_least_once(&committed, &accepted);
+    assert!(accepted.iter().any(|h| h.header("x-instance") == "b"));
+    // Only what A had in flight is sent twice: first by A just before the kill, then by B.
+    for sequence in &report.duplicated {
+        let copies: Vec<_> = accepted
+            .iter()
+            .filter(|h| h.sequence() == *sequence)
+            .collect();
+        assert_eq!(copies[0].header("x-instance"), "a", "sequence {sequence}");
+        assert!(
+            killed_at.duration_since(copies[0].at) < Duration::from_secs(1),
+            "sequence {sequence} was delivered {:?} before the kill and again after it",
+            killed_at.duration_since(copies[0].at)
+        );
+        assert!(copies[1..].iter().all(|h| h.header("x-instance") == "b"));
+    }
+    eprintln!(
+        "{} changes, {} delivered twice (in flight at the kill)",
+        committed.len(),
+        report.duplicated.len()
+    );
+
+    b.signal("TERM");
+    assert_eq!(
+        b.exit(Duration::from_secs(15)).await.code(),
+        Some(0),
+        "log:\n{}",
+        b.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_loses_its_lock_connection_stops_at_once_and_exits_non_zero() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::start().await;
+    let hook = receiver.url("/hook");
+    let file = ConfigFile::new(&config(&Setup::new("lost", &hook)));
+    let mut daemon = Daemon::start(&db.url, &file.path);
+    daemon
+        .wait_for_log("change-log listener started", Duration::from_secs(10))
+        .await;
+    let terminated: i64 = client
+        .query_one(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE application_name = 'fraiseql-observers-leader:lost' AND datname = current_database()) t",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(terminated, 1);
+    let status = daemon.exit(Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(1), "log:\n{}", daemon.log());
+    assert!(
+        daemon.log().contains("lost the lead of consumer 'lost'"),
+        "log:\n{}",
+        daemon.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_daemon_stops_at_its_next_write_and_exits_non_zero() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::start().await;
+    let hook = receiver.url("/hook");
+    let file = ConfigFile::new(&config(&Setup::new("fenced", &hook)));
+    let mut daemon = Daemon::start(&db.url, &file.path);
+    daemon
+        .wait_for_log("change-log listener started", Duration::from_secs(10))
+        .await;
+    // Another instance claims the consumer (as a new leader would): the epoch moves on.
+    client
+        .execute(
+            "UPDATE core.observer_checkpoints SET epoch = epoch + 1 WHERE consumer_id = 'fenced'",
+            &[],
+        )
+        .await
+        .unwrap();
+    crate::harness::insert_change(&client, uuid::Uuid::new_v4(), "c", serde_json::json!({})).await;
+    let status = daemon.exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(1), "log:\n{}", daemon.log());
+    assert!(
+        daemon
+            .log()
+            .contains("consumer 'fenced' is led by another instance now"),
+        "log:\n{}",
+        daemon.log()
+    );
+}
