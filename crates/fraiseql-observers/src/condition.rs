@@ -1334,7 +1334,7 @@ mod tests {
                 ("status == 'shipped' || field_changed('status')", true),
             ],
         );
-        // `changes` itself is null: nothing is pretended.
+        // `changes` itself is null: nothing is assumed.
         assert_cases(&e, &[("changes == null", true)]);
     }
 
