@@ -730,21 +730,7 @@ async fn open(
     if in_recovery {
         return Err(Error::ReadOnlyStandby);
     }
-    let columns: Vec<(String, String)> = client
-        .query(TableShape::CATALOG_QUERY, &[])
-        .await
-        .map_err(|e| match e.code() {
-            Some(c) if *c == tokio_postgres::error::SqlState::UNDEFINED_TABLE => {
-                Error::ChangeLogShape(
-                    "core.tb_entity_change_log does not exist: run `fraiseql-observers migrate`"
-                        .into(),
-                )
-            }
-            _ => Error::Database(e),
-        })?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let columns = super::range::columns(&client).await?;
     if !columns
         .iter()
         .any(|(name, ty)| name == "txid" && ty == "xid8")

@@ -7,15 +7,19 @@ use crate::error::{Error, Result};
 use crate::event::{EntityEvent, Position};
 use tokio_postgres::Client;
 
-/// The change log's shape, from the catalog.
-pub async fn discover(client: &Client) -> Result<TableShape> {
-    let columns: Vec<(String, String)> = client
+/// The change log's columns and their types, from the catalog (none when the table is missing).
+pub async fn columns(client: &Client) -> Result<Vec<(String, String)>> {
+    Ok(client
         .query(TableShape::CATALOG_QUERY, &[])
         .await?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    TableShape::from_columns(&columns)
+        .collect())
+}
+
+/// The change log's shape, from the catalog.
+pub async fn discover(client: &Client) -> Result<TableShape> {
+    TableShape::from_columns(&columns(client).await?)
 }
 
 /// The rows with `from <= sequence <= to`, in sequence order, decoded (a row that cannot be
