@@ -11,8 +11,8 @@ pub const MAX_SOURCE_LEN: usize = 4096;
 pub const MAX_SOURCE_NESTING: usize = 32;
 /// The deepest nesting of objects and arrays converted from an event's data.
 pub const MAX_DATA_DEPTH: usize = 64;
-/// The stack of the thread [`Condition::compile`](super::Condition::compile) parses on. Parsing the worst source within
-/// the bounds needs less than 8 MiB in a debug build.
+/// The stack of the thread [`Condition::compile`](super::Condition::compile) parses on.
+/// Parsing the worst source within the bounds needs less than 8 MiB in a debug build.
 pub(super) const COMPILE_STACK_SIZE: usize = 16 << 20;
 
 /// The deepest nesting of `(`, `[` and `{` outside string literals and comments.
