@@ -69,6 +69,8 @@ pub mod metrics;
 pub mod migrate;
 pub mod retention;
 pub mod template;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use config::{Config, Observer};
 pub use error::{ConfigError, Error, Result};
