@@ -6,7 +6,7 @@ use crate::harness::{
     check_at_least_once, config, insert_change, ConfigFile, Daemon, Setup, Writer,
 };
 use crate::receiver::Receiver;
-use crate::support::{eventually, TestDb};
+use fraiseql_observers::testing::{eventually, TestDb};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use std::collections::HashSet;

@@ -4,7 +4,7 @@
 
 use crate::harness::{cli, config, insert_change, ConfigFile, Daemon, Setup};
 use crate::receiver::Receiver;
-use crate::support::{eventually, TestDb};
+use fraiseql_observers::testing::{eventually, TestDb};
 use serde_json::{json, Value};
 use std::time::Duration;
 use uuid::Uuid;

@@ -5,7 +5,7 @@ use crate::harness::{
     config, free_port, healthz, http_get, insert_change, ConfigFile, Daemon, Setup,
 };
 use crate::receiver::Receiver;
-use crate::support::{eventually, TestDb};
+use fraiseql_observers::testing::{eventually, TestDb};
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -291,7 +291,7 @@ pub struct Writer {
 impl Writer {
     pub async fn start(database_url: &str, entities: usize, seed: u64, every: Duration) -> Writer {
         use rand::{Rng, SeedableRng};
-        let client = crate::support::connect(database_url).await;
+        let client = fraiseql_observers::testing::connect(database_url).await;
         let ids: Vec<Uuid> = (0..entities).map(|_| Uuid::new_v4()).collect();
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {

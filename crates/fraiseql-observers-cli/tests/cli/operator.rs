@@ -4,8 +4,8 @@
 
 use crate::harness::{cli, config, ConfigFile, Daemon, Setup, TENANT};
 use crate::receiver::Receiver;
-use crate::support::{eventually, TestDb};
 use fraiseql_observers::leader::Leadership;
+use fraiseql_observers::testing::{eventually, TestDb};
 use std::time::Duration;
 
 #[tokio::test]
@@ -496,7 +496,7 @@ async fn explain_and_replay_a_range_for_one_observer() {
 /// its own), shows changes becoming signed webhooks.
 #[tokio::test]
 async fn the_demo_delivers_signed_webhooks_and_cleans_up() {
-    let admin = crate::support::admin_url();
+    let admin = fraiseql_observers::testing::admin_url();
     let out = cli(Some(&admin), &["demo"]).await;
     assert_eq!(out.code, Some(0), "{}", out.all());
     assert!(
@@ -506,7 +506,7 @@ async fn the_demo_delivers_signed_webhooks_and_cleans_up() {
     );
     assert!(out.stdout.contains("signature valid"), "{}", out.stdout);
     assert!(!out.stdout.contains("INVALID"), "{}", out.stdout);
-    let client = crate::support::connect(&admin).await;
+    let client = fraiseql_observers::testing::connect(&admin).await;
     let left: i64 = client
         .query_one(
             "SELECT count(*) FROM pg_database WHERE datname LIKE 'fraiseql_observers_demo%'",

@@ -3,7 +3,7 @@
 
 use crate::harness::{config, insert_change, ConfigFile, Daemon, Setup};
 use crate::receiver::Receiver;
-use crate::support::{eventually, TestDb};
+use fraiseql_observers::testing::{eventually, TestDb};
 use serde_json::json;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -6,7 +6,7 @@ use crate::harness::{
     check_at_least_once, config, free_port, healthz, ConfigFile, Daemon, Setup, Writer,
 };
 use crate::receiver::Receiver;
-use crate::support::{eventually, TestDb};
+use fraiseql_observers::testing::{eventually, TestDb};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 

@@ -6,8 +6,8 @@
 use crate::push::{FakeFcm, FCM_SEND};
 use crate::receiver::Receiver;
 use crate::smtp_server::SmtpServer;
-use crate::support::{eventually, TestDb};
 use fraiseql_observers::config;
+use fraiseql_observers::testing::{eventually, TestDb};
 use fraiseql_observers::{ChangeLogListener, ListenerConfig, ObserverExecutor};
 use serde_json::json;
 use std::sync::Arc;

@@ -1,8 +1,8 @@
 //! The capture trigger and `core.log_mutation_event` against a real database: what lands in
 //! `core.tb_entity_change_log` for each kind of write, and which writes fail.
 
-use crate::support::TestDb;
 use fraiseql_observers::capture::{self, CaptureInfo, CaptureSpec};
+use fraiseql_observers::testing::TestDb;
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 use uuid::Uuid;
@@ -1033,7 +1033,8 @@ async fn a_writer_without_rights_on_the_change_log_is_captured_and_cannot_forge_
     capture::enable(&admin, &spec).await.unwrap();
 
     let writer =
-        crate::support::connect(&db.url.replacen("postgres@", &format!("{role}@"), 1)).await;
+        fraiseql_observers::testing::connect(&db.url.replacen("postgres@", &format!("{role}@"), 1))
+            .await;
     writer
         .execute(
             "INSERT INTO tb_doc (org, body) VALUES ($1, 'hello')",

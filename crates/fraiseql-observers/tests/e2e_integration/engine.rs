@@ -2,10 +2,10 @@
 //! the executor with its lanes, retry queue and dead letters, and real local HTTP receivers.
 
 use crate::receiver::{Hook, Receiver};
-use crate::support::{eventually, TestDb};
 use fraiseql_observers::config::{self, RuntimeConfig};
 use fraiseql_observers::delivery::dead_letter;
 use fraiseql_observers::executor::{EngineStatus, ObserverExecutor};
+use fraiseql_observers::testing::{eventually, TestDb};
 use fraiseql_observers::{ChangeLogListener, ListenerConfig};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;

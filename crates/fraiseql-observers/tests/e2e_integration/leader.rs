@@ -2,8 +2,8 @@
 //! that take over within a few seconds when the holder goes away (dropped, or its backend
 //! terminated), and a holder that learns it lost the lock.
 
-use crate::support::{eventually, TestDb};
 use fraiseql_observers::leader::{lock_key, Leadership};
+use fraiseql_observers::testing::{eventually, TestDb};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

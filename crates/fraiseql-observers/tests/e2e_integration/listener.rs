@@ -1,8 +1,8 @@
 //! The gap-safe reader against a real PostgreSQL: ordering, resumption, failures, and the four
 //! tests of correctness.md section 2.
 
-use crate::support::{connect, eventually, TestDb};
 use fraiseql_observers::listener::change_log::Batch;
+use fraiseql_observers::testing::{connect, eventually, TestDb};
 use fraiseql_observers::{
     ChangeLogListener, EntityEvent, EventKind, ListenerConfig, StartPosition,
 };
@@ -217,7 +217,7 @@ async fn test_batch_processing() {
 #[tokio::test]
 async fn a_batch_read_in_chunks_survives_gaps_bad_rows_and_a_lost_connection() {
     let db = TestDb::new().await;
-    let admin = connect(&crate::support::admin_url()).await;
+    let admin = connect(&fraiseql_observers::testing::admin_url()).await;
     let client = db.client().await;
     let insert = |from: i32, to: i32| {
         format!(
@@ -839,7 +839,7 @@ async fn test_malformed_entry_handling() {
 #[tokio::test]
 async fn test_connection_retry() {
     let db = TestDb::new().await;
-    let admin = connect(&crate::support::admin_url()).await;
+    let admin = connect(&fraiseql_observers::testing::admin_url()).await;
     let client = db.client().await;
     let mut listener = ChangeLogListener::start(config(&db, "retry"))
         .await

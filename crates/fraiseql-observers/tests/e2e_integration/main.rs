@@ -16,4 +16,3 @@ mod sample;
 mod search;
 mod sms;
 mod smtp_server;
-mod support;

@@ -1,9 +1,9 @@
 //! Migrations against fresh and existing databases (both change-log shapes), and the NOTIFY hint
 //! they install.
 
-use crate::support::TestDb;
 use fraiseql_observers::capture::{self, CaptureSpec};
 use fraiseql_observers::migrate;
+use fraiseql_observers::testing::TestDb;
 use futures::StreamExt;
 use std::time::Duration;
 use tokio::sync::mpsc;

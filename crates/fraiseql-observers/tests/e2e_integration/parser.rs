@@ -2,11 +2,11 @@
 //! rows are written with plain INSERTs (as FraiseQL mutation functions write them), the shape is
 //! discovered from the catalog, and rows are read with the decoder's own select list.
 
-use crate::support::TestDb;
 use chrono::{DateTime, Utc};
 use fraiseql_observers::listener::parser::{
     decode, ChangeLogRow, DecodeError, ShapeKind, TableShape,
 };
+use fraiseql_observers::testing::TestDb;
 use fraiseql_observers::{EntityEvent, Error, EventKind, FieldChange, Position};
 use serde_json::{json, Value};
 use tokio_postgres::Client;

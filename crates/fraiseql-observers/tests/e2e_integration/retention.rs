@@ -1,7 +1,7 @@
 //! Pruning the change log: only rows every consumer has processed, and only old ones.
 
-use crate::support::TestDb;
 use fraiseql_observers::listener::checkpoint;
+use fraiseql_observers::testing::TestDb;
 use fraiseql_observers::{retention, ChangeLogListener, ListenerConfig, StartPosition};
 use std::time::Duration;
 use tokio_postgres::Client;
