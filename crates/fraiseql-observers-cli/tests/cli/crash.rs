@@ -5,7 +5,7 @@
 use crate::harness::{
     check_at_least_once, config, insert_change, ConfigFile, Daemon, Setup, Writer,
 };
-use crate::receiver::Receiver;
+use fraiseql_observers::testing::TestServer;
 use fraiseql_observers::testing::{eventually, TestDb};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -24,7 +24,7 @@ async fn killed_at_random_moments_the_daemon_loses_nothing_and_keeps_ids_and_ord
     eprintln!("crash test seed {seed} (set FO_CRASH_SEED to replay another)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let db = TestDb::new().await;
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     let hook = receiver.url("/hook");
     let file = ConfigFile::new(&config(&Setup::new("crash", &hook)));
 
@@ -88,7 +88,7 @@ async fn killed_at_random_moments_the_daemon_loses_nothing_and_keeps_ids_and_ord
     );
 
     // A clean restart re-sends nothing old: only the change written now arrives.
-    let seen = receiver.hooks().len();
+    let seen = receiver.answered().len();
     let mut daemon = Daemon::start(&db.url, &file.path);
     let client = db.client().await;
     let fresh = insert_change(&client, Uuid::new_v4(), "c", json!({"n": "fresh"})).await;
@@ -98,7 +98,7 @@ async fn killed_at_random_moments_the_daemon_loses_nothing_and_keeps_ids_and_ord
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after: Vec<i64> = receiver.hooks()[seen..]
+    let after: Vec<i64> = receiver.answered()[seen..]
         .iter()
         .map(|h| h.sequence())
         .collect();

@@ -3,7 +3,7 @@
 //! `dlq discard` keeps it from ever being sent; `dlq retry --all` takes only pending items.
 
 use crate::harness::{cli, config, insert_change, ConfigFile, Daemon, Setup};
-use crate::receiver::Receiver;
+use fraiseql_observers::testing::TestServer;
 use fraiseql_observers::testing::{eventually, TestDb};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -24,8 +24,8 @@ async fn status(client: &tokio_postgres::Client, id: i64) -> String {
 async fn dead_letters_are_listed_shown_retried_once_and_discarded() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    let receiver = Receiver::start().await;
-    receiver.set(|_| (400, Duration::ZERO));
+    let receiver = TestServer::start().await;
+    receiver.respond(|_| (400, Duration::ZERO));
     let hook = receiver.url("/hook");
     let file = ConfigFile::new(&config(&Setup::new("dlq", &hook)));
     let url = db.url.as_str();
@@ -51,7 +51,7 @@ async fn dead_letters_are_listed_shown_retried_once_and_discarded() {
     daemon.signal("TERM");
     assert_eq!(daemon.exit(Duration::from_secs(15)).await.code(), Some(0));
     assert_eq!(
-        receiver.hooks().len(),
+        receiver.answered().len(),
         3,
         "each refused once (400 is permanent)"
     );
@@ -103,7 +103,7 @@ async fn dead_letters_are_listed_shown_retried_once_and_discarded() {
     assert_eq!(shown["attempts"], json!(1));
 
     // Two concurrent retries of one item: the receiver gets exactly one request.
-    receiver.set(|_| (200, Duration::from_millis(500)));
+    receiver.respond(|_| (200, Duration::from_millis(500)));
     let id = retried.to_string();
     let retry_args = ["dlq", "retry", id.as_str(), "--config", file.arg()];
     let (one, two) = tokio::join!(cli(Some(url), &retry_args), cli(Some(url), &retry_args));
@@ -121,10 +121,10 @@ async fn dead_letters_are_listed_shown_retried_once_and_discarded() {
     let mut codes = [one.code, two.code];
     codes.sort();
     assert_eq!(codes, [Some(0), Some(1)]);
-    let sent: Vec<_> = receiver.hooks()[3..].to_vec();
+    let sent: Vec<_> = receiver.answered()[3..].to_vec();
     assert_eq!(sent.len(), 1, "a double retry fired twice");
     assert_eq!(sent[0].sequence(), sequences[0]);
-    let refused = receiver.hooks()[..3]
+    let refused = receiver.answered()[..3]
         .iter()
         .find(|h| h.sequence() == sequences[0])
         .unwrap()
@@ -150,7 +150,7 @@ async fn dead_letters_are_listed_shown_retried_once_and_discarded() {
         .any(|l| l.starts_with(&format!("{retried} "))));
 
     // --all retries only what is pending: the third item.
-    receiver.set(|_| (200, Duration::ZERO));
+    receiver.respond(|_| (200, Duration::ZERO));
     let all = cli(
         Some(url),
         &["dlq", "retry", "--all", "--config", file.arg()],
@@ -160,7 +160,10 @@ async fn dead_letters_are_listed_shown_retried_once_and_discarded() {
     assert!(all
         .stdout
         .contains("1 delivered, 0 failed again, 0 not pending"));
-    let sent: Vec<i64> = receiver.hooks()[4..].iter().map(|h| h.sequence()).collect();
+    let sent: Vec<i64> = receiver.answered()[4..]
+        .iter()
+        .map(|h| h.sequence())
+        .collect();
     assert_eq!(sent, vec![sequences[2]]);
     assert_eq!(status(&client, remaining).await, "delivered");
     assert_eq!(status(&client, discarded).await, "discarded");

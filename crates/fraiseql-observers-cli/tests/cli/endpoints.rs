@@ -4,7 +4,7 @@
 use crate::harness::{
     config, free_port, healthz, http_get, insert_change, ConfigFile, Daemon, Setup,
 };
-use crate::receiver::Receiver;
+use fraiseql_observers::testing::TestServer;
 use fraiseql_observers::testing::{eventually, TestDb};
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,10 +23,10 @@ fn sample(page: &str, name: &str) -> Option<f64> {
 async fn test_metrics_collection() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     // The first request fails transiently (and is retried); the rest succeed.
     let failed_once = Arc::new(AtomicBool::new(false));
-    receiver.set(move |_| {
+    receiver.respond(move |_| {
         let first = !failed_once.swap(true, Ordering::SeqCst);
         (if first { 503 } else { 200 }, Duration::ZERO)
     });
@@ -57,7 +57,7 @@ async fn test_metrics_collection() {
     })
     .await;
     assert_eq!(
-        receiver.hooks().len(),
+        receiver.answered().len(),
         6,
         "one refused attempt, five accepted"
     );

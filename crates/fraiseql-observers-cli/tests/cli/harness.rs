@@ -334,7 +334,7 @@ pub struct Deliveries {
 /// deliveries arrive in ascending sequence.
 pub fn check_at_least_once(
     committed: &[(i64, Uuid)],
-    accepted: &[crate::receiver::Hook],
+    accepted: &[fraiseql_observers::testing::Request],
 ) -> Deliveries {
     use std::collections::{BTreeMap, HashMap, HashSet};
     let mut ids: BTreeMap<i64, HashSet<String>> = BTreeMap::new();

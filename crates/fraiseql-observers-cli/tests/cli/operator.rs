@@ -3,8 +3,8 @@
 //! database URL's sources.
 
 use crate::harness::{cli, config, ConfigFile, Daemon, Setup, TENANT};
-use crate::receiver::Receiver;
 use fraiseql_observers::leader::Leadership;
+use fraiseql_observers::testing::TestServer;
 use fraiseql_observers::testing::{eventually, TestDb};
 use std::time::Duration;
 
@@ -166,7 +166,7 @@ async fn quarantined_rows_are_listed_with_their_reasons() {
         .await
         .unwrap()
         .get(0);
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     let hook = receiver.url("/hook");
     let file = ConfigFile::new(&config(&Setup::new("quarantine", &hook)));
     let mut daemon = Daemon::start(&db.url, &file.path);
@@ -198,7 +198,7 @@ async fn quarantined_rows_are_listed_with_their_reasons() {
     assert_eq!(json[0]["sequence"], sequence);
     assert_eq!(json[0]["row"]["object_data"], "just a string");
     assert!(!json[0]["reason"].as_str().unwrap().is_empty());
-    assert!(receiver.hooks().is_empty());
+    assert!(receiver.answered().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -241,7 +241,7 @@ async fn a_captured_table_delivers_its_inserts() {
         .await
         .unwrap());
 
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     let hook = receiver.url("/users");
     let file = ConfigFile::new(&format!(
         r#"
@@ -279,10 +279,13 @@ allow_private_networks = true
         async move { hooks.into_iter().next() }
     })
     .await;
-    assert_eq!(delivered.body["type"], "user.created");
-    assert_eq!(delivered.body["data"]["after"]["email"], "ada@example.com");
-    assert_eq!(delivered.body["data"]["tenant"], TENANT);
-    assert!(delivered.body["data"]["after"]
+    assert_eq!(delivered.json()["type"], "user.created");
+    assert_eq!(
+        delivered.json()["data"]["after"]["email"],
+        "ada@example.com"
+    );
+    assert_eq!(delivered.json()["data"]["tenant"], TENANT);
+    assert!(delivered.json()["data"]["after"]
         .get("password_hash")
         .is_none());
     daemon.signal("TERM");
@@ -322,7 +325,7 @@ allow_private_networks = true
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_logs_json_lines_when_asked() {
     let db = TestDb::new().await;
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     let hook = receiver.url("/hook");
     let text = config(&Setup::new("json-logs", &hook)).replace(
         "[observers.runtime]\n",
@@ -400,7 +403,7 @@ async fn prune_deletes_only_processed_old_rows_and_refuses_without_consumers() {
 async fn explain_and_replay_a_range_for_one_observer() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     let hook = receiver.url("/hook");
     let text = format!(
         "{}\n[observers.big]\nentity = \"Item\"\nevent_type = \"INSERT\"\ncondition = \"n > 1\"\n\
@@ -466,7 +469,7 @@ async fn explain_and_replay_a_range_for_one_observer() {
         "{}",
         dry.stdout
     );
-    assert!(receiver.hooks().is_empty(), "a dry run sends nothing");
+    assert!(receiver.answered().is_empty(), "a dry run sends nothing");
 
     let real = cli(
         Some(&db.url),
@@ -484,10 +487,10 @@ async fn explain_and_replay_a_range_for_one_observer() {
     )
     .await;
     assert_eq!(real.code, Some(0), "{}", real.all());
-    let hooks = receiver.hooks();
+    let hooks = receiver.answered();
     let ns: Vec<i64> = hooks
         .iter()
-        .map(|h| h.body["data"]["after"]["n"].as_i64().unwrap())
+        .map(|h| h.json()["data"]["after"]["n"].as_i64().unwrap())
         .collect();
     assert_eq!(ns, [2, 3], "in sequence order, only what matches");
 }

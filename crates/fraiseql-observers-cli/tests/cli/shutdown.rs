@@ -2,7 +2,7 @@
 //! flight, saves the checkpoint and exits 0; a restart re-sends nothing that was delivered.
 
 use crate::harness::{config, insert_change, ConfigFile, Daemon, Setup};
-use crate::receiver::Receiver;
+use fraiseql_observers::testing::TestServer;
 use fraiseql_observers::testing::{eventually, TestDb};
 use serde_json::json;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,10 +14,10 @@ use uuid::Uuid;
 async fn test_listener_graceful_shutdown() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     let started = Arc::new(AtomicUsize::new(0));
     let counter = started.clone();
-    receiver.set(move |_| {
+    receiver.respond(move |_| {
         counter.fetch_add(1, Ordering::SeqCst);
         (200, Duration::from_millis(1500))
     });
@@ -76,7 +76,7 @@ async fn test_listener_graceful_shutdown() {
     assert_eq!(saved, Some(1));
 
     // A restart delivers what came after, and nothing that was delivered.
-    receiver.set(|_| (200, Duration::ZERO));
+    receiver.respond(|_| (200, Duration::ZERO));
     let mut daemon = Daemon::start(&db.url, &file.path);
     eventually(
         Duration::from_secs(10),
@@ -89,7 +89,7 @@ async fn test_listener_graceful_shutdown() {
     )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut all: Vec<i64> = receiver.hooks().iter().map(|h| h.sequence()).collect();
+    let mut all: Vec<i64> = receiver.answered().iter().map(|h| h.sequence()).collect();
     all.sort();
     let mut expected = [first.clone(), later.clone()].concat();
     expected.sort();

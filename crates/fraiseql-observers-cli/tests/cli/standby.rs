@@ -5,7 +5,7 @@
 use crate::harness::{
     check_at_least_once, config, free_port, healthz, ConfigFile, Daemon, Setup, Writer,
 };
-use crate::receiver::Receiver;
+use fraiseql_observers::testing::TestServer;
 use fraiseql_observers::testing::{eventually, TestDb};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ async fn role(port: u16) -> Option<(u16, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_standby_takes_over_when_the_leader_is_killed() {
     let db = TestDb::new().await;
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     let hook = receiver.url("/hook");
     let (port_a, port_b) = (free_port(), free_port());
     let file_a = ConfigFile::new(&config(&Setup {
@@ -115,7 +115,7 @@ async fn the_standby_takes_over_when_the_leader_is_killed() {
 async fn a_daemon_that_loses_its_lock_connection_stops_at_once_and_exits_non_zero() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     let hook = receiver.url("/hook");
     let file = ConfigFile::new(&config(&Setup::new("lost", &hook)));
     let mut daemon = Daemon::start(&db.url, &file.path);
@@ -145,7 +145,7 @@ async fn a_daemon_that_loses_its_lock_connection_stops_at_once_and_exits_non_zer
 async fn a_fenced_daemon_stops_at_its_next_write_and_exits_non_zero() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     let hook = receiver.url("/hook");
     let file = ConfigFile::new(&config(&Setup::new("fenced", &hook)));
     let mut daemon = Daemon::start(&db.url, &file.path);

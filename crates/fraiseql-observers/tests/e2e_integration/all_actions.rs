@@ -4,9 +4,9 @@
 //! Meilisearch stand-in, and the real Redis.
 
 use crate::push::{FakeFcm, FCM_SEND};
-use crate::receiver::Receiver;
 use crate::smtp_server::SmtpServer;
 use fraiseql_observers::config;
+use fraiseql_observers::testing::TestServer;
 use fraiseql_observers::testing::{eventually, TestDb};
 use fraiseql_observers::{ChangeLogListener, ListenerConfig, ObserverExecutor};
 use serde_json::json;
@@ -34,11 +34,11 @@ async fn one_change_fires_all_seven_action_types() {
         .await
         .unwrap();
 
-    let http = Receiver::start().await;
+    let http = TestServer::start().await;
     let twilio_path = format!("/2010-04-01/Accounts/{SID}/Messages.json");
     {
         let twilio_path = twilio_path.clone();
-        http.set(move |h| match h.path.as_str() {
+        http.respond(move |h| match h.path() {
             p if p == twilio_path => (201, Duration::ZERO),
             "/indexes/orders/documents" => (202, Duration::ZERO),
             _ => (200, Duration::ZERO),
@@ -216,17 +216,17 @@ ttl_seconds = 60
     let hook = &http.accepted_on("/hook")[0];
     standardwebhooks::Webhook::new(SECRET)
         .unwrap()
-        .verify(&hook.raw, &hook.headers)
+        .verify(&hook.body, &hook.headers)
         .expect("signature verifies");
-    assert_eq!(hook.body["type"], "order.created");
-    assert_eq!(hook.body["data"]["entity_id"], order.to_string());
+    assert_eq!(hook.json()["type"], "order.created");
+    assert_eq!(hook.json()["data"]["entity_id"], order.to_string());
     assert_eq!(
-        hook.body["data"]["after"]["customer_email"],
+        hook.json()["data"]["after"]["customer_email"],
         "ada@example.com"
     );
     // Slack.
     assert_eq!(
-        http.accepted_on("/slack")[0].body,
+        http.accepted_on("/slack")[0].json(),
         json!({"text": "Order new: 42.5 EUR", "channel": "#orders"})
     );
     // Email, as the SMTP server received it.
@@ -237,7 +237,7 @@ ttl_seconds = 60
     assert!(raw.contains("Total 42.5 EUR"), "{raw}");
     // SMS: Twilio's form, with Basic auth.
     let sms = &http.accepted_on(&twilio_path)[0];
-    let form: Vec<(String, String)> = form_urlencoded::parse(&sms.raw).into_owned().collect();
+    let form: Vec<(String, String)> = form_urlencoded::parse(&sms.body).into_owned().collect();
     assert!(
         form.contains(&("To".into(), "+33612345678".into())),
         "{form:?}"
@@ -258,7 +258,7 @@ ttl_seconds = 60
     let search = &http.accepted_on("/indexes/orders/documents")[0];
     assert_eq!(search.header("authorization"), "Bearer search-key");
     assert_eq!(
-        search.body,
+        search.json(),
         json!([{"id": order.to_string(), "status": "new", "total": 42.5}])
     );
     // Cache: the entity's data, with its TTL.

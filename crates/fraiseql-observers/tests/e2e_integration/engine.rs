@@ -1,11 +1,11 @@
 //! The observer engine end to end: real PostgreSQL (capture trigger -> change log -> listener),
 //! the executor with its lanes, retry queue and dead letters, and real local HTTP receivers.
 
-use crate::receiver::{Hook, Receiver};
 use fraiseql_observers::config::{self, RuntimeConfig};
 use fraiseql_observers::delivery::dead_letter;
 use fraiseql_observers::executor::{EngineStatus, ObserverExecutor};
 use fraiseql_observers::testing::{eventually, TestDb};
+use fraiseql_observers::testing::{Request, TestServer};
 use fraiseql_observers::{ChangeLogListener, ListenerConfig};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -151,7 +151,7 @@ async fn set_order(client: &Client, id: Uuid, status: &str) {
         .unwrap();
 }
 
-async fn wait_for(receiver: &Receiver, n: usize, what: &str) -> Vec<Hook> {
+async fn wait_for(receiver: &TestServer, n: usize, what: &str) -> Vec<Request> {
     eventually(Duration::from_secs(20), what, || {
         let accepted = receiver.accepted();
         async move { (accepted.len() >= n).then_some(accepted) }
@@ -160,7 +160,7 @@ async fn wait_for(receiver: &Receiver, n: usize, what: &str) -> Vec<Hook> {
 }
 
 /// Nothing more arrives for a little while.
-async fn settle(receiver: &Receiver, expected: usize) {
+async fn settle(receiver: &TestServer, expected: usize) {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(
         receiver.accepted().len(),
@@ -169,7 +169,13 @@ async fn settle(receiver: &Receiver, expected: usize) {
     );
 }
 
-fn webhook(receiver: &Receiver, name: &str, entity: &str, event_type: &str, path: &str) -> String {
+fn webhook(
+    receiver: &TestServer,
+    name: &str,
+    entity: &str,
+    event_type: &str,
+    path: &str,
+) -> String {
     format!(
         r#"
 [observers.{name}]
@@ -190,7 +196,7 @@ allow_private_networks = true
 async fn test_e2e_insert_workflow() {
     let db = TestDb::new().await;
     let client = schema(&db).await;
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     let engine = Engine::start(
         &db,
         &webhook(&receiver, "user_created", "User", "\"INSERT\"", "/users"),
@@ -210,14 +216,14 @@ async fn test_e2e_insert_workflow() {
         .await
         .unwrap();
     let change_id: Uuid = row.get(0);
-    assert_eq!(hook.body["type"], "user.created");
-    assert_eq!(hook.body["data"]["id"], change_id.to_string());
-    assert_eq!(hook.body["data"]["sequence"], row.get::<_, i64>(1));
-    assert_eq!(hook.body["data"]["entity_id"], user.to_string());
-    assert_eq!(hook.body["data"]["tenant"], TENANT_A);
-    assert_eq!(hook.body["data"]["after"]["email"], "ada@example.com");
+    assert_eq!(hook.json()["type"], "user.created");
+    assert_eq!(hook.json()["data"]["id"], change_id.to_string());
+    assert_eq!(hook.json()["data"]["sequence"], row.get::<_, i64>(1));
+    assert_eq!(hook.json()["data"]["entity_id"], user.to_string());
+    assert_eq!(hook.json()["data"]["tenant"], TENANT_A);
+    assert_eq!(hook.json()["data"]["after"]["email"], "ada@example.com");
     assert!(
-        hook.body["data"]["after"].get("password_hash").is_none(),
+        hook.json()["data"]["after"].get("password_hash").is_none(),
         "excluded column leaked"
     );
     assert_eq!(
@@ -228,7 +234,7 @@ async fn test_e2e_insert_workflow() {
     // The signature verifies with an independent Standard Webhooks implementation.
     let verifier = standardwebhooks::Webhook::new(SECRET).unwrap();
     verifier
-        .verify(&hook.raw, &hook.headers)
+        .verify(&hook.body, &hook.headers)
         .expect("the signature verifies");
     engine.stop().await.unwrap();
 }
@@ -237,7 +243,7 @@ async fn test_e2e_insert_workflow() {
 async fn test_e2e_multiple_observers() {
     let db = TestDb::new().await;
     let client = schema(&db).await;
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     let observers = [
         webhook(&receiver, "users", "User", "\"INSERT\"", "/users"),
         webhook(
@@ -277,7 +283,7 @@ async fn test_e2e_multiple_observers() {
         receiver
             .accepted_on(path)
             .iter()
-            .map(|h| h.body["type"].as_str().unwrap().to_string())
+            .map(|h| h.json()["type"].as_str().unwrap().to_string())
             .collect()
     };
     assert_eq!(types("/users"), ["user.created"]);
@@ -296,7 +302,7 @@ async fn test_e2e_multiple_observers() {
 async fn test_e2e_condition_filtering() {
     let db = TestDb::new().await;
     let client = schema(&db).await;
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     let observers = format!(
         "{}condition = \"status == 'shipped' && total > 100\"\n{}condition = \"field_changed_to('status', 'paid')\"\n",
         webhook(&receiver, "big_shipped", "Order", "[\"INSERT\", \"UPDATE\"]", "/big")
@@ -333,7 +339,7 @@ async fn test_e2e_condition_filtering() {
     let paid: HashSet<String> = receiver
         .accepted_on("/paid")
         .iter()
-        .map(Hook::entity)
+        .map(Request::entity)
         .collect();
     assert_eq!(
         paid,
@@ -346,7 +352,7 @@ async fn test_e2e_condition_filtering() {
 async fn test_e2e_webhook_execution() {
     let db = TestDb::new().await;
     let client = schema(&db).await;
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     let observers = format!(
         r#"
 [observers.custom]
@@ -369,7 +375,7 @@ allow_private_networks = true
     assert_eq!(hooks[0].header("x-team"), "growth");
     assert_eq!(hooks[0].header("content-type"), "application/json");
     assert_eq!(
-        hooks[0].body,
+        hooks[0].json(),
         serde_json::json!({"email": "quote\"and\\slash@example.com", "kind": "INSERT", "tenant": TENANT_B})
     );
     assert!(
@@ -383,7 +389,7 @@ allow_private_networks = true
 async fn test_e2e_slack_execution() {
     let db = TestDb::new().await;
     let client = schema(&db).await;
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     let observers = format!(
         r##"
 [observers.slack_orders]
@@ -402,8 +408,8 @@ allow_private_networks = true
     let engine = Engine::start(&db, &observers).await;
     insert_order(&client, "new", 42.5).await;
     let hooks = wait_for(&receiver, 1, "the Slack message").await;
-    assert_eq!(hooks[0].body["channel"], "#orders");
-    assert_eq!(hooks[0].body["text"], "New order new for 42.5");
+    assert_eq!(hooks[0].json()["channel"], "#orders");
+    assert_eq!(hooks[0].json()["text"], "New order new for 42.5");
     engine.stop().await.unwrap();
 }
 
@@ -418,8 +424,8 @@ fn with_retry(observer: String, name: &str, retry: &str) -> String {
 async fn test_e2e_failure_and_recovery() {
     let db = TestDb::new().await;
     let client = schema(&db).await;
-    let receiver = Receiver::start().await;
-    receiver.set(|_| (503, Duration::ZERO)); // down
+    let receiver = TestServer::start().await;
+    receiver.respond(|_| (503, Duration::ZERO)); // down
     let observer = with_retry(
         webhook(&receiver, "users", "User", "\"INSERT\"", "/users"),
         "users",
@@ -448,15 +454,15 @@ async fn test_e2e_failure_and_recovery() {
         Duration::from_secs(10),
         "at least two failed attempts",
         || {
-            let n = receiver.hooks().len();
+            let n = receiver.answered().len();
             async move { (n >= 2).then_some(()) }
         },
     )
     .await;
 
-    receiver.set(|_| (200, Duration::ZERO)); // recovered
+    receiver.respond(|_| (200, Duration::ZERO)); // recovered
     let delivered = wait_for(&receiver, 1, "the delivery after recovery").await;
-    let all = receiver.hooks();
+    let all = receiver.answered();
     assert!(
         all.iter().all(|h| h.id() == delivered[0].id()),
         "every attempt carries the same id"
@@ -475,7 +481,7 @@ async fn test_e2e_failure_and_recovery() {
 async fn test_e2e_multitenant_isolation() {
     let db = TestDb::new().await;
     let client = schema(&db).await;
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     let observer = webhook(&receiver, "tenant_a", "User", "\"INSERT\"", "/a").replace(
         "event_type = \"INSERT\"",
         &format!("event_type = \"INSERT\"\ntenant = \"{TENANT_A}\""),
@@ -495,7 +501,7 @@ async fn test_e2e_multitenant_isolation() {
     let hooks = wait_for(&receiver, 1, "tenant A's event").await;
     settle(&receiver, 1).await;
     assert_eq!(hooks[0].entity(), a.to_string());
-    assert_eq!(hooks[0].body["data"]["tenant"], TENANT_A);
+    assert_eq!(hooks[0].json()["data"]["tenant"], TENANT_A);
     engine.stop().await.unwrap();
 }
 
@@ -503,7 +509,7 @@ async fn test_e2e_multitenant_isolation() {
 async fn test_checkpoint_saved() {
     let db = TestDb::new().await;
     let client = schema(&db).await;
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     let observer = webhook(&receiver, "users", "User", "\"INSERT\"", "/users");
     let engine = Engine::start(&db, &observer).await;
     let before: String = client
@@ -543,8 +549,8 @@ async fn test_checkpoint_saved() {
 async fn graceful_shutdown_finishes_in_flight_work_and_saves_the_checkpoint() {
     let db = TestDb::new().await;
     let client = schema(&db).await;
-    let receiver = Receiver::start().await;
-    receiver.set(|_| (200, Duration::from_millis(300))); // slow
+    let receiver = TestServer::start().await;
+    receiver.respond(|_| (200, Duration::from_millis(300))); // slow
     let engine = Engine::start(
         &db,
         &webhook(&receiver, "users", "User", "\"INSERT\"", "/users"),
@@ -555,7 +561,7 @@ async fn graceful_shutdown_finishes_in_flight_work_and_saves_the_checkpoint() {
     }
     eventually(Duration::from_secs(10), "deliveries in flight", || {
         let in_flight = engine.status.in_flight.load(Ordering::Relaxed);
-        let started = receiver.hooks().len();
+        let started = receiver.answered().len();
         async move { (in_flight > 0 || started > 0).then_some(()) }
     })
     .await;
@@ -563,7 +569,7 @@ async fn graceful_shutdown_finishes_in_flight_work_and_saves_the_checkpoint() {
     let delivered = receiver.accepted().len();
     assert!(delivered >= 1);
     // Restart: only what was not delivered before the stop comes, each once overall.
-    receiver.set(|_| (200, Duration::ZERO));
+    receiver.respond(|_| (200, Duration::ZERO));
     let engine = Engine::start(
         &db,
         &webhook(&receiver, "users", "User", "\"INSERT\"", "/users"),
@@ -571,7 +577,7 @@ async fn graceful_shutdown_finishes_in_flight_work_and_saves_the_checkpoint() {
     .await;
     wait_for(&receiver, 4, "every user").await;
     settle(&receiver, 4).await;
-    let ids: HashSet<String> = receiver.accepted().iter().map(Hook::id).collect();
+    let ids: HashSet<String> = receiver.accepted().iter().map(Request::id).collect();
     assert_eq!(ids.len(), 4, "nothing delivered twice");
     engine.stop().await.unwrap();
 }
@@ -582,13 +588,13 @@ async fn graceful_shutdown_finishes_in_flight_work_and_saves_the_checkpoint() {
 async fn a_failing_entity_parks_its_successors_and_others_flow() {
     let db = TestDb::new().await;
     let client = schema(&db).await;
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     let stuck = insert_order(&client, "new", 1.0).await; // E, its first event
     let stuck_id = stuck.to_string();
     let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
     {
         let (failing, stuck_id) = (failing.clone(), stuck_id.clone());
-        receiver.set(move |h| {
+        receiver.respond(move |h| {
             if failing.load(Ordering::Relaxed) && h.entity() == stuck_id {
                 (500, Duration::ZERO)
             } else {
@@ -632,7 +638,7 @@ async fn a_failing_entity_parks_its_successors_and_others_flow() {
         .iter()
         .filter(|h| h.entity() == stuck_id)
         .map(|h| {
-            h.body["data"]["after"]["status"]
+            h.json()["data"]["after"]["status"]
                 .as_str()
                 .unwrap()
                 .to_string()
@@ -650,11 +656,11 @@ async fn a_failing_entity_parks_its_successors_and_others_flow() {
 async fn exhausted_and_permanent_failures_are_dead_lettered_and_can_be_retried_once() {
     let db = TestDb::new().await;
     let client = schema(&db).await;
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     let answer = Arc::new(std::sync::atomic::AtomicU16::new(400));
     {
         let answer = answer.clone();
-        receiver.set(move |_| (answer.load(Ordering::Relaxed), Duration::ZERO));
+        receiver.respond(move |_| (answer.load(Ordering::Relaxed), Duration::ZERO));
     }
     let observer = with_retry(
         webhook(&receiver, "orders", "Order", "[\"INSERT\", \"UPDATE\"]", "/orders"),
@@ -679,7 +685,7 @@ async fn exhausted_and_permanent_failures_are_dead_lettered_and_can_be_retried_o
         items[0].event.entity_id, order,
         "the event is copied into the dead letter"
     );
-    assert_eq!(receiver.hooks().len(), 1);
+    assert_eq!(receiver.answered().len(), 1);
 
     // 500 twice: exhausted after max_attempts, and the entity's next event is not held back.
     answer.store(500, Ordering::Relaxed);
@@ -695,7 +701,7 @@ async fn exhausted_and_permanent_failures_are_dead_lettered_and_can_be_retried_o
     })
     .await;
     assert_eq!(exhausted.attempts, 2);
-    assert_eq!(receiver.hooks().len(), 3);
+    assert_eq!(receiver.answered().len(), 3);
     let executor = engine.executor.clone();
     engine.stop().await.unwrap();
 
@@ -733,7 +739,7 @@ async fn exhausted_and_permanent_failures_are_dead_lettered_and_can_be_retried_o
 async fn a_condition_that_cannot_be_evaluated_is_recorded_not_skipped() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     let observer = webhook(&receiver, "status", "Order", "\"UPDATE\"", "/status").replace(
         "event_type = \"UPDATE\"",
         "event_type = \"UPDATE\"\ncondition = \"field_changed('status')\"",
@@ -765,7 +771,7 @@ async fn a_condition_that_cannot_be_evaluated_is_recorded_not_skipped() {
         "{}",
         items[0].last_error
     );
-    assert!(receiver.hooks().is_empty());
+    assert!(receiver.answered().is_empty());
     engine.stop().await.unwrap();
 }
 
@@ -773,11 +779,11 @@ async fn a_condition_that_cannot_be_evaluated_is_recorded_not_skipped() {
 async fn test_backlog_alerting() {
     let db = TestDb::new().await;
     let client = schema(&db).await;
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     let gate = Arc::new(std::sync::atomic::AtomicBool::new(true));
     {
         let gate = gate.clone();
-        receiver.set(move |_| {
+        receiver.respond(move |_| {
             let held = gate.load(Ordering::Relaxed);
             (
                 200,
@@ -831,7 +837,7 @@ async fn test_backlog_alerting() {
 async fn test_e2e_throughput_1000_events() {
     let db = TestDb::new().await;
     let client = schema(&db).await;
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     let engine = Engine::start(
         &db,
         &webhook(
@@ -869,7 +875,7 @@ async fn test_e2e_throughput_1000_events() {
     let hooks = wait_for(&receiver, 1000, "1,000 deliveries").await;
     assert!(started.elapsed() < Duration::from_secs(20));
     settle(&receiver, 1000).await;
-    let ids: HashSet<String> = hooks.iter().map(Hook::id).collect();
+    let ids: HashSet<String> = hooks.iter().map(Request::id).collect();
     assert_eq!(ids.len(), 1000, "each exactly once");
     let mut per_entity: HashMap<String, Vec<i64>> = HashMap::new();
     for h in &hooks {
@@ -892,7 +898,7 @@ async fn test_e2e_throughput_1000_events() {
 async fn test_e2e_latency_under_100ms() {
     let db = TestDb::new().await;
     let client = schema(&db).await;
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     let engine = Engine::start(
         &db,
         &webhook(&receiver, "orders", "Order", "\"INSERT\"", "/orders"),
@@ -908,7 +914,7 @@ async fn test_e2e_latency_under_100ms() {
     let mut latencies: Vec<Duration> = hooks
         .iter()
         .map(|h| {
-            let n = h.body["data"]["after"]["total"].as_f64().unwrap() as usize;
+            let n = h.json()["data"]["after"]["total"].as_f64().unwrap() as usize;
             h.at.saturating_duration_since(committed[n])
         })
         .collect();
@@ -923,7 +929,7 @@ async fn test_e2e_latency_under_100ms() {
 async fn test_e2e_memory_stability() {
     let db = TestDb::new().await;
     let client = schema(&db).await;
-    let receiver = Receiver::start().await;
+    let receiver = TestServer::start().await;
     let engine = Engine::start(
         &db,
         &webhook(&receiver, "orders", "Order", "\"INSERT\"", "/orders"),
@@ -960,8 +966,8 @@ async fn test_e2e_memory_stability() {
 async fn coalescing_delivers_the_latest_state_once_per_window() {
     let db = TestDb::new().await;
     let client = schema(&db).await;
-    let receiver = Receiver::start().await;
-    receiver.set(|_| (202, Duration::ZERO));
+    let receiver = TestServer::start().await;
+    receiver.respond(|_| (202, Duration::ZERO));
     let observers = format!(
         r#"
 [observers.index]
@@ -993,12 +999,12 @@ allow_private_networks = true
     }
     let (order_id, other_id) = (order.to_string(), other.to_string());
     eventually(Duration::from_secs(10), "the coalesced updates", || {
-        let hooks = receiver.hooks();
+        let hooks = receiver.answered();
         let (order_id, other_id) = (order_id.clone(), other_id.clone());
         async move {
             let docs: Vec<serde_json::Value> = hooks
                 .iter()
-                .flat_map(|h| h.body.as_array().cloned().unwrap_or_default())
+                .flat_map(|h| h.json().as_array().cloned().unwrap_or_default())
                 .collect();
             let final_state = docs
                 .iter()
@@ -1010,9 +1016,9 @@ allow_private_networks = true
     .await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     let documents: Vec<serde_json::Value> = receiver
-        .hooks()
+        .answered()
         .iter()
-        .flat_map(|h| h.body.as_array().cloned().unwrap_or_default())
+        .flat_map(|h| h.json().as_array().cloned().unwrap_or_default())
         .collect();
     let of = |id: Uuid| -> Vec<serde_json::Value> {
         documents
@@ -1065,8 +1071,8 @@ url = "https://example.com/h"
 async fn coalesced_search_updates_of_several_entities_share_a_request() {
     let db = TestDb::new().await;
     let client = schema(&db).await;
-    let receiver = Receiver::start().await;
-    receiver.set(|_| (202, Duration::ZERO));
+    let receiver = TestServer::start().await;
+    receiver.respond(|_| (202, Duration::ZERO));
     let observer = format!(
         r#"
 [observers.index]
@@ -1097,12 +1103,12 @@ allow_private_networks = true
         orders.push(o.to_string());
     }
     let documents = eventually(Duration::from_secs(10), "every final state", || {
-        let hooks = receiver.hooks();
+        let hooks = receiver.answered();
         let orders = orders.clone();
         async move {
             let docs: Vec<serde_json::Value> = hooks
                 .iter()
-                .flat_map(|h| h.body.as_array().cloned().unwrap_or_default())
+                .flat_map(|h| h.json().as_array().cloned().unwrap_or_default())
                 .filter(|d| d["status"] == "final")
                 .collect();
             orders
@@ -1113,7 +1119,7 @@ allow_private_networks = true
     })
     .await;
     assert!(documents.len() >= 6);
-    let requests = receiver.hooks().len();
+    let requests = receiver.answered().len();
     assert!(
         requests < 6,
         "{requests} requests for 6 entities: not batched"

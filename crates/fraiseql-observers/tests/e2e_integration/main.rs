@@ -10,7 +10,6 @@ mod listener;
 mod migrations;
 mod parser;
 mod push;
-mod receiver;
 mod retention;
 mod sample;
 mod search;
