@@ -3,111 +3,32 @@
 //! `standardwebhooks` implementation.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
-use axum::Router;
+use axum::http::{HeaderValue, Method};
 use chrono::TimeZone;
 use fraiseql_observers::actions::{
     Action, ActionConfig, ActionError, CompileContext, DeliveryRequest, HttpClient,
 };
 use fraiseql_observers::delivery::delivery_id;
 use fraiseql_observers::event::diff_fields;
+use fraiseql_observers::testing::{Answer, Request, TestServer};
 use fraiseql_observers::{ConfigError, EntityEvent, EventKind, Position};
-use serde_json::{json, Value};
+use serde_json::json;
 use uuid::Uuid;
 
 // ---------------------------------------------------------------------------------------------
-// A receiver that records every request and answers according to its path:
-// `/status/<code>` answers that code (`?retry_after=<v>` adds a Retry-After header, `?body=<s>`
-// a body), `/sleep/<ms>` waits before answering 200, anything else answers 200 "ok".
+// The test server answers according to the path: `/status/<code>` answers that code
+// (`?retry_after=<v>` adds a Retry-After header, `?body=<s>` a body), `/sleep/<ms>` waits before
+// answering 200, anything else answers 200 "ok".
 
-#[derive(Debug, Clone)]
-struct Received {
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+async fn receiver() -> TestServer {
+    TestServer::with(by_path).await
 }
 
-impl Received {
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .unwrap_or_else(|| panic!("header {name} missing: {:?}", self.headers))
-            .to_str()
-            .unwrap()
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).expect("the body is valid JSON")
-    }
-}
-
-struct Receiver {
-    base: String,
-    port: u16,
-    received: Arc<Mutex<Vec<Received>>>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
-}
-
-impl Receiver {
-    async fn start() -> Receiver {
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let app = Router::new().fallback(record).with_state(received.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        Receiver {
-            base: format!("http://127.0.0.1:{port}"),
-            port,
-            received,
-            server,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn received(&self) -> Vec<Received> {
-        self.received.lock().unwrap().clone()
-    }
-
-    fn count(&self, path: &str) -> usize {
-        self.received()
-            .iter()
-            .filter(|r| r.uri.path() == path)
-            .count()
-    }
-}
-
-async fn record(
-    State(received): State<Arc<Mutex<Vec<Received>>>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    received.lock().unwrap().push(Received {
-        method,
-        uri: uri.clone(),
-        headers,
-        body,
-    });
-    let query: Vec<(String, String)> = uri
+fn by_path(request: &Request) -> Answer {
+    let query: Vec<(String, String)> = request
+        .uri
         .query()
         .unwrap_or_default()
         .split('&')
@@ -120,24 +41,20 @@ async fn record(
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.clone())
     };
-    let segments: Vec<&str> = uri.path().trim_start_matches('/').split('/').collect();
+    let segments: Vec<&str> = request.path().trim_start_matches('/').split('/').collect();
     match segments.as_slice() {
         ["status", code] => {
-            let status = StatusCode::from_u16(code.parse().unwrap()).unwrap();
-            let mut response = (status, param("body").unwrap_or_default()).into_response();
-            if let Some(v) = param("retry_after") {
-                response.headers_mut().insert(
-                    "retry-after",
-                    HeaderValue::from_str(&v.replace("%20", " ")).unwrap(),
-                );
+            let answer =
+                Answer::status(code.parse().unwrap()).body(param("body").unwrap_or_default());
+            match param("retry_after") {
+                Some(v) => answer.retry_after(v.replace("%20", " ")),
+                None => answer,
             }
-            response
         }
-        ["sleep", ms] => {
-            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
-            (StatusCode::OK, "late").into_response()
-        }
-        _ => (StatusCode::OK, "ok").into_response(),
+        ["sleep", ms] => Answer::status(200)
+            .body("late")
+            .after(Duration::from_millis(ms.parse().unwrap())),
+        _ => Answer::status(200).body("ok"),
     }
 }
 
@@ -203,7 +120,7 @@ const SECRET_B: &str = "whsec_c2Vjb25kLXNlY3JldC1mb3Itcm90YXRpb24=";
 
 #[tokio::test]
 async fn webhook_is_delivered_with_exact_headers_body_and_a_verifiable_signature() {
-    let rx = Receiver::start().await;
+    let rx = receiver().await;
     let hook = action(
         r#"type = "webhook"
            url_env = "HOOK_URL"
@@ -222,22 +139,22 @@ async fn webhook_is_delivered_with_exact_headers_body_and_a_verifiable_signature
     run(&hook, &event, 2).await.unwrap();
     let after = chrono::Utc::now().timestamp();
 
-    let got = rx.received();
+    let got = rx.requests();
     assert_eq!(got.len(), 2, "two attempts, two requests");
     let first = &got[0];
     assert_eq!(first.method, Method::POST);
     assert_eq!(first.uri.path(), "/hook");
     assert_eq!(first.uri.query(), Some("token=abc"));
-    assert_eq!(first.header("content-type"), "application/json");
+    assert_eq!(first.required_header("content-type"), "application/json");
     assert_eq!(
-        first.header("user-agent"),
+        first.required_header("user-agent"),
         concat!("fraiseql-observers/", env!("CARGO_PKG_VERSION"))
     );
-    assert_eq!(first.header("x-team"), "billing");
+    assert_eq!(first.required_header("x-team"), "billing");
     let id = delivery_id(event.id, "order_paid", 0);
-    assert_eq!(first.header("webhook-id"), id);
-    assert_eq!(first.header("idempotency-key"), id);
-    let ts: i64 = first.header("webhook-timestamp").parse().unwrap();
+    assert_eq!(first.required_header("webhook-id"), id);
+    assert_eq!(first.required_header("idempotency-key"), id);
+    let ts: i64 = first.required_header("webhook-timestamp").parse().unwrap();
     assert!(
         (before..=after).contains(&ts),
         "{ts} not in {before}..={after}"
@@ -279,8 +196,8 @@ async fn webhook_is_delivered_with_exact_headers_body_and_a_verifiable_signature
             .expect("signature verifies");
     }
     // The retry is the same delivery: same id, same body.
-    assert_eq!(got[1].header("webhook-id"), id);
-    assert_eq!(got[1].header("idempotency-key"), id);
+    assert_eq!(got[1].required_header("webhook-id"), id);
+    assert_eq!(got[1].required_header("idempotency-key"), id);
     assert_eq!(got[1].body, got[0].body);
 
     // A tampered body does not verify.
@@ -291,7 +208,7 @@ async fn webhook_is_delivered_with_exact_headers_body_and_a_verifiable_signature
 
 #[tokio::test]
 async fn rotated_secrets_send_one_signature_each() {
-    let rx = Receiver::start().await;
+    let rx = receiver().await;
     let hook = action(
         &format!(
             r#"type = "webhook"
@@ -304,9 +221,12 @@ async fn rotated_secrets_send_one_signature_each() {
     )
     .unwrap();
     run(&hook, &order_event("x@example.com"), 1).await.unwrap();
-    let got = rx.received();
+    let got = rx.requests();
     assert_eq!(got.len(), 1);
-    let signatures: Vec<&str> = got[0].header("webhook-signature").split(' ').collect();
+    let signatures: Vec<&str> = got[0]
+        .required_header("webhook-signature")
+        .split(' ')
+        .collect();
     assert_eq!(signatures.len(), 2, "{signatures:?}");
     for (signature, secret) in signatures.iter().zip([SECRET_A, SECRET_B]) {
         assert!(signature.starts_with("v1,"));
@@ -336,7 +256,7 @@ async fn rotated_secrets_send_one_signature_each() {
 
 #[tokio::test]
 async fn raw_secret_without_prefix_signs_with_its_bytes() {
-    let rx = Receiver::start().await;
+    let rx = receiver().await;
     let hook = action(
         &format!(
             r#"type = "webhook"
@@ -349,7 +269,7 @@ async fn raw_secret_without_prefix_signs_with_its_bytes() {
     )
     .unwrap();
     run(&hook, &order_event("x@example.com"), 1).await.unwrap();
-    let got = rx.received();
+    let got = rx.requests();
     standardwebhooks::Webhook::from_bytes(b"not-base64-just-bytes".to_vec())
         .unwrap()
         .verify(&got[0].body, &got[0].headers)
@@ -358,7 +278,7 @@ async fn raw_secret_without_prefix_signs_with_its_bytes() {
 
 #[tokio::test]
 async fn body_template_values_are_escaped_by_construction() {
-    let rx = Receiver::start().await;
+    let rx = receiver().await;
     let nasty = r#"a"b\c</script>{"forged": true}"#;
     let hook = action(
         &format!(
@@ -373,7 +293,7 @@ async fn body_template_values_are_escaped_by_construction() {
     )
     .unwrap();
     run(&hook, &order_event(nasty), 1).await.unwrap();
-    let got = rx.received();
+    let got = rx.requests();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].method, Method::PUT);
     assert_eq!(
@@ -384,7 +304,7 @@ async fn body_template_values_are_escaped_by_construction() {
 
 #[tokio::test]
 async fn a_body_that_is_not_json_is_a_permanent_error_and_nothing_is_sent() {
-    let rx = Receiver::start().await;
+    let rx = receiver().await;
     let hook = action(
         &format!(
             r#"type = "webhook"
@@ -399,12 +319,12 @@ async fn a_body_that_is_not_json_is_a_permanent_error_and_nothing_is_sent() {
     let err = run(&hook, &order_event(r#"a"b"#), 1).await.unwrap_err();
     assert!(matches!(err, ActionError::Permanent { .. }), "{err:?}");
     assert!(err.to_string().contains("not valid JSON"), "{err}");
-    assert!(rx.received().is_empty());
+    assert!(rx.requests().is_empty());
 }
 
 #[tokio::test]
 async fn answers_are_classified_ok_transient_permanent_or_gone() {
-    let rx = Receiver::start().await;
+    let rx = receiver().await;
     let event = order_event("x@example.com");
     let hook_for = |path: &str, timeout_ms: u64| {
         action(
@@ -425,7 +345,7 @@ async fn answers_are_classified_ok_transient_permanent_or_gone() {
         run(&hook_for(&path, 5000), &event, 1)
             .await
             .unwrap_or_else(|e| panic!("{code}: {e:?}"));
-        assert_eq!(rx.count(&path), 1);
+        assert_eq!(rx.on(&path).len(), 1);
     }
     for (code, query, retry_after) in [
         (408, "", None),
@@ -440,7 +360,7 @@ async fn answers_are_classified_ok_transient_permanent_or_gone() {
         assert!(err.is_retryable(), "{code}: {err:?}");
         assert_eq!(err.retry_after(), retry_after, "{code}");
         assert!(err.to_string().contains(&code.to_string()), "{err}");
-        assert_eq!(rx.count(&path), 1, "{code} was sent once");
+        assert_eq!(rx.on(&path).len(), 1, "{code} was sent once");
     }
     for code in [400, 401, 404] {
         let path = format!("/status/{code}");
@@ -449,7 +369,7 @@ async fn answers_are_classified_ok_transient_permanent_or_gone() {
             matches!(err, ActionError::Permanent { .. }),
             "{code}: {err:?}"
         );
-        assert_eq!(rx.count(&path), 1);
+        assert_eq!(rx.on(&path).len(), 1);
     }
     let err = run(&hook_for("/status/410", 5000), &event, 1)
         .await
@@ -471,7 +391,7 @@ async fn answers_are_classified_ok_transient_permanent_or_gone() {
         "timeout: {err:?}"
     );
     assert!(err.to_string().contains("300 ms"), "{err}");
-    assert_eq!(rx.count("/sleep/3000"), 1);
+    assert_eq!(rx.on("/sleep/3000").len(), 1);
 }
 
 #[tokio::test]
@@ -508,14 +428,14 @@ async fn connection_refused_is_transient() {
 
 #[tokio::test]
 async fn private_targets_are_refused_unless_allowed() {
-    let rx = Receiver::start().await;
+    let rx = receiver().await;
     let event = order_event("x@example.com");
     for host in ["127.0.0.1", "localhost", "[::ffff:127.0.0.1]"] {
         let hook = action(
             &format!(
                 r#"type = "webhook"
                    url = "http://{host}:{}/hook""#,
-                rx.port
+                rx.port()
             ),
             &[],
         )
@@ -538,19 +458,19 @@ async fn private_targets_are_refused_unless_allowed() {
         &format!(
             r#"type = "slack"
                webhook_url = "http://localhost:{}/slack""#,
-            rx.port
+            rx.port()
         ),
         &[],
     )
     .unwrap();
     let err = run(&slack, &event, 1).await.unwrap_err();
     assert!(matches!(err, ActionError::Permanent { .. }), "{err:?}");
-    assert!(rx.received().is_empty(), "the receiver got nothing");
+    assert!(rx.requests().is_empty(), "the receiver got nothing");
 }
 
 #[tokio::test]
 async fn slack_message_is_posted_with_channel_and_rendered_text() {
-    let rx = Receiver::start().await;
+    let rx = receiver().await;
     let slack = action(
         r##"type = "slack"
            webhook_url_env = "SLACK_URL"
@@ -565,11 +485,11 @@ async fn slack_message_is_posted_with_channel_and_rendered_text() {
     run(&slack, &order_event(r#"q"uote@example.com"#), 1)
         .await
         .unwrap();
-    let got = rx.received();
+    let got = rx.requests();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].method, Method::POST);
     assert_eq!(got[0].uri.path(), "/services/T000/B000/XXXX");
-    assert_eq!(got[0].header("content-type"), "application/json");
+    assert_eq!(got[0].required_header("content-type"), "application/json");
     assert_eq!(
         got[0].json(),
         json!({
@@ -583,7 +503,7 @@ async fn slack_message_is_posted_with_channel_and_rendered_text() {
 
 #[tokio::test]
 async fn slack_default_message_and_error_answers() {
-    let rx = Receiver::start().await;
+    let rx = receiver().await;
     let slack_to = |path: &str| {
         action(
             &format!(
@@ -599,7 +519,7 @@ async fn slack_default_message_and_error_answers() {
     let event = order_event("x@example.com");
     run(&slack_to("/ok"), &event, 1).await.unwrap();
     assert_eq!(
-        rx.received()[0].json(),
+        rx.requests()[0].json(),
         json!({"text": "Order 0190f0a2-0000-7000-8000-0000000000aa UPDATE"})
     );
 
