@@ -1,17 +1,13 @@
-//! The SMS action against a local Twilio stand-in (axum on 127.0.0.1:0) that checks each request
+//! The SMS action against a local Twilio stand-in (the kit's `TestServer`) that checks each request
 //! as Twilio's Messages API documents it (path, Basic auth, form fields) and answers as Twilio
 //! does, errors included (JSON `{"code", "message", "more_info", "status"}`).
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
-use axum::Router;
+use axum::http::{Method, StatusCode};
 use base64::Engine;
 use fraiseql_observers::actions::{Action, ActionError};
+use fraiseql_observers::testing::{Answer, Request, TestServer};
 use fraiseql_observers::{EntityEvent, EventKind};
 use serde_json::json;
 
@@ -20,80 +16,26 @@ use crate::sample::{compile, env_of, order_event, run};
 const SID: &str = "AC0123456789abcdef0123456789abcdef";
 const TOKEN: &str = "auth-token-1234";
 
-#[derive(Debug, Clone)]
-struct Received {
-    method: Method,
-    path: String,
-    headers: HeaderMap,
-    form: Vec<(String, String)>,
-}
-
-struct Twilio {
-    base: String,
-    received: Arc<Mutex<Vec<Received>>>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Twilio {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
-}
-
-impl Twilio {
-    async fn start() -> Twilio {
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let app = Router::new()
-            .fallback(messages)
-            .with_state(received.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        Twilio {
-            base,
-            received,
-            server,
-        }
-    }
-
-    fn received(&self) -> Vec<Received> {
-        self.received.lock().unwrap().clone()
-    }
-}
-
-fn twilio_error(status: StatusCode, code: u32, message: &str) -> Response {
+fn twilio_error(status: StatusCode, code: u32, message: &str) -> Answer {
     let body = json!({
         "code": code,
         "message": message,
         "more_info": format!("https://www.twilio.com/docs/errors/{code}"),
         "status": status.as_u16(),
     });
-    (
-        status,
-        [("content-type", "application/json")],
-        body.to_string(),
-    )
-        .into_response()
+    Answer::json(status.as_u16(), &body)
 }
 
 /// `POST /2010-04-01/Accounts/{AccountSid}/Messages.json`, as Twilio answers it. The magic `To`
 /// numbers follow Twilio's own test credentials where they exist.
-async fn messages(
-    State(received): State<Arc<Mutex<Vec<Received>>>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let form: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
-    received.lock().unwrap().push(Received {
-        method: method.clone(),
-        path: uri.path().to_string(),
-        headers: headers.clone(),
-        form: form.clone(),
-    });
+fn messages(request: &Request) -> Answer {
+    let Request {
+        method,
+        uri,
+        headers,
+        ..
+    } = request;
+    let form = request.form();
     let expected_auth = format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(format!("{SID}:{TOKEN}"))
@@ -112,7 +54,7 @@ async fn messages(
             "The requested resource was not found",
         );
     };
-    if method != Method::POST
+    if *method != Method::POST
         || sid != SID
         || headers.get("content-type").and_then(|v| v.to_str().ok())
             != Some("application/x-www-form-urlencoded")
@@ -150,12 +92,8 @@ async fn messages(
             )
         }
         "+15005550429" => {
-            let mut response =
-                twilio_error(StatusCode::TOO_MANY_REQUESTS, 20429, "Too Many Requests");
-            response
-                .headers_mut()
-                .insert("retry-after", "7".parse().unwrap());
-            return response;
+            return twilio_error(StatusCode::TOO_MANY_REQUESTS, 20429, "Too Many Requests")
+                .retry_after("7");
         }
         "+15005550500" => {
             return twilio_error(
@@ -179,12 +117,7 @@ async fn messages(
         "to": to,
         "uri": format!("/2010-04-01/Accounts/{SID}/Messages/SM0123456789abcdef0123456789abcdef.json"),
     });
-    (
-        StatusCode::CREATED,
-        [("content-type", "application/json")],
-        body.to_string(),
-    )
-        .into_response()
+    Answer::json(StatusCode::CREATED.as_u16(), &body)
 }
 
 fn env() -> impl Fn(&str) -> Option<String> {
@@ -218,7 +151,7 @@ fn order(phone: &str) -> EntityEvent {
 
 #[tokio::test]
 async fn sms_is_posted_as_twilio_documents() {
-    let twilio = Twilio::start().await;
+    let twilio = TestServer::with(messages).await;
     let action = sms_action(
         &twilio.base,
         r#"from = "+15005550006"
@@ -229,11 +162,14 @@ async fn sms_is_posted_as_twilio_documents() {
         .await
         .expect("accepted with 201");
 
-    let received = twilio.received();
+    let received = twilio.requests();
     assert_eq!(received.len(), 1);
     let r = &received[0];
     assert_eq!(r.method, Method::POST);
-    assert_eq!(r.path, format!("/2010-04-01/Accounts/{SID}/Messages.json"));
+    assert_eq!(
+        r.path(),
+        format!("/2010-04-01/Accounts/{SID}/Messages.json")
+    );
     assert_eq!(
         r.headers["content-type"],
         "application/x-www-form-urlencoded"
@@ -247,7 +183,7 @@ async fn sms_is_posted_as_twilio_documents() {
         .as_str()
     );
     assert_eq!(
-        r.form,
+        r.form(),
         [
             ("To".to_string(), "+33612345678".to_string()),
             ("From".to_string(), "+15005550006".to_string()),
@@ -261,7 +197,7 @@ async fn sms_is_posted_as_twilio_documents() {
 
 #[tokio::test]
 async fn messaging_service_and_fixed_recipient() {
-    let twilio = Twilio::start().await;
+    let twilio = TestServer::with(messages).await;
     let action = sms_action(
         &twilio.base,
         r#"messaging_service_sid = "MG0123456789abcdef0123456789abcdef"
@@ -270,7 +206,7 @@ async fn messaging_service_and_fixed_recipient() {
     );
     run(&action, &order("+1"), 1).await.unwrap();
     assert_eq!(
-        twilio.received()[0].form,
+        twilio.requests()[0].form(),
         [
             ("To".to_string(), "+33700000000".to_string()),
             (
@@ -284,7 +220,7 @@ async fn messaging_service_and_fixed_recipient() {
 
 #[tokio::test]
 async fn twilio_errors_are_classified() {
-    let twilio = Twilio::start().await;
+    let twilio = TestServer::with(messages).await;
     let action = sms_action(
         &twilio.base,
         r#"from = "+15005550006"
@@ -319,7 +255,7 @@ async fn twilio_errors_are_classified() {
     assert_eq!(err.retry_after(), Some(Duration::from_secs(7)));
     let err = run(&action, &order("+15005550500"), 1).await.unwrap_err();
     assert!(matches!(err, ActionError::Transient { .. }), "{err:?}");
-    assert_eq!(twilio.received().len(), 6);
+    assert_eq!(twilio.requests().len(), 6);
 
     // A wrong token: Twilio's 20003, permanent.
     let wrong = compile(
@@ -347,7 +283,7 @@ async fn twilio_errors_are_classified() {
 
 #[tokio::test]
 async fn bad_renders_and_private_targets_send_nothing() {
-    let twilio = Twilio::start().await;
+    let twilio = TestServer::with(messages).await;
     let action = sms_action(
         &twilio.base,
         r#"from = "+15005550006"
@@ -389,7 +325,7 @@ async fn bad_renders_and_private_targets_send_nothing() {
     let err = run(&guarded, &order("+1"), 1).await.unwrap_err();
     assert!(matches!(err, ActionError::Permanent { .. }), "{err:?}");
     assert!(err.message().contains("allow_private_networks"), "{err}");
-    assert!(twilio.received().is_empty());
+    assert!(twilio.requests().is_empty());
 }
 
 #[test]
