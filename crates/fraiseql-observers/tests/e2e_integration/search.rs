@@ -3,50 +3,22 @@
 //! results, errors). After each sequence of creates, updates and deletes the test reads the
 //! documents the server holds and compares them with what the entities are.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
-use axum::Router;
+use axum::http::Method;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use fraiseql_observers::actions::{Action, ActionError, DeliveryRequest, HttpClient};
 use fraiseql_observers::delivery::delivery_id;
+use fraiseql_observers::testing::{self, Request, TestServer};
 use fraiseql_observers::{ConfigError, EntityEvent, EventKind, Position};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
 // ---------------------------------------------------------------------------------------------
-// A fake engine: an in-memory index per name, a request log, and answers queued to fail on
-// purpose.
-
-#[derive(Debug, Clone)]
-struct Received {
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Received {
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .unwrap_or_else(|| panic!("header {name} missing: {:?}", self.headers))
-            .to_str()
-            .unwrap()
-    }
-
-    fn target(&self) -> String {
-        match self.uri.query() {
-            Some(q) => format!("{} {}?{q}", self.method, self.uri.path()),
-            None => format!("{} {}", self.method, self.uri.path()),
-        }
-    }
-}
+// A fake engine: an in-memory index per name behind the kit's test server (which keeps the
+// request log and the answers queued to fail on purpose).
 
 type Answer = (u16, String);
 type Documents = BTreeMap<String, Value>;
@@ -54,42 +26,33 @@ type Documents = BTreeMap<String, Value>;
 #[derive(Default)]
 struct EngineState {
     indexes: HashMap<String, Documents>,
-    received: Vec<Received>,
-    /// Answered (without touching the index) to the next requests, in order.
-    failures: VecDeque<Answer>,
     tasks: u64,
 }
 
 type Shared = Arc<Mutex<EngineState>>;
-type Handler = fn(&mut EngineState, &Received) -> Answer;
+type Handler = fn(&mut EngineState, &Request) -> Answer;
 
 struct FakeEngine {
     base: String,
     state: Shared,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for FakeEngine {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    server: TestServer,
 }
 
 impl FakeEngine {
     async fn start(handler: Handler) -> FakeEngine {
         let state = Shared::default();
-        let app = Router::new()
-            .fallback(serve)
-            .with_state((state.clone(), handler));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
+        let engine = state.clone();
+        let server = TestServer::with(move |request: &Request| {
+            let (status, body) = handler(&mut engine.lock().unwrap(), request);
+            testing::Answer::status(status)
+                .header("content-type", "application/json")
+                .body(body)
+        })
+        .await;
         FakeEngine {
-            base: format!("http://127.0.0.1:{port}"),
+            base: server.base.clone(),
             state,
-            task,
+            server,
         }
     }
 
@@ -104,43 +67,14 @@ impl FakeEngine {
             .unwrap_or_default()
     }
 
-    fn received(&self) -> Vec<Received> {
-        self.state.lock().unwrap().received.clone()
+    fn received(&self) -> Vec<Request> {
+        self.server.requests()
     }
 
+    /// Answered (without touching the index) to the next request.
     fn fail_next(&self, status: u16, body: Value) {
-        self.state
-            .lock()
-            .unwrap()
-            .failures
-            .push_back((status, body.to_string()));
+        self.server.script([testing::Answer::json(status, &body)]);
     }
-}
-
-async fn serve(
-    State((state, handler)): State<(Shared, Handler)>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let request = Received {
-        method,
-        uri,
-        headers,
-        body,
-    };
-    let mut state = state.lock().unwrap();
-    state.received.push(request.clone());
-    let (status, body) = match state.failures.pop_front() {
-        Some(failure) => failure,
-        None => handler(&mut state, &request),
-    };
-    let mut response = (StatusCode::from_u16(status).unwrap(), body).into_response();
-    response
-        .headers_mut()
-        .insert("content-type", "application/json".parse().unwrap());
-    response
 }
 
 fn decode_segment(s: &str) -> String {
@@ -159,7 +93,7 @@ fn decode_segment(s: &str) -> String {
     String::from_utf8(out).unwrap()
 }
 
-fn segments(request: &Received) -> Vec<String> {
+fn segments(request: &Request) -> Vec<String> {
     request
         .uri
         .path()
@@ -169,7 +103,7 @@ fn segments(request: &Received) -> Vec<String> {
         .collect()
 }
 
-fn query(request: &Received, key: &str) -> Option<String> {
+fn query(request: &Request, key: &str) -> Option<String> {
     request
         .uri
         .query()?
@@ -193,7 +127,7 @@ fn overloaded(document: &Value) -> bool {
 
 const MEILI_KEY: &str = "meili-master-key";
 
-fn meilisearch(state: &mut EngineState, request: &Received) -> Answer {
+fn meilisearch(state: &mut EngineState, request: &Request) -> Answer {
     let meili_error = |status: u16, code: &str, message: &str, kind: &str| {
         (
             status,
@@ -239,7 +173,7 @@ fn meilisearch(state: &mut EngineState, request: &Received) -> Answer {
     };
     match (request.method.as_str(), segments.as_slice()) {
         ("POST", ["indexes", uid, "documents"]) => {
-            assert_eq!(request.header("content-type"), "application/json");
+            assert_eq!(request.required_header("content-type"), "application/json");
             let key = query(request, "primaryKey").expect("primaryKey");
             let documents: Vec<Value> = serde_json::from_slice(&request.body).unwrap();
             let answer = task(uid, "documentAdditionOrUpdate");
@@ -281,7 +215,7 @@ const ES_KEY: &str = "VnVhQ2ZHY0JDZGJrUW0tZTVhT3g6dWkybHAyYXhUTm1zeWFrdzl0dk5udw
 const OPENSEARCH_USER: &str = "admin";
 const OPENSEARCH_PASSWORD: &str = "correct horse";
 
-fn bulk(state: &mut EngineState, request: &Received, credentials: &str) -> Answer {
+fn bulk(state: &mut EngineState, request: &Request, credentials: &str) -> Answer {
     let es_error = |status: u16, kind: &str, reason: &str| {
         (
             status,
@@ -300,7 +234,10 @@ fn bulk(state: &mut EngineState, request: &Received, credentials: &str) -> Answe
     if request.method != Method::POST || request.uri.path() != "/_bulk" {
         return es_error(400, "illegal_argument_exception", "unexpected request");
     }
-    assert_eq!(request.header("content-type"), "application/x-ndjson");
+    assert_eq!(
+        request.required_header("content-type"),
+        "application/x-ndjson"
+    );
     let body = std::str::from_utf8(&request.body).unwrap();
     if !body.ends_with('\n') {
         return es_error(
@@ -358,11 +295,11 @@ fn bulk(state: &mut EngineState, request: &Received, credentials: &str) -> Answe
     )
 }
 
-fn elasticsearch(state: &mut EngineState, request: &Received) -> Answer {
+fn elasticsearch(state: &mut EngineState, request: &Request) -> Answer {
     bulk(state, request, &format!("ApiKey {ES_KEY}"))
 }
 
-fn opensearch(state: &mut EngineState, request: &Received) -> Answer {
+fn opensearch(state: &mut EngineState, request: &Request) -> Answer {
     let basic = BASE64.encode(format!("{OPENSEARCH_USER}:{OPENSEARCH_PASSWORD}"));
     bulk(state, request, &format!("Basic {basic}"))
 }
@@ -371,7 +308,7 @@ fn opensearch(state: &mut EngineState, request: &Received) -> Answer {
 
 const TYPESENSE_KEY: &str = "xyz-typesense";
 
-fn typesense(state: &mut EngineState, request: &Received) -> Answer {
+fn typesense(state: &mut EngineState, request: &Request) -> Answer {
     let message = |status: u16, message: &str| (status, json!({ "message": message }).to_string());
     if request
         .headers
@@ -596,7 +533,7 @@ async fn meilisearch_index_follows_creates_updates_and_deletes() {
         "only the selected fields, the id under the primary key; the deleted entity is gone"
     );
     let received = engine.received();
-    let targets: Vec<String> = received.iter().map(Received::target).collect();
+    let targets: Vec<String> = received.iter().map(Request::target).collect();
     assert_eq!(
         targets,
         [
@@ -609,7 +546,7 @@ async fn meilisearch_index_follows_creates_updates_and_deletes() {
     );
     for request in &received {
         assert_eq!(
-            request.header("authorization"),
+            request.required_header("authorization"),
             format!("Bearer {MEILI_KEY}")
         );
     }
@@ -794,7 +731,7 @@ async fn elasticsearch_sends_one_bulk_request_per_batch_and_reads_each_item() {
     assert_eq!(received.len(), 2, "one _bulk request per batch");
     assert_eq!(received[1].target(), "POST /_bulk");
     assert_eq!(
-        received[1].header("authorization"),
+        received[1].required_header("authorization"),
         format!("ApiKey {ES_KEY}")
     );
     let lines: Vec<Value> = std::str::from_utf8(&received[1].body)
@@ -923,7 +860,9 @@ async fn opensearch_with_basic_auth() {
     let received = engine.received();
     assert_eq!(received.len(), 3);
     assert!(received.iter().all(|r| r.target() == "POST /_bulk"));
-    assert!(received[0].header("authorization").starts_with("Basic "));
+    assert!(received[0]
+        .required_header("authorization")
+        .starts_with("Basic "));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -956,7 +895,7 @@ async fn typesense_upserts_imports_and_deletes() {
         first.target(),
         "POST /collections/products/documents?action=upsert"
     );
-    assert_eq!(first.header("x-typesense-api-key"), TYPESENSE_KEY);
+    assert_eq!(first.required_header("x-typesense-api-key"), TYPESENSE_KEY);
     assert_eq!(
         serde_json::from_slice::<Value>(&first.body).unwrap(),
         json!({"id": entity(1).to_string(), "name": "Lamp", "price": 10})
