@@ -10,6 +10,7 @@ mod listener;
 mod migrations;
 mod parser;
 mod push;
+mod resilience;
 mod retention;
 mod sample;
 mod search;
