@@ -13,16 +13,13 @@ use std::time::Duration;
 
 use aes_gcm::aead::{Aead, KeyInit};
 use aes_gcm::Aes128Gcm;
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri, Version};
-use axum::response::{IntoResponse, Response};
-use axum::Router;
+use axum::http::{Method, Version};
 use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD as BASE64URL};
 use base64::Engine;
 use chrono::TimeZone;
 use fraiseql_observers::actions::{Action, ActionError};
 use fraiseql_observers::delivery::delivery_id;
+use fraiseql_observers::testing::{self, Request, TestServer};
 use fraiseql_observers::{ConfigError, EntityEvent, EventKind, Position};
 use hkdf::Hkdf;
 use p256::ecdsa::signature::Verifier as _;
@@ -33,101 +30,26 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 // ---------------------------------------------------------------------------------------------
-// A local server: records every request, answers with `answer`.
-
-#[derive(Debug, Clone)]
-pub(crate) struct Received {
-    pub(crate) method: Method,
-    pub(crate) uri: Uri,
-    version: Version,
-    pub(crate) headers: HeaderMap,
-    pub(crate) body: Bytes,
-}
-
-impl Received {
-    pub(crate) fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .unwrap_or_else(|| panic!("header {name} missing: {:?}", self.headers))
-            .to_str()
-            .unwrap()
-    }
-
-    pub(crate) fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).expect("the body is JSON")
-    }
-}
+// The kit's test server (HTTP/1.1 and h2c, records every request), answering with `answer`.
 
 /// `(status, headers, body)`.
 type Answer = (u16, Vec<(&'static str, String)>, String);
-type Handler = Arc<dyn Fn(&Received) -> Answer + Send + Sync>;
 
-pub(crate) struct Server {
-    pub(crate) base: String,
-    received: Arc<Mutex<Vec<Received>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Server {
-    /// Serves HTTP/1.1 and HTTP/2 with prior knowledge (h2c) on 127.0.0.1.
-    async fn start(handler: impl Fn(&Received) -> Answer + Send + Sync + 'static) -> Server {
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let handler: Handler = Arc::new(handler);
-        let app = Router::new()
-            .fallback(serve)
-            .with_state((received.clone(), handler));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        Server {
-            base: format!("http://127.0.0.1:{port}"),
-            received,
-            task,
+/// A test server answering with `handler`; a body is `text/plain` unless the answer names its
+/// content type.
+async fn serve(handler: impl Fn(&Request) -> Answer + Send + Sync + 'static) -> TestServer {
+    TestServer::with(move |request: &Request| {
+        let (status, headers, body) = handler(request);
+        let typed = headers.iter().any(|(name, _)| *name == "content-type");
+        let mut answer = testing::Answer::status(status).body(body);
+        if !typed {
+            answer = answer.header("content-type", "text/plain; charset=utf-8");
         }
-    }
-
-    pub(crate) fn received(&self) -> Vec<Received> {
-        self.received.lock().unwrap().clone()
-    }
-
-    pub(crate) fn on(&self, path: &str) -> Vec<Received> {
-        self.received()
+        headers
             .into_iter()
-            .filter(|r| r.uri.path() == path)
-            .collect()
-    }
-}
-
-async fn serve(
-    State((received, handler)): State<(Arc<Mutex<Vec<Received>>>, Handler)>,
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let request = Received {
-        method,
-        uri,
-        version,
-        headers,
-        body,
-    };
-    let (status, headers, body) = handler(&request);
-    received.lock().unwrap().push(request);
-    let mut response = (StatusCode::from_u16(status).unwrap(), body).into_response();
-    for (name, value) in headers {
-        response.headers_mut().insert(name, value.parse().unwrap());
-    }
-    response
+            .fold(answer, |answer, (name, value)| answer.header(name, value))
+    })
+    .await
 }
 
 fn json_answer(status: u16, body: Value) -> Answer {
@@ -293,7 +215,7 @@ struct FcmState {
 }
 
 pub(crate) struct FakeFcm {
-    pub(crate) server: Server,
+    pub(crate) server: TestServer,
     state: Arc<Mutex<FcmState>>,
 }
 
@@ -330,9 +252,12 @@ fn form(body: &[u8]) -> Vec<(String, String)> {
 
 /// What Google's token endpoint checks: the grant type, the assertion's RS256 signature with
 /// the service account's public key, its claims. Err is the `error_description`.
-fn check_token_request(request: &Received, token_uri: &str) -> Result<(), String> {
-    if request.header("content-type") != "application/x-www-form-urlencoded" {
-        return Err(format!("content-type {}", request.header("content-type")));
+fn check_token_request(request: &Request, token_uri: &str) -> Result<(), String> {
+    if request.required_header("content-type") != "application/x-www-form-urlencoded" {
+        return Err(format!(
+            "content-type {}",
+            request.required_header("content-type")
+        ));
     }
     let form = form(&request.body);
     let field = |name: &str| {
@@ -372,7 +297,7 @@ impl FakeFcm {
         let shared = state.clone();
         let token_uri = Arc::new(Mutex::new(String::new()));
         let uri = token_uri.clone();
-        let server = Server::start(move |request| {
+        let server = serve(move |request| {
             let mut state = shared.lock().unwrap();
             match request.uri.path() {
                 "/token" => {
@@ -482,8 +407,11 @@ async fn fcm_exchanges_a_signed_assertion_for_a_token_and_sends_the_exact_messag
         .zip(["fcm-device-token-0001", "fcm-device-token-0002"])
     {
         assert_eq!(send.method, Method::POST);
-        assert_eq!(send.header("authorization"), "Bearer ya29.test-token-1");
-        assert_eq!(send.header("content-type"), "application/json");
+        assert_eq!(
+            send.required_header("authorization"),
+            "Bearer ya29.test-token-1"
+        );
+        assert_eq!(send.required_header("content-type"), "application/json");
         assert_eq!(
             send.json(),
             json!({"message": {
@@ -513,8 +441,14 @@ async fn fcm_gets_a_new_token_once_when_the_cached_one_is_refused() {
     assert_eq!(fcm.issued().len(), 2);
     let sends = fcm.server.on(FCM_SEND);
     assert_eq!(sends.len(), 3);
-    assert_eq!(sends[1].header("authorization"), "Bearer ya29.test-token-1");
-    assert_eq!(sends[2].header("authorization"), "Bearer ya29.test-token-2");
+    assert_eq!(
+        sends[1].required_header("authorization"),
+        "Bearer ya29.test-token-1"
+    );
+    assert_eq!(
+        sends[2].required_header("authorization"),
+        "Bearer ya29.test-token-2"
+    );
 
     // Refused twice: permanent, and only one more token asked for.
     fcm.answer_send(fcm_error(
@@ -651,14 +585,14 @@ async fn fcm_service_account_from_a_file_and_the_ssrf_guard() {
     );
 
     // Without allow_private_networks, the loopback token endpoint is refused before any request.
-    let before = fcm.server.received().len();
+    let before = fcm.server.requests().len();
     let guarded = action(&config(false), &[]).unwrap();
     let err = run(&guarded, &order("fcm-device-token-0001"))
         .await
         .unwrap_err();
     assert!(matches!(err, ActionError::Permanent { .. }), "{err:?}");
     assert!(err.message().contains("allow_private_networks"), "{err}");
-    assert_eq!(fcm.server.received().len(), before);
+    assert_eq!(fcm.server.requests().len(), before);
     std::fs::remove_file(&file).unwrap();
 }
 
@@ -671,7 +605,7 @@ const BUNDLE: &str = "com.example.shop";
 
 /// What APNs checks: HTTP/2, the provider token (ES256 with the team's key, `kid`, `iss`,
 /// recent `iat`), the topic. Answers by device token.
-fn apns_answer(request: &Received, public: &p256::PublicKey, expired_once: &Mutex<bool>) -> Answer {
+fn apns_answer(request: &Request, public: &p256::PublicKey, expired_once: &Mutex<bool>) -> Answer {
     let reason = |status: u16, reason: &str| json_answer(status, json!({ "reason": reason }));
     if request.version != Version::HTTP_2 {
         return reason(400, "BadRequest(HTTP/2 required)");
@@ -717,15 +651,15 @@ fn apns_answer(request: &Received, public: &p256::PublicKey, expired_once: &Mute
         }
         _ => (
             200,
-            vec![("apns-id", request.header("apns-id").to_string())],
+            vec![("apns-id", request.required_header("apns-id").to_string())],
             String::new(),
         ),
     }
 }
 
-async fn fake_apns(public: p256::PublicKey) -> Server {
+async fn fake_apns(public: p256::PublicKey) -> TestServer {
     let expired_once = Mutex::new(false);
-    Server::start(move |request| apns_answer(request, &public, &expired_once)).await
+    serve(move |request| apns_answer(request, &public, &expired_once)).await
 }
 
 fn apns_config(base: &str, key_source: &str) -> String {
@@ -761,16 +695,16 @@ async fn apns_sends_over_http2_with_a_verifiable_provider_token_and_exact_header
     run(&push, &event).await.unwrap();
     run(&push, &event).await.unwrap();
 
-    let got = server.received();
+    let got = server.requests();
     assert_eq!(got.len(), 2);
     let first = &got[0];
     assert_eq!(first.version, Version::HTTP_2);
     assert_eq!(first.method, Method::POST);
     assert_eq!(first.uri.path(), format!("/3/device/{APNS_TOKEN}"));
-    assert_eq!(first.header("apns-topic"), BUNDLE);
-    assert_eq!(first.header("apns-push-type"), "alert");
-    assert_eq!(first.header("apns-priority"), "10");
-    let expiration: i64 = first.header("apns-expiration").parse().unwrap();
+    assert_eq!(first.required_header("apns-topic"), BUNDLE);
+    assert_eq!(first.required_header("apns-push-type"), "alert");
+    assert_eq!(first.required_header("apns-priority"), "10");
+    let expiration: i64 = first.required_header("apns-expiration").parse().unwrap();
     assert!(
         (sent_at + 3600..=now() + 3600).contains(&expiration),
         "{expiration}"
@@ -778,17 +712,17 @@ async fn apns_sends_over_http2_with_a_verifiable_provider_token_and_exact_header
     let id = delivery_id(event.id, "order_paid", 0);
     let expected_id = Uuid::parse_str(id.trim_start_matches("msg_")).unwrap();
     assert_eq!(
-        first.header("apns-id"),
+        first.required_header("apns-id"),
         expected_id.hyphenated().to_string()
     );
-    assert_eq!(first.header("content-type"), "application/json");
+    assert_eq!(first.required_header("content-type"), "application/json");
     assert_eq!(
         first.json(),
         json!({"aps": {"alert": {"title": "Order 7 paid", "body": "42.5 EUR"}}, "order_id": 7})
     );
     // The provider token verifies with the team key, and is reused.
     let jwt = first
-        .header("authorization")
+        .required_header("authorization")
         .strip_prefix("bearer ")
         .unwrap();
     let (input, header, claims, signature) = split_jwt(jwt);
@@ -797,12 +731,12 @@ async fn apns_sends_over_http2_with_a_verifiable_provider_token_and_exact_header
     assert!(verify_es256(&key.public_key(), &input, &signature));
     assert!(!verify_es256(&p256_key().public_key(), &input, &signature));
     assert_eq!(
-        got[1].header("authorization"),
-        first.header("authorization")
+        got[1].required_header("authorization"),
+        first.required_header("authorization")
     );
     assert_eq!(
-        got[1].header("apns-id"),
-        first.header("apns-id"),
+        got[1].required_header("apns-id"),
+        first.required_header("apns-id"),
         "same delivery, same id"
     );
 }
@@ -844,15 +778,15 @@ async fn apns_answers_are_classified_and_bad_tokens_reported() {
     assert!(err.is_retryable(), "{err:?}");
 
     // An expired provider token is replaced and the notification sent again, once.
-    let before = server.received().len();
+    let before = server.requests().len();
     run(&push, &order(&token("44"))).await.unwrap();
-    assert_eq!(server.received().len(), before + 2);
+    assert_eq!(server.requests().len(), before + 2);
 
     // A token that is not hexadecimal never reaches the server.
-    let before = server.received().len();
+    let before = server.requests().len();
     let err = run(&push, &order("not/a/token")).await.unwrap_err();
     assert!(matches!(err, ActionError::Gone { .. }), "{err:?}");
-    assert_eq!(server.received().len(), before);
+    assert_eq!(server.requests().len(), before);
 
     // A key the server does not know: permanent.
     let stranger = p256_key()
@@ -941,7 +875,7 @@ impl Browser {
     }
 }
 
-fn push_service_answer(request: &Received) -> Answer {
+fn push_service_answer(request: &Request) -> Answer {
     match request.uri.path() {
         "/push/gone" => (
             410,
@@ -983,7 +917,7 @@ fn subscriber(subscription: Value) -> EntityEvent {
 
 #[tokio::test]
 async fn web_push_payload_decrypts_with_the_subscription_key_and_vapid_verifies() {
-    let server = Server::start(push_service_answer).await;
+    let server = serve(push_service_answer).await;
     let vapid = p256_key();
     let browser = Browser::new();
     let push = web_push_action(
@@ -995,15 +929,18 @@ async fn web_push_payload_decrypts_with_the_subscription_key_and_vapid_verifies(
     run(&push, &event).await.unwrap();
     run(&push, &event).await.unwrap();
 
-    let got = server.received();
+    let got = server.requests();
     assert_eq!(got.len(), 2);
     let first = &got[0];
     assert_eq!(first.method, Method::POST);
     assert_eq!(first.uri.path(), "/push/sub-1");
-    assert_eq!(first.header("content-encoding"), "aes128gcm");
-    assert_eq!(first.header("content-type"), "application/octet-stream");
-    assert_eq!(first.header("ttl"), "3600");
-    assert_eq!(first.header("urgency"), "high");
+    assert_eq!(first.required_header("content-encoding"), "aes128gcm");
+    assert_eq!(
+        first.required_header("content-type"),
+        "application/octet-stream"
+    );
+    assert_eq!(first.required_header("ttl"), "3600");
+    assert_eq!(first.required_header("urgency"), "high");
     for request in &got {
         let payload: Value = serde_json::from_slice(&browser.decrypt(&request.body)).unwrap();
         assert_eq!(
@@ -1027,7 +964,7 @@ async fn web_push_payload_decrypts_with_the_subscription_key_and_vapid_verifies(
     assert_eq!(stranger.open(&first.body), None);
 
     // VAPID: `vapid t=<jwt>, k=<public key>`, the JWT signed by that key, for this origin.
-    let authorization = first.header("authorization");
+    let authorization = first.required_header("authorization");
     let (t, k) = authorization
         .strip_prefix("vapid t=")
         .and_then(|rest| rest.split_once(", k="))
@@ -1048,7 +985,7 @@ async fn web_push_payload_decrypts_with_the_subscription_key_and_vapid_verifies(
 
 #[tokio::test]
 async fn web_push_subscription_from_a_template_and_answers_classified() {
-    let server = Server::start(push_service_answer).await;
+    let server = serve(push_service_answer).await;
     let vapid = p256_key();
     let browser = Browser::new();
     let push = web_push_action(
@@ -1081,7 +1018,7 @@ async fn web_push_subscription_from_a_template_and_answers_classified() {
     assert!(matches!(err, ActionError::Permanent { .. }), "{err:?}");
 
     // A subscription without keys: permanent, nothing sent.
-    let before = server.received().len();
+    let before = server.requests().len();
     let err = run(
         &push,
         &order_event(json!({"endpoint": format!("{}/push/ok", server.base)})),
@@ -1089,12 +1026,12 @@ async fn web_push_subscription_from_a_template_and_answers_classified() {
     .await
     .unwrap_err();
     assert!(matches!(err, ActionError::Permanent { .. }), "{err:?}");
-    assert_eq!(server.received().len(), before);
+    assert_eq!(server.requests().len(), before);
 }
 
 #[tokio::test]
 async fn web_push_endpoints_from_data_are_guarded() {
-    let server = Server::start(push_service_answer).await;
+    let server = serve(push_service_answer).await;
     let vapid = p256_key();
     let browser = Browser::new();
     let push = web_push_action(
@@ -1121,7 +1058,7 @@ async fn web_push_endpoints_from_data_are_guarded() {
     .unwrap_err();
     assert!(matches!(err, ActionError::Permanent { .. }), "{err:?}");
     assert!(err.message().contains("loopback"), "{err}");
-    assert!(server.received().is_empty());
+    assert!(server.requests().is_empty());
 }
 
 // ---------------------------------------------------------------------------------------------
