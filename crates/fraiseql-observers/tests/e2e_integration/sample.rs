@@ -1,44 +1,15 @@
-//! Sample events, environments and action runs shared by the email, sms and cache tests.
+//! Sample environments and action runs shared by the email, sms and cache tests (the sample
+//! event is the kit's).
 #![allow(dead_code)]
 
-use chrono::TimeZone;
 use fraiseql_observers::actions::{
     Action, ActionConfig, ActionError, CompileContext, DeliveryRequest, EmailSettings, HttpClient,
     RedisSettings,
 };
 use fraiseql_observers::delivery::delivery_id;
-use fraiseql_observers::event::diff_fields;
-use fraiseql_observers::{ConfigError, EntityEvent, EventKind, Position};
-use serde_json::Value;
-use uuid::Uuid;
+use fraiseql_observers::{ConfigError, EntityEvent};
 
-/// An `Order` event of `kind` with the given images (changes computed when both exist).
-pub fn order_event(kind: EventKind, before: Option<Value>, after: Option<Value>) -> EntityEvent {
-    EntityEvent {
-        id: Uuid::parse_str("0190f0a2-0000-7000-8000-000000000001").unwrap(),
-        sequence: 101,
-        kind,
-        entity_type: "Order".into(),
-        entity_id: Uuid::parse_str("0190f0a2-0000-7000-8000-0000000000aa").unwrap(),
-        tenant: Some(Uuid::parse_str("0190f0a2-0000-7000-8000-0000000000bb").unwrap()),
-        author: Some("alice".into()),
-        changes: match (&before, &after) {
-            (Some(b), Some(a)) => Some(diff_fields(b, a)),
-            _ => None,
-        },
-        before,
-        after,
-        change_status: "updated".into(),
-        extra_metadata: serde_json::json!({}),
-        source: None,
-        created_at: chrono::Utc.with_ymd_and_hms(2024, 5, 1, 12, 30, 0).unwrap(),
-        source_ts: None,
-        position: Position {
-            batch: 1,
-            sequence: 101,
-        },
-    }
-}
+pub use fraiseql_observers::testing::order_event;
 
 /// An environment lookup over fixed pairs.
 pub fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
