@@ -16,8 +16,8 @@
 //!   deliveries are parked behind them (durably) instead of running.
 //! * Every durable write is fenced by the consumer's epoch; `Error::Fenced` stops everything.
 
-use crate::actions::{self, Action, ActionError, DeliveryRequest, HttpClient};
-use crate::config::{Observer, OnFailure, RuntimeConfig};
+use crate::actions::{self, Action, ActionError, DeliveryRequest, FailureKind};
+use crate::config::RuntimeConfig;
 use crate::db;
 use crate::delivery::dead_letter::{self, Reason};
 use crate::delivery::lanes::{lane_of, Coalescer, Group, Watermark};
@@ -27,6 +27,7 @@ use crate::event::EntityEvent;
 use crate::listener::{Batch, ChangeLogListener, Checkpointer};
 use crate::matcher::{EventMatcher, Verdict};
 use crate::metrics as m;
+use crate::observer::{Observer, OnFailure};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -108,7 +109,6 @@ impl Store {
 pub struct ObserverExecutor {
     observers: Vec<Observer>,
     matcher: EventMatcher,
-    http: HttpClient,
     store: Store,
     /// A connection of its own for the monitor's counting queries, so they never delay a
     /// bookkeeping write.
@@ -133,7 +133,6 @@ impl ObserverExecutor {
         let executor = ObserverExecutor {
             matcher: EventMatcher::new(&observers),
             observers,
-            http: HttpClient::new()?,
             store: Store::new(db::parse_url(database_url)?, "fraiseql-observers-delivery"),
             monitor: Store::new(db::parse_url(database_url)?, "fraiseql-observers-monitor"),
             consumer: consumer.to_string(),
@@ -245,7 +244,7 @@ impl ObserverExecutor {
                 delivery_id: &delivery_id,
                 attempt,
             };
-            match action.execute(&self.http, &request).await {
+            match action.execute(&request).await {
                 Ok(()) => {
                     self.delivered(observer, action, event);
                     return Ok(Outcome::Delivered);
@@ -506,7 +505,7 @@ impl ObserverExecutor {
             delivery_id: &item.delivery_id,
             attempt,
         };
-        let result = action.execute(&self.http, &request).await;
+        let result = action.execute(&request).await;
         let finished = match &result {
             Ok(()) => {
                 self.delivered(observer, action, &item.event);
@@ -625,7 +624,7 @@ impl ObserverExecutor {
                 delivery_id: &delivery_id,
                 attempt: 1,
             };
-            results.push(action.execute(&self.http, &request).await);
+            results.push(action.execute(&request).await);
         }
         Ok(Some(results))
     }
@@ -646,19 +645,17 @@ impl ObserverExecutor {
             .find(|o| o.name == item.observer)
             .and_then(|o| o.actions.get(item.action_index));
         let result = match action {
-            None => Err(ActionError::Permanent {
-                message: format!(
-                    "observer '{}' action {} is not in this configuration",
-                    item.observer, item.action_index
-                ),
-            }),
+            None => Err(ActionError::permanent(format!(
+                "observer '{}' action {} is not in this configuration",
+                item.observer, item.action_index
+            ))),
             Some(action) => {
                 let request = DeliveryRequest {
                     event: &item.event,
                     delivery_id: &item.delivery_id,
                     attempt: item.attempts + 1,
                 };
-                action.execute(&self.http, &request).await
+                action.execute(&request).await
             }
         };
         dead_letter::finish_retry(&client, id, result.as_ref().err().map(|e| e.message())).await?;
@@ -882,7 +879,7 @@ impl ObserverExecutor {
         watermark: &Watermark,
     ) -> Result<()> {
         let groups = coalescer.take_due(now);
-        let delivered = self.flush_search_batches(&groups).await;
+        let delivered = self.flush_batches(&groups).await;
         for (g, group) in groups.iter().enumerate() {
             for a in 0..self.observers[group.observer].actions.len() {
                 if !delivered.contains(&(g, a)) {
@@ -896,11 +893,12 @@ impl ObserverExecutor {
         Ok(())
     }
 
-    /// Search actions take every due group of their observer in one request (one `_bulk` for
-    /// Elasticsearch): the groups are distinct entities, so no entity's order is at stake.
+    /// Actions that batch (search) take every due group of their observer in one request (one
+    /// `_bulk` for Elasticsearch): the groups are distinct entities, so no entity's order is at
+    /// stake.
     /// Returns the (group, action) pairs delivered; the others go through `deliver` (retries,
     /// parking, dead letters) as usual.
-    async fn flush_search_batches(&self, groups: &[Group]) -> HashSet<(usize, usize)> {
+    async fn flush_batches(&self, groups: &[Group]) -> HashSet<(usize, usize)> {
         let mut delivered = HashSet::new();
         let mut by_observer: HashMap<usize, Vec<usize>> = HashMap::new();
         for (g, group) in groups.iter().enumerate() {
@@ -912,9 +910,6 @@ impl ObserverExecutor {
         for (i, members) in by_observer {
             let observer = &self.observers[i];
             for (a, action) in observer.actions.iter().enumerate() {
-                let Action::Search(search) = action else {
-                    continue;
-                };
                 if members.len() < 2 {
                     continue;
                 }
@@ -931,7 +926,9 @@ impl ObserverExecutor {
                         attempt: 1,
                     })
                     .collect();
-                let results = search.execute_batch(&self.http, &requests).await;
+                let Some(results) = action.execute_batch(&requests).await else {
+                    continue;
+                };
                 for (g, result) in members.iter().zip(results) {
                     if result.is_ok() {
                         self.delivered(observer, action, &groups[*g].event);
@@ -1036,10 +1033,10 @@ async fn checkpoint(watermark: &Watermark, checkpointer: &mut Checkpointer) -> R
 }
 
 fn reason_of(e: &ActionError) -> Reason {
-    match e {
-        ActionError::Transient { .. } => Reason::Exhausted,
-        ActionError::Permanent { .. } => Reason::Permanent,
-        ActionError::Gone { .. } => Reason::Gone,
+    match e.kind {
+        FailureKind::Transient => Reason::Exhausted,
+        FailureKind::Permanent => Reason::Permanent,
+        FailureKind::Gone => Reason::Gone,
     }
 }
 
