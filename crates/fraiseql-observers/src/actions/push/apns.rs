@@ -246,7 +246,7 @@ impl Apns {
             true,
             self.allow_private_networks,
         )
-        .map_err(|message| ActionError::permanent(message))?;
+        .map_err(ActionError::permanent)?;
         let body = serde_json::to_vec(&self.payload(content)?)
             .map_err(|e| ActionError::permanent(e.to_string()))?;
         let apns_id = apns_id(delivery_id);
@@ -363,7 +363,7 @@ impl Apns {
                 Ok(signature.to_bytes().to_vec())
             },
         )
-        .map_err(|message| ActionError::permanent(message))?;
+        .map_err(ActionError::permanent)?;
         *cached = Some((token.clone(), Instant::now()));
         Ok(token)
     }

@@ -232,7 +232,7 @@ impl WebPush {
             &ephemeral,
             &salt,
         )
-        .map_err(|message| ActionError::permanent(message))?;
+        .map_err(ActionError::permanent)?;
         let headers = self.headers(&target)?;
         let response = http
             .send_with(
@@ -274,7 +274,7 @@ impl WebPush {
             let signature: Signature = self.key.sign(input);
             Ok(signature.to_bytes().to_vec())
         })
-        .map_err(|message| ActionError::permanent(message))?;
+        .map_err(ActionError::permanent)?;
         let mut authorization =
             HeaderValue::from_str(&format!("vapid t={token}, k={}", self.public_key))
                 .expect("base64url is a valid header value");
