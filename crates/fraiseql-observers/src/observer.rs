@@ -1,27 +1,17 @@
 //! What a configuration compiles to: an [`Observer`] (which events it concerns, what to do with
-//! them) and its [`OnFailure`] policy. No I/O, and nothing of the TOML loader: the matcher and the
+//! them, and, with [`OnFailure`] from the failure policy, what becomes of a delivery that will not
+//! succeed). No I/O, and nothing of the TOML loader: the matcher and the
 //! executor depend on this, not on [`crate::config`].
 
 use std::time::Duration;
 
-use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::actions::Action;
 use crate::condition::Condition;
+pub use crate::delivery::policy::OnFailure;
 use crate::delivery::schedule::RetryPolicy;
 use crate::event::EventKind;
-
-/// What happens to a delivery that will not succeed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnFailure {
-    /// Keep it in the dead letter queue (`fraiseql-observers dlq`).
-    #[default]
-    Dlq,
-    /// Log it and drop it.
-    Log,
-}
 
 /// One compiled observer: which events it concerns, and what to do with them.
 #[derive(Debug)]

@@ -36,8 +36,9 @@
 //! the [`HttpClient`], it connects lazily on first use, so compiling stays free of I/O. An action
 //! whose settings are absent fails at compile.
 //!
-//! Delivery identity: [`delivery_id`] derives one id per (event, observer, action) that is the
-//! same on every retry, crash replay and restart; receivers use it to deduplicate.
+//! Delivery identity: [`crate::delivery::delivery_id`] derives one id per (event, observer,
+//! action) that is the same on every retry, crash replay and restart; receivers use it to
+//! deduplicate. An action receives it in its [`DeliveryRequest`].
 
 pub mod cache;
 pub mod email;
@@ -52,7 +53,6 @@ use std::fmt;
 use std::time::Duration;
 
 use thiserror::Error;
-use uuid::Uuid;
 
 use crate::error::ConfigError;
 use crate::event::EntityEvent;
@@ -283,24 +283,10 @@ impl ActionError {
 #[derive(Debug, Clone, Copy)]
 pub struct DeliveryRequest<'a> {
     pub event: &'a EntityEvent,
-    /// From [`delivery_id`]: identical on every attempt of this delivery.
+    /// From `delivery::delivery_id`: identical on every attempt of this delivery.
     pub delivery_id: &'a str,
     /// 1 for the first attempt.
     pub attempt: u32,
-}
-
-/// Namespace of the UUID v5 delivery ids (fixed forever: changing it changes every id).
-const DELIVERY_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_2a4e_8b3d_5c7a_9e0f_1a2b_3c4d_5e6f);
-
-/// The id of delivering event `event_id` through action `action_index` of observer `observer`:
-/// `msg_` and a UUID v5 of the three, in hex. Deterministic: the same on every retry, crash
-/// replay and restart, so receivers can deduplicate on it (`webhook-id`, `idempotency-key`).
-pub fn delivery_id(event_id: Uuid, observer: &str, action_index: usize) -> String {
-    let name = format!("{event_id}\u{1f}{observer}\u{1f}{action_index}");
-    format!(
-        "msg_{}",
-        Uuid::new_v5(&DELIVERY_NAMESPACE, name.as_bytes()).simple()
-    )
 }
 
 /// An action as written in the configuration: its kind and its table, read.
@@ -581,19 +567,6 @@ pub(crate) mod tests {
             send(a.execute(&r[0]));
             send(a.execute_batch(r));
         }
-    }
-
-    #[test]
-    fn delivery_id_is_deterministic_and_distinct() {
-        let e = Uuid::from_u128(7);
-        let a = delivery_id(e, "order_paid", 0);
-        assert_eq!(a, delivery_id(e, "order_paid", 0));
-        assert!(a.starts_with("msg_") && a.len() == 36, "{a}");
-        assert_ne!(a, delivery_id(e, "order_paid", 1));
-        assert_ne!(a, delivery_id(e, "order_shipped", 0));
-        assert_ne!(a, delivery_id(Uuid::from_u128(8), "order_paid", 0));
-        // The separator keeps ("a1", 0) and ("a", 10) apart.
-        assert_ne!(delivery_id(e, "a1", 0), delivery_id(e, "a", 10));
     }
 
     #[test]

@@ -1,12 +1,12 @@
-//! Reading the change log: the gap-safe reader, the row decoder, the checkpoint.
+//! Reading the change log: the gap-safe reader, the row decoder, the checkpoint (and its
+//! checkpointer), and how far behind a consumer is (backlog).
 
+pub mod backlog;
 pub mod change_log;
 pub mod checkpoint;
 pub mod parser;
 pub mod range;
 pub mod snapshot;
 
-pub use change_log::{
-    Batch, ChangeLogListener, Checkpointer, ListenerConfig, ListenerStats, StopHandle,
-};
-pub use checkpoint::StartPosition;
+pub use change_log::{Batch, ChangeLogListener, ListenerConfig, ListenerStats, StopHandle};
+pub use checkpoint::{Checkpointer, StartPosition};
