@@ -13,6 +13,10 @@
 //! timeout_ms = 10000
 //! ```
 //!
+//! The shared part is here (configuration, the document and id of each event, the batch and its
+//! outcomes, the one request helper); what differs per engine is in its own file:
+//! `elasticsearch.rs` (Elasticsearch and OpenSearch: `_bulk`), `meilisearch.rs`, `typesense.rs`.
+//!
 //! Invariants:
 //!
 //! * A create, an update, or a `CUSTOM` event (a re-read of the current state) upserts the
