@@ -11,6 +11,7 @@ mod migrations;
 mod parser;
 mod push;
 mod receiver;
+mod resilience;
 mod retention;
 mod sample;
 mod search;
