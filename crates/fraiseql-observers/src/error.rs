@@ -59,6 +59,10 @@ pub enum Error {
 
     #[error("the listener was stopped")]
     Stopped,
+
+    /// An engine task ended abnormally (a panic): the run stops rather than go on without it.
+    #[error("an engine task failed: {0}")]
+    TaskFailed(String),
 }
 
 impl Error {
