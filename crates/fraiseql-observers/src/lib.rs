@@ -52,20 +52,23 @@ pub mod db;
 pub mod delivery;
 pub mod error;
 pub mod event;
+pub mod fields;
 pub mod leader;
 pub mod listener;
 pub mod matcher;
 pub mod metrics;
 pub mod migrate;
+pub mod observer;
 pub mod pipeline;
 pub mod retention;
 pub mod template;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use config::{Config, Observer};
-pub use error::{ConfigError, Error, Result};
+pub use config::Config;
+pub use error::{ConfigError, ConfigErrors, Error, Result};
 pub use event::{EntityEvent, EventKind, FieldChange, Position};
 pub use listener::{ChangeLogListener, ListenerConfig, StartPosition};
 pub use matcher::EventMatcher;
+pub use observer::{Observer, OnFailure};
 pub use pipeline::{ObserverExecutor, Pipeline};
