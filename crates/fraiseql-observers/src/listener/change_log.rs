@@ -21,9 +21,17 @@
 //!   being fetched and decoded (one chunk ahead, never more): a prefetch is only used if it is
 //!   exactly the chunk due next, and is dropped (aborted) on reconnect, so it never changes what
 //!   is handed out or in what order.
+//! * What is held at once is bounded whatever the backlog (see [`super::sizing`]): a batch's
+//!   sequences are read in pages of at most `id_page_size` (keyset on the sequence: the first page
+//!   by the snapshot diff, later ones by a range scan of the sequence up to the highest sequence the
+//!   batch can hold), and a chunk of rows holds at most `batch_size` rows and about
+//!   `max_chunk_bytes`. A `statement_timeout` cancellation halves the page or chunk instead of
+//!   retrying it at the same size; a chunk the server fails to produce is halved down to the bad
+//!   row, which is quarantined like an undecodable one.
 
 use super::checkpoint::{self, BatchState, Checkpoint, Checkpointer, Progress, StartPosition};
 use super::parser::{self, ChangeLogRowRef, TableShape};
+use super::sizing::{ReadFailure, Sizing};
 use super::snapshot::Snapshot;
 use crate::db;
 use crate::error::{Error, Result};
@@ -58,6 +66,11 @@ pub struct ListenerConfig {
     /// First delay before reconnecting after a lost connection; doubles up to `retry_max_delay`.
     pub retry_initial_delay: Duration,
     pub retry_max_delay: Duration,
+    /// The most sequences of a batch held at once (a larger batch is read in pages of this size).
+    pub id_page_size: usize,
+    /// About the most bytes of row text in one chunk: the chunk's row count is this divided by
+    /// the size of the largest row of the previous chunk (at least one row, at most `batch_size`).
+    pub max_chunk_bytes: usize,
 }
 
 impl Default for ListenerConfig {
@@ -75,6 +88,8 @@ impl Default for ListenerConfig {
             notify: false,
             retry_initial_delay: Duration::from_millis(100),
             retry_max_delay: Duration::from_secs(30),
+            id_page_size: 100_000,
+            max_chunk_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -101,6 +116,11 @@ pub struct ListenerStats {
     reconnects: AtomicU64,
     polls: AtomicU64,
     batch_queries: AtomicU64,
+    largest_id_page: AtomicU64,
+    largest_chunk_rows: AtomicU64,
+    largest_chunk_bytes: AtomicU64,
+    id_pages: AtomicU64,
+    shrinks: AtomicU64,
 }
 
 impl ListenerStats {
@@ -129,6 +149,27 @@ impl ListenerStats {
     pub fn batch_queries(&self) -> u64 {
         self.batch_queries.load(Ordering::Relaxed)
     }
+    /// The most sequences held in one id page so far.
+    pub fn largest_id_page(&self) -> u64 {
+        self.largest_id_page.load(Ordering::Relaxed)
+    }
+    /// The most rows read in one chunk so far.
+    pub fn largest_chunk_rows(&self) -> u64 {
+        self.largest_chunk_rows.load(Ordering::Relaxed)
+    }
+    /// The most bytes of row text read in one chunk so far.
+    pub fn largest_chunk_bytes(&self) -> u64 {
+        self.largest_chunk_bytes.load(Ordering::Relaxed)
+    }
+    /// Id pages read (one per batch, more for a batch larger than `id_page_size`).
+    pub fn id_pages(&self) -> u64 {
+        self.id_pages.load(Ordering::Relaxed)
+    }
+    /// Reads made smaller because the server cancelled them (`statement_timeout`) or failed on a
+    /// row of the chunk.
+    pub fn shrinks(&self) -> u64 {
+        self.shrinks.load(Ordering::Relaxed)
+    }
 }
 
 /// Stops a listener from another task: its pending or next `next_batch` returns `Ok(None)`.
@@ -147,6 +188,8 @@ struct Connection {
     notifications: Option<mpsc::UnboundedReceiver<()>>,
     snapshot: Statement,
     ids: Statement,
+    ids_range: Statement,
+    max_sequence: Statement,
     chunk: ChunkStatements,
     quarantine: Statement,
 }
@@ -199,6 +242,7 @@ pub struct ChangeLogListener {
     progress: Arc<Mutex<Progress>>,
     checkpointer: Checkpointer,
     next_batch_no: u64,
+    sizing: Sizing,
     idle_delay: Duration,
     stop_tx: Arc<watch::Sender<bool>>,
     stop_rx: watch::Receiver<bool>,
@@ -211,6 +255,11 @@ impl ChangeLogListener {
     pub async fn start(config: ListenerConfig) -> Result<Self> {
         if config.batch_size == 0 {
             return Err(Error::Invalid("batch_size must be at least 1".into()));
+        }
+        if config.id_page_size == 0 || config.max_chunk_bytes == 0 {
+            return Err(Error::Invalid(
+                "id_page_size and max_chunk_bytes must be at least 1".into(),
+            ));
         }
         let db_config = db::parse_url(&config.database_url)?;
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -234,7 +283,16 @@ impl ChangeLogListener {
         let progress = Arc::new(Mutex::new(Progress::new(stored.clone())));
         let checkpointer =
             Checkpointer::new(&config.consumer_id, epoch, &db_config, progress.clone());
+        let mut sizing = Sizing::new(
+            config.batch_size,
+            config.max_chunk_bytes,
+            config.id_page_size,
+        );
+        if let Some(bytes) = sample_row_bytes(&conn, &shape).await {
+            sizing.assume_row_bytes(bytes);
+        }
         let mut listener = ChangeLogListener {
+            sizing,
             idle_delay: config.min_poll_interval,
             read: stored.snapshot.clone(),
             progress,
@@ -251,14 +309,14 @@ impl ChangeLogListener {
         };
         if let Some(progress) = stored.batch {
             // Resume the batch that was in progress: its rows after the last one done.
-            let conn = listener.conn.as_ref().expect("connected");
-            let ids = batch_ids(
-                conn,
-                &stored.snapshot,
-                &progress.snapshot,
-                progress.done_sequence,
-            )
-            .await?;
+            let (ids, pages_up_to) = listener
+                .id_page(
+                    &stored.snapshot,
+                    &progress.snapshot,
+                    progress.done_sequence,
+                    None,
+                )
+                .await?;
             listener.read = progress.snapshot.clone();
             if ids.is_empty() {
                 listener.lock().set_done(Checkpoint {
@@ -266,7 +324,7 @@ impl ChangeLogListener {
                     batch: None,
                 });
             } else {
-                listener.push_batch(stored.snapshot, progress.snapshot, ids);
+                listener.push_batch(stored.snapshot, progress.snapshot, ids, pages_up_to);
             }
         }
         tracing::info!(
@@ -381,97 +439,20 @@ impl ChangeLogListener {
         if self.conn.is_none() {
             self.reconnect().await?;
         }
-        let conn = self.conn.as_ref().expect("connected");
-
-        let batch_size = self.config.batch_size;
-        let pending = self.lock().batches.back().and_then(|b| {
-            (b.next < b.ids.len()).then(|| {
-                let end = (b.next + batch_size).min(b.ids.len());
-                let after = (end + batch_size).min(b.ids.len());
-                (
-                    b.no,
-                    b.next,
-                    end,
-                    b.ids[b.next..end].to_vec(),
-                    b.ids[end..after].to_vec(),
-                )
-            })
-        });
-        if let Some((no, start, end, chunk, following)) = pending {
-            let last_id = *chunk.last().expect("chunk is not empty");
-            let prefetched = match self.prefetch.take() {
-                Some(p) if p.batch == no && p.start == start && p.end == end => p.join().await,
-                _ => None,
-            };
-            let rows = match prefetched {
-                Some(result) => result?,
-                None => fetch_chunk(conn.client.clone(), conn.chunk.clone(), chunk).await?,
-            };
-            if !following.is_empty() {
-                let following_end = end + following.len();
-                let task = tokio::spawn(fetch_chunk(
-                    conn.client.clone(),
-                    conn.chunk.clone(),
-                    following,
-                ));
-                self.prefetch = Some(Prefetch {
-                    batch: no,
-                    start: end,
-                    end: following_end,
-                    task,
-                });
-            }
-            let read = rows.len();
-            let mut events = Vec::with_capacity(read);
-            let mut quarantined = 0;
-            for row in &rows {
-                let sequence: i64 = row.try_get(0)?;
-                let position = Position {
-                    batch: no,
-                    sequence,
-                };
-                match ChangeLogRowRef::from_row(row)
-                    .and_then(|raw| parser::decode(&self.shape, raw, position))
-                {
-                    Ok(event) => events.push(event),
-                    Err(e) => {
-                        quarantined += 1;
-                        quarantine(
-                            conn,
-                            &self.config.consumer_id,
-                            &self.stats,
-                            sequence,
-                            &e.reason,
-                        )
-                        .await?;
-                    }
-                }
-            }
-            self.stats
-                .rows_read
-                .fetch_add(read as u64, Ordering::Relaxed);
-            metrics::counter!(crate::metrics::ROWS_READ).increment(read as u64);
-            if let Some(batch) = self.lock().batches.iter_mut().find(|b| b.no == no) {
-                batch.next = end;
-            }
-            return Ok(Some(Batch {
-                events,
-                end: Position {
-                    batch: no,
-                    sequence: last_id,
-                },
-                rows: read,
-                quarantined,
-            }));
+        self.next_page_if_due().await?;
+        if let Some(batch) = self.next_chunk().await? {
+            return Ok(Some(batch));
         }
 
+        let conn = self.conn.as_ref().expect("connected");
         self.stats.polls.fetch_add(1, Ordering::Relaxed);
         let current = current_snapshot(conn).await?;
         if current == self.read {
             return Ok(None);
         }
         self.stats.batch_queries.fetch_add(1, Ordering::Relaxed);
-        let ids = batch_ids(conn, &self.read, &current, i64::MIN).await?;
+        let read = self.read.clone();
+        let (ids, pages_up_to) = self.id_page(&read, &current, i64::MIN, None).await?;
         if ids.is_empty() {
             // Nothing of ours committed between the two snapshots: widen the newest batch (its
             // row set is unchanged) or, with none outstanding, the done checkpoint.
@@ -488,16 +469,270 @@ impl ChangeLogListener {
             return Ok(None);
         }
         let lower = std::mem::replace(&mut self.read, current.clone());
-        self.push_batch(lower, current, ids);
+        self.push_batch(lower, current, ids, pages_up_to);
         self.idle_delay = self.config.min_poll_interval;
         Box::pin(self.step()).await
+    }
+
+    /// When the newest batch's page is handed out and more pages remain, read the next one.
+    async fn next_page_if_due(&mut self) -> Result<()> {
+        let due = self.lock().batches.back().and_then(|b| {
+            let up_to = b.pages_up_to?;
+            (b.next == b.ids.len()).then(|| {
+                (
+                    b.no,
+                    b.lower.clone(),
+                    b.upper.clone(),
+                    *b.ids.last().expect("a page is never empty"),
+                    up_to,
+                )
+            })
+        });
+        let Some((no, lower, upper, after, up_to)) = due else {
+            return Ok(());
+        };
+        let (ids, pages_up_to) = self.id_page(&lower, &upper, after, Some(up_to)).await?;
+        let mut progress = self.lock();
+        if let Some(batch) = progress.batches.iter_mut().find(|b| b.no == no) {
+            if ids.is_empty() {
+                batch.pages_up_to = None;
+            } else {
+                batch.ids = ids;
+                batch.next = 0;
+                batch.pages_up_to = pages_up_to;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hand out the next chunk of the newest batch, if it has rows not handed out yet.
+    async fn next_chunk(&mut self) -> Result<Option<Batch>> {
+        let conn = self.conn.as_ref().expect("connected");
+        let chunk_rows = self.sizing.chunk_rows();
+        let pending = self.lock().batches.back().and_then(|b| {
+            (b.next < b.ids.len()).then(|| {
+                let end = (b.next + chunk_rows).min(b.ids.len());
+                let after = (end + chunk_rows).min(b.ids.len());
+                (
+                    b.no,
+                    b.next,
+                    end,
+                    b.ids[b.next..end].to_vec(),
+                    b.ids[end..after].to_vec(),
+                )
+            })
+        });
+        let Some((no, start, end, chunk, following)) = pending else {
+            return Ok(None);
+        };
+        let last_id = *chunk.last().expect("chunk is not empty");
+        let prefetched = match self.prefetch.take() {
+            Some(p) if p.batch == no && p.start == start && p.end == end => p.join().await,
+            _ => None,
+        };
+        let fetched = match prefetched {
+            Some(result) => result,
+            None => fetch_chunk(conn.client.clone(), conn.chunk.clone(), chunk.clone()).await,
+        };
+        let rows = match fetched {
+            Ok(rows) => rows,
+            Err(e) => return self.chunk_failed(no, start, &chunk, e).await,
+        };
+        if !following.is_empty() {
+            let following_end = end + following.len();
+            let task = tokio::spawn(fetch_chunk(
+                conn.client.clone(),
+                conn.chunk.clone(),
+                following,
+            ));
+            self.prefetch = Some(Prefetch {
+                batch: no,
+                start: end,
+                end: following_end,
+                task,
+            });
+        }
+        let read = rows.len();
+        let mut events = Vec::with_capacity(read);
+        let mut quarantined = 0;
+        let (mut bytes, mut largest) = (0, 0);
+        for row in &rows {
+            let sequence: i64 = row.try_get(0)?;
+            let position = Position {
+                batch: no,
+                sequence,
+            };
+            let decoded = ChangeLogRowRef::from_row(row).and_then(|raw| {
+                let size = row_bytes(&raw);
+                bytes += size;
+                largest = largest.max(size);
+                parser::decode(&self.shape, raw, position)
+            });
+            match decoded {
+                Ok(event) => events.push(event),
+                Err(e) => {
+                    quarantined += 1;
+                    quarantine(
+                        conn,
+                        &self.config.consumer_id,
+                        &self.stats,
+                        sequence,
+                        &e.reason,
+                    )
+                    .await?;
+                }
+            }
+        }
+        self.sizing.chunk_read(read, largest);
+        self.stats
+            .largest_chunk_rows
+            .fetch_max(read as u64, Ordering::Relaxed);
+        self.stats
+            .largest_chunk_bytes
+            .fetch_max(bytes as u64, Ordering::Relaxed);
+        self.stats
+            .rows_read
+            .fetch_add(read as u64, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::ROWS_READ).increment(read as u64);
+        self.handed_out(no, end);
+        Ok(Some(Batch {
+            events,
+            end: Position {
+                batch: no,
+                sequence: last_id,
+            },
+            rows: read,
+            quarantined,
+        }))
+    }
+
+    /// A chunk read failed: read it smaller (a timeout, or a row the server cannot produce, in a
+    /// chunk of several rows), quarantine its row (a chunk of one row the server cannot produce),
+    /// or hand the error on.
+    async fn chunk_failed(
+        &mut self,
+        no: u64,
+        start: usize,
+        chunk: &[i64],
+        e: Error,
+    ) -> Result<Option<Batch>> {
+        self.prefetch = None;
+        let Some(failure) = ReadFailure::of(&e) else {
+            return Err(e);
+        };
+        if self.sizing.chunk_failed(chunk.len()) {
+            self.stats.shrinks.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(consumer = %self.config.consumer_id, ?failure, rows = chunk.len(),
+                next_rows = self.sizing.chunk_rows(), error = %e,
+                "reading a chunk of the change log failed; reading it in smaller chunks");
+            return Box::pin(self.step()).await;
+        }
+        if failure == ReadFailure::Timeout {
+            return Err(e);
+        }
+        let sequence = chunk[0];
+        let conn = self.conn.as_ref().expect("connected");
+        let reason = format!("the server failed to read this row: {e}");
+        quarantine(
+            conn,
+            &self.config.consumer_id,
+            &self.stats,
+            sequence,
+            &reason,
+        )
+        .await?;
+        self.stats.rows_read.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::ROWS_READ).increment(1);
+        self.handed_out(no, start + 1);
+        Ok(Some(Batch {
+            events: Vec::new(),
+            end: Position {
+                batch: no,
+                sequence,
+            },
+            rows: 1,
+            quarantined: 1,
+        }))
+    }
+
+    /// Record that batch `no` is handed out up to index `end` of its page; a batch handed out
+    /// whole keeps only its last sequence (all `mark_done` needs).
+    fn handed_out(&self, no: u64, end: usize) {
+        if let Some(batch) = self.lock().batches.iter_mut().find(|b| b.no == no) {
+            batch.next = end;
+            if batch.next == batch.ids.len() && batch.pages_up_to.is_none() && batch.ids.len() > 1 {
+                let last = *batch.ids.last().expect("not empty");
+                batch.ids = vec![last];
+                batch.next = 1;
+            }
+        }
+    }
+
+    /// The next page of sequences of the batch `(lower, upper)`, after `after`, ascending, with
+    /// the highest sequence later pages can hold when more may follow. Without `up_to`, the page
+    /// comes from the snapshot diff (index on `(txid, sequence)`); with it, from a range scan of
+    /// the sequence (its primary key), which reads each sequence of the range once over all pages.
+    async fn id_page(
+        &mut self,
+        lower: &Snapshot,
+        upper: &Snapshot,
+        after: i64,
+        up_to: Option<i64>,
+    ) -> Result<(Vec<i64>, Option<i64>)> {
+        loop {
+            let conn = self.conn.as_ref().expect("connected");
+            let limit = self.sizing.page_ids();
+            let page = match up_to {
+                None => batch_ids(conn, lower, upper, after, limit).await,
+                Some(up_to) => batch_ids_in_range(conn, lower, upper, after, up_to, limit).await,
+            };
+            let ids = match page {
+                Ok(ids) => ids,
+                Err(e) => {
+                    if ReadFailure::of(&e) == Some(ReadFailure::Timeout)
+                        && self.sizing.page_failed()
+                    {
+                        self.stats.shrinks.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(consumer = %self.config.consumer_id, ids = limit,
+                            next_ids = self.sizing.page_ids(), error = %e,
+                            "reading a page of change-log sequences timed out; reading smaller pages");
+                        continue;
+                    }
+                    return Err(e);
+                }
+            };
+            self.sizing.page_read();
+            self.stats.id_pages.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .largest_id_page
+                .fetch_max(ids.len() as u64, Ordering::Relaxed);
+            if ids.len() < limit {
+                return Ok((ids, None));
+            }
+            let up_to = match up_to {
+                Some(up_to) => up_to,
+                // Every row visible in `upper` was written before this query: none of the batch
+                // lies above the highest sequence it sees.
+                None => {
+                    let row = conn.client.query_one(&conn.max_sequence, &[]).await?;
+                    row.get::<_, Option<i64>>(0).unwrap_or(i64::MAX)
+                }
+            };
+            return Ok((ids, Some(up_to)));
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
         self.progress.lock().expect("progress lock poisoned")
     }
 
-    fn push_batch(&mut self, lower: Snapshot, upper: Snapshot, ids: Vec<i64>) {
+    fn push_batch(
+        &mut self,
+        lower: Snapshot,
+        upper: Snapshot,
+        ids: Vec<i64>,
+        pages_up_to: Option<i64>,
+    ) {
         let no = self.next_batch_no;
         self.next_batch_no += 1;
         self.lock().batches.push_back(BatchState {
@@ -506,6 +741,7 @@ impl ChangeLogListener {
             upper,
             ids,
             next: 0,
+            pages_up_to,
         });
     }
 
@@ -583,7 +819,13 @@ async fn open(
     let shape = TableShape::from_columns(&columns)?;
     let seq = shape.sequence_column();
     let snapshot = client.prepare("SELECT pg_current_snapshot()::text").await?;
-    let ids = client.prepare(&batch_ids_sql(seq)).await?;
+    let ids = client.prepare(&batch_ids_page_sql(seq)).await?;
+    let ids_range = client.prepare(&batch_ids_range_sql(seq)).await?;
+    let max_sequence = client
+        .prepare(&format!(
+            "SELECT max(l.{seq}) FROM core.tb_entity_change_log l"
+        ))
+        .await?;
     let chunk = ChunkStatements {
         list: client.prepare(&chunk_rows_sql(&shape)).await?,
         range: client.prepare(&chunk_range_sql(&shape)).await?,
@@ -601,6 +843,8 @@ async fn open(
             notifications,
             snapshot,
             ids,
+            ids_range,
+            max_sequence,
             chunk,
             quarantine,
         },
@@ -616,9 +860,24 @@ async fn quarantine(
     sequence: i64,
     reason: &str,
 ) -> Result<()> {
-    conn.client
+    let copied = conn
+        .client
         .execute(&conn.quarantine, &[&consumer, &sequence, &reason])
-        .await?;
+        .await;
+    match copied {
+        Ok(_) => {}
+        // The row cannot even be copied (the server fails on it): record it without the copy.
+        Err(e) if ReadFailure::of_db(&e).is_some() => {
+            conn.client
+                .execute(
+                    "INSERT INTO core.observer_quarantine (consumer_id, sequence, reason)
+                     VALUES ($1, $2, $3) ON CONFLICT (consumer_id, sequence) DO NOTHING",
+                    &[&consumer, &sequence, &reason],
+                )
+                .await?;
+        }
+        Err(e) => return Err(e.into()),
+    }
     stats.quarantined.fetch_add(1, Ordering::Relaxed);
     metrics::counter!(crate::metrics::ROWS_QUARANTINED).increment(1);
     tracing::warn!(
@@ -645,6 +904,26 @@ pub fn batch_ids_sql(seq: &str) -> String {
          ) b
          WHERE pg_visible_in_snapshot(b.txid, $4::text::pg_snapshot) AND b.seq > $5
          ORDER BY b.seq"
+    )
+}
+
+/// [`batch_ids_sql`] one page at a time: at most `$6` sequences (keyset on `$5`).
+pub fn batch_ids_page_sql(seq: &str) -> String {
+    format!("{} LIMIT $6", batch_ids_sql(seq))
+}
+
+/// The later pages of a large batch: the sequences after `$1` and at most `$2` of the rows visible
+/// in `$3` (the upper snapshot) and not in `$4` (the lower one), at most `$5` of them, ascending.
+/// A range scan of the sequence's index: over all the pages of a batch each sequence of its range
+/// is read once, where the snapshot-diff query would scan the whole batch for every page.
+pub fn batch_ids_range_sql(seq: &str) -> String {
+    format!(
+        "SELECT l.{seq} FROM core.tb_entity_change_log l
+          WHERE l.{seq} > $1 AND l.{seq} <= $2
+            AND pg_visible_in_snapshot(l.txid, $3::text::pg_snapshot)
+            AND NOT pg_visible_in_snapshot(l.txid, $4::text::pg_snapshot)
+          ORDER BY l.{seq}
+          LIMIT $5"
     )
 }
 
@@ -693,16 +972,19 @@ async fn current_snapshot(conn: &Connection) -> Result<Snapshot> {
     text.parse()
 }
 
-/// Sequences of the rows visible in `upper` and not in `lower`, after `after`, ascending.
+/// Sequences of the rows visible in `upper` and not in `lower`, after `after`, ascending, at
+/// most `limit` of them.
 async fn batch_ids(
     conn: &Connection,
     lower: &Snapshot,
     upper: &Snapshot,
     after: i64,
+    limit: usize,
 ) -> Result<Vec<i64>> {
     let lower_xmax = lower.xmax.to_string();
     let upper_xmax = upper.xmax.to_string();
     let upper_text = upper.to_string();
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let rows = conn
         .client
         .query(
@@ -713,8 +995,66 @@ async fn batch_ids(
                 &lower.xip_text(),
                 &upper_text,
                 &after,
+                &limit,
             ],
         )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// [`batch_ids`] for sequences after `after` and at most `up_to`, by a range scan.
+async fn batch_ids_in_range(
+    conn: &Connection,
+    lower: &Snapshot,
+    upper: &Snapshot,
+    after: i64,
+    up_to: i64,
+    limit: usize,
+) -> Result<Vec<i64>> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = conn
+        .client
+        .query(
+            &conn.ids_range,
+            &[
+                &after,
+                &up_to,
+                &upper.to_string(),
+                &lower.to_string(),
+                &limit,
+            ],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// The bytes a row holds once read: its text plus a little for the typed columns.
+fn row_bytes(row: &ChangeLogRowRef<'_>) -> usize {
+    let text = [
+        row.change_id,
+        row.tenant,
+        row.author,
+        row.object_type,
+        row.object_id,
+        row.modification_type,
+        row.change_status,
+        row.object_data,
+        row.object_data_before,
+        row.extra_metadata,
+    ];
+    32 + text.iter().map(|t| t.map_or(0, str::len)).sum::<usize>()
+}
+
+/// The size of the largest of the newest rows of the log, to size the first chunk before any was
+/// read. `None` when the log is empty or the sample cannot be read (it is only an estimate).
+async fn sample_row_bytes(conn: &Connection, shape: &TableShape) -> Option<usize> {
+    let seq = shape.sequence_column();
+    let sql = format!(
+        "SELECT max(octet_length(s::text))::bigint FROM (
+             SELECT {} FROM core.tb_entity_change_log l ORDER BY l.{seq} DESC LIMIT 100) s",
+        shape.select_list()
+    );
+    let row = conn.client.query_one(&sql, &[]).await.ok()?;
+    let bytes: Option<i64> = row.get(0);
+    bytes.and_then(|b| usize::try_from(b).ok())
 }

@@ -44,8 +44,11 @@ pub(super) struct BatchState {
     pub(super) no: u64,
     pub(super) lower: Snapshot,
     pub(super) upper: Snapshot,
+    /// The page of the batch's sequences being handed out (the whole batch when it fits one).
     pub(super) ids: Vec<i64>,
     pub(super) next: usize,
+    /// While more pages of sequences remain after `ids`: the highest sequence they can hold.
+    pub(super) pages_up_to: Option<i64>,
 }
 
 /// What has been handed out and what is done; shared by the reader and its checkpointers.
@@ -77,6 +80,7 @@ impl Progress {
             let complete = front.no < position.batch
                 || (front.no == position.batch
                     && front.next == front.ids.len()
+                    && front.pages_up_to.is_none()
                     && front
                         .ids
                         .last()

@@ -6,6 +6,7 @@ pub mod change_log;
 pub mod checkpoint;
 pub mod parser;
 pub mod range;
+pub mod sizing;
 pub mod snapshot;
 
 pub use change_log::{Batch, ChangeLogListener, ListenerConfig, ListenerStats, StopHandle};
