@@ -2,6 +2,7 @@ mod actions;
 mod all_actions;
 mod cache;
 mod capture;
+mod catchup;
 mod docs;
 mod email;
 mod engine;
