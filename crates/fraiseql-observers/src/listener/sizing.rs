@@ -81,11 +81,10 @@ impl Sizing {
 
     /// Rows of the next chunk.
     pub fn chunk_rows(&self) -> usize {
-        let by_bytes = if self.row_bytes == 0 {
-            self.batch_size
-        } else {
-            (self.max_chunk_bytes / self.row_bytes).max(1)
-        };
+        let by_bytes = self
+            .max_chunk_bytes
+            .checked_div(self.row_bytes)
+            .map_or(self.batch_size, |rows| rows.max(1));
         self.chunk_limit.min(by_bytes).min(self.batch_size)
     }
 
