@@ -67,6 +67,7 @@ pub mod listener;
 pub mod matcher;
 pub mod metrics;
 pub mod migrate;
+pub mod operator;
 pub mod retention;
 pub mod template;
 
@@ -76,3 +77,4 @@ pub use event::{EntityEvent, EventKind, FieldChange, Position};
 pub use executor::ObserverExecutor;
 pub use listener::{ChangeLogListener, ListenerConfig, StartPosition};
 pub use matcher::EventMatcher;
+pub use operator::Operator;

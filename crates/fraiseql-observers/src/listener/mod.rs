@@ -3,6 +3,7 @@
 pub mod change_log;
 pub mod checkpoint;
 pub mod parser;
+pub mod quarantine;
 pub mod range;
 pub mod snapshot;
 
