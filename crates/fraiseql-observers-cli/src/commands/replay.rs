@@ -158,3 +158,19 @@ pub async fn replay(
         ExitCode::FAILURE
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::pg_time;
+    use chrono::{TimeZone, Utc};
+
+    #[test]
+    fn times_read_as_postgresql_writes_them() {
+        let t = Utc.with_ymd_and_hms(2024, 1, 1, 10, 0, 0).unwrap();
+        assert_eq!(pg_time(&t), "2024-01-01 10:00:00+00");
+        let t = t + chrono::Duration::milliseconds(500);
+        assert_eq!(pg_time(&t), "2024-01-01 10:00:00.5+00");
+        let t = t + chrono::Duration::microseconds(1);
+        assert_eq!(pg_time(&t), "2024-01-01 10:00:00.500001+00");
+    }
+}
