@@ -10,9 +10,7 @@ use anyhow::{bail, Context, Result};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
-use fraiseql_observers::{
-    capture, config, migrate, ChangeLogListener, ListenerConfig, ObserverExecutor,
-};
+use fraiseql_observers::{capture, config, migrate, Pipeline};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::path::{Path, PathBuf};
@@ -134,36 +132,11 @@ body_template = '{{"order": {{{{ event.entity_id }}}}, "total": {{{{ after.total
         (name == "DEMO_WEBHOOK_SECRET").then(|| SECRET.to_string())
     })
     .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let runtime = config.runtime;
-    let listener = ChangeLogListener::start(ListenerConfig {
-        database_url: url.to_string(),
-        consumer_id: runtime.consumer_id.clone(),
-        batch_size: runtime.batch_size,
-        poll_interval: runtime.poll_interval,
-        start: runtime.start_position,
-        ..ListenerConfig::default()
-    })
-    .await?;
-    let executor = Arc::new(
-        ObserverExecutor::new(
-            config.observers,
-            url,
-            &runtime.consumer_id,
-            listener.epoch(),
-        )
-        .await?,
-    );
+    let pipeline = Pipeline::start(url, config).await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let engine = {
-        let executor = executor.clone();
-        tokio::spawn(async move {
-            executor
-                .run(listener, &runtime, async {
-                    let _ = stopped.await;
-                })
-                .await
-        })
-    };
+    let engine = tokio::spawn(pipeline.run(async {
+        let _ = stopped.await;
+    }));
     println!("5. engine running; writing changes:");
 
     let ada: i32 = client

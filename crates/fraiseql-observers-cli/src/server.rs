@@ -8,7 +8,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use fraiseql_observers::executor::EngineStatus;
+use fraiseql_observers::pipeline::EngineStatus;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use std::sync::atomic::{AtomicU8, Ordering};

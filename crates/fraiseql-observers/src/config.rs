@@ -125,16 +125,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// What happens to a delivery that will not succeed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnFailure {
-    /// Keep it in the dead letter queue (`fraiseql-observers dlq`).
-    #[default]
-    Dlq,
-    /// Log it and drop it.
-    Log,
-}
+pub use crate::delivery::policy::OnFailure;
 
 /// One compiled observer: which events it concerns, and what to do with them.
 #[derive(Debug)]

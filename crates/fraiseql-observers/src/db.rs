@@ -1,6 +1,7 @@
 //! Opening connections to PostgreSQL.
 
 use crate::error::{Error, Result};
+use std::sync::Arc;
 use tokio_postgres::{Client, Config, NoTls};
 
 /// Parse a `postgres://` URL (or a key=value connection string).
@@ -27,6 +28,35 @@ pub async fn connect(config: &Config, application: &str) -> Result<Client> {
         }
     });
     Ok(client)
+}
+
+/// One connection shared by concurrent tasks (their statements pipeline on it), opened on first
+/// use and reopened when it is found closed.
+pub struct Reconnecting {
+    config: Config,
+    application: &'static str,
+    client: tokio::sync::Mutex<Option<Arc<Client>>>,
+}
+
+impl Reconnecting {
+    pub fn new(config: Config, application: &'static str) -> Reconnecting {
+        Reconnecting {
+            config,
+            application,
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The open connection, or a new one when there is none or it was lost.
+    pub async fn client(&self) -> Result<Arc<Client>> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let client = Arc::new(connect(&self.config, self.application).await?);
+        *slot = Some(client.clone());
+        Ok(client)
+    }
 }
 
 /// Like [`connect`], and forward every `NOTIFY` the connection receives as a wake-up on the

@@ -13,18 +13,18 @@
 //! * [`listener::parser`] turns a row into an [`EntityEvent`] (pure).
 //! * [`config::load`] parses and compiles observers (pure); [`EventMatcher`] and
 //!   [`condition::Condition`] decide which observers an event concerns (pure).
-//! * [`ObserverExecutor`] runs the pipeline: lanes per entity, [`actions`] (webhook, slack,
-//!   email, sms, push, search, cache), the durable retry queue and dead letters of [`delivery`],
-//!   and the checkpoint at the low watermark of done events.
+//! * [`Pipeline`] wires and runs every stage (one wiring path for the daemon, the demo, the
+//!   benches and the tests): lanes per entity, [`ObserverExecutor::process_event`] running
+//!   [`actions`] (webhook, slack, email, sms, push, search, cache), the failure policy, durable
+//!   retry queue and dead letters of [`delivery`], and the checkpoint at the low watermark of
+//!   done events.
 //! * [`migrate`] installs the change log, the capture trigger ([`capture`]) and the observer's
 //!   own tables; [`leader`] elects one active instance per consumer.
 //!
 //! ```no_run
 //! # async fn run() -> fraiseql_observers::Result<()> {
-//! use fraiseql_observers::{config, ChangeLogListener, ListenerConfig, ObserverExecutor};
-//! use std::sync::Arc;
+//! use fraiseql_observers::{config, Pipeline};
 //!
-//! let url = "postgres://app@localhost/app";
 //! let config = config::load(
 //!     r#"
 //!     [observers.user_signed_up]
@@ -37,17 +37,8 @@
 //!     &|name| std::env::var(name).ok(),
 //! )
 //! .expect("a valid configuration");
-//! let runtime = config.runtime;
-//! let listener = ChangeLogListener::start(ListenerConfig {
-//!     database_url: url.into(),
-//!     consumer_id: runtime.consumer_id.clone(),
-//!     ..ListenerConfig::default()
-//! })
-//! .await?;
-//! let executor = Arc::new(
-//!     ObserverExecutor::new(config.observers, url, &runtime.consumer_id, listener.epoch()).await?,
-//! );
-//! executor.run(listener, &runtime, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! let pipeline = Pipeline::start("postgres://app@localhost/app", config).await?;
+//! pipeline.run(async { let _ = tokio::signal::ctrl_c().await; }).await
 //! # }
 //! ```
 //!
@@ -61,20 +52,20 @@ pub mod db;
 pub mod delivery;
 pub mod error;
 pub mod event;
-pub mod executor;
 pub mod leader;
 pub mod listener;
 pub mod matcher;
 pub mod metrics;
 pub mod migrate;
 pub mod operator;
+pub mod pipeline;
 pub mod retention;
 pub mod template;
 
 pub use config::{Config, Observer};
 pub use error::{ConfigError, Error, Result};
 pub use event::{EntityEvent, EventKind, FieldChange, Position};
-pub use executor::ObserverExecutor;
 pub use listener::{ChangeLogListener, ListenerConfig, StartPosition};
 pub use matcher::EventMatcher;
 pub use operator::Operator;
+pub use pipeline::{ObserverExecutor, Pipeline};

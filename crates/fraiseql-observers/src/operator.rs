@@ -14,18 +14,19 @@
 //!   ([`dead_letter::claim_for_retry`]): two operators retrying one item send it once.
 //! * A replay sends with the same delivery ids as the daemon, so receivers can deduplicate.
 
-use crate::actions::{self, ActionError, DeliveryRequest, HttpClient};
+use crate::actions::{ActionError, DeliveryRequest, HttpClient};
 use crate::config::Observer;
 use crate::db;
 use crate::delivery::dead_letter::{self, DlqItem};
+use crate::delivery::delivery_id;
 use crate::delivery::retry_queue::{self, PendingRetry};
 use crate::error::{Error, Result};
 use crate::event::EntityEvent;
-use crate::executor::RETRY_LEASE;
 use crate::leader;
 use crate::listener::checkpoint::{self, Checkpoint, ConsumerCheckpoint};
 use crate::listener::StartPosition;
 use crate::matcher::{EventMatcher, Verdict};
+use crate::pipeline::RETRY_LEASE;
 use std::collections::HashMap;
 use tokio_postgres::Client;
 use uuid::Uuid;
@@ -172,7 +173,7 @@ impl Operator {
         let observer = &self.observers[i];
         let mut results = Vec::with_capacity(observer.actions.len());
         for (a, action) in observer.actions.iter().enumerate() {
-            let delivery_id = actions::delivery_id(event.id, &observer.name, a);
+            let delivery_id = delivery_id(event.id, &observer.name, a);
             let request = DeliveryRequest {
                 event,
                 delivery_id: &delivery_id,

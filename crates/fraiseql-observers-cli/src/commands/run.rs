@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! config -> tracing, Prometheus recorder, /metrics + /healthz -> lead (or stand by)
-//!        -> ChangeLogListener + ObserverExecutor::run until SIGINT/SIGTERM
+//!        -> Pipeline::start + Pipeline::run until SIGINT/SIGTERM
 //! ```
 //!
 //! Invariants:
@@ -19,7 +19,7 @@ use anyhow::{anyhow, Context as _};
 use fraiseql_observers::config::LogFormat;
 use fraiseql_observers::leader::Leadership;
 use fraiseql_observers::metrics as m;
-use fraiseql_observers::{ChangeLogListener, Error, ListenerConfig, ObserverExecutor};
+use fraiseql_observers::{Error, Pipeline};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::future::Future;
 use std::process::ExitCode;
@@ -63,36 +63,23 @@ pub async fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
     };
     health.set_role(Role::Leader);
 
-    let listener_config = ListenerConfig {
-        database_url: url.clone(),
-        consumer_id: consumer.clone(),
-        batch_size: runtime.batch_size,
-        poll_interval: runtime.poll_interval,
-        start: runtime.start_position,
-        notify: runtime.notify,
-        ..ListenerConfig::default()
-    };
-    let start = async {
-        let listener = ChangeLogListener::start(listener_config).await?;
-        let executor =
-            ObserverExecutor::new(config.observers, &url, &consumer, listener.epoch()).await?;
-        Ok::<_, Error>((listener, executor))
-    };
-    let (listener, executor) = tokio::select! {
+    let (pipeline, epoch) = tokio::select! {
         biased;
         _ = leadership.lost() => return Err(lost(&consumer)),
-        started = start => started.context("cannot start reading the change log")?,
+        started = Pipeline::start(&url, config) => {
+            let pipeline = started.context("cannot start reading the change log")?;
+            let epoch = pipeline.epoch();
+            (pipeline, epoch)
+        }
         _ = shutdown.requested() => {
             tracing::info!(consumer = %consumer, "stopped while starting");
             return Ok(ExitCode::SUCCESS);
         }
     };
-    health.set_engine(executor.status());
-    let epoch = listener.epoch();
-    let executor = Arc::new(executor);
+    health.set_engine(pipeline.status());
 
     // Dropping `run` (the lead is lost) aborts every task it started: no draining, no checkpoint.
-    let run = executor.run(listener, &runtime, shutdown.requested());
+    let run = pipeline.run(shutdown.requested());
     tokio::select! {
         biased;
         _ = leadership.lost() => Err(lost(&consumer)),

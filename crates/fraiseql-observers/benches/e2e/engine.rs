@@ -1,8 +1,8 @@
-//! Our engine, in-process, started exactly as the daemon starts it (listener, executor, `run`),
+//! Our engine, in-process, started exactly as the daemon starts it (`Pipeline::start`, `run`),
 //! and the observers each scenario configures.
 
-use fraiseql_observers::executor::{EngineStatus, ObserverExecutor};
-use fraiseql_observers::{config, ChangeLogListener, ListenerConfig};
+use fraiseql_observers::pipeline::EngineStatus;
+use fraiseql_observers::{config, Pipeline};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::Client;
@@ -38,37 +38,14 @@ impl Engine {
             "[observers.runtime]\nconsumer_id = \"{consumer}\"\n{start}{runtime_extra}\n{tuning}\n{observers}"
         );
         let config = config::load(&text, &env).unwrap_or_else(|e| panic!("{e}"));
-        let runtime = config.runtime;
-        let listener = ChangeLogListener::start(ListenerConfig {
-            database_url: url.to_string(),
-            consumer_id: runtime.consumer_id.clone(),
-            batch_size: runtime.batch_size,
-            poll_interval: runtime.poll_interval,
-            start: runtime.start_position,
-            notify: runtime.notify,
-            ..ListenerConfig::default()
-        })
-        .await
-        .expect("listener starts");
-        let executor = Arc::new(
-            ObserverExecutor::new(
-                config.observers,
-                url,
-                &runtime.consumer_id,
-                listener.epoch(),
-            )
+        let pipeline = Pipeline::start(url, config)
             .await
-            .expect("executor starts"),
-        );
-        let status = executor.status();
+            .expect("the pipeline starts");
+        let status = pipeline.status();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let handle = tokio::spawn(async move {
-            executor
-                .run(listener, &runtime, async {
-                    let _ = stopped.await;
-                })
-                .await
-        });
+        let handle = tokio::spawn(pipeline.run(async {
+            let _ = stopped.await;
+        }));
         Engine {
             stop: Some(stop),
             handle,

@@ -26,8 +26,9 @@
 //! in [`AVAILABLE`], its tests against a local receiver. A type not in [`AVAILABLE`] is refused
 //! at configuration load with a clear message: no stub ever reports success.
 //!
-//! Delivery identity: [`delivery_id`] derives one id per (event, observer, action) that is the
-//! same on every retry, crash replay and restart; receivers use it to deduplicate.
+//! Delivery identity: [`crate::delivery::delivery_id`] derives one id per (event, observer,
+//! action) that is the same on every retry, crash replay and restart; receivers use it to
+//! deduplicate. An action receives it in its [`DeliveryRequest`].
 
 pub mod cache;
 pub mod email;
@@ -42,7 +43,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use thiserror::Error;
-use uuid::Uuid;
 
 use crate::config::parse_fields;
 use crate::error::ConfigError;
@@ -158,24 +158,10 @@ impl ActionError {
 #[derive(Debug, Clone, Copy)]
 pub struct DeliveryRequest<'a> {
     pub event: &'a EntityEvent,
-    /// From [`delivery_id`]: identical on every attempt of this delivery.
+    /// From `delivery::delivery_id`: identical on every attempt of this delivery.
     pub delivery_id: &'a str,
     /// 1 for the first attempt.
     pub attempt: u32,
-}
-
-/// Namespace of the UUID v5 delivery ids (fixed forever: changing it changes every id).
-const DELIVERY_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_2a4e_8b3d_5c7a_9e0f_1a2b_3c4d_5e6f);
-
-/// The id of delivering event `event_id` through action `action_index` of observer `observer`:
-/// `msg_` and a UUID v5 of the three, in hex. Deterministic: the same on every retry, crash
-/// replay and restart, so receivers can deduplicate on it (`webhook-id`, `idempotency-key`).
-pub fn delivery_id(event_id: Uuid, observer: &str, action_index: usize) -> String {
-    let name = format!("{event_id}\u{1f}{observer}\u{1f}{action_index}");
-    format!(
-        "msg_{}",
-        Uuid::new_v5(&DELIVERY_NAMESPACE, name.as_bytes()).simple()
-    )
 }
 
 /// An action as written in the configuration, chosen by its `type` key.
@@ -322,6 +308,19 @@ impl Action {
             Action::Search(a) => a.execute(http, request).await,
         }
     }
+
+    /// Deliver several events in one request, for actions that can (search: one `_bulk`): one
+    /// result per request, in order. `None` when this action delivers one event at a time.
+    pub async fn execute_batch(
+        &self,
+        http: &HttpClient,
+        requests: &[DeliveryRequest<'_>],
+    ) -> Option<Vec<Result<(), ActionError>>> {
+        match self {
+            Action::Search(a) => Some(a.execute_batch(http, requests).await),
+            _ => None,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -455,19 +454,6 @@ pub(crate) mod tests {
         fn execute_future_is_send(a: &Action, h: &HttpClient, r: &DeliveryRequest<'_>) {
             send(a.execute(h, r));
         }
-    }
-
-    #[test]
-    fn delivery_id_is_deterministic_and_distinct() {
-        let e = Uuid::from_u128(7);
-        let a = delivery_id(e, "order_paid", 0);
-        assert_eq!(a, delivery_id(e, "order_paid", 0));
-        assert!(a.starts_with("msg_") && a.len() == 36, "{a}");
-        assert_ne!(a, delivery_id(e, "order_paid", 1));
-        assert_ne!(a, delivery_id(e, "order_shipped", 0));
-        assert_ne!(a, delivery_id(Uuid::from_u128(8), "order_paid", 0));
-        // The separator keeps ("a1", 0) and ("a", 10) apart.
-        assert_ne!(delivery_id(e, "a1", 0), delivery_id(e, "a", 10));
     }
 
     #[test]

@@ -13,26 +13,7 @@ use std::time::Duration;
 use tokio_postgres::{Client, Row};
 use uuid::Uuid;
 
-/// Why a delivery was dead-lettered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    /// Every allowed attempt failed with a transient error.
-    Exhausted,
-    /// The receiver refused it in a way retrying cannot change (a 4xx, a bad address, ...).
-    Permanent,
-    /// The receiver said the endpoint no longer exists (HTTP 410, an unregistered device).
-    Gone,
-}
-
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Exhausted => "exhausted",
-            Reason::Permanent => "permanent",
-            Reason::Gone => "gone",
-        }
-    }
-}
+pub use super::policy::Reason;
 
 /// One dead letter.
 #[derive(Debug, Clone)]

@@ -10,6 +10,7 @@
 //! * Every write is fenced by the consumer's epoch: a deposed leader's writes match no row and
 //!   return `Error::Fenced`.
 
+use super::policy::Reason;
 use super::DeliveryItem;
 use crate::error::{Error, Result};
 use crate::event::EntityEvent;
@@ -206,7 +207,7 @@ pub async fn dead_letter(
     epoch: i64,
     id: i64,
     attempts: u32,
-    reason: &str,
+    reason: Reason,
     error: &str,
 ) -> Result<()> {
     let n = client
@@ -229,7 +230,7 @@ pub async fn dead_letter(
                         history = core.observer_dlq_items.history || EXCLUDED.history,
                         updated_at = now()"
             ),
-            &[&consumer, &epoch, &id, &(attempts as i32), &reason, &error],
+            &[&consumer, &epoch, &id, &(attempts as i32), &reason.as_str(), &error],
         )
         .await?;
     if n == 0 {

@@ -22,13 +22,12 @@
 //!   exactly the chunk due next, and is dropped (aborted) on reconnect, so it never changes what
 //!   is handed out or in what order.
 
-use super::checkpoint::{self, BatchProgress, Checkpoint, StartPosition};
+use super::checkpoint::{self, BatchState, Checkpoint, Checkpointer, Progress, StartPosition};
 use super::parser::{self, ChangeLogRowRef, TableShape};
 use super::snapshot::Snapshot;
 use crate::db;
 use crate::error::{Error, Result};
 use crate::event::{EntityEvent, Position};
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -142,144 +141,6 @@ impl StopHandle {
     }
 }
 
-/// One diff between two snapshots, being handed out or waiting to be marked done.
-#[derive(Debug)]
-struct BatchState {
-    no: u64,
-    lower: Snapshot,
-    upper: Snapshot,
-    ids: Vec<i64>,
-    next: usize,
-}
-
-/// What has been handed out and what is done; shared by the reader and its checkpointers.
-#[derive(Debug)]
-struct Progress {
-    /// Batches not yet marked done, oldest first.
-    batches: VecDeque<BatchState>,
-    /// What is done, as last computed by `mark_done`, and whether it still needs saving.
-    done: Checkpoint,
-    dirty: bool,
-}
-
-impl Progress {
-    fn set_done(&mut self, done: Checkpoint) {
-        self.done = done;
-        self.dirty = true;
-    }
-
-    fn mark_done(&mut self, position: Position) {
-        while let Some(front) = self.batches.front() {
-            let complete = front.no < position.batch
-                || (front.no == position.batch
-                    && front.next == front.ids.len()
-                    && front
-                        .ids
-                        .last()
-                        .is_some_and(|last| *last <= position.sequence));
-            if complete {
-                let front = self.batches.pop_front().expect("front exists");
-                self.set_done(Checkpoint {
-                    snapshot: front.upper,
-                    batch: None,
-                });
-                continue;
-            }
-            if front.no == position.batch {
-                let done = Checkpoint {
-                    snapshot: front.lower.clone(),
-                    batch: Some(BatchProgress {
-                        snapshot: front.upper.clone(),
-                        done_sequence: position.sequence,
-                    }),
-                };
-                self.set_done(done);
-            }
-            break;
-        }
-    }
-}
-
-/// Marks events done and writes the checkpoint, on a connection of its own. Clones share the
-/// listener's progress (each opens its own connection).
-pub struct Checkpointer {
-    consumer: String,
-    epoch: i64,
-    db_config: tokio_postgres::Config,
-    client: Option<Client>,
-    progress: Arc<Mutex<Progress>>,
-}
-
-impl Clone for Checkpointer {
-    fn clone(&self) -> Self {
-        Checkpointer {
-            consumer: self.consumer.clone(),
-            epoch: self.epoch,
-            db_config: self.db_config.clone(),
-            client: None,
-            progress: self.progress.clone(),
-        }
-    }
-}
-
-impl Checkpointer {
-    /// Record that every event handed out at or before `position` is done.
-    pub fn mark_done(&self, position: Position) {
-        self.lock().mark_done(position);
-    }
-
-    /// Write what `mark_done` recorded, if anything changed since the last write. Fenced by the
-    /// epoch: `Error::Fenced` means another instance leads this consumer now.
-    pub async fn save(&mut self) -> Result<()> {
-        let (done, was_dirty) = {
-            let mut progress = self.lock();
-            let state = (progress.done.clone(), progress.dirty);
-            progress.dirty = false;
-            state
-        };
-        if !was_dirty {
-            return Ok(());
-        }
-        let result = self.write(&done).await;
-        if result.is_err() {
-            // Not written: write it (or something newer) next time.
-            self.lock().dirty = true;
-        }
-        result
-    }
-
-    /// The checkpoint as `mark_done` last computed it (saved or not).
-    pub fn done(&self) -> Checkpoint {
-        self.lock().done.clone()
-    }
-
-    /// Whether events have been handed out and not yet marked done.
-    pub fn has_outstanding(&self) -> bool {
-        !self.lock().batches.is_empty()
-    }
-
-    pub fn epoch(&self) -> i64 {
-        self.epoch
-    }
-
-    async fn write(&mut self, done: &Checkpoint) -> Result<()> {
-        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            let application = format!("fraiseql-observers-checkpoint:{}", self.consumer);
-            self.client = Some(db::connect(&self.db_config, &application).await?);
-        }
-        let client = self.client.as_ref().expect("connected");
-        let result = checkpoint::save(client, &self.consumer, self.epoch, done).await;
-        if result.as_ref().is_err_and(|e| e.is_transient()) {
-            self.client = None;
-        }
-        result
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
-        self.progress.lock().expect("progress lock poisoned")
-    }
-}
-
 struct Connection {
     /// Shared with the task prefetching the next chunk.
     client: Arc<Client>,
@@ -370,18 +231,9 @@ impl ChangeLogListener {
             });
         }
 
-        let progress = Arc::new(Mutex::new(Progress {
-            batches: VecDeque::new(),
-            done: stored.clone(),
-            dirty: false,
-        }));
-        let checkpointer = Checkpointer {
-            consumer: config.consumer_id.clone(),
-            epoch,
-            db_config: db_config.clone(),
-            client: None,
-            progress: progress.clone(),
-        };
+        let progress = Arc::new(Mutex::new(Progress::new(stored.clone())));
+        let checkpointer =
+            Checkpointer::new(&config.consumer_id, epoch, &db_config, progress.clone());
         let mut listener = ChangeLogListener {
             idle_delay: config.min_poll_interval,
             read: stored.snapshot.clone(),
@@ -428,7 +280,7 @@ impl ChangeLogListener {
 
     /// The fencing epoch this instance holds.
     pub fn epoch(&self) -> i64 {
-        self.checkpointer.epoch
+        self.checkpointer.epoch()
     }
 
     /// The change log's sequence column (`id`, or `pk_entity_change_log` in the later shape).
@@ -521,18 +373,6 @@ impl ChangeLogListener {
     /// has claimed this consumer since: stop dispatching at once.
     pub async fn save_checkpoint(&mut self) -> Result<()> {
         self.checkpointer.save().await
-    }
-
-    /// Turn the listener into a stream of batches that ends when it is stopped. Checkpoints can
-    /// no longer be saved through it: for consumers that checkpoint elsewhere or not at all.
-    pub fn into_stream(self) -> impl futures::Stream<Item = Result<Batch>> {
-        futures::stream::unfold(self, |mut listener| async move {
-            match listener.next_batch().await {
-                Ok(Some(batch)) => Some((Ok(batch), listener)),
-                Ok(None) => None,
-                Err(e) => Some((Err(e), listener)),
-            }
-        })
     }
 
     /// One poll: hand out the next chunk of a known batch, or look for a new batch.

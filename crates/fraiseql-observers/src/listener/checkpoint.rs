@@ -6,8 +6,12 @@
 //! claimed the consumer: a write that matches no row means another instance took over.
 
 use super::snapshot::Snapshot;
+use crate::db;
 use crate::error::{Error, Result};
+use crate::event::Position;
 use chrono::{DateTime, Utc};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use tokio_postgres::Client;
 
 /// Where a consumer that has no checkpoint yet starts reading.
@@ -33,6 +37,167 @@ pub struct BatchProgress {
 pub struct Checkpoint {
     pub snapshot: Snapshot,
     pub batch: Option<BatchProgress>,
+}
+
+/// One diff between two snapshots, being handed out or waiting to be marked done.
+#[derive(Debug)]
+pub(super) struct BatchState {
+    pub(super) no: u64,
+    pub(super) lower: Snapshot,
+    pub(super) upper: Snapshot,
+    pub(super) ids: Vec<i64>,
+    pub(super) next: usize,
+}
+
+/// What has been handed out and what is done; shared by the reader and its checkpointers.
+#[derive(Debug)]
+pub(super) struct Progress {
+    /// Batches not yet marked done, oldest first.
+    pub(super) batches: VecDeque<BatchState>,
+    /// What is done, as last computed by `mark_done`, and whether it still needs saving.
+    done: Checkpoint,
+    dirty: bool,
+}
+
+impl Progress {
+    pub(super) fn new(done: Checkpoint) -> Progress {
+        Progress {
+            batches: VecDeque::new(),
+            done,
+            dirty: false,
+        }
+    }
+
+    pub(super) fn set_done(&mut self, done: Checkpoint) {
+        self.done = done;
+        self.dirty = true;
+    }
+
+    fn mark_done(&mut self, position: Position) {
+        while let Some(front) = self.batches.front() {
+            let complete = front.no < position.batch
+                || (front.no == position.batch
+                    && front.next == front.ids.len()
+                    && front
+                        .ids
+                        .last()
+                        .is_some_and(|last| *last <= position.sequence));
+            if complete {
+                let front = self.batches.pop_front().expect("front exists");
+                self.set_done(Checkpoint {
+                    snapshot: front.upper,
+                    batch: None,
+                });
+                continue;
+            }
+            if front.no == position.batch {
+                let done = Checkpoint {
+                    snapshot: front.lower.clone(),
+                    batch: Some(BatchProgress {
+                        snapshot: front.upper.clone(),
+                        done_sequence: position.sequence,
+                    }),
+                };
+                self.set_done(done);
+            }
+            break;
+        }
+    }
+}
+
+/// Marks events done and writes the checkpoint, on a connection of its own. Clones share the
+/// listener's progress (each opens its own connection).
+pub struct Checkpointer {
+    consumer: String,
+    epoch: i64,
+    db_config: tokio_postgres::Config,
+    client: Option<Client>,
+    progress: Arc<Mutex<Progress>>,
+}
+
+impl Clone for Checkpointer {
+    fn clone(&self) -> Self {
+        Checkpointer {
+            consumer: self.consumer.clone(),
+            epoch: self.epoch,
+            db_config: self.db_config.clone(),
+            client: None,
+            progress: self.progress.clone(),
+        }
+    }
+}
+
+impl Checkpointer {
+    pub(super) fn new(
+        consumer: &str,
+        epoch: i64,
+        db_config: &tokio_postgres::Config,
+        progress: Arc<Mutex<Progress>>,
+    ) -> Checkpointer {
+        Checkpointer {
+            consumer: consumer.to_string(),
+            epoch,
+            db_config: db_config.clone(),
+            client: None,
+            progress,
+        }
+    }
+
+    /// Record that every event handed out at or before `position` is done.
+    pub fn mark_done(&self, position: Position) {
+        self.lock().mark_done(position);
+    }
+
+    /// Write what `mark_done` recorded, if anything changed since the last write. Fenced by the
+    /// epoch: `Error::Fenced` means another instance leads this consumer now.
+    pub async fn save(&mut self) -> Result<()> {
+        let (done, was_dirty) = {
+            let mut progress = self.lock();
+            let state = (progress.done.clone(), progress.dirty);
+            progress.dirty = false;
+            state
+        };
+        if !was_dirty {
+            return Ok(());
+        }
+        let result = self.write(&done).await;
+        if result.is_err() {
+            // Not written: write it (or something newer) next time.
+            self.lock().dirty = true;
+        }
+        result
+    }
+
+    /// The checkpoint as `mark_done` last computed it (saved or not).
+    pub fn done(&self) -> Checkpoint {
+        self.lock().done.clone()
+    }
+
+    /// Whether events have been handed out and not yet marked done.
+    pub fn has_outstanding(&self) -> bool {
+        !self.lock().batches.is_empty()
+    }
+
+    pub fn epoch(&self) -> i64 {
+        self.epoch
+    }
+
+    async fn write(&mut self, done: &Checkpoint) -> Result<()> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            let application = format!("fraiseql-observers-checkpoint:{}", self.consumer);
+            self.client = Some(db::connect(&self.db_config, &application).await?);
+        }
+        let client = self.client.as_ref().expect("connected");
+        let result = save(client, &self.consumer, self.epoch, done).await;
+        if result.as_ref().is_err_and(|e| e.is_transient()) {
+            self.client = None;
+        }
+        result
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().expect("progress lock poisoned")
+    }
 }
 
 /// Claim `consumer` for this instance: create its checkpoint if it has none (at `start`), bump

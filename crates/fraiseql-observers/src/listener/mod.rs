@@ -1,5 +1,7 @@
-//! Reading the change log: the gap-safe reader, the row decoder, the checkpoint.
+//! Reading the change log: the gap-safe reader, the row decoder, the checkpoint (and its
+//! checkpointer), and how far behind a consumer is (backlog).
 
+pub mod backlog;
 pub mod change_log;
 pub mod checkpoint;
 pub mod parser;
@@ -7,7 +9,5 @@ pub mod quarantine;
 pub mod range;
 pub mod snapshot;
 
-pub use change_log::{
-    Batch, ChangeLogListener, Checkpointer, ListenerConfig, ListenerStats, StopHandle,
-};
-pub use checkpoint::StartPosition;
+pub use change_log::{Batch, ChangeLogListener, ListenerConfig, ListenerStats, StopHandle};
+pub use checkpoint::{Checkpointer, StartPosition};

@@ -13,8 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use chrono::TimeZone;
 use fraiseql_observers::actions::{
-    delivery_id, Action, ActionConfig, ActionError, CompileContext, DeliveryRequest, HttpClient,
+    Action, ActionConfig, ActionError, CompileContext, DeliveryRequest, HttpClient,
 };
+use fraiseql_observers::delivery::delivery_id;
 use fraiseql_observers::event::diff_fields;
 use fraiseql_observers::{ConfigError, EntityEvent, EventKind, Position};
 use serde_json::{json, Value};

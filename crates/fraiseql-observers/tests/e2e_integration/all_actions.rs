@@ -8,9 +8,8 @@ use crate::receiver::Receiver;
 use crate::smtp_server::SmtpServer;
 use crate::support::{eventually, TestDb};
 use fraiseql_observers::config;
-use fraiseql_observers::{ChangeLogListener, ListenerConfig, ObserverExecutor};
+use fraiseql_observers::Pipeline;
 use serde_json::json;
-use std::sync::Arc;
 use std::time::Duration;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -140,37 +139,11 @@ ttl_seconds = 60
     };
     let config = config::load(&toml, &env).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.observers[0].actions.len(), 7);
-    let runtime = config.runtime;
-    let listener = ChangeLogListener::start(ListenerConfig {
-        database_url: db.url.clone(),
-        consumer_id: runtime.consumer_id.clone(),
-        start: runtime.start_position,
-        poll_interval: runtime.poll_interval,
-        ..ListenerConfig::default()
-    })
-    .await
-    .unwrap();
-    let executor = Arc::new(
-        ObserverExecutor::new(
-            config.observers,
-            &db.url,
-            &runtime.consumer_id,
-            listener.epoch(),
-        )
-        .await
-        .unwrap(),
-    );
+    let pipeline = Pipeline::start(&db.url, config).await.unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let engine = {
-        let executor = executor.clone();
-        tokio::spawn(async move {
-            executor
-                .run(listener, &runtime, async {
-                    let _ = stopped.await;
-                })
-                .await
-        })
-    };
+    let engine = tokio::spawn(pipeline.run(async {
+        let _ = stopped.await;
+    }));
 
     // The one change.
     let order: uuid::Uuid = client

@@ -5,8 +5,7 @@ use crate::receiver::{Hook, Receiver};
 use crate::support::{eventually, TestDb};
 use fraiseql_observers::config::{self, RuntimeConfig};
 use fraiseql_observers::delivery::dead_letter;
-use fraiseql_observers::executor::{EngineStatus, ObserverExecutor};
-use fraiseql_observers::{ChangeLogListener, ListenerConfig};
+use fraiseql_observers::pipeline::{self, EngineStatus, ObserverExecutor, Pipeline};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -53,32 +52,20 @@ impl Engine {
         observers: Vec<fraiseql_observers::Observer>,
         runtime: RuntimeConfig,
     ) -> Engine {
-        let listener = ChangeLogListener::start(ListenerConfig {
-            database_url: db.url.clone(),
-            consumer_id: runtime.consumer_id.clone(),
-            batch_size: runtime.batch_size,
-            poll_interval: runtime.poll_interval,
+        let listener = fraiseql_observers::ListenerConfig {
             min_poll_interval: Duration::from_millis(2),
-            start: runtime.start_position,
-            notify: runtime.notify,
             retry_initial_delay: Duration::from_millis(20),
             retry_max_delay: Duration::from_millis(200),
-        })
-        .await
-        .unwrap();
-        let executor = Arc::new(
-            ObserverExecutor::new(observers, &db.url, &runtime.consumer_id, listener.epoch())
-                .await
-                .unwrap(),
-        );
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let run = executor.clone();
-        let handle = tokio::spawn(async move {
-            run.run(listener, &runtime, async {
-                let _ = stopped.await;
-            })
+            ..pipeline::listener_config(&db.url, &runtime)
+        };
+        let pipeline = Pipeline::start_with(listener, observers, runtime)
             .await
-        });
+            .unwrap();
+        let executor = pipeline.executor();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(pipeline.run(async {
+            let _ = stopped.await;
+        }));
         Engine {
             stop: Some(stop),
             handle,
@@ -222,7 +209,7 @@ async fn test_e2e_insert_workflow() {
     );
     assert_eq!(
         hook.id(),
-        fraiseql_observers::actions::delivery_id(change_id, "user_created", 0)
+        fraiseql_observers::delivery::delivery_id(change_id, "user_created", 0)
     );
 
     // The signature verifies with an independent Standard Webhooks implementation.

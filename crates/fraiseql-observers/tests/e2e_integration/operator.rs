@@ -5,9 +5,9 @@
 
 use crate::sample::order_event;
 use crate::support::{eventually, TestDb};
-use fraiseql_observers::actions::{delivery_id, ActionError};
+use fraiseql_observers::actions::ActionError;
 use fraiseql_observers::delivery::dead_letter::{self, Reason};
-use fraiseql_observers::delivery::{entity_key, retry_queue, DeliveryItem};
+use fraiseql_observers::delivery::{delivery_id, entity_key, retry_queue, DeliveryItem};
 use fraiseql_observers::leader::Leadership;
 use fraiseql_observers::listener::{checkpoint, quarantine};
 use fraiseql_observers::matcher::Verdict;

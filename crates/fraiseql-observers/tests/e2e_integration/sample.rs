@@ -3,9 +3,10 @@
 
 use chrono::TimeZone;
 use fraiseql_observers::actions::{
-    delivery_id, Action, ActionConfig, ActionError, CompileContext, DeliveryRequest, EmailSettings,
-    HttpClient, RedisSettings,
+    Action, ActionConfig, ActionError, CompileContext, DeliveryRequest, EmailSettings, HttpClient,
+    RedisSettings,
 };
+use fraiseql_observers::delivery::delivery_id;
 use fraiseql_observers::event::diff_fields;
 use fraiseql_observers::{ConfigError, EntityEvent, EventKind, Position};
 use serde_json::Value;

@@ -462,7 +462,7 @@ mod tests {
 
     #[test]
     fn apns_id_is_the_delivery_uuid() {
-        let id = crate::actions::delivery_id(Uuid::from_u128(9), "o", 0);
+        let id = crate::delivery::delivery_id(Uuid::from_u128(9), "o", 0);
         let uuid = apns_id(&id);
         assert_eq!(format!("msg_{}", uuid.simple()), id);
         assert_eq!(apns_id("custom"), apns_id("custom"));

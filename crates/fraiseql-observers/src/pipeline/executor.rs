@@ -1,0 +1,586 @@
+//! `ObserverExecutor`: one event through the observers (match, execute), and the one failure
+//! path: every failed attempt, fresh or retried from the queue, goes through
+//! [`policy::after_failure`] and its decision is recorded here.
+//!
+//! Invariants:
+//! * An event is done when every matching action succeeded or its failure was handed over
+//!   durably (a committed retry-queue or dead-letter row, or a log line for `on_failure = "log"`).
+//! * For an ordered observer, while an (observer, entity) has items in the retry queue, its new
+//!   deliveries are parked behind them (durably) instead of running.
+//! * Every durable write is fenced by the consumer's epoch; `Error::Fenced` stops everything.
+
+use crate::actions::{Action, ActionError, DeliveryRequest, HttpClient};
+use crate::config::Observer;
+use crate::db;
+use crate::delivery::parking::Parking;
+use crate::delivery::policy::{self, Decision, Reason, Stage};
+use crate::delivery::{dead_letter, delivery_id, entity_key, retry_queue, DeliveryItem};
+use crate::error::{Error, Result};
+use crate::event::EntityEvent;
+use crate::matcher::{EventMatcher, Verdict};
+use crate::metrics as m;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_postgres::Client;
+
+use super::monitor::EngineStatus;
+
+/// How long a claimed retry is reserved for the process that claimed it.
+pub const RETRY_LEASE: Duration = Duration::from_secs(300);
+
+/// A coalescing observer that matched an event: `(observer index, window)`. Its delivery waits
+/// for the end of the window (see [`ObserverExecutor::process_event`]).
+pub type Held = (usize, Duration);
+
+pub struct ObserverExecutor {
+    observers: Vec<Observer>,
+    matcher: EventMatcher,
+    pub(super) http: HttpClient,
+    /// Delivery bookkeeping (retry queue, dead letters).
+    store: db::Reconnecting,
+    consumer: String,
+    epoch: i64,
+    parking: Parking,
+    pub(super) retry_wake: Notify,
+    pub(super) status: Arc<EngineStatus>,
+}
+
+impl ObserverExecutor {
+    /// Build the executor for `consumer` led at `epoch` (from `ChangeLogListener::epoch`): loads
+    /// which entities are parked and releases the leases a dead predecessor held.
+    pub async fn new(
+        observers: Vec<Observer>,
+        database_url: &str,
+        consumer: &str,
+        epoch: i64,
+    ) -> Result<ObserverExecutor> {
+        let store =
+            db::Reconnecting::new(db::parse_url(database_url)?, "fraiseql-observers-delivery");
+        let client = store.client().await?;
+        let released = retry_queue::release_leases(&client, consumer, epoch).await?;
+        if released > 0 {
+            tracing::info!(
+                consumer,
+                released,
+                "released retry leases of a previous leader"
+            );
+        }
+        let counts = retry_queue::blocked_keys(&client, consumer).await?;
+        let parking = Parking::from_counts(counts.into_iter().filter_map(|((name, key), n)| {
+            let i = observers.iter().position(|o| o.name == name)?;
+            Some(((i, key), n))
+        }));
+        Ok(ObserverExecutor {
+            matcher: EventMatcher::new(&observers),
+            observers,
+            http: HttpClient::new()?,
+            store,
+            consumer: consumer.to_string(),
+            epoch,
+            parking,
+            retry_wake: Notify::new(),
+            status: Arc::new(EngineStatus::default()),
+        })
+    }
+
+    pub fn observers(&self) -> &[Observer] {
+        &self.observers
+    }
+
+    pub fn status(&self) -> Arc<EngineStatus> {
+        self.status.clone()
+    }
+
+    pub(super) fn matcher(&self) -> &EventMatcher {
+        &self.matcher
+    }
+
+    pub(super) fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    /// Match one event and run the actions of every observer that fires, in configuration
+    /// order. Returns once every delivery is done or handed over durably, with the observers
+    /// that coalesce (`coalesce_ms`): those are not run here; the caller delivers them with
+    /// [`deliver`](Self::deliver) when their window ends (the lanes do). `Err` only when a
+    /// failure could not be recorded (fenced, or a database error that is not transient).
+    pub async fn process_event(&self, event: &EntityEvent) -> Result<Vec<Held>> {
+        let mut held = Vec::new();
+        for (i, verdict) in self.matcher.evaluate(&self.observers, event) {
+            let observer = &self.observers[i];
+            match verdict {
+                Verdict::Matched => {
+                    metrics::counter!(m::EVENTS_MATCHED, "observer" => observer.name.clone())
+                        .increment(1);
+                    self.status.events_matched.fetch_add(1, Ordering::Relaxed);
+                    if let Some(window) = observer.coalesce {
+                        held.push((i, window));
+                        continue;
+                    }
+                    for a in 0..observer.actions.len() {
+                        self.deliver(i, a, event).await?;
+                    }
+                }
+                Verdict::ConditionError(message) => {
+                    metrics::counter!(m::CONDITION_ERRORS, "observer" => observer.name.clone())
+                        .increment(1);
+                    tracing::warn!(observer = %observer.name, sequence = event.sequence, error = %message,
+                        "condition could not be evaluated; recorded as a failed delivery");
+                    let error = format!("condition could not be evaluated: {message}");
+                    let decision = policy::give_up(Reason::Permanent, observer.on_failure);
+                    for a in 0..observer.actions.len() {
+                        let item = self.item(i, a, event);
+                        self.record_fresh(&item, 0, decision, &error).await?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(held)
+    }
+
+    /// Deliver one event through action `a` of observer `i`: in-line attempts while the next
+    /// one is due soon, then the retry queue or the dead letter queue.
+    pub async fn deliver(&self, i: usize, a: usize, event: &EntityEvent) -> Result<()> {
+        let observer = &self.observers[i];
+        let action = &observer.actions[a];
+        let item = self.item(i, a, event);
+        if observer.ordered && self.parking.is_parked(i, &item.key) {
+            m::action(&observer.name, action.kind(), "parked");
+            return self
+                .record_fresh(&item, 0, Decision::Queue(Duration::ZERO), "")
+                .await;
+        }
+        let mut attempt = 1;
+        loop {
+            let request = DeliveryRequest {
+                event,
+                delivery_id: &item.delivery_id,
+                attempt,
+            };
+            let Err(e) = action.execute(&self.http, &request).await else {
+                self.delivered(observer, action, event);
+                return Ok(());
+            };
+            let decision = policy::after_failure(
+                &e,
+                attempt,
+                &observer.retry,
+                observer.on_failure,
+                Stage::Lane,
+                rand::random(),
+            );
+            if let Decision::RetryNow(delay) = decision {
+                m::action(&observer.name, action.kind(), "retried");
+                tracing::debug!(observer = %observer.name, sequence = event.sequence, attempt,
+                    error = %e, delay_ms = delay.as_millis() as u64, "delivery failed; will retry");
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+                continue;
+            }
+            return self
+                .record_fresh(&item, attempt, decision, e.message())
+                .await;
+        }
+    }
+
+    /// A delivery of the `a`th action of observer `i` succeeded.
+    pub(super) fn delivered(&self, observer: &Observer, action: &Action, event: &EntityEvent) {
+        m::action(&observer.name, action.kind(), "ok");
+        let latency = (chrono::Utc::now() - event.created_at)
+            .num_microseconds()
+            .unwrap_or(0);
+        metrics::histogram!(m::DELIVERY_LATENCY, "observer" => observer.name.clone())
+            .record(latency.max(0) as f64 / 1e6);
+    }
+
+    pub(super) fn is_parked(&self, i: usize, key: &str) -> bool {
+        self.observers[i].ordered && self.parking.is_parked(i, key)
+    }
+
+    fn item<'a>(&'a self, i: usize, a: usize, event: &'a EntityEvent) -> Fresh<'a> {
+        let observer = &self.observers[i];
+        Fresh {
+            i,
+            a,
+            event,
+            key: entity_key(event),
+            delivery_id: delivery_id(event.id, &observer.name, a),
+        }
+    }
+
+    /// Record the decision about a delivery that is not in the retry queue yet. `attempts` is
+    /// how many attempts failed (0 when none was made).
+    async fn record_fresh(
+        &self,
+        fresh: &Fresh<'_>,
+        attempts: u32,
+        decision: Decision,
+        error: &str,
+    ) -> Result<()> {
+        let observer = &self.observers[fresh.i];
+        let action = &observer.actions[fresh.a];
+        let item = DeliveryItem {
+            observer: &observer.name,
+            action_index: fresh.a,
+            action_type: action.kind(),
+            entity_key: &fresh.key,
+            ordered: observer.ordered,
+            event: fresh.event,
+            delivery_id: &fresh.delivery_id,
+        };
+        match decision {
+            Decision::RetryNow(delay) | Decision::Queue(delay) => {
+                // Count first, so the entity is parked before the row exists; undo when the row
+                // was already there (a replay), since it is counted already.
+                if observer.ordered {
+                    self.parking.park(fresh.i, &fresh.key);
+                }
+                let (max, error) = (observer.retry.max_attempts, (attempts > 0).then_some(error));
+                let inserted = self
+                    .durably(|c| async move {
+                        retry_queue::enqueue(
+                            &c,
+                            &self.consumer,
+                            self.epoch,
+                            &item,
+                            attempts,
+                            max,
+                            delay,
+                            error,
+                        )
+                        .await
+                    })
+                    .await?;
+                if !inserted && observer.ordered {
+                    self.parking.release(fresh.i, &fresh.key);
+                }
+                if attempts > 0 {
+                    m::action(&observer.name, action.kind(), "retried");
+                    self.retry_wake.notify_one();
+                }
+            }
+            Decision::DeadLetter(reason) => {
+                self.durably(|c| async move {
+                    dead_letter::insert(
+                        &c,
+                        &self.consumer,
+                        self.epoch,
+                        &item,
+                        attempts,
+                        reason,
+                        error,
+                    )
+                    .await
+                })
+                .await?;
+                self.given_up(
+                    observer,
+                    action,
+                    fresh.event,
+                    attempts,
+                    reason,
+                    error,
+                    false,
+                );
+            }
+            Decision::Drop(reason) => {
+                self.given_up(observer, action, fresh.event, attempts, reason, error, true);
+            }
+        }
+        Ok(())
+    }
+
+    /// Attempt the due heads of the retry queue once. Returns how many items were attempted.
+    pub async fn run_due_retries(&self, limit: usize) -> Result<usize> {
+        let items = self
+            .durably(|c| async move {
+                retry_queue::claim_due(&c, &self.consumer, self.epoch, limit as i64, RETRY_LEASE)
+                    .await
+            })
+            .await?;
+        let n = items.len();
+        let results =
+            futures::future::join_all(items.into_iter().map(|item| self.retry_item(item))).await;
+        for r in results {
+            r?;
+        }
+        Ok(n)
+    }
+
+    async fn retry_item(&self, item: retry_queue::QueuedItem) -> Result<()> {
+        let id = item.id;
+        let found = self
+            .observers
+            .iter()
+            .position(|o| o.name == item.observer)
+            .filter(|i| item.action_index < self.observers[*i].actions.len());
+        let Some(i) = found else {
+            let error = format!(
+                "observer '{}' action {} is no longer configured",
+                item.observer, item.action_index
+            );
+            let error = &error;
+            return self
+                .durably(|c| async move {
+                    retry_queue::dead_letter(
+                        &c,
+                        &self.consumer,
+                        self.epoch,
+                        id,
+                        item.attempts,
+                        Reason::Permanent,
+                        error,
+                    )
+                    .await
+                })
+                .await;
+        };
+        let observer = &self.observers[i];
+        let action = &observer.actions[item.action_index];
+        let attempt = item.attempts + 1;
+        let request = DeliveryRequest {
+            event: &item.event,
+            delivery_id: &item.delivery_id,
+            attempt,
+        };
+        let (decision, error) = match action.execute(&self.http, &request).await {
+            Ok(()) => {
+                self.delivered(observer, action, &item.event);
+                self.durably(|c| async move {
+                    retry_queue::remove(&c, &self.consumer, self.epoch, id).await
+                })
+                .await?;
+                (None, None)
+            }
+            Err(e) => {
+                let decision = policy::after_failure(
+                    &e,
+                    attempt,
+                    &observer.retry,
+                    observer.on_failure,
+                    Stage::Queued,
+                    rand::random(),
+                );
+                (Some(decision), Some(e))
+            }
+        };
+        let message = error.as_ref().map_or("", |e| e.message());
+        let finished = match decision {
+            None => true,
+            Some(Decision::RetryNow(delay) | Decision::Queue(delay)) => {
+                m::action(&observer.name, action.kind(), "retried");
+                self.durably(|c| async move {
+                    retry_queue::reschedule(
+                        &c,
+                        &self.consumer,
+                        self.epoch,
+                        id,
+                        attempt,
+                        delay,
+                        message,
+                    )
+                    .await
+                })
+                .await?;
+                false
+            }
+            Some(Decision::DeadLetter(reason)) => {
+                self.durably(|c| async move {
+                    retry_queue::dead_letter(
+                        &c,
+                        &self.consumer,
+                        self.epoch,
+                        id,
+                        attempt,
+                        reason,
+                        message,
+                    )
+                    .await
+                })
+                .await?;
+                self.given_up(
+                    observer,
+                    action,
+                    &item.event,
+                    attempt,
+                    reason,
+                    message,
+                    false,
+                );
+                true
+            }
+            Some(Decision::Drop(reason)) => {
+                self.durably(|c| async move {
+                    retry_queue::remove(&c, &self.consumer, self.epoch, id).await
+                })
+                .await?;
+                self.given_up(
+                    observer,
+                    action,
+                    &item.event,
+                    attempt,
+                    reason,
+                    message,
+                    true,
+                );
+                true
+            }
+        };
+        if finished && item.ordered {
+            self.parking.release(i, &item.entity_key);
+        }
+        Ok(())
+    }
+
+    /// Why each observer does or does not fire for `event` (every observer, configuration order):
+    /// `None` when its entity or event type does not fit.
+    pub fn explain(&self, event: &EntityEvent) -> Vec<(&str, Option<Verdict>)> {
+        let verdicts: HashMap<usize, Verdict> = self
+            .matcher
+            .evaluate(&self.observers, event)
+            .into_iter()
+            .collect();
+        self.observers
+            .iter()
+            .enumerate()
+            .map(|(i, o)| (o.name.as_str(), verdicts.get(&i).cloned()))
+            .collect()
+    }
+
+    /// Send `event` again through every action of observer `name`, once each, when it matches
+    /// (an operator's replay: same delivery ids, so receivers can deduplicate; failures are
+    /// returned, not queued). `Ok(None)` when the observer does not fire for this event.
+    pub async fn replay(
+        &self,
+        name: &str,
+        event: &EntityEvent,
+    ) -> Result<Option<Vec<std::result::Result<(), ActionError>>>> {
+        let i = self
+            .observers
+            .iter()
+            .position(|o| o.name == name)
+            .ok_or_else(|| {
+                Error::Invalid(format!("no observer named '{name}' in this configuration"))
+            })?;
+        let fires = self
+            .matcher
+            .evaluate(&self.observers, event)
+            .into_iter()
+            .any(|(j, v)| j == i && v == Verdict::Matched);
+        if !fires {
+            return Ok(None);
+        }
+        let observer = &self.observers[i];
+        let mut results = Vec::with_capacity(observer.actions.len());
+        for (a, action) in observer.actions.iter().enumerate() {
+            let delivery_id = delivery_id(event.id, &observer.name, a);
+            let request = DeliveryRequest {
+                event,
+                delivery_id: &delivery_id,
+                attempt: 1,
+            };
+            results.push(action.execute(&self.http, &request).await);
+        }
+        Ok(Some(results))
+    }
+
+    /// Retry dead letter `id` once, on an operator's request: claimed atomically, so two
+    /// concurrent retries of one item deliver once. `Ok(None)` when it is not pending.
+    pub async fn retry_dead_letter(
+        &self,
+        id: i64,
+    ) -> Result<Option<std::result::Result<(), ActionError>>> {
+        let client = self.store.client().await?;
+        let Some(item) = dead_letter::claim_for_retry(&client, id, RETRY_LEASE).await? else {
+            return Ok(None);
+        };
+        let action = self
+            .observers
+            .iter()
+            .find(|o| o.name == item.observer)
+            .and_then(|o| o.actions.get(item.action_index));
+        let result = match action {
+            None => Err(ActionError::Permanent {
+                message: format!(
+                    "observer '{}' action {} is not in this configuration",
+                    item.observer, item.action_index
+                ),
+            }),
+            Some(action) => {
+                let request = DeliveryRequest {
+                    event: &item.event,
+                    delivery_id: &item.delivery_id,
+                    attempt: item.attempts + 1,
+                };
+                action.execute(&self.http, &request).await
+            }
+        };
+        dead_letter::finish_retry(&client, id, result.as_ref().err().map(|e| e.message())).await?;
+        Ok(Some(result))
+    }
+
+    /// Metrics and the log line of a delivery given up: dead-lettered, or dropped.
+    #[allow(clippy::too_many_arguments)]
+    fn given_up(
+        &self,
+        observer: &Observer,
+        action: &Action,
+        event: &EntityEvent,
+        attempts: u32,
+        reason: Reason,
+        error: &str,
+        dropped: bool,
+    ) {
+        if dropped {
+            m::action(&observer.name, action.kind(), "dropped");
+            tracing::error!(observer = %observer.name, action = action.kind(), sequence = event.sequence,
+                event_id = %event.id, attempts, reason = reason.as_str(), error,
+                "delivery failed for good; dropped (on_failure = \"log\")");
+        } else {
+            m::action(&observer.name, action.kind(), "dead_lettered");
+            metrics::counter!(m::DEAD_LETTERED).increment(1);
+            tracing::warn!(observer = %observer.name, action = action.kind(), sequence = event.sequence,
+                event_id = %event.id, attempts, reason = reason.as_str(), error,
+                "delivery dead-lettered");
+        }
+    }
+
+    /// Run a bookkeeping write, retrying while the database is unreachable: the event is not
+    /// done until its failure is recorded, so waiting here is what keeps it from being lost.
+    async fn durably<T, F, Fut>(&self, write: F) -> Result<T>
+    where
+        F: Fn(Arc<Client>) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let attempt = match self.store.client().await {
+                Ok(client) => write(client).await,
+                Err(e) => Err(e),
+            };
+            match attempt {
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
+                        "cannot record a delivery outcome; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// A delivery not yet in the retry queue: observer `i`, action `a`, with its entity key and id.
+struct Fresh<'a> {
+    i: usize,
+    a: usize,
+    event: &'a EntityEvent,
+    key: String,
+    delivery_id: String,
+}

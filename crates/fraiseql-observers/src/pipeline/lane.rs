@@ -1,0 +1,153 @@
+//! Lanes: the dispatcher hands each event to the lane of its entity; a lane runs its events one
+//! after another through [`ObserverExecutor::process_event`], and holds the coalescing
+//! observers' changes until their window ends.
+//!
+//! Invariants:
+//! * One entity's events run in one lane, in stream order (which for one entity is commit
+//!   order); lanes run concurrently.
+//! * An event is marked done in the watermark only when every delivery it caused is done or
+//!   handed over durably; a coalesced change when its group is delivered. Nothing held is lost
+//!   when a lane closes: it delivers what it holds first.
+//! * An event that no observer can match passes the watermark without entering a lane.
+
+use super::executor::{Held, ObserverExecutor};
+use crate::actions::DeliveryRequest;
+use crate::delivery::delivery_id;
+use crate::delivery::entity_key;
+use crate::delivery::lanes::{lane_of, Coalescer, Group, Watermark};
+use crate::error::Result;
+use crate::event::EntityEvent;
+use crate::listener::Batch;
+use crate::metrics as m;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// Hand a batch to the lanes (waiting when they are full: backpressure on the reader).
+pub(super) async fn dispatch(
+    executor: &ObserverExecutor,
+    batch: Batch,
+    lanes: &[mpsc::Sender<EntityEvent>],
+    watermark: &Watermark,
+) {
+    let n = batch.events.len() as u64;
+    executor.status.events_read.fetch_add(n, Ordering::Relaxed);
+    metrics::counter!(m::EVENTS_READ).increment(n);
+    for event in batch.events {
+        if executor.matcher().candidates(&event).is_empty() {
+            watermark.passed(event.position);
+            continue;
+        }
+        watermark.dispatched(event.position);
+        let lane = &lanes[lane_of(&event, lanes.len())];
+        if lane.send(event).await.is_err() {
+            return; // shutting down: the event is not done and will be read again
+        }
+    }
+    watermark.passed(batch.end);
+}
+
+/// One lane: its events one after another; coalescing observers' changes held in groups and
+/// delivered at the end of their window (or when the lane closes: nothing held is lost).
+pub(super) async fn run(
+    executor: &ObserverExecutor,
+    rx: &mut mpsc::Receiver<EntityEvent>,
+    watermark: &Watermark,
+) -> Result<()> {
+    let mut coalescer = Coalescer::new(Instant::now());
+    loop {
+        let deadline = coalescer.next_deadline();
+        let next = tokio::select! {
+            event = rx.recv() => event,
+            _ = sleep_until(deadline), if deadline.is_some() => {
+                flush(executor, &mut coalescer, Some(Instant::now()), watermark).await?;
+                continue;
+            }
+        };
+        let Some(event) = next else {
+            return flush(executor, &mut coalescer, None, watermark).await;
+        };
+        let held: Vec<Held> = executor.process_event(&event).await?;
+        if held.is_empty() {
+            watermark.completed(event.position);
+        } else {
+            coalescer.hold(&event, &entity_key(&event), &held, Instant::now());
+        }
+    }
+}
+
+/// Deliver the coalesced groups that are due (all of them with `now = None`).
+async fn flush(
+    executor: &ObserverExecutor,
+    coalescer: &mut Coalescer,
+    now: Option<Instant>,
+    watermark: &Watermark,
+) -> Result<()> {
+    let groups = coalescer.take_due(now);
+    let delivered = deliver_batches(executor, &groups).await;
+    for (g, group) in groups.iter().enumerate() {
+        for a in 0..executor.observers()[group.observer].actions.len() {
+            if !delivered.contains(&(g, a)) {
+                executor.deliver(group.observer, a, &group.event).await?;
+            }
+        }
+        for position in coalescer.release(&group.held) {
+            watermark.completed(position);
+        }
+    }
+    Ok(())
+}
+
+/// Actions that take several events in one request (`Action::execute_batch`: search) take
+/// every due group of their observer at once: the groups are distinct entities, so no entity's
+/// order is at stake. Returns the (group, action) pairs delivered; the others go through
+/// `deliver` (retries, parking, dead letters) as usual.
+async fn deliver_batches(executor: &ObserverExecutor, groups: &[Group]) -> HashSet<(usize, usize)> {
+    let mut delivered = HashSet::new();
+    let mut by_observer: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (g, group) in groups.iter().enumerate() {
+        if !executor.is_parked(group.observer, &entity_key(&group.event)) {
+            by_observer.entry(group.observer).or_default().push(g);
+        }
+    }
+    for (i, members) in by_observer {
+        if members.len() < 2 {
+            continue;
+        }
+        let observer = &executor.observers()[i];
+        for (a, action) in observer.actions.iter().enumerate() {
+            let ids: Vec<String> = members
+                .iter()
+                .map(|g| delivery_id(groups[*g].event.id, &observer.name, a))
+                .collect();
+            let requests: Vec<DeliveryRequest<'_>> = members
+                .iter()
+                .zip(&ids)
+                .map(|(g, id)| DeliveryRequest {
+                    event: &groups[*g].event,
+                    delivery_id: id,
+                    attempt: 1,
+                })
+                .collect();
+            let Some(results) = action.execute_batch(&executor.http, &requests).await else {
+                continue;
+            };
+            for (g, result) in members.iter().zip(results) {
+                if result.is_ok() {
+                    executor.delivered(observer, action, &groups[*g].event);
+                    delivered.insert((*g, a));
+                }
+            }
+        }
+    }
+    delivered
+}
+
+/// Sleep until `deadline` (forever when there is none).
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,113 @@
+//! The pipeline: the only module that sees every stage. One wiring path, used by the daemon, the
+//! demo, the benches and the tests alike.
+//!
+//! ```text
+//! ChangeLogListener --batches--> dispatch --(entity lanes)--> process_event: match, execute
+//!        ^                                                        |  failure: policy -> retry queue / DLQ
+//!        +---- checkpoint <-- watermark of done events <---------+
+//! retry worker: due heads of the retry queue --> execute --> done / reschedule / dead letter
+//! monitor: health, backlog, lag, queue sizes
+//! ```
+//!
+//! * [`Pipeline::start`] maps the runtime settings to the listener's (the one place that does),
+//!   claims the consumer and builds the executor; [`Pipeline::run`] runs until shutdown.
+//! * `executor.rs`: one event through the observers and the one failure path; `lane.rs`:
+//!   dispatch, lanes, coalescing; `monitor.rs`: live figures; `run.rs`: the tasks and shutdown.
+//!
+//! Invariants:
+//! * The checkpoint moves only to the low watermark of done events: a crash replays at most what
+//!   was in flight.
+//! * Every durable write is fenced by the consumer's epoch; `Error::Fenced`, or any engine task
+//!   failing, stops everything at once.
+
+mod executor;
+mod lane;
+mod monitor;
+mod run;
+
+pub use executor::{Held, ObserverExecutor, RETRY_LEASE};
+pub use monitor::EngineStatus;
+
+use crate::config::{Config, Observer, RuntimeConfig};
+use crate::error::Result;
+use crate::listener::{ChangeLogListener, ListenerConfig};
+use std::future::Future;
+use std::sync::Arc;
+
+/// The listener settings that `runtime` asks for, reading `database_url`.
+pub fn listener_config(database_url: &str, runtime: &RuntimeConfig) -> ListenerConfig {
+    ListenerConfig {
+        database_url: database_url.to_string(),
+        consumer_id: runtime.consumer_id.clone(),
+        batch_size: runtime.batch_size,
+        poll_interval: runtime.poll_interval,
+        start: runtime.start_position,
+        notify: runtime.notify,
+        ..ListenerConfig::default()
+    }
+}
+
+/// A consumer claimed and ready to run: its listener (holding the fencing epoch) and executor.
+pub struct Pipeline {
+    database_url: String,
+    listener: ChangeLogListener,
+    executor: Arc<ObserverExecutor>,
+    runtime: RuntimeConfig,
+}
+
+impl Pipeline {
+    /// Claim `config.runtime.consumer_id` (bumping its epoch), load its checkpoint and build the
+    /// executor for `config.observers`. The caller holds the consumer's lead, if it elects one.
+    pub async fn start(database_url: &str, config: Config) -> Result<Pipeline> {
+        let listener = listener_config(database_url, &config.runtime);
+        Pipeline::start_with(listener, config.observers, config.runtime).await
+    }
+
+    /// [`Pipeline::start`] with listener settings of the caller's own (e.g. tests that reconnect
+    /// faster than the defaults); start from [`listener_config`].
+    pub async fn start_with(
+        listener: ListenerConfig,
+        observers: Vec<Observer>,
+        runtime: RuntimeConfig,
+    ) -> Result<Pipeline> {
+        let url = listener.database_url.clone();
+        let listener = ChangeLogListener::start(listener).await?;
+        let executor =
+            ObserverExecutor::new(observers, &url, &runtime.consumer_id, listener.epoch()).await?;
+        Ok(Pipeline {
+            database_url: url,
+            listener,
+            executor: Arc::new(executor),
+            runtime,
+        })
+    }
+
+    /// The fencing epoch this pipeline holds.
+    pub fn epoch(&self) -> i64 {
+        self.listener.epoch()
+    }
+
+    pub fn executor(&self) -> Arc<ObserverExecutor> {
+        self.executor.clone()
+    }
+
+    pub fn status(&self) -> Arc<EngineStatus> {
+        self.executor.status()
+    }
+
+    /// Run until `shutdown` resolves: read, match, deliver, retry, checkpoint. On shutdown, stop
+    /// reading, let the lanes finish what they hold for up to `runtime.shutdown_timeout`, save
+    /// the checkpoint and return. Returns an error (at once) when fenced by another instance or
+    /// when the listener fails for a reason that is not transient. Dropping the future (a lost
+    /// lead) aborts every task it started: no draining, no checkpoint.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        run::run(
+            self.executor,
+            self.listener,
+            &self.database_url,
+            &self.runtime,
+            shutdown,
+        )
+        .await
+    }
+}
