@@ -37,14 +37,14 @@ pub const RETRY_LEASE: Duration = Duration::from_secs(300);
 pub type Held = (usize, Duration);
 
 pub struct ObserverExecutor {
-    observers: Vec<Observer>,
+    pub(super) observers: Vec<Observer>,
     matcher: EventMatcher,
     pub(super) http: HttpClient,
     /// Delivery bookkeeping (retry queue, dead letters).
     store: db::Reconnecting,
-    consumer: String,
-    epoch: i64,
-    parking: Parking,
+    pub(super) consumer: String,
+    pub(super) epoch: i64,
+    pub(super) parking: Parking,
     pub(super) retry_wake: Notify,
     pub(super) status: Arc<EngineStatus>,
 }
@@ -295,148 +295,6 @@ impl ObserverExecutor {
         Ok(())
     }
 
-    /// Attempt the due heads of the retry queue once. Returns how many items were attempted.
-    pub async fn run_due_retries(&self, limit: usize) -> Result<usize> {
-        let items = self
-            .durably(|c| async move {
-                retry_queue::claim_due(&c, &self.consumer, self.epoch, limit as i64, RETRY_LEASE)
-                    .await
-            })
-            .await?;
-        let n = items.len();
-        let results =
-            futures::future::join_all(items.into_iter().map(|item| self.retry_item(item))).await;
-        for r in results {
-            r?;
-        }
-        Ok(n)
-    }
-
-    async fn retry_item(&self, item: retry_queue::QueuedItem) -> Result<()> {
-        let id = item.id;
-        let found = self
-            .observers
-            .iter()
-            .position(|o| o.name == item.observer)
-            .filter(|i| item.action_index < self.observers[*i].actions.len());
-        let Some(i) = found else {
-            let error = format!(
-                "observer '{}' action {} is no longer configured",
-                item.observer, item.action_index
-            );
-            let error = &error;
-            return self
-                .durably(|c| async move {
-                    retry_queue::dead_letter(
-                        &c,
-                        &self.consumer,
-                        self.epoch,
-                        id,
-                        item.attempts,
-                        Reason::Permanent,
-                        error,
-                    )
-                    .await
-                })
-                .await;
-        };
-        let observer = &self.observers[i];
-        let action = &observer.actions[item.action_index];
-        let attempt = item.attempts + 1;
-        let request = DeliveryRequest {
-            event: &item.event,
-            delivery_id: &item.delivery_id,
-            attempt,
-        };
-        let (decision, error) = match action.execute(&self.http, &request).await {
-            Ok(()) => {
-                self.delivered(observer, action, &item.event);
-                self.durably(|c| async move {
-                    retry_queue::remove(&c, &self.consumer, self.epoch, id).await
-                })
-                .await?;
-                (None, None)
-            }
-            Err(e) => {
-                let decision = policy::after_failure(
-                    &e,
-                    attempt,
-                    &observer.retry,
-                    observer.on_failure,
-                    Stage::Queued,
-                    rand::random(),
-                );
-                (Some(decision), Some(e))
-            }
-        };
-        let message = error.as_ref().map_or("", |e| e.message());
-        let finished = match decision {
-            None => true,
-            Some(Decision::RetryNow(delay) | Decision::Queue(delay)) => {
-                m::action(&observer.name, action.kind(), "retried");
-                self.durably(|c| async move {
-                    retry_queue::reschedule(
-                        &c,
-                        &self.consumer,
-                        self.epoch,
-                        id,
-                        attempt,
-                        delay,
-                        message,
-                    )
-                    .await
-                })
-                .await?;
-                false
-            }
-            Some(Decision::DeadLetter(reason)) => {
-                self.durably(|c| async move {
-                    retry_queue::dead_letter(
-                        &c,
-                        &self.consumer,
-                        self.epoch,
-                        id,
-                        attempt,
-                        reason,
-                        message,
-                    )
-                    .await
-                })
-                .await?;
-                self.given_up(
-                    observer,
-                    action,
-                    &item.event,
-                    attempt,
-                    reason,
-                    message,
-                    false,
-                );
-                true
-            }
-            Some(Decision::Drop(reason)) => {
-                self.durably(|c| async move {
-                    retry_queue::remove(&c, &self.consumer, self.epoch, id).await
-                })
-                .await?;
-                self.given_up(
-                    observer,
-                    action,
-                    &item.event,
-                    attempt,
-                    reason,
-                    message,
-                    true,
-                );
-                true
-            }
-        };
-        if finished && item.ordered {
-            self.parking.release(i, &item.entity_key);
-        }
-        Ok(())
-    }
-
     /// Why each observer does or does not fire for `event` (every observer, configuration order):
     /// `None` when its entity or event type does not fit.
     pub fn explain(&self, event: &EntityEvent) -> Vec<(&str, Option<Verdict>)> {
@@ -526,7 +384,7 @@ impl ObserverExecutor {
 
     /// Metrics and the log line of a delivery given up: dead-lettered, or dropped.
     #[allow(clippy::too_many_arguments)]
-    fn given_up(
+    pub(super) fn given_up(
         &self,
         observer: &Observer,
         action: &Action,
@@ -552,7 +410,7 @@ impl ObserverExecutor {
 
     /// Run a bookkeeping write, retrying while the database is unreachable: the event is not
     /// done until its failure is recorded, so waiting here is what keeps it from being lost.
-    async fn durably<T, F, Fut>(&self, write: F) -> Result<T>
+    pub(super) async fn durably<T, F, Fut>(&self, write: F) -> Result<T>
     where
         F: Fn(Arc<Client>) -> Fut,
         Fut: Future<Output = Result<T>>,

@@ -12,7 +12,8 @@
 //! * [`Pipeline::start`] maps the runtime settings to the listener's (the one place that does),
 //!   claims the consumer and builds the executor; [`Pipeline::run`] runs until shutdown.
 //! * `executor.rs`: one event through the observers and the one failure path; `lane.rs`:
-//!   dispatch, lanes, coalescing; `monitor.rs`: live figures; `run.rs`: the tasks and shutdown.
+//!   dispatch, lanes, coalescing; `retry.rs`: the retry worker's step; `monitor.rs`: live
+//!   figures; `run.rs`: the tasks and shutdown.
 //!
 //! Invariants:
 //! * The checkpoint moves only to the low watermark of done events: a crash replays at most what
@@ -23,6 +24,7 @@
 mod executor;
 mod lane;
 mod monitor;
+mod retry;
 mod run;
 
 pub use executor::{Held, ObserverExecutor, RETRY_LEASE};

@@ -1,0 +1,158 @@
+//! The retry worker's step: attempt the due heads of the durable retry queue, and record each
+//! outcome through the same failure policy as a first delivery (`Stage::Queued`: never waiting
+//! in place).
+//!
+//! Invariants: only heads run (for an ordered observer, no earlier item of the same (observer,
+//! entity) is queued); a claim is a lease, so a dead leader's items are taken over; an item
+//! leaves the queue only by success, dead letter or drop, and then releases its entity.
+
+use super::executor::{ObserverExecutor, RETRY_LEASE};
+use crate::actions::DeliveryRequest;
+use crate::delivery::policy::{self, Decision, Reason, Stage};
+use crate::delivery::retry_queue;
+use crate::error::Result;
+use crate::metrics as m;
+
+impl ObserverExecutor {
+    /// Attempt the due heads of the retry queue once. Returns how many items were attempted.
+    pub async fn run_due_retries(&self, limit: usize) -> Result<usize> {
+        let items = self
+            .durably(|c| async move {
+                retry_queue::claim_due(&c, &self.consumer, self.epoch, limit as i64, RETRY_LEASE)
+                    .await
+            })
+            .await?;
+        let n = items.len();
+        let results =
+            futures::future::join_all(items.into_iter().map(|item| self.retry_item(item))).await;
+        for r in results {
+            r?;
+        }
+        Ok(n)
+    }
+
+    async fn retry_item(&self, item: retry_queue::QueuedItem) -> Result<()> {
+        let id = item.id;
+        let found = self
+            .observers
+            .iter()
+            .position(|o| o.name == item.observer)
+            .filter(|i| item.action_index < self.observers[*i].actions.len());
+        let Some(i) = found else {
+            let error = format!(
+                "observer '{}' action {} is no longer configured",
+                item.observer, item.action_index
+            );
+            let error = &error;
+            return self
+                .durably(|c| async move {
+                    retry_queue::dead_letter(
+                        &c,
+                        &self.consumer,
+                        self.epoch,
+                        id,
+                        item.attempts,
+                        Reason::Permanent,
+                        error,
+                    )
+                    .await
+                })
+                .await;
+        };
+        let observer = &self.observers[i];
+        let action = &observer.actions[item.action_index];
+        let attempt = item.attempts + 1;
+        let request = DeliveryRequest {
+            event: &item.event,
+            delivery_id: &item.delivery_id,
+            attempt,
+        };
+        let (decision, error) = match action.execute(&self.http, &request).await {
+            Ok(()) => {
+                self.delivered(observer, action, &item.event);
+                self.durably(|c| async move {
+                    retry_queue::remove(&c, &self.consumer, self.epoch, id).await
+                })
+                .await?;
+                (None, None)
+            }
+            Err(e) => {
+                let decision = policy::after_failure(
+                    &e,
+                    attempt,
+                    &observer.retry,
+                    observer.on_failure,
+                    Stage::Queued,
+                    rand::random(),
+                );
+                (Some(decision), Some(e))
+            }
+        };
+        let message = error.as_ref().map_or("", |e| e.message());
+        let finished = match decision {
+            None => true,
+            Some(Decision::RetryNow(delay) | Decision::Queue(delay)) => {
+                m::action(&observer.name, action.kind(), "retried");
+                self.durably(|c| async move {
+                    retry_queue::reschedule(
+                        &c,
+                        &self.consumer,
+                        self.epoch,
+                        id,
+                        attempt,
+                        delay,
+                        message,
+                    )
+                    .await
+                })
+                .await?;
+                false
+            }
+            Some(Decision::DeadLetter(reason)) => {
+                self.durably(|c| async move {
+                    retry_queue::dead_letter(
+                        &c,
+                        &self.consumer,
+                        self.epoch,
+                        id,
+                        attempt,
+                        reason,
+                        message,
+                    )
+                    .await
+                })
+                .await?;
+                self.given_up(
+                    observer,
+                    action,
+                    &item.event,
+                    attempt,
+                    reason,
+                    message,
+                    false,
+                );
+                true
+            }
+            Some(Decision::Drop(reason)) => {
+                self.durably(|c| async move {
+                    retry_queue::remove(&c, &self.consumer, self.epoch, id).await
+                })
+                .await?;
+                self.given_up(
+                    observer,
+                    action,
+                    &item.event,
+                    attempt,
+                    reason,
+                    message,
+                    true,
+                );
+                true
+            }
+        };
+        if finished && item.ordered {
+            self.parking.release(i, &item.entity_key);
+        }
+        Ok(())
+    }
+}
