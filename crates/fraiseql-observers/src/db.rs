@@ -31,7 +31,8 @@ pub async fn connect(config: &Config, application: &str) -> Result<Client> {
 }
 
 /// One connection shared by concurrent tasks (their statements pipeline on it), opened on first
-/// use and reopened when it is found closed.
+/// use and reopened when it is found closed. A failure to (re)open it is `Error::Reconnect`:
+/// transient.
 pub struct Reconnecting {
     config: Config,
     application: &'static str,
@@ -53,7 +54,12 @@ impl Reconnecting {
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
-        let client = Arc::new(connect(&self.config, self.application).await?);
+        // Once running, any failure to reconnect is worth retrying (a database restarting or
+        // refusing connections for a while answers with all kinds of errors).
+        let client = connect(&self.config, self.application)
+            .await
+            .map_err(|e| Error::Reconnect(e.to_string()))?;
+        let client = Arc::new(client);
         *slot = Some(client.clone());
         Ok(client)
     }

@@ -59,6 +59,10 @@ pub enum Error {
 
     #[error("the listener was stopped")]
     Stopped,
+
+    /// An engine task ended abnormally (a panic): the run stops rather than go on without it.
+    #[error("an engine task failed: {0}")]
+    TaskFailed(String),
 }
 
 impl Error {
@@ -94,6 +98,31 @@ impl ConfigError {
         }
     }
 }
+
+impl From<crate::fields::FieldError> for ConfigError {
+    fn from(e: crate::fields::FieldError) -> ConfigError {
+        ConfigError::new(e.path, e.message)
+    }
+}
+
+/// Every mistake found in a configuration, in file order.
+///
+/// Its `Display` is the one way they are shown, by the library and the CLI alike: a count, then
+/// one `path: message` line per mistake (a line starts with the path, so it can be searched).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} configuration error(s):", self.0.len())?;
+        for e in &self.0 {
+            write!(f, "\n{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
 
 /// Connection-level failures and the server's "try again" SQLSTATEs are transient.
 pub fn is_transient_db(e: &tokio_postgres::Error) -> bool {

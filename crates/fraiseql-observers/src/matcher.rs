@@ -4,8 +4,8 @@
 //! candidates; then each candidate's tenant scope and condition decide. Candidates come out in
 //! configuration order, so the same event always matches in the same order.
 
-use crate::config::Observer;
 use crate::event::{EntityEvent, EventKind};
+use crate::observer::Observer;
 use std::collections::HashMap;
 
 /// Why an observer did or did not fire for an event (for logs, metrics and `explain`).

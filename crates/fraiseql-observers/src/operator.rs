@@ -14,8 +14,7 @@
 //!   ([`dead_letter::claim_for_retry`]): two operators retrying one item send it once.
 //! * A replay sends with the same delivery ids as the daemon, so receivers can deduplicate.
 
-use crate::actions::{ActionError, DeliveryRequest, HttpClient};
-use crate::config::Observer;
+use crate::actions::{ActionError, DeliveryRequest};
 use crate::db;
 use crate::delivery::dead_letter::{self, DlqItem};
 use crate::delivery::delivery_id;
@@ -26,6 +25,7 @@ use crate::leader;
 use crate::listener::checkpoint::{self, Checkpoint, ConsumerCheckpoint};
 use crate::listener::StartPosition;
 use crate::matcher::{EventMatcher, Verdict};
+use crate::observer::Observer;
 use crate::pipeline::RETRY_LEASE;
 use std::collections::HashMap;
 use tokio_postgres::Client;
@@ -106,7 +106,6 @@ pub async fn deliveries_of(client: &Client, event_id: Uuid) -> Result<EventDeliv
 pub struct Operator {
     observers: Vec<Observer>,
     matcher: EventMatcher,
-    http: HttpClient,
     client: Client,
 }
 
@@ -118,7 +117,6 @@ impl Operator {
         Ok(Operator {
             matcher: EventMatcher::new(&observers),
             observers,
-            http: HttpClient::new()?,
             client,
         })
     }
@@ -179,7 +177,7 @@ impl Operator {
                 delivery_id: &delivery_id,
                 attempt: 1,
             };
-            results.push(action.execute(&self.http, &request).await);
+            results.push(action.execute(&request).await);
         }
         Ok(Some(results))
     }
@@ -199,19 +197,17 @@ impl Operator {
             .find(|o| o.name == item.observer)
             .and_then(|o| o.actions.get(item.action_index));
         let result = match action {
-            None => Err(ActionError::Permanent {
-                message: format!(
-                    "observer '{}' action {} is not in this configuration",
-                    item.observer, item.action_index
-                ),
-            }),
+            None => Err(ActionError::permanent(format!(
+                "observer '{}' action {} is not in this configuration",
+                item.observer, item.action_index
+            ))),
             Some(action) => {
                 let request = DeliveryRequest {
                     event: &item.event,
                     delivery_id: &item.delivery_id,
                     attempt: item.attempts + 1,
                 };
-                action.execute(&self.http, &request).await
+                action.execute(&request).await
             }
         };
         dead_letter::finish_retry(&self.client, id, result.as_ref().err().map(|e| e.message()))

@@ -14,7 +14,7 @@ pub mod validate;
 
 use crate::{Cli, Command};
 use anyhow::{anyhow, bail, Context as _};
-use fraiseql_observers::config::{self, Config, ConfigErrors, LogFormat};
+use fraiseql_observers::config::{self, Config, LogFormat};
 use fraiseql_observers::Operator;
 use std::path::Path;
 use std::process::ExitCode;
@@ -89,17 +89,7 @@ pub fn read_file(path: &Path) -> anyhow::Result<String> {
 /// Parse and compile the configuration file. Every error, with its path, is in the message.
 pub fn load_config(path: &Path) -> anyhow::Result<Config> {
     let text = read_file(path)?;
-    config::load(&text, &env_lookup).map_err(|ConfigErrors(errors)| {
-        let mut message = format!(
-            "{} configuration error(s) in {}:",
-            errors.len(),
-            path.display()
-        );
-        for e in errors {
-            message.push_str(&format!("\n  {e}"));
-        }
-        anyhow!(message)
-    })
+    config::load(&text, &env_lookup).map_err(|errors| anyhow!("{}: {errors}", path.display()))
 }
 
 /// The database URL: `--database-url`, else `DATABASE_URL`, else the configuration's

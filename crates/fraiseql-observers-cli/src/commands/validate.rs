@@ -2,7 +2,7 @@
 //! observers as compiled, or every error with its path, one per line (exit code 1).
 
 use crate::Cli;
-use fraiseql_observers::config::{self, Config, ConfigErrors, OnFailure, RuntimeConfig};
+use fraiseql_observers::config::{self, Config, OnFailure, RuntimeConfig};
 use fraiseql_observers::delivery::schedule::{BackoffStrategy, RetryPolicy};
 use fraiseql_observers::Observer;
 use std::process::ExitCode;
@@ -20,15 +20,8 @@ pub fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Err(ConfigErrors(errors)) => {
-            eprintln!(
-                "{}: {} configuration error(s):",
-                path.display(),
-                errors.len()
-            );
-            for e in &errors {
-                eprintln!("{}: {}", e.path, e.message);
-            }
+        Err(errors) => {
+            eprintln!("{}: {errors}", path.display());
             Ok(ExitCode::FAILURE)
         }
     }

@@ -61,14 +61,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ErrorKind, RedisError, RetryMethod};
+use redis::{RedisError, RetryMethod};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::OnceCell;
 
-use super::{parse_fields, resolve_url, ActionError, CompileContext, DeliveryRequest, UrlSetting};
+use super::{resolve_url, template, ActionError, CompileContext, DeliveryRequest, UrlSetting};
 use crate::error::ConfigError;
 use crate::event::{EntityEvent, EventKind};
+use crate::fields::parse_fields;
 use crate::template::{escape_glob, EventContext, Template, TemplateMode};
 
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
@@ -125,7 +126,7 @@ impl RedisSettings {
         path: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<RedisSettings, Vec<ConfigError>> {
-        let config: RedisSettingsConfig = parse_fields(table, path)?;
+        let config: RedisSettingsConfig = parse_fields::<_, ConfigError>(table, path)?;
         RedisSettings::compile(&config, path, env)
     }
 
@@ -221,9 +222,11 @@ impl RedisSettings {
                 ConnectionManager::new_with_config(s.client.clone(), config),
             )
             .await
-            .map_err(|_| ActionError::Transient {
-                message: format!("cannot connect within {} ms", s.connect_timeout.as_millis()),
-                retry_after: None,
+            .map_err(|_| {
+                ActionError::transient(format!(
+                    "cannot connect within {} ms",
+                    s.connect_timeout.as_millis()
+                ))
             })?
             .map_err(|e| classify_redis(&e, "cannot connect"))
         };
@@ -501,18 +504,6 @@ pub fn compile(
     }
 }
 
-fn template(
-    source: &str,
-    mode: TemplateMode,
-    key: &str,
-    path: &str,
-    errors: &mut Vec<ConfigError>,
-) -> Option<Template> {
-    Template::compile(source, mode)
-        .map_err(|e| errors.push(ConfigError::new(format!("{path}.{key}"), e.to_string())))
-        .ok()
-}
-
 /// `keys`, compiled: each template with whether it is a pattern.
 fn key_templates(
     config: &CacheConfig,
@@ -613,11 +604,9 @@ impl Cache {
                 if event.kind == EventKind::Deleted {
                     return unlink(&mut conn, &keys).await;
                 }
-                let value = value
-                    .render_context(ctx)
-                    .map_err(|e| ActionError::Permanent {
-                        message: format!("value_template cannot render this event: {e}"),
-                    })?;
+                let value = value.render_context(ctx).map_err(|e| {
+                    ActionError::permanent(format!("value_template cannot render this event: {e}"))
+                })?;
                 let mut pipe = redis::pipe();
                 pipe.atomic();
                 for key in &keys {
@@ -635,8 +624,10 @@ impl Cache {
             Operation::Publish { channel, message } => {
                 let channel = render_nonempty(channel, ctx, "channel")?;
                 let message = match message {
-                    Some(t) => t.render_context(ctx).map_err(|e| ActionError::Permanent {
-                        message: format!("message_template cannot render this event: {e}"),
+                    Some(t) => t.render_context(ctx).map_err(|e| {
+                        ActionError::permanent(format!(
+                            "message_template cannot render this event: {e}"
+                        ))
                     })?,
                     None => default_message(event).to_string(),
                 };
@@ -693,13 +684,13 @@ async fn unlink<K: redis::ToRedisArgs + Send + Sync>(
 }
 
 fn render_nonempty(t: &Template, ctx: &EventContext, key: &str) -> Result<String, ActionError> {
-    let rendered = t.render_context(ctx).map_err(|e| ActionError::Permanent {
-        message: format!("{key} cannot render this event: {e}"),
-    })?;
+    let rendered = t
+        .render_context(ctx)
+        .map_err(|e| ActionError::permanent(format!("{key} cannot render this event: {e}")))?;
     if rendered.is_empty() {
-        return Err(ActionError::Permanent {
-            message: format!("{key} rendered empty for this event"),
-        });
+        return Err(ActionError::permanent(format!(
+            "{key} rendered empty for this event"
+        )));
     }
     Ok(rendered)
 }
@@ -719,17 +710,12 @@ pub fn default_message(event: &EntityEvent) -> serde_json::Value {
 fn classify_redis(e: &RedisError, what: &str) -> ActionError {
     let permanent = matches!(
         e.kind(),
-        ErrorKind::AuthenticationFailed | ErrorKind::InvalidClientConfig
+        redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::InvalidClientConfig
     ) || matches!(e.retry_method(), RetryMethod::NoRetry);
     if permanent {
-        ActionError::Permanent {
-            message: format!("{what}: {e}"),
-        }
+        ActionError::permanent(format!("{what}: {e}"))
     } else {
-        ActionError::Transient {
-            message: format!("{what}: {e}"),
-            retry_after: None,
-        }
+        ActionError::transient(format!("{what}: {e}"))
     }
 }
 
@@ -753,8 +739,8 @@ mod tests {
     fn compile_toml(source: &str) -> Result<Cache, Vec<ConfigError>> {
         let settings = settings();
         let table: toml::Table = toml::from_str(&format!("type = \"cache\"\n{source}")).unwrap();
-        let config = match crate::actions::ActionConfig::parse(&table, "p")? {
-            crate::actions::ActionConfig::Cache(c) => c,
+        let config = match crate::actions::ActionConfig::parse(&table, "p")?.settings {
+            crate::actions::Settings::Cache(c) => c,
             other => panic!("{other:?}"),
         };
         let ctx = CompileContext {
@@ -794,8 +780,11 @@ mod tests {
         );
 
         let table = crate::actions::tests::doc_example(source);
-        let config = match crate::actions::ActionConfig::parse(&table, "p").unwrap() {
-            crate::actions::ActionConfig::Cache(c) => c,
+        let config = match crate::actions::ActionConfig::parse(&table, "p")
+            .unwrap()
+            .settings
+        {
+            crate::actions::Settings::Cache(c) => c,
             other => panic!("{other:?}"),
         };
         let ctx = CompileContext {

@@ -63,9 +63,10 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::Deserialize;
 
 use super::{
-    parse_fields, secret_from_env, timeout_setting, ActionError, CompileContext, DeliveryRequest,
+    secret_from_env, template, timeout_setting, ActionError, CompileContext, DeliveryRequest,
 };
 use crate::error::ConfigError;
+use crate::fields::parse_fields;
 use crate::template::{EventContext, Template, TemplateMode};
 
 /// Default and largest `pool_size`.
@@ -149,7 +150,7 @@ impl EmailSettings {
         path: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<EmailSettings, Vec<ConfigError>> {
-        let config: EmailSettingsConfig = parse_fields(table, path)?;
+        let config: EmailSettingsConfig = parse_fields::<_, ConfigError>(table, path)?;
         EmailSettings::compile(&config, path, env)
     }
 
@@ -323,9 +324,7 @@ impl EmailSettings {
                 Ok(builder.build())
             })
             .as_ref()
-            .map_err(|e| ActionError::Permanent {
-                message: format!("cannot set up TLS for {}: {e}", s.host),
-            })
+            .map_err(|e| ActionError::permanent(format!("cannot set up TLS for {}: {e}", s.host)))
     }
 
     /// `smtp host:port`, for messages.
@@ -528,18 +527,6 @@ pub fn compile(
     }
 }
 
-fn template(
-    source: &str,
-    mode: TemplateMode,
-    key: &str,
-    path: &str,
-    errors: &mut Vec<ConfigError>,
-) -> Option<Template> {
-    Template::compile(source, mode)
-        .map_err(|e| errors.push(ConfigError::new(format!("{path}.{key}"), e.to_string())))
-        .ok()
-}
-
 /// Fixed addresses (`to`, `cc`, `bcc`, `reply_to`), checked at compile.
 fn fixed_addresses(
     list: Option<&AddressList>,
@@ -675,21 +662,22 @@ impl Email {
     fn message(&self, request: &DeliveryRequest<'_>) -> Result<Message, ActionError> {
         let ctx = EventContext::new(request.event);
         let render = |key: &str, t: &Template| {
-            t.render_context(&ctx).map_err(|e| ActionError::Permanent {
-                message: format!("{key} cannot render this event: {e}"),
-            })
+            t.render_context(&ctx)
+                .map_err(|e| ActionError::permanent(format!("{key} cannot render this event: {e}")))
         };
         let to = match &self.to {
             Recipients::Fixed(list) => list.clone(),
             Recipients::Template(t) => {
                 let rendered = render("to_template", t)?;
-                let list = parse_address_list(&rendered).map_err(|e| ActionError::Permanent {
-                    message: format!("to_template rendered a recipient list that {e}"),
+                let list = parse_address_list(&rendered).map_err(|e| {
+                    ActionError::permanent(format!(
+                        "to_template rendered a recipient list that {e}"
+                    ))
                 })?;
                 if list.is_empty() {
-                    return Err(ActionError::Permanent {
-                        message: "to_template rendered no recipient for this event".into(),
-                    });
+                    return Err(ActionError::permanent(
+                        "to_template rendered no recipient for this event",
+                    ));
                 }
                 list
             }
@@ -734,9 +722,7 @@ impl Email {
                     .body(text),
             ),
         };
-        built.map_err(|e| ActionError::Permanent {
-            message: format!("cannot build the message: {e}"),
-        })
+        built.map_err(|e| ActionError::permanent(format!("cannot build the message: {e}")))
     }
 }
 
@@ -744,28 +730,15 @@ impl Email {
 /// the client's own refusals are permanent.
 fn classify_smtp(e: &lettre::transport::smtp::Error, timeout: Duration) -> ActionError {
     if e.is_permanent() {
-        ActionError::Permanent {
-            message: format!("the server refused: {e}"),
-        }
+        ActionError::permanent(format!("the server refused: {e}"))
     } else if e.is_transient() {
-        ActionError::Transient {
-            message: format!("the server answered: {e}"),
-            retry_after: None,
-        }
+        ActionError::transient(format!("the server answered: {e}"))
     } else if e.is_timeout() {
-        ActionError::Transient {
-            message: format!("no answer within {} ms: {e}", timeout.as_millis()),
-            retry_after: None,
-        }
+        ActionError::transient(format!("no answer within {} ms: {e}", timeout.as_millis()))
     } else if e.is_client() {
-        ActionError::Permanent {
-            message: format!("cannot send: {e}"),
-        }
+        ActionError::permanent(format!("cannot send: {e}"))
     } else {
-        ActionError::Transient {
-            message: format!("the exchange failed: {e}"),
-            retry_after: None,
-        }
+        ActionError::transient(format!("the exchange failed: {e}"))
     }
 }
 
@@ -817,8 +790,11 @@ mod tests {
         );
 
         let table = crate::actions::tests::doc_example(source);
-        let config = match crate::actions::ActionConfig::parse(&table, "p").unwrap() {
-            crate::actions::ActionConfig::Email(c) => c,
+        let config = match crate::actions::ActionConfig::parse(&table, "p")
+            .unwrap()
+            .settings
+        {
+            crate::actions::Settings::Email(c) => c,
             other => panic!("{other:?}"),
         };
         let ctx = CompileContext {

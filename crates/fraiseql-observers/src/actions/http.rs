@@ -19,7 +19,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -44,19 +44,21 @@ const BODY_READ_MAX: usize = 64 * 1024;
 /// The most a [`SendOptions::body_limit`] can keep.
 const BODY_LIMIT_MAX: usize = 16 * 1024 * 1024;
 
-/// The HTTP client every action shares: built once, keeps connections alive per host.
+/// The HTTP client every action shares: keeps connections alive per host. Cloning is cheap and
+/// keeps sharing the connections.
 ///
 /// It holds two pools: one whose resolver refuses private addresses (the default for every
 /// target) and one for targets that set `allow_private_networks = true`; and the same two again
-/// speaking HTTP/2 only, for receivers that require it ([`SendOptions::http2_only`]). Cloning is
-/// cheap.
-#[derive(Clone)]
+/// speaking HTTP/2 only, for receivers that require it ([`SendOptions::http2_only`]). Each pool
+/// is built on first use, so creating the client (at configuration load) costs nothing.
+#[derive(Clone, Default)]
 pub struct HttpClient {
-    guarded: reqwest::Client,
-    open: reqwest::Client,
-    guarded_h2: reqwest::Client,
-    open_h2: reqwest::Client,
+    pools: Arc<Pools>,
 }
+
+/// Indexed by `[allow_private_networks][http2_only]`.
+#[derive(Default)]
+struct Pools([[OnceLock<Result<reqwest::Client, String>>; 2]; 2]);
 
 /// How one exchange departs from the defaults.
 #[derive(Debug, Clone, Copy, Default)]
@@ -76,32 +78,32 @@ impl fmt::Debug for HttpClient {
 }
 
 impl HttpClient {
-    pub fn new() -> Result<HttpClient, crate::Error> {
-        let build = |guarded: bool, http2_only: bool| {
-            let mut builder = reqwest::Client::builder()
-                .use_rustls_tls()
-                .user_agent(USER_AGENT)
-                .no_proxy()
-                .redirect(reqwest::redirect::Policy::none())
-                .connect_timeout(Duration::from_secs(10))
-                .pool_idle_timeout(Duration::from_secs(90))
-                .tcp_nodelay(true);
-            if guarded {
-                builder = builder.dns_resolver(Arc::new(GuardedResolver));
-            }
-            if http2_only {
-                builder = builder.http2_prior_knowledge();
-            }
-            builder
-                .build()
-                .map_err(|e| crate::Error::Invalid(format!("cannot build the HTTP client: {e}")))
-        };
-        Ok(HttpClient {
-            guarded: build(true, false)?,
-            open: build(false, false)?,
-            guarded_h2: build(true, true)?,
-            open_h2: build(false, true)?,
-        })
+    pub fn new() -> HttpClient {
+        HttpClient::default()
+    }
+
+    /// The pool for these options, built on first use.
+    fn pool(&self, open: bool, http2_only: bool) -> Result<&reqwest::Client, ActionError> {
+        self.pools.0[usize::from(open)][usize::from(http2_only)]
+            .get_or_init(|| {
+                let mut builder = reqwest::Client::builder()
+                    .use_rustls_tls()
+                    .user_agent(USER_AGENT)
+                    .no_proxy()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .connect_timeout(Duration::from_secs(10))
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .tcp_nodelay(true);
+                if !open {
+                    builder = builder.dns_resolver(Arc::new(GuardedResolver));
+                }
+                if http2_only {
+                    builder = builder.http2_prior_knowledge();
+                }
+                builder.build().map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| ActionError::permanent(format!("cannot build the HTTP client: {e}")))
     }
 
     /// Send one request. `Ok` for any answer, whatever its status (see [`classify`]); `Err` when
@@ -120,12 +122,7 @@ impl HttpClient {
         if !target.allow_private_networks {
             check_literal_host(target)?;
         }
-        let client = match (target.allow_private_networks, options.http2_only) {
-            (true, false) => &self.open,
-            (false, false) => &self.guarded,
-            (true, true) => &self.open_h2,
-            (false, true) => &self.guarded_h2,
-        };
+        let client = self.pool(target.allow_private_networks, options.http2_only)?;
         let kept = options
             .body_limit
             .map_or(BODY_KEPT, |limit| limit.min(BODY_LIMIT_MAX));
@@ -296,22 +293,19 @@ pub fn classify(status: StatusCode, headers: &HeaderMap) -> Result<(), ActionErr
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, Utc::now()));
-        return Err(ActionError::Transient {
-            message: answered,
-            retry_after,
-        });
+        return Err(ActionError::transient_after(answered, retry_after));
     }
     if code == 410 {
-        return Err(ActionError::Gone {
-            message: format!("{answered}: the endpoint no longer exists"),
-        });
+        return Err(ActionError::gone(format!(
+            "{answered}: the endpoint no longer exists"
+        )));
     }
     if status.is_redirection() {
-        return Err(ActionError::Permanent {
-            message: format!("{answered}: redirects are not followed; configure the final URL"),
-        });
+        return Err(ActionError::permanent(format!(
+            "{answered}: redirects are not followed; configure the final URL"
+        )));
     }
-    Err(ActionError::Permanent { message: answered })
+    Err(ActionError::permanent(answered))
 }
 
 /// A `Retry-After` value (delay in seconds, or an HTTP date) as a wait, clamped to
@@ -438,14 +432,14 @@ fn check_literal_host(target: &Target) -> Result<(), ActionError> {
         return Ok(());
     };
     match forbidden_reason(ip) {
-        Some(reason) => Err(ActionError::Permanent {
-            message: RefusedTarget {
+        Some(reason) => Err(ActionError::permanent(
+            RefusedTarget {
                 host: target.host(),
                 ip,
                 reason,
             }
             .to_string(),
-        }),
+        )),
         None => Ok(()),
     }
 }
@@ -456,33 +450,23 @@ fn describe_send_error(e: &reqwest::Error, timeout: Duration) -> ActionError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         if let Some(refused) = err.downcast_ref::<RefusedTarget>() {
-            return ActionError::Permanent {
-                message: refused.to_string(),
-            };
+            return ActionError::permanent(refused.to_string());
         }
         source = err.source();
     }
     if e.is_timeout() {
-        return ActionError::Transient {
-            message: format!("no answer within {} ms", timeout.as_millis()),
-            retry_after: None,
-        };
+        return ActionError::transient(format!("no answer within {} ms", timeout.as_millis()));
     }
     let chain = error_chain(e);
     if e.is_builder() {
-        return ActionError::Permanent {
-            message: format!("cannot build the request: {chain}"),
-        };
+        return ActionError::permanent(format!("cannot build the request: {chain}"));
     }
     let what = if e.is_connect() {
         "cannot connect"
     } else {
         "the exchange failed"
     };
-    ActionError::Transient {
-        message: format!("{what}: {chain}"),
-        retry_after: None,
-    }
+    ActionError::transient(format!("{what}: {chain}"))
 }
 
 /// The messages of an error and its sources, without reqwest's copy of the URL.
@@ -510,6 +494,7 @@ fn error_chain(e: &reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::actions::FailureKind;
     use reqwest::header::HeaderValue;
 
     fn kind(status: u16, retry_after: Option<&str>) -> Result<(), ActionError> {
@@ -528,27 +513,18 @@ mod tests {
         for transient in [408, 429, 500, 502, 503, 504, 599] {
             let err = kind(transient, None).unwrap_err();
             assert!(
-                matches!(
-                    err,
-                    ActionError::Transient {
-                        retry_after: None,
-                        ..
-                    }
-                ),
+                err.kind == FailureKind::Transient && err.retry_after.is_none(),
                 "{transient}: {err:?}"
             );
             assert!(err.is_retryable());
         }
         for permanent in [301, 302, 304, 400, 401, 403, 404, 405, 409, 413, 422] {
             let err = kind(permanent, None).unwrap_err();
-            assert!(
-                matches!(err, ActionError::Permanent { .. }),
-                "{permanent}: {err:?}"
-            );
+            assert!(err.kind == FailureKind::Permanent, "{permanent}: {err:?}");
             assert!(!err.is_retryable());
         }
         let gone = kind(410, None).unwrap_err();
-        assert!(matches!(gone, ActionError::Gone { .. }), "{gone:?}");
+        assert!(gone.kind == FailureKind::Gone, "{gone:?}");
         assert!(!gone.is_retryable());
         assert!(kind(503, None).unwrap_err().to_string().contains("503"));
     }

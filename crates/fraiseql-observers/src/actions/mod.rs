@@ -1,30 +1,40 @@
-//! Actions: what an observer does with a matching event. One file per action, one shape.
+//! Actions: what an observer does with a matching event. One file (or folder) per action, one
+//! shape.
 //!
-//! Every action file (`webhook.rs`, `slack.rs`, and the ones to come) has the same three parts,
-//! in the order data flows (parse -> compile -> run):
+//! Every action (`webhook.rs`, `slack.rs`, `email.rs`, `sms.rs`, `push/`, `search/`, `cache.rs`)
+//! has the same three parts, in the order data flows (parse -> compile -> run):
 //!
 //! 1. `FooConfig`: the action as written in TOML (`#[serde(deny_unknown_fields)]`). **Every field
 //!    is optional or has a default**: which fields are required, and which combinations are
 //!    allowed, is decided by `compile`, so that every mistake is reported with its path instead
 //!    of serde stopping at the first one.
-//! 2. `pub fn compile(config: &FooConfig, path: &str, env: &dyn Fn(&str) -> Option<String>)
-//!    -> Result<Foo, Vec<ConfigError>>` (or `ctx: &CompileContext` for actions that need server
-//!    settings from `[observers.runtime.*]`): pure (no I/O); reports every error with its path
-//!    (`observers.order_paid.actions[0].url`); resolves `*_env` secrets through `env` (the
-//!    library never reads the environment itself); compiles templates.
-//! 3. `Foo::execute(&self, http, &DeliveryRequest) -> Result<(), ActionError>`: sends for real
-//!    and classifies the outcome. It never reports success without having delivered.
+//! 2. `pub fn compile(config: &FooConfig, path: &str, ctx: &CompileContext) -> Result<Foo,
+//!    Vec<ConfigError>>`: pure. Everything from outside the action's own table comes through the
+//!    [`CompileContext`]: `*_env` secrets through `ctx.env` and `*_file` contents through
+//!    `ctx.read_file` (the library reads neither the environment nor a file itself; the caller
+//!    supplies both lookups), the shared clients (`ctx.http`, `ctx.email`, `ctx.redis`). It
+//!    reports every error with its path (`observers.order_paid.actions[0].url`) and compiles
+//!    templates. The compiled action keeps the client it sends through.
+//! 3. `Foo::execute(&self, &DeliveryRequest) -> Result<(), ActionError>`: sends for real and
+//!    classifies the outcome as an [`ActionError`] of one [`FailureKind`]. It never reports
+//!    success without having delivered.
+//!
+//! The kinds are listed once, in [`KINDS`]: one row per action (its `type` name, how its table is
+//! read, what it can do). [`AVAILABLE`] and [`Action::kind`] come from it. What differs between
+//! kinds is asked of the action, never of its name: [`Action::coalesces`] (delivering only the
+//! latest change of an entity loses nothing) and [`Action::execute_batch`] (several events in one
+//! request).
+//!
+//! Adding an action = one file, one row in [`KINDS`], one variant in `Settings` and `Run` (with
+//! its `compile` and `execute` arm), its tests against a local receiver. A type not in [`KINDS`]
+//! is refused at configuration load with a clear message: no stub ever reports success.
 //!
 //! Server settings shared by several actions (`[observers.runtime.email]`,
 //! `[observers.runtime.redis]`) are parsed by their action module (`EmailSettings::parse`,
-//! `RedisSettings::parse`) and handed to compilation in a [`CompileContext`]. They own the one
-//! client (SMTP pool, Redis connection manager) that every action compiled with them shares; it
-//! connects lazily on first use, so compiling stays free of I/O. An action whose settings are
-//! absent fails at compile.
-//!
-//! Adding an action = one file, one [`ActionConfig`] variant, one [`Action`] variant, its entry
-//! in [`AVAILABLE`], its tests against a local receiver. A type not in [`AVAILABLE`] is refused
-//! at configuration load with a clear message: no stub ever reports success.
+//! `RedisSettings::parse`) and handed to compilation in the [`CompileContext`]. They own the one
+//! client (SMTP pool, Redis connection manager) that every action compiled with them shares; like
+//! the [`HttpClient`], it connects lazily on first use, so compiling stays free of I/O. An action
+//! whose settings are absent fails at compile.
 //!
 //! Delivery identity: [`crate::delivery::delivery_id`] derives one id per (event, observer,
 //! action) that is the same on every retry, crash replay and restart; receivers use it to
@@ -39,14 +49,15 @@ pub mod slack;
 pub mod sms;
 pub mod webhook;
 
+use std::fmt;
 use std::time::Duration;
 
-use serde::Deserialize;
 use thiserror::Error;
 
-use crate::config::parse_fields;
 use crate::error::ConfigError;
 use crate::event::EntityEvent;
+use crate::fields::parse_fields;
+use crate::template::{Template, TemplateMode};
 
 pub use cache::{Cache, CacheConfig, RedisSettings};
 pub use email::{Email, EmailConfig, EmailSettings};
@@ -57,35 +68,112 @@ pub use slack::{Slack, SlackConfig};
 pub use sms::{Sms, SmsConfig};
 pub use webhook::{Webhook, WebhookConfig};
 
-/// The action types this version can run.
-pub const AVAILABLE: &[&str] = &[
-    "webhook", "slack", "email", "sms", "push", "search", "cache",
+/// One action type: its `type` name, how its table is read, and what it can do.
+pub struct Kind {
+    /// The `type` key.
+    pub name: &'static str,
+    /// Whether its deliveries may be coalesced: it keeps the latest state of an entity (an index,
+    /// a cache), so delivering only the last change of a window loses nothing.
+    pub coalesces: bool,
+    parse: fn(&toml::Table, &str) -> Result<Settings, Vec<ConfigError>>,
+}
+
+impl fmt::Debug for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+/// Every action type this version can run, in the order messages list them.
+pub const KINDS: &[Kind] = &[
+    Kind {
+        name: "webhook",
+        coalesces: false,
+        parse: |t, p| parse_fields(t, p).map(Settings::Webhook),
+    },
+    Kind {
+        name: "slack",
+        coalesces: false,
+        parse: |t, p| parse_fields(t, p).map(Settings::Slack),
+    },
+    Kind {
+        name: "email",
+        coalesces: false,
+        parse: |t, p| parse_fields(t, p).map(Settings::Email),
+    },
+    Kind {
+        name: "sms",
+        coalesces: false,
+        parse: |t, p| parse_fields(t, p).map(Settings::Sms),
+    },
+    Kind {
+        name: "push",
+        coalesces: false,
+        parse: |t, p| parse_fields(t, p).map(|c| Settings::Push(Box::new(c))),
+    },
+    Kind {
+        name: "search",
+        coalesces: true,
+        parse: |t, p| parse_fields(t, p).map(Settings::Search),
+    },
+    Kind {
+        name: "cache",
+        coalesces: true,
+        parse: |t, p| parse_fields(t, p).map(Settings::Cache),
+    },
 ];
 
-/// What compiling an action may use besides its own table: the environment (for `*_env`
-/// secrets) and the server settings of `[observers.runtime.*]`, `None` when a section is absent.
-#[derive(Clone, Copy)]
+/// The `type` names of [`KINDS`].
+pub const AVAILABLE: &[&str] = &{
+    let mut names = [""; KINDS.len()];
+    let mut i = 0;
+    while i < KINDS.len() {
+        names[i] = KINDS[i].name;
+        i += 1;
+    }
+    names
+};
+
+/// What compiling an action may use besides its own table. Everything from outside the table
+/// comes through here, so compiling is pure.
+#[derive(Clone)]
 pub struct CompileContext<'a> {
+    /// Environment lookup, for `*_env` secrets.
     pub env: &'a dyn Fn(&str) -> Option<String>,
-    /// `[observers.runtime.email]`.
+    /// The content of a file, for `*_file` keys (push credentials).
+    pub read_file: &'a dyn Fn(&str) -> std::io::Result<String>,
+    /// The HTTP client every HTTP action sends through (connects lazily).
+    pub http: HttpClient,
+    /// `[observers.runtime.email]`, `None` when absent.
     pub email: Option<&'a EmailSettings>,
-    /// `[observers.runtime.redis]`.
+    /// `[observers.runtime.redis]`, `None` when absent.
     pub redis: Option<&'a RedisSettings>,
 }
 
 impl<'a> CompileContext<'a> {
-    /// A context with the environment only (no `[observers.runtime.*]` settings).
+    /// A context with the environment only: a new HTTP client, no `[observers.runtime.*]`
+    /// settings, and no file reading (a `*_file` key is an error naming the file).
     pub fn new(env: &'a dyn Fn(&str) -> Option<String>) -> CompileContext<'a> {
         CompileContext {
             env,
+            read_file: &no_files,
+            http: HttpClient::new(),
             email: None,
             redis: None,
         }
     }
 }
 
-impl std::fmt::Debug for CompileContext<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+/// The file reader of [`CompileContext::new`]: reads nothing.
+fn no_files(_: &str) -> std::io::Result<String> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "this configuration is compiled without file access",
+    ))
+}
+
+impl fmt::Debug for CompileContext<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CompileContext")
             .field("email", &self.email)
             .field("redis", &self.redis)
@@ -94,63 +182,100 @@ impl std::fmt::Debug for CompileContext<'_> {
 }
 
 /// How an attempt failed. The delivery engine retries `Transient` and dead-letters the others.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum ActionError {
-    /// May succeed later (timeout, connection refused, 408/429/5xx). `retry_after` is the
-    /// receiver's own request (`Retry-After`), already clamped to [1 s, 10 min].
-    #[error("{message}")]
-    Transient {
-        message: String,
-        retry_after: Option<Duration>,
-    },
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// May succeed later (timeout, connection refused, 408/429/5xx).
+    Transient,
     /// Will fail the same way every time (4xx, a refused target, a template that cannot render
     /// this event).
-    #[error("{message}")]
-    Permanent { message: String },
+    Permanent,
     /// The endpoint no longer exists (410; Slack's `no_service`): stop sending to it.
-    #[error("{message}")]
-    Gone { message: String },
+    Gone,
+}
+
+/// A failed attempt: its kind, a message (never a secret), and for a transient failure the wait
+/// the receiver asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{message}")]
+pub struct ActionError {
+    pub kind: FailureKind,
+    pub message: String,
+    /// The receiver's own request (`Retry-After`), already clamped to [1 s, 10 min]; only ever
+    /// set on a transient failure.
+    pub retry_after: Option<Duration>,
 }
 
 impl ActionError {
+    pub fn transient(message: impl Into<String>) -> ActionError {
+        ActionError {
+            kind: FailureKind::Transient,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// A transient failure with the wait the receiver asked for, if it asked.
+    pub fn transient_after(
+        message: impl Into<String>,
+        retry_after: Option<Duration>,
+    ) -> ActionError {
+        ActionError {
+            retry_after,
+            ..ActionError::transient(message)
+        }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> ActionError {
+        ActionError {
+            kind: FailureKind::Permanent,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn gone(message: impl Into<String>) -> ActionError {
+        ActionError {
+            kind: FailureKind::Gone,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ActionError::Transient { .. })
+        self.kind == FailureKind::Transient
     }
 
     /// The wait the receiver asked for, if it asked.
     pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            ActionError::Transient { retry_after, .. } => *retry_after,
-            _ => None,
-        }
+        self.retry_after
     }
 
     pub fn message(&self) -> &str {
-        match self {
-            ActionError::Transient { message, .. }
-            | ActionError::Permanent { message }
-            | ActionError::Gone { message } => message,
+        &self.message
+    }
+
+    /// The same kind (and wait) with another message.
+    pub fn with_message(self, message: impl Into<String>) -> ActionError {
+        ActionError {
+            message: message.into(),
+            ..self
         }
     }
 
     /// The same error, its message prefixed with `context` ("webhook https://x/hook: ...").
     pub fn context(self, context: &str) -> ActionError {
-        let prefix = |m: String| format!("{context}: {m}");
-        match self {
-            ActionError::Transient {
-                message,
-                retry_after,
-            } => ActionError::Transient {
-                message: prefix(message),
-                retry_after,
-            },
-            ActionError::Permanent { message } => ActionError::Permanent {
-                message: prefix(message),
-            },
-            ActionError::Gone { message } => ActionError::Gone {
-                message: prefix(message),
-            },
+        let message = format!("{context}: {}", self.message);
+        self.with_message(message)
+    }
+
+    /// The same error with `detail` appended in parentheses ("... 404 Not Found (no_service)");
+    /// unchanged when `detail` is empty.
+    pub fn detail(self, detail: &str) -> ActionError {
+        if detail.is_empty() {
+            return self;
         }
+        let message = format!("{} ({detail})", self.message);
+        self.with_message(message)
     }
 }
 
@@ -164,16 +289,23 @@ pub struct DeliveryRequest<'a> {
     pub attempt: u32,
 }
 
-/// An action as written in the configuration, chosen by its `type` key.
+/// An action as written in the configuration: its kind and its table, read.
 #[derive(Debug, Clone)]
-pub enum ActionConfig {
+pub struct ActionConfig {
+    kind: &'static Kind,
+    settings: Settings,
+}
+
+/// The table of each kind, read into its `FooConfig`.
+#[derive(Debug, Clone)]
+pub(crate) enum Settings {
     Webhook(WebhookConfig),
     Slack(SlackConfig),
     Email(EmailConfig),
     Sms(SmsConfig),
-    Cache(CacheConfig),
     Push(Box<PushConfig>),
     Search(SearchConfig),
+    Cache(CacheConfig),
 }
 
 impl ActionConfig {
@@ -181,14 +313,14 @@ impl ActionConfig {
     /// of the wrong type, and an unknown or not-yet-available `type`, each with its path.
     pub fn parse(table: &toml::Table, path: &str) -> Result<ActionConfig, Vec<ConfigError>> {
         let type_path = format!("{path}.type");
-        let kind = match table.get("type") {
+        let name = match table.get("type") {
             None => {
                 return Err(vec![ConfigError::new(
                     type_path,
                     format!("missing; one of: {}", AVAILABLE.join(", ")),
                 )])
             }
-            Some(toml::Value::String(kind)) => kind.as_str(),
+            Some(toml::Value::String(name)) => name.as_str(),
             Some(other) => {
                 return Err(vec![ConfigError::new(
                     type_path,
@@ -196,37 +328,24 @@ impl ActionConfig {
                 )])
             }
         };
-        let mut rest = table.clone();
-        rest.remove("type");
-        match kind {
-            "webhook" => parse_fields(&rest, path).map(ActionConfig::Webhook),
-            "slack" => parse_fields(&rest, path).map(ActionConfig::Slack),
-            "email" => parse_fields(&rest, path).map(ActionConfig::Email),
-            "sms" => parse_fields(&rest, path).map(ActionConfig::Sms),
-            "cache" => parse_fields(&rest, path).map(ActionConfig::Cache),
-            "push" => parse_fields(&rest, path).map(|c| ActionConfig::Push(Box::new(c))),
-            "search" => parse_fields(&rest, path).map(ActionConfig::Search),
-            _ => Err(vec![ConfigError::new(
+        let Some(kind) = KINDS.iter().find(|k| k.name == name) else {
+            return Err(vec![ConfigError::new(
                 type_path,
                 format!(
-                    "unknown action type '{kind}'; known types: {}",
+                    "unknown action type '{name}'; known types: {}",
                     AVAILABLE.join(", ")
                 ),
-            )]),
-        }
+            )]);
+        };
+        let mut rest = table.clone();
+        rest.remove("type");
+        let settings = (kind.parse)(&rest, path)?;
+        Ok(ActionConfig { kind, settings })
     }
 
-    /// The `type` key of this action.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ActionConfig::Webhook(_) => "webhook",
-            ActionConfig::Slack(_) => "slack",
-            ActionConfig::Email(_) => "email",
-            ActionConfig::Sms(_) => "sms",
-            ActionConfig::Cache(_) => "cache",
-            ActionConfig::Push(_) => "push",
-            ActionConfig::Search(_) => "search",
-        }
+    /// The `type` of this action.
+    pub fn kind(&self) -> &'static Kind {
+        self.kind
     }
 
     /// Compile into a runtime action (see the module docs). Pure.
@@ -235,89 +354,73 @@ impl ActionConfig {
         path: &str,
         ctx: &CompileContext<'_>,
     ) -> Result<Action, Vec<ConfigError>> {
-        match self {
-            ActionConfig::Webhook(c) => webhook::compile(c, path, ctx.env).map(Action::Webhook),
-            ActionConfig::Slack(c) => slack::compile(c, path, ctx.env).map(Action::Slack),
-            ActionConfig::Email(c) => email::compile(c, path, ctx).map(Action::Email),
-            ActionConfig::Sms(c) => sms::compile(c, path, ctx.env).map(Action::Sms),
-            ActionConfig::Cache(c) => cache::compile(c, path, ctx).map(Action::Cache),
-            ActionConfig::Push(c) => {
-                push::compile(c, path, ctx.env).map(|a| Action::Push(Box::new(a)))
-            }
-            ActionConfig::Search(c) => search::compile(c, path, ctx.env).map(Action::Search),
-        }
-    }
-}
-
-/// Lets a configuration module deserialize `actions = [...]` directly. Errors are joined into one
-/// message; use [`ActionConfig::parse`] to get each error with its full path.
-impl<'de> Deserialize<'de> for ActionConfig {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let table = toml::Table::deserialize(deserializer)?;
-        ActionConfig::parse(&table, "action").map_err(|errors| {
-            serde::de::Error::custom(
-                errors
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            )
+        let run = match &self.settings {
+            Settings::Webhook(c) => webhook::compile(c, path, ctx).map(Run::Webhook),
+            Settings::Slack(c) => slack::compile(c, path, ctx).map(Run::Slack),
+            Settings::Email(c) => email::compile(c, path, ctx).map(Run::Email),
+            Settings::Sms(c) => sms::compile(c, path, ctx).map(Run::Sms),
+            Settings::Push(c) => push::compile(c, path, ctx).map(|a| Run::Push(Box::new(a))),
+            Settings::Search(c) => search::compile(c, path, ctx).map(Run::Search),
+            Settings::Cache(c) => cache::compile(c, path, ctx).map(Run::Cache),
+        }?;
+        Ok(Action {
+            kind: self.kind,
+            run,
         })
     }
 }
 
-/// A compiled action, ready to run.
+/// A compiled action, ready to run. It holds its clients, so running it needs only the request.
 #[derive(Debug)]
-pub enum Action {
+pub struct Action {
+    kind: &'static Kind,
+    run: Run,
+}
+
+#[derive(Debug)]
+enum Run {
     Webhook(Webhook),
     Slack(Slack),
     Email(Email),
     Sms(Sms),
-    Cache(Cache),
     Push(Box<Push>),
     Search(Search),
+    Cache(Cache),
 }
 
 impl Action {
     /// The `type` of the action (`"webhook"`, `"email"`, ...): a label for metrics and logs.
     pub fn kind(&self) -> &'static str {
-        match self {
-            Action::Webhook(_) => "webhook",
-            Action::Slack(_) => "slack",
-            Action::Email(_) => "email",
-            Action::Sms(_) => "sms",
-            Action::Cache(_) => "cache",
-            Action::Push(_) => "push",
-            Action::Search(_) => "search",
-        }
+        self.kind.name
+    }
+
+    /// Whether the deliveries of this action may be coalesced (see [`Kind::coalesces`]).
+    pub fn coalesces(&self) -> bool {
+        self.kind.coalesces
     }
 
     /// Deliver once. `Ok` only when the receiver accepted the delivery.
-    pub async fn execute(
-        &self,
-        http: &HttpClient,
-        request: &DeliveryRequest<'_>,
-    ) -> Result<(), ActionError> {
-        match self {
-            Action::Webhook(a) => a.execute(http, request).await,
-            Action::Slack(a) => a.execute(http, request).await,
-            Action::Email(a) => a.execute(request).await,
-            Action::Sms(a) => a.execute(http, request).await,
-            Action::Cache(a) => a.execute(request).await,
-            Action::Push(a) => a.execute(http, request).await,
-            Action::Search(a) => a.execute(http, request).await,
+    pub async fn execute(&self, request: &DeliveryRequest<'_>) -> Result<(), ActionError> {
+        match &self.run {
+            Run::Webhook(a) => a.execute(request).await,
+            Run::Slack(a) => a.execute(request).await,
+            Run::Email(a) => a.execute(request).await,
+            Run::Sms(a) => a.execute(request).await,
+            Run::Push(a) => a.execute(request).await,
+            Run::Search(a) => a.execute(request).await,
+            Run::Cache(a) => a.execute(request).await,
         }
     }
 
-    /// Deliver several events in one request, for actions that can (search: one `_bulk`): one
-    /// result per request, in order. `None` when this action delivers one event at a time.
+    /// Deliver several events (of distinct entities, or in order) in as few requests as the
+    /// action allows: one result per request, in the same order. `None` when the action does
+    /// not batch: deliver each with [`Action::execute`] instead.
     pub async fn execute_batch(
         &self,
-        http: &HttpClient,
         requests: &[DeliveryRequest<'_>],
     ) -> Option<Vec<Result<(), ActionError>>> {
-        match self {
-            Action::Search(a) => Some(a.execute_batch(http, requests).await),
+        match &self.run {
+            Run::Search(a) => Some(a.execute_batch(requests).await),
             _ => None,
         }
     }
@@ -412,17 +515,26 @@ fn timeout_setting(value: Option<u64>, path: &str, errors: &mut Vec<ConfigError>
     }
 }
 
+/// Compile a template for `key`; a mistake is reported at `path.key`.
+fn template(
+    source: &str,
+    mode: TemplateMode,
+    key: &str,
+    path: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Template> {
+    Template::compile(source, mode)
+        .map_err(|e| errors.push(ConfigError::new(format!("{path}.{key}"), e.to_string())))
+        .ok()
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::field_names;
+    use crate::fields::field_names;
 
     fn table(s: &str) -> toml::Table {
         toml::from_str(s).unwrap()
-    }
-
-    fn no_env(_: &str) -> Option<String> {
-        None
     }
 
     /// The TOML example at the top of an action file's docs, as the configuration table of its
@@ -451,8 +563,9 @@ pub(crate) mod tests {
         send_sync::<HttpClient>();
         fn send<T: Send>(_: T) {}
         #[allow(dead_code)]
-        fn execute_future_is_send(a: &Action, h: &HttpClient, r: &DeliveryRequest<'_>) {
-            send(a.execute(h, r));
+        fn execute_future_is_send(a: &Action, r: &[DeliveryRequest<'_>]) {
+            send(a.execute(&r[0]));
+            send(a.execute_batch(r));
         }
     }
 
@@ -503,29 +616,45 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn deserialize_goes_through_parse() {
-        #[derive(Deserialize)]
-        struct File {
-            actions: Vec<ActionConfig>,
-        }
-        let file: File = toml::from_str(
-            r#"[[actions]]
-               type = "slack"
-               webhook_url_env = "X""#,
+    fn kinds_are_listed_once() {
+        assert_eq!(
+            AVAILABLE,
+            ["webhook", "slack", "email", "sms", "push", "search", "cache"]
+        );
+        let coalescing: Vec<_> = KINDS
+            .iter()
+            .filter(|k| k.coalesces)
+            .map(|k| k.name)
+            .collect();
+        assert_eq!(coalescing, ["search", "cache"]);
+        let slack = ActionConfig::parse(
+            &table(
+                r#"type = "slack"
+                   webhook_url_env = "X""#,
+            ),
+            "a",
         )
         .unwrap();
-        assert_eq!(file.actions[0].kind(), "slack");
-        let err = toml::from_str::<File>(
-            r#"[[actions]]
-               type = "fax""#,
-        )
-        .err()
-        .unwrap()
-        .to_string();
-        assert!(err.contains("unknown action type 'fax'"), "{err}");
-        let compiled = file.actions[0]
-            .compile("a", &CompileContext::new(&no_env))
+        assert_eq!(slack.kind().name, "slack");
+        let errors = slack
+            .compile("a", &CompileContext::new(&|_| None))
             .unwrap_err();
-        assert_eq!(compiled[0].path, "a.webhook_url_env");
+        assert_eq!(errors[0].path, "a.webhook_url_env");
+    }
+
+    #[test]
+    fn same_kind_new_message() {
+        let e = ActionError::transient_after("busy", Some(Duration::from_secs(3)));
+        let e = e.context("webhook x").detail("queue full").detail("");
+        assert_eq!(e.message(), "webhook x: busy (queue full)");
+        assert_eq!(e.kind, FailureKind::Transient);
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
+        assert!(e.is_retryable());
+        let gone = ActionError::gone("410").with_message("removed");
+        assert_eq!(
+            (gone.kind, gone.to_string().as_str()),
+            (FailureKind::Gone, "removed")
+        );
+        assert!(!ActionError::permanent("no").is_retryable());
     }
 }

@@ -34,7 +34,9 @@ use serde::Deserialize;
 use serde_json::{json, Map};
 
 use super::http::{classify, HttpClient, HttpRequest, HttpResponse, Target};
-use super::{resolve_url, timeout_setting, ActionError, DeliveryRequest, UrlSetting};
+use super::{
+    resolve_url, timeout_setting, ActionError, CompileContext, DeliveryRequest, UrlSetting,
+};
 use crate::error::ConfigError;
 use crate::template::{Template, TemplateMode};
 
@@ -60,6 +62,7 @@ pub struct SlackConfig {
 
 /// A compiled Slack action.
 pub struct Slack {
+    http: HttpClient,
     target: Target,
     message: Template,
     /// The fixed part of the payload (`channel`, `username`, `icon_emoji`).
@@ -81,7 +84,7 @@ impl fmt::Debug for Slack {
 pub fn compile(
     config: &SlackConfig,
     path: &str,
-    env: &dyn Fn(&str) -> Option<String>,
+    ctx: &CompileContext<'_>,
 ) -> Result<Slack, Vec<ConfigError>> {
     let mut errors = Vec::new();
 
@@ -104,7 +107,7 @@ pub fn compile(
             },
             true,
             path,
-            env,
+            ctx.env,
             &mut errors,
         ),
     }
@@ -154,6 +157,7 @@ pub fn compile(
 
     match (errors.is_empty(), target, message) {
         (true, Some(target), Some(message)) => Ok(Slack {
+            http: ctx.http.clone(),
             target,
             message,
             fixed,
@@ -165,26 +169,21 @@ pub fn compile(
 
 impl Slack {
     /// Post the message once. `Ok` only on a 2xx answer.
-    pub async fn execute(
-        &self,
-        http: &HttpClient,
-        request: &DeliveryRequest<'_>,
-    ) -> Result<(), ActionError> {
+    pub async fn execute(&self, request: &DeliveryRequest<'_>) -> Result<(), ActionError> {
         let context = format!("slack {}", self.target.shown());
-        let text = self
-            .message
-            .render(request.event)
-            .map_err(|e| ActionError::Permanent {
-                message: format!("{context}: the message template cannot render this event: {e}"),
-            })?;
+        let text = self.message.render(request.event).map_err(|e| {
+            ActionError::permanent(format!(
+                "{context}: the message template cannot render this event: {e}"
+            ))
+        })?;
         let mut payload = self.fixed.clone();
         payload.insert("text".into(), json!(text));
-        let body = serde_json::to_vec(&payload).map_err(|e| ActionError::Permanent {
-            message: format!("{context}: {e}"),
-        })?;
+        let body = serde_json::to_vec(&payload)
+            .map_err(|e| ActionError::permanent(format!("{context}: {e}")))?;
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        let response = http
+        let response = self
+            .http
             .send(HttpRequest {
                 method: Method::POST,
                 target: &self.target,
@@ -212,28 +211,13 @@ impl Slack {
 /// body (a short error code such as `channel_not_found`) is worth keeping in the message.
 fn outcome(response: &HttpResponse) -> Result<(), ActionError> {
     let code = response.body_snippet(100);
-    let with_code = |e: ActionError| {
-        if code.is_empty() {
-            e
-        } else {
-            let msg = format!("{} ({code})", e.message());
-            match e {
-                ActionError::Transient { retry_after, .. } => ActionError::Transient {
-                    message: msg,
-                    retry_after,
-                },
-                ActionError::Permanent { .. } => ActionError::Permanent { message: msg },
-                ActionError::Gone { .. } => ActionError::Gone { message: msg },
-            }
-        }
-    };
+    let with_code = |e: ActionError| e.detail(&code);
     // `no_service` (or `no_team`, or no body at all): the webhook itself was removed. Other 404
     // codes (`channel_not_found`, `user_not_found`) are about this message's channel: permanent.
     if response.status == StatusCode::NOT_FOUND && GONE_CODES.contains(&code.as_str()) {
-        return Err(with_code(ActionError::Gone {
-            message: "the receiver answered 404 Not Found: the incoming webhook no longer exists"
-                .into(),
-        }));
+        return Err(with_code(ActionError::gone(
+            "the receiver answered 404 Not Found: the incoming webhook no longer exists",
+        )));
     }
     classify(response.status, &response.headers).map_err(with_code)
 }
@@ -245,14 +229,17 @@ mod tests {
     #[test]
     fn doc_example_compiles() {
         let table = crate::actions::tests::doc_example(include_str!("slack.rs"));
-        let config = match crate::actions::ActionConfig::parse(&table, "p").unwrap() {
-            crate::actions::ActionConfig::Slack(c) => c,
+        let config = match crate::actions::ActionConfig::parse(&table, "p")
+            .unwrap()
+            .settings
+        {
+            crate::actions::Settings::Slack(c) => c,
             other => panic!("{other:?}"),
         };
         let env = |k: &str| {
             (k == "SLACK_ORDERS_URL").then(|| "https://hooks.slack.com/services/T/B/X".to_string())
         };
-        let slack = compile(&config, "p", &env).unwrap();
+        let slack = compile(&config, "p", &CompileContext::new(&env)).unwrap();
         assert_eq!(slack.fixed["channel"], "#orders");
         assert_eq!(slack.fixed["username"], "orders-bot");
         assert_eq!(slack.target.shown(), "https://hooks.slack.com");
@@ -260,7 +247,9 @@ mod tests {
 
     #[test]
     fn missing_url_is_reported_under_the_env_key() {
-        let errors = compile(&SlackConfig::default(), "p", &|_| None).unwrap_err();
+        let no_env = |_: &str| None;
+        let ctx = CompileContext::new(&no_env);
+        let errors = compile(&SlackConfig::default(), "p", &ctx).unwrap_err();
         assert_eq!(errors[0].path, "p.webhook_url_env");
         let errors = compile(
             &SlackConfig {
@@ -270,7 +259,7 @@ mod tests {
                 ..Default::default()
             },
             "p",
-            &|_| None,
+            &ctx,
         )
         .unwrap_err();
         let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();

@@ -31,8 +31,8 @@
 //! * Messages show the provider and the base URL's host, never the account SID, the token, the
 //!   recipient or the text. Retrying after a lost answer may send the SMS twice (Twilio's
 //!   Messages API takes no idempotency key).
-//! * A second provider is one more [`Provider`] variant: its settings, its request, its error
-//!   mapping.
+//! * Twilio is the only provider (`provider` accepts `"twilio"` and nothing else): a second one
+//!   would make [`Twilio`] one of a choice, with its settings, its request and its error mapping.
 
 use std::fmt;
 use std::time::Duration;
@@ -44,7 +44,7 @@ use reqwest::Method;
 use serde::Deserialize;
 
 use super::http::{classify, HttpClient, HttpRequest, HttpResponse, Target};
-use super::{secret_from_env, timeout_setting, ActionError, DeliveryRequest};
+use super::{secret_from_env, timeout_setting, ActionError, CompileContext, DeliveryRequest};
 use crate::error::ConfigError;
 use crate::template::{EventContext, Template, TemplateMode};
 
@@ -70,27 +70,6 @@ pub struct SmsConfig {
     pub timeout_ms: Option<u64>,
     #[serde(default)]
     pub allow_private_networks: bool,
-}
-
-/// Who sends the message.
-#[derive(Debug)]
-pub enum Provider {
-    Twilio(Twilio),
-}
-
-impl Provider {
-    /// The provider's name and host, for messages.
-    fn shown(&self) -> String {
-        match self {
-            Provider::Twilio(t) => format!("twilio {}", t.target.shown()),
-        }
-    }
-
-    fn name(&self) -> &'static str {
-        match self {
-            Provider::Twilio(_) => "twilio",
-        }
-    }
 }
 
 /// Twilio's Messages API.
@@ -123,7 +102,8 @@ enum Recipient {
 
 /// A compiled SMS action.
 pub struct Sms {
-    provider: Provider,
+    http: HttpClient,
+    twilio: Twilio,
     to: Recipient,
     message: Template,
     timeout: Duration,
@@ -132,7 +112,7 @@ pub struct Sms {
 impl fmt::Debug for Sms {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sms")
-            .field("provider", &self.provider)
+            .field("twilio", &self.twilio)
             .field("to_template", &matches!(self.to, Recipient::Template(_)))
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
@@ -143,14 +123,12 @@ impl fmt::Debug for Sms {
 pub fn compile(
     config: &SmsConfig,
     path: &str,
-    env: &dyn Fn(&str) -> Option<String>,
+    ctx: &CompileContext<'_>,
 ) -> Result<Sms, Vec<ConfigError>> {
     let mut errors = Vec::new();
 
-    let provider = match config.provider.as_deref() {
-        None | Some("twilio") => {
-            compile_twilio(config, path, env, &mut errors).map(Provider::Twilio)
-        }
+    let twilio = match config.provider.as_deref() {
+        None | Some("twilio") => compile_twilio(config, path, ctx.env, &mut errors),
         Some(other) => {
             errors.push(ConfigError::new(
                 format!("{path}.provider"),
@@ -216,9 +194,10 @@ pub fn compile(
 
     let timeout = timeout_setting(config.timeout_ms, path, &mut errors);
 
-    match (errors.is_empty(), provider, to, message) {
-        (true, Some(provider), Some(to), Some(message)) => Ok(Sms {
-            provider,
+    match (errors.is_empty(), twilio, to, message) {
+        (true, Some(twilio), Some(to), Some(message)) => Ok(Sms {
+            http: ctx.http.clone(),
+            twilio,
             to,
             message,
             timeout,
@@ -358,42 +337,42 @@ fn check_recipient(raw: &str) -> Result<String, String> {
 
 impl Sms {
     /// Send the message once. `Ok` only when the provider accepted it.
-    pub async fn execute(
-        &self,
-        http: &HttpClient,
-        request: &DeliveryRequest<'_>,
-    ) -> Result<(), ActionError> {
-        let context = format!("sms {}", self.provider.shown());
+    pub async fn execute(&self, request: &DeliveryRequest<'_>) -> Result<(), ActionError> {
+        let context = format!("sms twilio {}", self.twilio.target.shown());
         let ctx = EventContext::new(request.event);
         let to = match &self.to {
             Recipient::Fixed(to) => to.clone(),
             Recipient::Template(t) => {
-                let rendered = t.render_context(&ctx).map_err(|e| ActionError::Permanent {
-                    message: format!("{context}: to_template cannot render this event: {e}"),
+                let rendered = t.render_context(&ctx).map_err(|e| {
+                    ActionError::permanent(format!(
+                        "{context}: to_template cannot render this event: {e}"
+                    ))
                 })?;
-                check_recipient(&rendered).map_err(|e| ActionError::Permanent {
-                    message: format!("{context}: the recipient rendered by to_template {e}"),
+                check_recipient(&rendered).map_err(|e| {
+                    ActionError::permanent(format!(
+                        "{context}: the recipient rendered by to_template {e}"
+                    ))
                 })?
             }
         };
-        let body = self
-            .message
-            .render_context(&ctx)
-            .map_err(|e| ActionError::Permanent {
-                message: format!("{context}: message_template cannot render this event: {e}"),
-            })?;
+        let body = self.message.render_context(&ctx).map_err(|e| {
+            ActionError::permanent(format!(
+                "{context}: message_template cannot render this event: {e}"
+            ))
+        })?;
         if body.trim().is_empty() {
-            return Err(ActionError::Permanent {
-                message: format!("{context}: message_template rendered an empty message"),
-            });
+            return Err(ActionError::permanent(format!(
+                "{context}: message_template rendered an empty message"
+            )));
         }
-        let outcome = match &self.provider {
-            Provider::Twilio(twilio) => twilio.send(http, &to, &body, self.timeout).await,
-        }
-        .map_err(|e| e.context(&context));
+        let outcome = self
+            .twilio
+            .send(&self.http, &to, &body, self.timeout)
+            .await
+            .map_err(|e| e.context(&context));
         tracing::debug!(
             action = "sms",
-            provider = self.provider.name(),
+            provider = "twilio",
             delivery_id = request.delivery_id,
             attempt = request.attempt,
             ok = outcome.is_ok(),
@@ -471,37 +450,29 @@ fn twilio_outcome(response: &HttpResponse) -> Result<(), ActionError> {
     let answered = format!("the provider answered {}{detail}", response.status.as_u16());
     match code {
         // Too many requests: slow down and retry.
-        Some(20429) => Err(ActionError::Transient {
-            message: answered,
-            retry_after: classify(response.status, &response.headers)
+        Some(20429) => Err(ActionError::transient_after(
+            answered,
+            classify(response.status, &response.headers)
                 .err()
                 .and_then(|e| e.retry_after()),
-        }),
-        Some(21211) | Some(21614) => Err(ActionError::Permanent {
-            message: format!("{answered}: the 'To' number is not valid or cannot receive SMS"),
-        }),
-        Some(21610) => Err(ActionError::Permanent {
-            message: format!("{answered}: the recipient unsubscribed (replied STOP)"),
-        }),
-        Some(20003) => Err(ActionError::Permanent {
-            message: format!(
-                "{answered}: authentication failed; check the Account SID and Auth Token"
-            ),
-        }),
-        _ => classify(response.status, &response.headers).map_err(|e| match e {
-            ActionError::Transient { retry_after, .. } => ActionError::Transient {
-                message: answered,
-                retry_after,
-            },
-            ActionError::Permanent { .. } => ActionError::Permanent { message: answered },
-            ActionError::Gone { .. } => ActionError::Gone { message: answered },
-        }),
+        )),
+        Some(21211) | Some(21614) => Err(ActionError::permanent(format!(
+            "{answered}: the 'To' number is not valid or cannot receive SMS"
+        ))),
+        Some(21610) => Err(ActionError::permanent(format!(
+            "{answered}: the recipient unsubscribed (replied STOP)"
+        ))),
+        Some(20003) => Err(ActionError::permanent(format!(
+            "{answered}: authentication failed; check the Account SID and Auth Token"
+        ))),
+        _ => classify(response.status, &response.headers).map_err(|e| e.with_message(answered)),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::actions::FailureKind;
     use reqwest::StatusCode;
 
     fn env(k: &str) -> Option<String> {
@@ -529,12 +500,15 @@ mod tests {
     #[test]
     fn doc_example_compiles() {
         let table = crate::actions::tests::doc_example(include_str!("sms.rs"));
-        let config = match crate::actions::ActionConfig::parse(&table, "p").unwrap() {
-            crate::actions::ActionConfig::Sms(c) => c,
+        let config = match crate::actions::ActionConfig::parse(&table, "p")
+            .unwrap()
+            .settings
+        {
+            crate::actions::Settings::Sms(c) => c,
             other => panic!("{other:?}"),
         };
-        let sms = compile(&config, "p", &env).unwrap();
-        let Provider::Twilio(t) = &sms.provider;
+        let sms = compile(&config, "p", &CompileContext::new(&env)).unwrap();
+        let t = &sms.twilio;
         assert_eq!(
             t.target.url().as_str(),
             "https://api.twilio.com/2010-04-01/Accounts/AC0123456789abcdef0123456789abcdef/Messages.json"
@@ -552,10 +526,7 @@ mod tests {
         assert_eq!(answer(201, r#"{"sid": "SM1"}"#), Ok(()));
         for (code, status) in [(21211, 400), (21614, 400), (21610, 400), (20003, 401)] {
             let err = answer(status, &twilio(code, status)).unwrap_err();
-            assert!(
-                matches!(err, ActionError::Permanent { .. }),
-                "{code}: {err:?}"
-            );
+            assert!(err.kind == FailureKind::Permanent, "{code}: {err:?}");
             assert!(err.message().contains(&code.to_string()), "{err}");
         }
         let err = answer(429, &twilio(20429, 429)).unwrap_err();
@@ -565,11 +536,8 @@ mod tests {
         assert!(answer(503, "upstream down").unwrap_err().is_retryable());
         assert!(answer(500, &twilio(20500, 500)).unwrap_err().is_retryable());
         let other = answer(400, &twilio(21602, 400)).unwrap_err();
-        assert!(matches!(other, ActionError::Permanent { .. }), "{other:?}");
-        assert!(matches!(
-            answer(410, "").unwrap_err(),
-            ActionError::Gone { .. }
-        ));
+        assert!(other.kind == FailureKind::Permanent, "{other:?}");
+        assert_eq!(answer(410, "").unwrap_err().kind, FailureKind::Gone);
     }
 
     #[test]
@@ -582,7 +550,8 @@ mod tests {
             base_url: Some("ftp://x".into()),
             ..Default::default()
         };
-        let errors = compile(&config, "p", &env).unwrap_err();
+        let ctx = CompileContext::new(&env);
+        let errors = compile(&config, "p", &ctx).unwrap_err();
         let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(
             paths,
@@ -604,7 +573,7 @@ mod tests {
                 ..Default::default()
             },
             "p",
-            &env,
+            &ctx,
         )
         .unwrap_err();
         assert_eq!(errors[0].path, "p.provider");

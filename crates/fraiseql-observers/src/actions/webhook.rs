@@ -46,7 +46,8 @@ use sha2::Sha256;
 
 use super::http::{classify, HttpClient, HttpRequest, Target};
 use super::{
-    resolve_url, secret_from_env, timeout_setting, ActionError, DeliveryRequest, UrlSetting,
+    resolve_url, secret_from_env, timeout_setting, ActionError, CompileContext, DeliveryRequest,
+    UrlSetting,
 };
 use crate::error::ConfigError;
 use crate::event::{EntityEvent, EventKind};
@@ -83,6 +84,7 @@ pub struct WebhookConfig {
 
 /// A compiled webhook action.
 pub struct Webhook {
+    http: HttpClient,
     target: Target,
     method: Method,
     headers: HeaderMap,
@@ -108,8 +110,9 @@ impl fmt::Debug for Webhook {
 pub fn compile(
     config: &WebhookConfig,
     path: &str,
-    env: &dyn Fn(&str) -> Option<String>,
+    ctx: &CompileContext<'_>,
 ) -> Result<Webhook, Vec<ConfigError>> {
+    let env = ctx.env;
     let mut errors = Vec::new();
 
     let target = resolve_url(
@@ -203,6 +206,7 @@ pub fn compile(
 
     match (errors.is_empty(), target) {
         (true, Some(target)) => Ok(Webhook {
+            http: ctx.http.clone(),
             target,
             method,
             headers,
@@ -245,20 +249,17 @@ fn parse_signing_keys(
 
 impl Webhook {
     /// Send the event once. `Ok` only on a 2xx answer.
-    pub async fn execute(
-        &self,
-        http: &HttpClient,
-        request: &DeliveryRequest<'_>,
-    ) -> Result<(), ActionError> {
+    pub async fn execute(&self, request: &DeliveryRequest<'_>) -> Result<(), ActionError> {
         let context = format!("webhook {}", self.target.shown());
         let body = self.body(request.event).map_err(|e| e.context(&context))?;
         let timestamp = chrono::Utc::now().timestamp();
         let mut headers = self.headers.clone();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        let id =
-            HeaderValue::from_str(request.delivery_id).map_err(|_| ActionError::Permanent {
-                message: format!("{context}: the delivery id is not a valid header value"),
-            })?;
+        let id = HeaderValue::from_str(request.delivery_id).map_err(|_| {
+            ActionError::permanent(format!(
+                "{context}: the delivery id is not a valid header value"
+            ))
+        })?;
         headers.insert("webhook-id", id.clone());
         headers.insert("idempotency-key", id);
         headers.insert("webhook-timestamp", HeaderValue::from(timestamp));
@@ -269,7 +270,8 @@ impl Webhook {
                 HeaderValue::from_str(&signature).expect("base64 is a valid header value"),
             );
         }
-        let response = http
+        let response = self
+            .http
             .send(HttpRequest {
                 method: self.method.clone(),
                 target: &self.target,
@@ -295,8 +297,8 @@ impl Webhook {
     /// The body for this event: the template's output, or the default body.
     fn body(&self, event: &EntityEvent) -> Result<String, ActionError> {
         match &self.body {
-            Some(template) => template.render(event).map_err(|e| ActionError::Permanent {
-                message: format!("the body template cannot render this event: {e}"),
+            Some(template) => template.render(event).map_err(|e| {
+                ActionError::permanent(format!("the body template cannot render this event: {e}"))
             }),
             None => Ok(default_body_json(event)),
         }
@@ -428,16 +430,15 @@ mod tests {
     #[test]
     fn doc_example_compiles_and_renders_json() {
         let table = crate::actions::tests::doc_example(include_str!("webhook.rs"));
-        let config = match crate::actions::ActionConfig::parse(&table, "p").unwrap() {
-            crate::actions::ActionConfig::Webhook(c) => c,
+        let config = match crate::actions::ActionConfig::parse(&table, "p")
+            .unwrap()
+            .settings
+        {
+            crate::actions::Settings::Webhook(c) => c,
             other => panic!("{other:?}"),
         };
-        let hook = compile(
-            &config,
-            "p",
-            &env_of(&[("ORDERS_HOOK_SECRET", "whsec_AAEC")]),
-        )
-        .unwrap();
+        let env = env_of(&[("ORDERS_HOOK_SECRET", "whsec_AAEC")]);
+        let hook = compile(&config, "p", &CompileContext::new(&env)).unwrap();
         assert_eq!(hook.method, Method::POST);
         assert_eq!(hook.headers["x-team"], "billing");
         assert_eq!(hook.timeout, Duration::from_secs(10));
@@ -567,7 +568,8 @@ mod tests {
             signing_secret_env: Some("SECRET".into()),
             ..Default::default()
         };
-        let errors = compile(&config, "p", &env_of(&[("SECRET", "whsec_***")])).unwrap_err();
+        let env = env_of(&[("SECRET", "whsec_***")]);
+        let errors = compile(&config, "p", &CompileContext::new(&env)).unwrap_err();
         let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(
             paths,
@@ -592,7 +594,8 @@ mod tests {
             signing_secret_env: Some("S".into()),
             ..Default::default()
         };
-        let hook = compile(&config, "p", &env_of(&[("S", "plain-secret whsec_AAEC")])).unwrap();
+        let env = env_of(&[("S", "plain-secret whsec_AAEC")]);
+        let hook = compile(&config, "p", &CompileContext::new(&env)).unwrap();
         assert_eq!(
             hook.signing_keys,
             vec![b"plain-secret".to_vec(), vec![0, 1, 2]]

@@ -2,7 +2,7 @@
 //! between retrying in place, queueing durably, dead-lettering and dropping, used alike by fresh
 //! deliveries (in a lane) and by queued retries (the retry worker).
 
-use crate::actions::ActionError;
+use crate::actions::{ActionError, FailureKind};
 use crate::delivery::schedule::RetryPolicy;
 use serde::Deserialize;
 use std::time::Duration;
@@ -46,10 +46,10 @@ impl Reason {
 
     /// Why an attempt that failed with `error` ends the delivery when no retry follows.
     pub fn of(error: &ActionError) -> Reason {
-        match error {
-            ActionError::Transient { .. } => Reason::Exhausted,
-            ActionError::Permanent { .. } => Reason::Permanent,
-            ActionError::Gone { .. } => Reason::Gone,
+        match error.kind {
+            FailureKind::Transient => Reason::Exhausted,
+            FailureKind::Permanent => Reason::Permanent,
+            FailureKind::Gone => Reason::Gone,
         }
     }
 }
@@ -111,16 +111,11 @@ mod tests {
     use crate::delivery::schedule::BackoffStrategy;
 
     fn transient(retry_after: Option<Duration>) -> ActionError {
-        ActionError::Transient {
-            message: "503".into(),
-            retry_after,
-        }
+        ActionError::transient_after("503", retry_after)
     }
 
     fn permanent() -> ActionError {
-        ActionError::Permanent {
-            message: "400".into(),
-        }
+        ActionError::permanent("400")
     }
 
     fn policy(initial_ms: u64, max_attempts: u32) -> RetryPolicy {
@@ -235,9 +230,7 @@ mod tests {
             after_failure(&permanent(), 1, &p, OnFailure::Dlq, Stage::Lane, 0.0),
             Decision::DeadLetter(Reason::Permanent)
         );
-        let gone = ActionError::Gone {
-            message: "410".into(),
-        };
+        let gone = ActionError::gone("410");
         assert_eq!(
             after_failure(&gone, 1, &p, OnFailure::Log, Stage::Queued, 0.0),
             Decision::Drop(Reason::Gone)

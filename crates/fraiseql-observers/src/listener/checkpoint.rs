@@ -185,7 +185,10 @@ impl Checkpointer {
     async fn write(&mut self, done: &Checkpoint) -> Result<()> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             let application = format!("fraiseql-observers-checkpoint:{}", self.consumer);
-            self.client = Some(db::connect(&self.db_config, &application).await?);
+            let client = db::connect(&self.db_config, &application)
+                .await
+                .map_err(|e| Error::Reconnect(e.to_string()))?;
+            self.client = Some(client);
         }
         let client = self.client.as_ref().expect("connected");
         let result = save(client, &self.consumer, self.epoch, done).await;

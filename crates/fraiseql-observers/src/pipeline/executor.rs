@@ -9,7 +9,7 @@
 //!   deliveries are parked behind them (durably) instead of running.
 //! * Every durable write is fenced by the consumer's epoch; `Error::Fenced` stops everything.
 
-use crate::actions::{Action, ActionError, DeliveryRequest, HttpClient};
+use crate::actions::{Action, ActionError, DeliveryRequest};
 use crate::config::Observer;
 use crate::db;
 use crate::delivery::parking::Parking;
@@ -39,7 +39,6 @@ pub type Held = (usize, Duration);
 pub struct ObserverExecutor {
     pub(super) observers: Vec<Observer>,
     matcher: EventMatcher,
-    pub(super) http: HttpClient,
     /// Delivery bookkeeping (retry queue, dead letters).
     store: db::Reconnecting,
     pub(super) consumer: String,
@@ -77,7 +76,6 @@ impl ObserverExecutor {
         Ok(ObserverExecutor {
             matcher: EventMatcher::new(&observers),
             observers,
-            http: HttpClient::new()?,
             store,
             consumer: consumer.to_string(),
             epoch,
@@ -106,10 +104,22 @@ impl ObserverExecutor {
     /// Match one event and run the actions of every observer that fires, in configuration
     /// order. Returns once every delivery is done or handed over durably, with the observers
     /// that coalesce (`coalesce_ms`): those are not run here; the caller delivers them with
-    /// [`deliver`](Self::deliver) when their window ends (the lanes do). `Err` only when a
-    /// failure could not be recorded (fenced, or a database error that is not transient).
+    /// [`deliver`](Self::deliver) when their window ends. `Err` only when a failure could not be
+    /// recorded (fenced, or a database error that is not transient). The lanes do the same in
+    /// two steps: [`route`](Self::route) in the lane, each observer's
+    /// [`deliver_observer`](Self::deliver_observer) on its (observer, entity) chain.
     pub async fn process_event(&self, event: &EntityEvent) -> Result<Vec<Held>> {
-        let mut held = Vec::new();
+        let routed = self.route(event).await?;
+        for i in routed.fired {
+            self.deliver_observer(i, event).await?;
+        }
+        Ok(routed.held)
+    }
+
+    /// Which observers fire for `event`: those to deliver now, and those that coalesce. An
+    /// observer whose condition cannot be evaluated is recorded as a failed delivery here.
+    pub async fn route(&self, event: &EntityEvent) -> Result<Routed> {
+        let mut routed = Routed::default();
         for (i, verdict) in self.matcher.evaluate(&self.observers, event) {
             let observer = &self.observers[i];
             match verdict {
@@ -117,12 +127,9 @@ impl ObserverExecutor {
                     metrics::counter!(m::EVENTS_MATCHED, "observer" => observer.name.clone())
                         .increment(1);
                     self.status.events_matched.fetch_add(1, Ordering::Relaxed);
-                    if let Some(window) = observer.coalesce {
-                        held.push((i, window));
-                        continue;
-                    }
-                    for a in 0..observer.actions.len() {
-                        self.deliver(i, a, event).await?;
+                    match observer.coalesce {
+                        Some(window) => routed.held.push((i, window)),
+                        None => routed.fired.push(i),
                     }
                 }
                 Verdict::ConditionError(message) => {
@@ -140,7 +147,15 @@ impl ObserverExecutor {
                 _ => {}
             }
         }
-        Ok(held)
+        Ok(routed)
+    }
+
+    /// Deliver `event` through every action of observer `i`, in order.
+    pub async fn deliver_observer(&self, i: usize, event: &EntityEvent) -> Result<()> {
+        for a in 0..self.observers[i].actions.len() {
+            self.deliver(i, a, event).await?;
+        }
+        Ok(())
     }
 
     /// Deliver one event through action `a` of observer `i`: in-line attempts while the next
@@ -162,7 +177,7 @@ impl ObserverExecutor {
                 delivery_id: &item.delivery_id,
                 attempt,
             };
-            let Err(e) = action.execute(&self.http, &request).await else {
+            let Err(e) = action.execute(&request).await else {
                 self.delivered(observer, action, event);
                 return Ok(());
             };
@@ -342,7 +357,7 @@ impl ObserverExecutor {
                 delivery_id: &delivery_id,
                 attempt: 1,
             };
-            results.push(action.execute(&self.http, &request).await);
+            results.push(action.execute(&request).await);
         }
         Ok(Some(results))
     }
@@ -363,19 +378,17 @@ impl ObserverExecutor {
             .find(|o| o.name == item.observer)
             .and_then(|o| o.actions.get(item.action_index));
         let result = match action {
-            None => Err(ActionError::Permanent {
-                message: format!(
-                    "observer '{}' action {} is not in this configuration",
-                    item.observer, item.action_index
-                ),
-            }),
+            None => Err(ActionError::permanent(format!(
+                "observer '{}' action {} is not in this configuration",
+                item.observer, item.action_index
+            ))),
             Some(action) => {
                 let request = DeliveryRequest {
                     event: &item.event,
                     delivery_id: &item.delivery_id,
                     attempt: item.attempts + 1,
                 };
-                action.execute(&self.http, &request).await
+                action.execute(&request).await
             }
         };
         dead_letter::finish_retry(&client, id, result.as_ref().err().map(|e| e.message())).await?;
@@ -432,6 +445,15 @@ impl ObserverExecutor {
             }
         }
     }
+}
+
+/// The observers that fire for one event.
+#[derive(Debug, Default)]
+pub struct Routed {
+    /// Observers to deliver now (configuration order).
+    pub fired: Vec<usize>,
+    /// Observers that coalesce, with their window.
+    pub held: Vec<Held>,
 }
 
 /// A delivery not yet in the retry queue: observer `i`, action `a`, with its entity key and id.

@@ -1,34 +1,42 @@
-//! Lanes: the dispatcher hands each event to the lane of its entity; a lane runs its events one
-//! after another through [`ObserverExecutor::process_event`], and holds the coalescing
-//! observers' changes until their window ends.
+//! Lanes: the dispatcher hands each event to the lane of its entity; a lane routes its events
+//! one after another ([`ObserverExecutor::route`]: match, conditions) and hands each firing
+//! observer's deliveries to that (observer, entity)'s chain (`chains.rs`), so a lane never
+//! waits for a receiver. It holds the coalescing observers' changes until their window ends.
 //!
 //! Invariants:
-//! * One entity's events run in one lane, in stream order (which for one entity is commit
-//!   order); lanes run concurrently.
+//! * One entity's events are routed in one lane, in stream order (which for one entity is
+//!   commit order), so each (observer, entity) chain receives them in that order.
 //! * An event is marked done in the watermark only when every delivery it caused is done or
 //!   handed over durably; a coalesced change when its group is delivered. Nothing held is lost
 //!   when a lane closes: it delivers what it holds first.
 //! * An event that no observer can match passes the watermark without entering a lane.
 
-use super::executor::{Held, ObserverExecutor};
+use super::chains::{Chains, Done, Job};
+use super::executor::ObserverExecutor;
 use crate::actions::DeliveryRequest;
 use crate::delivery::delivery_id;
 use crate::delivery::entity_key;
 use crate::delivery::lanes::{lane_of, Coalescer, Group, Watermark};
 use crate::error::Result;
-use crate::event::EntityEvent;
+use crate::event::{EntityEvent, Position};
 use crate::listener::Batch;
 use crate::metrics as m;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-/// Hand a batch to the lanes (waiting when they are full: backpressure on the reader).
+/// What the dispatcher hands a lane: an event, and its place among the events in flight.
+pub(super) type Dispatched = (EntityEvent, OwnedSemaphorePermit);
+
+/// Hand a batch to the lanes, waiting for a permit per event (at most that many events in
+/// flight: backpressure on the reader).
 pub(super) async fn dispatch(
     executor: &ObserverExecutor,
     batch: Batch,
-    lanes: &[mpsc::Sender<EntityEvent>],
+    lanes: &[mpsc::Sender<Dispatched>],
+    outstanding: &Arc<Semaphore>,
     watermark: &Watermark,
 ) {
     let n = batch.events.len() as u64;
@@ -39,40 +47,59 @@ pub(super) async fn dispatch(
             watermark.passed(event.position);
             continue;
         }
+        let Ok(permit) = outstanding.clone().acquire_owned().await else {
+            return; // closed: shutting down
+        };
         watermark.dispatched(event.position);
         let lane = &lanes[lane_of(&event, lanes.len())];
-        if lane.send(event).await.is_err() {
+        if lane.send((event, permit)).await.is_err() {
             return; // shutting down: the event is not done and will be read again
         }
     }
     watermark.passed(batch.end);
 }
 
-/// One lane: its events one after another; coalescing observers' changes held in groups and
-/// delivered at the end of their window (or when the lane closes: nothing held is lost).
+/// One lane: its events one after another, routed (matched) and handed to the delivery chains
+/// of their observers; coalescing observers' changes held in groups and delivered at the end of
+/// their window (or when the lane closes: nothing held is lost).
 pub(super) async fn run(
     executor: &ObserverExecutor,
-    rx: &mut mpsc::Receiver<EntityEvent>,
-    watermark: &Watermark,
+    chains: &Arc<Chains>,
+    rx: &mut mpsc::Receiver<Dispatched>,
+    watermark: &Arc<Watermark>,
 ) -> Result<()> {
     let mut coalescer = Coalescer::new(Instant::now());
+    let mut held: HashMap<Position, Arc<Done>> = HashMap::new();
     loop {
         let deadline = coalescer.next_deadline();
         let next = tokio::select! {
             event = rx.recv() => event,
             _ = sleep_until(deadline), if deadline.is_some() => {
-                flush(executor, &mut coalescer, Some(Instant::now()), watermark).await?;
+                flush(executor, &mut coalescer, &mut held, Some(Instant::now())).await?;
                 continue;
             }
         };
-        let Some(event) = next else {
-            return flush(executor, &mut coalescer, None, watermark).await;
+        let Some((event, permit)) = next else {
+            return flush(executor, &mut coalescer, &mut held, None).await;
         };
-        let held: Vec<Held> = executor.process_event(&event).await?;
-        if held.is_empty() {
-            watermark.completed(event.position);
-        } else {
-            coalescer.hold(&event, &entity_key(&event), &held, Instant::now());
+        let routed = executor.route(&event).await?;
+        let parts = routed.fired.len() + usize::from(!routed.held.is_empty());
+        let done = Done::new(event.position, parts, watermark.clone(), permit);
+        let key = entity_key(&event);
+        if !routed.held.is_empty() {
+            coalescer.hold(&event, &key, &routed.held, Instant::now());
+            held.insert(event.position, done.clone());
+        }
+        if !routed.fired.is_empty() {
+            let event = Arc::new(event);
+            for observer in routed.fired {
+                let job = Job {
+                    observer,
+                    event: event.clone(),
+                    done: done.clone(),
+                };
+                chains.submit(key.clone(), job);
+            }
         }
     }
 }
@@ -81,8 +108,8 @@ pub(super) async fn run(
 async fn flush(
     executor: &ObserverExecutor,
     coalescer: &mut Coalescer,
+    held: &mut HashMap<Position, Arc<Done>>,
     now: Option<Instant>,
-    watermark: &Watermark,
 ) -> Result<()> {
     let groups = coalescer.take_due(now);
     let delivered = deliver_batches(executor, &groups).await;
@@ -93,7 +120,9 @@ async fn flush(
             }
         }
         for position in coalescer.release(&group.held) {
-            watermark.completed(position);
+            if let Some(done) = held.remove(&position) {
+                done.part_done();
+            }
         }
     }
     Ok(())
@@ -130,7 +159,7 @@ async fn deliver_batches(executor: &ObserverExecutor, groups: &[Group]) -> HashS
                     attempt: 1,
                 })
                 .collect();
-            let Some(results) = action.execute_batch(&executor.http, &requests).await else {
+            let Some(results) = action.execute_batch(&requests).await else {
                 continue;
             };
             for (g, result) in members.iter().zip(results) {

@@ -12,7 +12,8 @@
 //! * [`Pipeline::start`] maps the runtime settings to the listener's (the one place that does),
 //!   claims the consumer and builds the executor; [`Pipeline::run`] runs until shutdown.
 //! * `executor.rs`: one event through the observers and the one failure path; `lane.rs`:
-//!   dispatch, lanes, coalescing; `retry.rs`: the retry worker's step; `monitor.rs`: live
+//!   dispatch, lanes (routing), coalescing; `chains.rs`: each (observer, entity)'s deliveries
+//!   in order, off the lanes; `retry.rs`: the retry worker's step; `monitor.rs`: live
 //!   figures; `run.rs`: the tasks and shutdown.
 //!
 //! Invariants:
@@ -21,13 +22,14 @@
 //! * Every durable write is fenced by the consumer's epoch; `Error::Fenced`, or any engine task
 //!   failing, stops everything at once.
 
+mod chains;
 mod executor;
 mod lane;
 mod monitor;
 mod retry;
 mod run;
 
-pub use executor::{Held, ObserverExecutor, RETRY_LEASE};
+pub use executor::{Held, ObserverExecutor, Routed, RETRY_LEASE};
 pub use monitor::EngineStatus;
 
 use crate::config::{Config, Observer, RuntimeConfig};

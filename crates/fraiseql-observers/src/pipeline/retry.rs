@@ -67,7 +67,7 @@ impl ObserverExecutor {
             delivery_id: &item.delivery_id,
             attempt,
         };
-        let (decision, error) = match action.execute(&self.http, &request).await {
+        let (decision, error) = match action.execute(&request).await {
             Ok(()) => {
                 self.delivered(observer, action, &item.event);
                 self.durably(|c| async move {

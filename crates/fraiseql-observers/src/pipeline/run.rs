@@ -8,6 +8,7 @@
 //!   not outlive a dropped run.
 //! * A graceful shutdown saves the checkpoint last, after the lanes finished (or the timeout).
 
+use super::chains::Chains;
 use super::executor::ObserverExecutor;
 use super::lane;
 use super::monitor::Monitor;
@@ -15,12 +16,16 @@ use crate::config::RuntimeConfig;
 use crate::db;
 use crate::delivery::lanes::Watermark;
 use crate::error::{Error, Result};
-use crate::event::EntityEvent;
 use crate::listener::{Batch, ChangeLogListener, Checkpointer};
 use std::future::Future;
 use std::sync::Arc;
-use tokio::sync::mpsc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
+
+/// Events in flight per lane (routed, or waiting in a chain), at most: with the default 64 lanes,
+/// 16,384 events.
+const EVENTS_PER_LANE: usize = 256;
 
 pub(super) async fn run(
     executor: Arc<ObserverExecutor>,
@@ -47,15 +52,23 @@ pub(super) async fn run(
     let mut tasks = JoinSet::new();
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel::<Error>();
 
-    // Lanes.
+    // Lanes, and the delivery chains they hand out to; at most this many events in flight.
+    let outstanding = Arc::new(Semaphore::new(runtime.concurrency.max(1) * EVENTS_PER_LANE));
+    let chains = Arc::new(Chains::new(executor.clone(), fatal_tx.clone()));
+    let _abort_chains = AbortChains(chains.clone());
     let mut lanes = Vec::with_capacity(runtime.concurrency);
     let mut lane_tasks = JoinSet::new();
     for _ in 0..runtime.concurrency {
-        let (tx, mut rx) = mpsc::channel::<EntityEvent>(256);
+        let (tx, mut rx) = mpsc::channel::<lane::Dispatched>(EVENTS_PER_LANE);
         lanes.push(tx);
-        let (executor, watermark, fatal) = (executor.clone(), watermark.clone(), fatal_tx.clone());
+        let (executor, chains, watermark, fatal) = (
+            executor.clone(),
+            chains.clone(),
+            watermark.clone(),
+            fatal_tx.clone(),
+        );
         lane_tasks.spawn(async move {
-            if let Err(e) = lane::run(&executor, &mut rx, &watermark).await {
+            if let Err(e) = lane::run(&executor, &chains, &mut rx, &watermark).await {
                 let _ = fatal.send(e);
             }
         });
@@ -140,7 +153,7 @@ pub(super) async fn run(
             Some(e) = fatal_rx.recv() => break Err(e),
             _ = &mut shutdown => break Ok(()),
             batch = batch_rx.recv() => match batch {
-                Some(batch) => lane::dispatch(&executor, batch, &lanes, &watermark).await,
+                Some(batch) => lane::dispatch(&executor, batch, &lanes, &outstanding, &watermark).await,
                 None => break Ok(()),
             },
         }
@@ -153,6 +166,9 @@ pub(super) async fn run(
     if result.is_ok() {
         let drained = tokio::time::timeout(runtime.shutdown_timeout, async {
             while lane_tasks.join_next().await.is_some() {}
+            while !chains.is_idle() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         })
         .await;
         if drained.is_err() {
@@ -163,6 +179,7 @@ pub(super) async fn run(
         }
     }
     lane_tasks.abort_all();
+    chains.abort();
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     checkpoint_stop.send_replace(true);
@@ -184,6 +201,15 @@ async fn checkpoint(watermark: &Watermark, checkpointer: &mut Checkpointer) -> R
             Ok(())
         }
         other => other,
+    }
+}
+
+/// Stops the delivery chains when the run ends or its future is dropped (a lost lead).
+struct AbortChains(Arc<Chains>);
+
+impl Drop for AbortChains {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

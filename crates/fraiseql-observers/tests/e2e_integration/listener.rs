@@ -94,6 +94,69 @@ async fn nothing_more(listener: &mut ChangeLogListener) {
 }
 
 #[tokio::test]
+async fn test_listener_starts() {
+    // On a database without our schema: a clear error that says what to run.
+    let bare = TestDb::empty().await;
+    let err = match ChangeLogListener::start(config(&bare, "starts")).await {
+        Ok(_) => panic!("a listener started on a database without the change log"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("migrate"), "{err}");
+
+    // On a migrated one: the consumer is claimed (a checkpoint row at epoch 1), healthy, idle.
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let mut listener = ChangeLogListener::start(config(&db, "starts"))
+        .await
+        .unwrap();
+    assert_eq!(listener.consumer_id(), "starts");
+    assert_eq!(listener.epoch(), 1);
+    let stored: i64 = client
+        .query_one(
+            "SELECT epoch FROM core.observer_checkpoints WHERE consumer_id = 'starts'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, listener.epoch());
+    assert!(listener.stats().is_healthy());
+    nothing_more(&mut listener).await;
+
+    // A second start of the same consumer takes over with the next epoch.
+    let second = ChangeLogListener::start(config(&db, "starts"))
+        .await
+        .unwrap();
+    assert_eq!(second.epoch(), 2);
+}
+
+#[tokio::test]
+async fn test_listener_polls_change_log() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let mut listener = ChangeLogListener::start(config(&db, "polls"))
+        .await
+        .unwrap();
+    let stats = listener.stats();
+    // Idle: it keeps polling (one snapshot query each) and hands out nothing.
+    nothing_more(&mut listener).await;
+    let idle_polls = stats.polls();
+    assert!(idle_polls >= 2, "{idle_polls} polls while idle");
+
+    // A change committed while it polls is picked up by the next poll, without a restart, and
+    // so is one committed after it went idle again.
+    for round in 0..2 {
+        let sequence = insert_change(&client, Uuid::new_v4(), "c", json!({"round": round})).await;
+        let events = read_n(&mut listener, 1).await;
+        assert_eq!(events[0].sequence, sequence);
+        nothing_more(&mut listener).await;
+    }
+    assert!(stats.polls() > idle_polls);
+    assert!(stats.batch_queries() >= 2);
+    assert_eq!(stats.rows_read(), 2);
+}
+
+#[tokio::test]
 async fn test_sequence_tracking() {
     let db = TestDb::new().await;
     let client = db.client().await;

@@ -12,6 +12,7 @@ mod operator;
 mod parser;
 mod push;
 mod receiver;
+mod resilience;
 mod retention;
 mod sample;
 mod search;

@@ -5,7 +5,7 @@
 
 use crate::sample::order_event;
 use crate::support::{eventually, TestDb};
-use fraiseql_observers::actions::ActionError;
+use fraiseql_observers::actions::FailureKind;
 use fraiseql_observers::delivery::dead_letter::{self, Reason};
 use fraiseql_observers::delivery::{delivery_id, entity_key, retry_queue, DeliveryItem};
 use fraiseql_observers::leader::Leadership;
@@ -267,7 +267,7 @@ async fn the_operator_needs_no_epoch_and_claims_a_dead_letter_once() {
     let id = dead_letter_of(&client, "orders", epoch, &event, "removed").await;
     let result = operator.retry_dead_letter(id).await.unwrap();
     assert!(
-        matches!(result, Some(Err(ActionError::Permanent { .. }))),
+        matches!(&result, Some(Err(e)) if e.kind == FailureKind::Permanent),
         "{result:?}"
     );
     let item = dead_letter::get(&client, id).await.unwrap().unwrap();

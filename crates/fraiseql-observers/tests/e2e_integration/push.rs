@@ -21,7 +21,7 @@ use axum::Router;
 use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD as BASE64URL};
 use base64::Engine;
 use chrono::TimeZone;
-use fraiseql_observers::actions::{Action, ActionError};
+use fraiseql_observers::actions::{Action, ActionError, FailureKind};
 use fraiseql_observers::delivery::delivery_id;
 use fraiseql_observers::{ConfigError, EntityEvent, EventKind, Position};
 use hkdf::Hkdf;
@@ -532,7 +532,7 @@ async fn fcm_gets_a_new_token_once_when_the_cached_one_is_refused() {
     let err = run(&push, &order("fcm-device-token-0001"))
         .await
         .unwrap_err();
-    assert!(matches!(err, ActionError::Permanent { .. }), "{err:?}");
+    assert!(err.kind == FailureKind::Permanent, "{err:?}");
     assert!(err.message().contains("401"), "{err}");
     assert_eq!(fcm.issued().len(), 3);
     assert_eq!(fcm.server.on(FCM_SEND).len(), 5);
@@ -552,7 +552,7 @@ async fn fcm_answers_are_classified_and_dead_tokens_reported() {
     let err = run(&push, &order("fcm-token-of-an-uninstalled-app-AB12CD34"))
         .await
         .unwrap_err();
-    assert!(matches!(err, ActionError::Gone { .. }), "{err:?}");
+    assert!(err.kind == FailureKind::Gone, "{err:?}");
     assert!(
         err.message().contains("...AB12CD34"),
         "names the token: {err}"
@@ -570,7 +570,7 @@ async fn fcm_answers_are_classified_and_dead_tokens_reported() {
         "The registration token is not a valid FCM registration token",
     ));
     let err = run(&push, &order("garbage")).await.unwrap_err();
-    assert!(matches!(err, ActionError::Gone { .. }), "{err:?}");
+    assert!(err.kind == FailureKind::Gone, "{err:?}");
 
     fcm.answer_send(fcm_error(
         400,
@@ -581,7 +581,7 @@ async fn fcm_answers_are_classified_and_dead_tokens_reported() {
     let err = run(&push, &order("fcm-device-token-0001"))
         .await
         .unwrap_err();
-    assert!(matches!(err, ActionError::Permanent { .. }), "{err:?}");
+    assert!(err.kind == FailureKind::Permanent, "{err:?}");
 
     let (status, mut headers, body) =
         fcm_error(429, "RESOURCE_EXHAUSTED", "QUOTA_EXCEEDED", "quota");
@@ -611,7 +611,7 @@ async fn fcm_answers_are_classified_and_dead_tokens_reported() {
     let err = run(&push, &order("fcm-device-token-0001"))
         .await
         .unwrap_err();
-    assert!(matches!(err, ActionError::Permanent { .. }), "{err:?}");
+    assert!(err.kind == FailureKind::Permanent, "{err:?}");
     assert!(err.message().contains("invalid_grant"), "{err}");
     assert!(err.message().contains("token endpoint"), "{err}");
     fcm.state
@@ -656,7 +656,7 @@ async fn fcm_service_account_from_a_file_and_the_ssrf_guard() {
     let err = run(&guarded, &order("fcm-device-token-0001"))
         .await
         .unwrap_err();
-    assert!(matches!(err, ActionError::Permanent { .. }), "{err:?}");
+    assert!(err.kind == FailureKind::Permanent, "{err:?}");
     assert!(err.message().contains("allow_private_networks"), "{err}");
     assert_eq!(fcm.server.received().len(), before);
     std::fs::remove_file(&file).unwrap();
@@ -830,14 +830,14 @@ async fn apns_answers_are_classified_and_bad_tokens_reported() {
     let token = |prefix: &str| format!("{prefix}{}", &APNS_TOKEN[2..]);
 
     let err = run(&push, &order(&token("00"))).await.unwrap_err();
-    assert!(matches!(err, ActionError::Gone { .. }), "{err:?}");
+    assert!(err.kind == FailureKind::Gone, "{err:?}");
     assert!(err.message().contains("Unregistered"), "{err}");
     assert!(
         err.message().contains(&APNS_TOKEN[56..]),
         "names the token: {err}"
     );
     let err = run(&push, &order(&token("11"))).await.unwrap_err();
-    assert!(matches!(err, ActionError::Gone { .. }), "{err:?}");
+    assert!(err.kind == FailureKind::Gone, "{err:?}");
     let err = run(&push, &order(&token("22"))).await.unwrap_err();
     assert_eq!(err.retry_after(), Some(Duration::from_secs(9)), "{err:?}");
     let err = run(&push, &order(&token("33"))).await.unwrap_err();
@@ -851,7 +851,7 @@ async fn apns_answers_are_classified_and_bad_tokens_reported() {
     // A token that is not hexadecimal never reaches the server.
     let before = server.received().len();
     let err = run(&push, &order("not/a/token")).await.unwrap_err();
-    assert!(matches!(err, ActionError::Gone { .. }), "{err:?}");
+    assert!(err.kind == FailureKind::Gone, "{err:?}");
     assert_eq!(server.received().len(), before);
 
     // A key the server does not know: permanent.
@@ -864,7 +864,7 @@ async fn apns_answers_are_classified_and_bad_tokens_reported() {
     )
     .unwrap();
     let err = run(&wrong, &order(APNS_TOKEN)).await.unwrap_err();
-    assert!(matches!(err, ActionError::Permanent { .. }), "{err:?}");
+    assert!(err.kind == FailureKind::Permanent, "{err:?}");
     assert!(err.message().contains("InvalidProviderToken"), "{err}");
     std::fs::remove_file(&file).unwrap();
 }
@@ -1072,13 +1072,13 @@ async fn web_push_subscription_from_a_template_and_answers_classified() {
 
     for gone in ["/push/gone", "/push/missing"] {
         let err = run(&push, &event_for(gone)).await.unwrap_err();
-        assert!(matches!(err, ActionError::Gone { .. }), "{gone}: {err:?}");
+        assert!(err.kind == FailureKind::Gone, "{gone}: {err:?}");
         assert!(err.message().contains("remove it"), "{err}");
     }
     let err = run(&push, &event_for("/push/busy")).await.unwrap_err();
     assert_eq!(err.retry_after(), Some(Duration::from_secs(7)), "{err:?}");
     let err = run(&push, &event_for("/push/big")).await.unwrap_err();
-    assert!(matches!(err, ActionError::Permanent { .. }), "{err:?}");
+    assert!(err.kind == FailureKind::Permanent, "{err:?}");
 
     // A subscription without keys: permanent, nothing sent.
     let before = server.received().len();
@@ -1088,7 +1088,7 @@ async fn web_push_subscription_from_a_template_and_answers_classified() {
     )
     .await
     .unwrap_err();
-    assert!(matches!(err, ActionError::Permanent { .. }), "{err:?}");
+    assert!(err.kind == FailureKind::Permanent, "{err:?}");
     assert_eq!(server.received().len(), before);
 }
 
@@ -1110,7 +1110,7 @@ async fn web_push_endpoints_from_data_are_guarded() {
     )
     .await
     .unwrap_err();
-    assert!(matches!(err, ActionError::Permanent { .. }), "{err:?}");
+    assert!(err.kind == FailureKind::Permanent, "{err:?}");
     assert!(err.message().contains("not https"), "{err}");
     // An https endpoint on a private address is refused by the SSRF guard.
     let err = run(
@@ -1119,7 +1119,7 @@ async fn web_push_endpoints_from_data_are_guarded() {
     )
     .await
     .unwrap_err();
-    assert!(matches!(err, ActionError::Permanent { .. }), "{err:?}");
+    assert!(err.kind == FailureKind::Permanent, "{err:?}");
     assert!(err.message().contains("loopback"), "{err}");
     assert!(server.received().is_empty());
 }

@@ -3,7 +3,7 @@
 
 use chrono::TimeZone;
 use fraiseql_observers::actions::{
-    Action, ActionConfig, ActionError, CompileContext, DeliveryRequest, EmailSettings, HttpClient,
+    Action, ActionConfig, ActionError, CompileContext, DeliveryRequest, EmailSettings,
     RedisSettings,
 };
 use fraiseql_observers::delivery::delivery_id;
@@ -68,22 +68,25 @@ pub fn compile_at(
     redis: Option<&RedisSettings>,
 ) -> Result<Action, Vec<ConfigError>> {
     let table: toml::Table = toml::from_str(source).unwrap();
-    ActionConfig::parse(&table, path)?.compile(path, &CompileContext { env, email, redis })
+    let read_file = |file: &str| std::fs::read_to_string(file);
+    let ctx = CompileContext {
+        read_file: &read_file,
+        email,
+        redis,
+        ..CompileContext::new(env)
+    };
+    ActionConfig::parse(&table, path)?.compile(path, &ctx)
 }
 
 /// Run `action` once for `event` as delivery attempt `attempt`.
 pub async fn run(action: &Action, event: &EntityEvent, attempt: u32) -> Result<(), ActionError> {
-    let http = HttpClient::new().unwrap();
     let id = delivery_id(event.id, "order_paid", 0);
     action
-        .execute(
-            &http,
-            &DeliveryRequest {
-                event,
-                delivery_id: &id,
-                attempt,
-            },
-        )
+        .execute(&DeliveryRequest {
+            event,
+            delivery_id: &id,
+            attempt,
+        })
         .await
 }
 

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use fraiseql_observers::actions::{Action, ActionError, DeliveryRequest, HttpClient};
+use fraiseql_observers::actions::{Action, ActionError, DeliveryRequest, FailureKind};
 use fraiseql_observers::delivery::delivery_id;
 use fraiseql_observers::{ConfigError, EntityEvent, EventKind, Position};
 use serde_json::{json, Value};
@@ -516,25 +516,17 @@ fn action(toml_src: &str, env: &[(&str, &str)]) -> Result<Action, Vec<ConfigErro
 }
 
 async fn run(action: &Action, event: &EntityEvent) -> Result<(), ActionError> {
-    let http = HttpClient::new().unwrap();
     let id = delivery_id(event.id, "products", 0);
     action
-        .execute(
-            &http,
-            &DeliveryRequest {
-                event,
-                delivery_id: &id,
-                attempt: 1,
-            },
-        )
+        .execute(&DeliveryRequest {
+            event,
+            delivery_id: &id,
+            attempt: 1,
+        })
         .await
 }
 
 async fn run_batch(action: &Action, events: &[EntityEvent]) -> Vec<Result<(), ActionError>> {
-    let Action::Search(search) = action else {
-        panic!("not a search action: {action:?}");
-    };
-    let http = HttpClient::new().unwrap();
     let ids: Vec<String> = events
         .iter()
         .map(|e| delivery_id(e.id, "products", 0))
@@ -548,7 +540,10 @@ async fn run_batch(action: &Action, events: &[EntityEvent]) -> Vec<Result<(), Ac
             attempt: 1,
         })
         .collect();
-    search.execute_batch(&http, &requests).await
+    action
+        .execute_batch(&requests)
+        .await
+        .unwrap_or_else(|| panic!("not an action that batches: {action:?}"))
 }
 
 fn ids(documents: &Documents) -> Vec<String> {
@@ -723,7 +718,7 @@ async fn meilisearch_refusals_and_ids_it_would_reject_later() {
     odd.after.as_mut().unwrap()["sku"] = json!("SKU 2/b");
     let before = engine.received().len();
     let err = run(&search, &odd).await.unwrap_err();
-    assert!(matches!(err, ActionError::Permanent { .. }), "{err:?}");
+    assert!(err.kind == FailureKind::Permanent, "{err:?}");
     assert!(
         err.message()
             .contains("not a valid Meilisearch document id"),
@@ -746,7 +741,7 @@ async fn meilisearch_refusals_and_ids_it_would_reject_later() {
     )
     .unwrap();
     let err = run(&wrong, &created(3, "Chair", 5)).await.unwrap_err();
-    assert!(matches!(err, ActionError::Permanent { .. }), "{err:?}");
+    assert!(err.kind == FailureKind::Permanent, "{err:?}");
     assert!(
         err.message().contains("403") && err.message().contains("invalid_api_key"),
         "{err}"
@@ -818,10 +813,7 @@ async fn elasticsearch_sends_one_bulk_request_per_batch_and_reads_each_item() {
 
     assert_eq!(results[0], Ok(()));
     let refused = results[1].as_ref().unwrap_err();
-    assert!(
-        matches!(refused, ActionError::Permanent { .. }),
-        "{refused:?}"
-    );
+    assert!(refused.kind == FailureKind::Permanent, "{refused:?}");
     assert!(
         refused.message().contains("document_parsing_exception"),
         "{refused}"
@@ -885,7 +877,7 @@ async fn elasticsearch_wrong_credentials_are_permanent() {
     let results = run_batch(&search, &[created(1, "Lamp", 10), created(2, "Desk", 1)]).await;
     for result in &results {
         let err = result.as_ref().unwrap_err();
-        assert!(matches!(err, ActionError::Permanent { .. }), "{err:?}");
+        assert!(err.kind == FailureKind::Permanent, "{err:?}");
         assert!(err.message().contains("security_exception"), "{err}");
     }
     assert!(engine.documents("products").is_empty());
@@ -983,10 +975,7 @@ async fn typesense_upserts_imports_and_deletes() {
     );
     assert_eq!(results[0], Ok(()));
     let refused = results[1].as_ref().unwrap_err();
-    assert!(
-        matches!(refused, ActionError::Permanent { .. }),
-        "{refused:?}"
-    );
+    assert!(refused.kind == FailureKind::Permanent, "{refused:?}");
     assert!(refused.message().contains("must be an int64"), "{refused}");
     assert_eq!(results[2], Ok(()));
 
@@ -1003,10 +992,10 @@ async fn typesense_upserts_imports_and_deletes() {
 
     // A single refused document and a wrong key.
     let err = run(&search, &refused_create(5)).await.unwrap_err();
-    assert!(matches!(err, ActionError::Permanent { .. }), "{err:?}");
+    assert!(err.kind == FailureKind::Permanent, "{err:?}");
     let wrong = typesense_action(&engine.base, "nope");
     let err = run(&wrong, &created(6, "Rug", 1)).await.unwrap_err();
-    assert!(matches!(err, ActionError::Permanent { .. }), "{err:?}");
+    assert!(err.kind == FailureKind::Permanent, "{err:?}");
     assert!(err.message().contains("401"), "{err}");
     assert_eq!(ids(&engine.documents("products")), [entity(1).to_string()]);
 }

@@ -25,11 +25,9 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
-use super::{
-    jwt, read_secret, required, token_hint, with_detail, Content, PushConfig, SecretSource,
-};
+use super::{jwt, read_secret, required, token_hint, Content, PushConfig, SecretSource};
 use crate::actions::http::{classify, HttpClient, HttpRequest, HttpResponse, SendOptions, Target};
-use crate::actions::ActionError;
+use crate::actions::{ActionError, CompileContext};
 use crate::error::ConfigError;
 
 pub(super) const DEFAULT_BASE_URL: &str = "https://api.push.apple.com";
@@ -83,7 +81,7 @@ pub(super) fn compile(
     config: &PushConfig,
     ttl: Duration,
     path: &str,
-    env: &dyn Fn(&str) -> Option<String>,
+    ctx: &CompileContext<'_>,
     errors: &mut Vec<ConfigError>,
 ) -> Option<Apns> {
     let team_id = required(
@@ -118,7 +116,7 @@ pub(super) fn compile(
             file_value: config.private_key_file.as_deref(),
         },
         path,
-        env,
+        ctx,
         errors,
     )
     .and_then(|(pem, key_path)| match SecretKey::from_pem(pem.trim()) {
@@ -238,11 +236,9 @@ impl Apns {
     ) -> Result<(), ActionError> {
         let hint = token_hint(token);
         if !(64..=200).contains(&token.len()) || !token.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(ActionError::Gone {
-                message: format!(
-                    "the device token {hint} is not an APNs device token (hexadecimal); remove it"
-                ),
-            });
+            return Err(ActionError::gone(format!(
+                "the device token {hint} is not an APNs device token (hexadecimal); remove it"
+            )));
         }
         // The token is in the path: messages show the host only.
         let target = Target::parse(
@@ -250,11 +246,9 @@ impl Apns {
             true,
             self.allow_private_networks,
         )
-        .map_err(|message| ActionError::Permanent { message })?;
-        let body =
-            serde_json::to_vec(&self.payload(content)?).map_err(|e| ActionError::Permanent {
-                message: e.to_string(),
-            })?;
+        .map_err(ActionError::permanent)?;
+        let body = serde_json::to_vec(&self.payload(content)?)
+            .map_err(|e| ActionError::permanent(e.to_string()))?;
         let apns_id = apns_id(delivery_id);
         let mut stale: Option<String> = None;
         loop {
@@ -311,9 +305,9 @@ impl Apns {
         let mut payload = Map::new();
         if let Some(data) = &content.data {
             if data.contains_key("aps") {
-                return Err(ActionError::Permanent {
-                    message: "data_template must not set 'aps' (the action builds it)".into(),
-                });
+                return Err(ActionError::permanent(
+                    "data_template must not set 'aps' (the action builds it)",
+                ));
             }
             payload.extend(data.clone());
         }
@@ -328,8 +322,8 @@ impl Apns {
             chrono::Utc::now().timestamp() + self.ttl.as_secs() as i64
         };
         let mut authorization = HeaderValue::from_str(&format!("bearer {provider_token}"))
-            .map_err(|_| ActionError::Permanent {
-                message: "the provider token is not a valid header value".into(),
+            .map_err(|_| {
+                ActionError::permanent("the provider token is not a valid header value")
             })?;
         authorization.set_sensitive(true);
         let mut headers = HeaderMap::new();
@@ -369,7 +363,7 @@ impl Apns {
                 Ok(signature.to_bytes().to_vec())
             },
         )
-        .map_err(|message| ActionError::Permanent { message })?;
+        .map_err(ActionError::permanent)?;
         *cached = Some((token.clone(), Instant::now()));
         Ok(token)
     }
@@ -400,19 +394,18 @@ fn outcome(response: &HttpResponse, reason: &str, hint: &str) -> Result<(), Acti
         || (response.status == StatusCode::BAD_REQUEST
             && matches!(reason, "BadDeviceToken" | "DeviceTokenNotForTopic"));
     if gone {
-        return Err(ActionError::Gone {
-            message: format!(
-                "the device token {hint} is no longer valid for this app ({} {reason}); remove it",
-                response.status.as_u16()
-            ),
-        });
+        return Err(ActionError::gone(format!(
+            "the device token {hint} is no longer valid for this app ({} {reason}); remove it",
+            response.status.as_u16()
+        )));
     }
-    classify(response.status, &response.headers).map_err(|e| with_detail(e, reason))
+    classify(response.status, &response.headers).map_err(|e| e.detail(reason))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::actions::FailureKind;
 
     fn answer(status: u16, reason: &str) -> Result<(), ActionError> {
         let response = HttpResponse {
@@ -425,20 +418,20 @@ mod tests {
 
     #[test]
     fn documented_reasons_are_classified() {
-        assert!(matches!(
-            answer(410, "Unregistered"),
-            Err(ActionError::Gone { .. })
-        ));
-        assert!(matches!(
-            answer(400, "BadDeviceToken"),
-            Err(ActionError::Gone { .. })
-        ));
-        assert!(matches!(
-            answer(400, "DeviceTokenNotForTopic"),
-            Err(ActionError::Gone { .. })
-        ));
+        assert_eq!(
+            answer(410, "Unregistered").unwrap_err().kind,
+            FailureKind::Gone
+        );
+        assert_eq!(
+            answer(400, "BadDeviceToken").unwrap_err().kind,
+            FailureKind::Gone
+        );
+        assert_eq!(
+            answer(400, "DeviceTokenNotForTopic").unwrap_err().kind,
+            FailureKind::Gone
+        );
         let bad_topic = answer(400, "BadTopic").unwrap_err();
-        assert!(matches!(bad_topic, ActionError::Permanent { .. }));
+        assert!(bad_topic.kind == FailureKind::Permanent);
         assert!(bad_topic.message().contains("BadTopic"));
         for reason in [
             "InvalidProviderToken",
@@ -446,7 +439,7 @@ mod tests {
             "BadCertificate",
         ] {
             assert!(
-                matches!(answer(403, reason), Err(ActionError::Permanent { .. })),
+                answer(403, reason).is_err_and(|e| e.kind == FailureKind::Permanent),
                 "{reason}"
             );
         }

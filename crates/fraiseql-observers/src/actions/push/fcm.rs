@@ -27,11 +27,9 @@ use ring::signature::{RsaKeyPair, RSA_PKCS1_SHA256};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::{
-    jwt, read_secret, reading_body, token_hint, with_detail, Content, PushConfig, SecretSource,
-};
+use super::{jwt, read_secret, reading_body, token_hint, Content, PushConfig, SecretSource};
 use crate::actions::http::{classify, HttpClient, HttpRequest, HttpResponse, Target};
-use crate::actions::ActionError;
+use crate::actions::{ActionError, CompileContext};
 use crate::error::ConfigError;
 
 pub(super) const DEFAULT_BASE_URL: &str = "https://fcm.googleapis.com";
@@ -88,7 +86,7 @@ impl fmt::Debug for Fcm {
 pub(super) fn compile(
     config: &PushConfig,
     path: &str,
-    env: &dyn Fn(&str) -> Option<String>,
+    ctx: &CompileContext<'_>,
     errors: &mut Vec<ConfigError>,
 ) -> Option<Fcm> {
     let (json, key_path) = read_secret(
@@ -99,7 +97,7 @@ pub(super) fn compile(
             file_value: config.service_account_file.as_deref(),
         },
         path,
-        env,
+        ctx,
         errors,
     )?;
     let account: ServiceAccount = match serde_json::from_str(&json) {
@@ -229,10 +227,8 @@ impl Fcm {
         content: &Content,
         timeout: Duration,
     ) -> Result<(), ActionError> {
-        let body =
-            serde_json::to_vec(&message(token, content)).map_err(|e| ActionError::Permanent {
-                message: e.to_string(),
-            })?;
+        let body = serde_json::to_vec(&message(token, content))
+            .map_err(|e| ActionError::permanent(e.to_string()))?;
         let mut stale: Option<String> = None;
         loop {
             let access = self.access_token(http, timeout, stale.as_deref()).await?;
@@ -292,8 +288,8 @@ impl Fcm {
         http: &HttpClient,
         timeout: Duration,
     ) -> Result<AccessToken, ActionError> {
-        let assertion = self.assertion().map_err(|message| ActionError::Permanent {
-            message: format!("cannot sign the token request: {message}"),
+        let assertion = self.assertion().map_err(|message| {
+            ActionError::permanent(format!("cannot sign the token request: {message}"))
         })?;
         let form = format!("grant_type={GRANT_TYPE_FORM}&assertion={assertion}");
         let mut headers = HeaderMap::new();
@@ -327,21 +323,19 @@ impl Fcm {
                 .unwrap_or_default();
             let error = classify(response.status, &response.headers)
                 .err()
-                .unwrap_or_else(|| ActionError::Permanent {
-                    message: format!("unexpected answer {}", response.status),
+                .unwrap_or_else(|| {
+                    ActionError::permanent(format!("unexpected answer {}", response.status))
                 });
-            return Err(with_detail(error, &detail));
+            return Err(error.detail(&detail));
         }
         #[derive(Deserialize)]
         struct TokenResponse {
             access_token: String,
             expires_in: Option<u64>,
         }
-        let answer: TokenResponse =
-            serde_json::from_slice(&response.body).map_err(|e| ActionError::Transient {
-                message: format!("the token endpoint's answer cannot be read ({e})"),
-                retry_after: None,
-            })?;
+        let answer: TokenResponse = serde_json::from_slice(&response.body).map_err(|e| {
+            ActionError::transient(format!("the token endpoint's answer cannot be read ({e})"))
+        })?;
         let lifetime = Duration::from_secs(answer.expires_in.unwrap_or(3600));
         let margin = REFRESH_MARGIN.min(lifetime / 2);
         tracing::debug!(
@@ -385,10 +379,8 @@ impl Fcm {
 }
 
 fn bearer(token: &str) -> Result<HeaderValue, ActionError> {
-    let mut value =
-        HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| ActionError::Permanent {
-            message: "the access token is not a valid header value".into(),
-        })?;
+    let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| ActionError::permanent("the access token is not a valid header value"))?;
     value.set_sensitive(true);
     Ok(value)
 }
@@ -468,28 +460,25 @@ fn outcome(response: &HttpResponse, token: &str) -> Result<(), ActionError> {
     if fcm_code == "UNREGISTERED"
         || (response.status == StatusCode::NOT_FOUND && status_name == "NOT_FOUND")
     {
-        return Err(ActionError::Gone {
-            message: format!(
-                "the device token {hint} is no longer registered ({detail}); remove it"
-            ),
-        });
+        return Err(ActionError::gone(format!(
+            "the device token {hint} is no longer registered ({detail}); remove it"
+        )));
     }
     if response.status == StatusCode::BAD_REQUEST
         && (code == "INVALID_ARGUMENT" || status_name == "INVALID_ARGUMENT")
         && about_token
     {
-        return Err(ActionError::Gone {
-            message: format!(
-                "the device token {hint} is not a valid FCM registration token ({detail}); remove it"
-            ),
-        });
+        return Err(ActionError::gone(format!(
+            "the device token {hint} is not a valid FCM registration token ({detail}); remove it"
+        )));
     }
-    classify(response.status, &response.headers).map_err(|e| with_detail(e, &detail))
+    classify(response.status, &response.headers).map_err(|e| e.detail(&detail))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::actions::FailureKind;
 
     fn answer(status: u16, body: Value) -> Result<(), ActionError> {
         outcome(
@@ -520,7 +509,7 @@ mod tests {
             ),
         )
         .unwrap_err();
-        assert!(matches!(gone, ActionError::Gone { .. }), "{gone:?}");
+        assert!(gone.kind == FailureKind::Gone, "{gone:?}");
         assert!(gone.message().contains("...23456789"), "{gone:?}");
         assert!(!gone.message().contains("device-token-0"), "{gone:?}");
 
@@ -534,7 +523,7 @@ mod tests {
             ),
         )
         .unwrap_err();
-        assert!(matches!(invalid, ActionError::Gone { .. }), "{invalid:?}");
+        assert!(invalid.kind == FailureKind::Gone, "{invalid:?}");
 
         let bad_payload = answer(
             400,
@@ -547,7 +536,7 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            matches!(bad_payload, ActionError::Permanent { .. }),
+            bad_payload.kind == FailureKind::Permanent,
             "{bad_payload:?}"
         );
         assert!(bad_payload.message().contains("Invalid JSON payload"));
@@ -566,7 +555,7 @@ mod tests {
             fcm_error(403, "PERMISSION_DENIED", "SENDER_ID_MISMATCH", "x"),
         )
         .unwrap_err();
-        assert!(matches!(mismatch, ActionError::Permanent { .. }));
+        assert!(mismatch.kind == FailureKind::Permanent);
         assert!(mismatch.message().contains("SENDER_ID_MISMATCH"));
         assert_eq!(
             answer(200, json!({"name": "projects/p/messages/1"})),

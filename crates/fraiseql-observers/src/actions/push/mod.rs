@@ -52,8 +52,9 @@
 //!   {"content-available": 1}, ...data}`, and no title or body); Web Push encrypts
 //!   `{"title", "body", "data"}` (absent parts left out), at most 3993 bytes.
 //! * Keys and credentials are read when the action is compiled, so that a missing or malformed
-//!   one is a configuration error: `*_env` through the `env` lookup, `*_file` from the file
-//!   system (the one I/O compilation does). They never appear in messages, logs or `Debug`.
+//!   one is a configuration error: `*_env` through the context's `env` lookup, `*_file` through
+//!   its `read_file` (the caller reads the file system, not the action). They never appear in
+//!   messages, logs or `Debug`.
 //! * Access tokens are cached: the FCM OAuth2 token until five minutes before it expires, the
 //!   APNs provider JWT for 50 minutes (Apple accepts them for an hour and refuses a new one more
 //!   often than every 20 minutes). A 401 from FCM, or APNs's `ExpiredProviderToken`, drops the
@@ -83,7 +84,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::http::{HttpClient, SendOptions};
-use super::{secret_from_env, timeout_setting, ActionError, DeliveryRequest};
+use super::{secret_from_env, timeout_setting, ActionError, CompileContext, DeliveryRequest};
 use crate::error::ConfigError;
 use crate::template::{context_json, EventContext, Template, TemplateMode, CONTEXT_NAMES};
 
@@ -135,6 +136,7 @@ const MAX_TTL_SECS: u64 = 28 * 86_400;
 
 /// A compiled push action.
 pub struct Push {
+    http: HttpClient,
     provider: Provider,
     recipient: Recipient,
     title: Option<Template>,
@@ -218,12 +220,12 @@ struct Content {
     data: Option<Map<String, Value>>,
 }
 
-/// Compile a push configuration. Reports every error with its path; reads the key files named by
-/// `service_account_file` / `private_key_file` (see the module docs).
+/// Compile a push configuration. Pure; reports every error with its path; the key files named by
+/// `service_account_file` / `private_key_file` are read through `ctx.read_file`.
 pub fn compile(
     config: &PushConfig,
     path: &str,
-    env: &dyn Fn(&str) -> Option<String>,
+    ctx: &CompileContext<'_>,
 ) -> Result<Push, Vec<ConfigError>> {
     let mut errors = Vec::new();
     let at = |key: &str| format!("{path}.{key}");
@@ -321,17 +323,18 @@ pub fn compile(
 
     let provider = match provider_name {
         Some("fcm") => {
-            fcm::compile(config, path, env, &mut errors).map(|f| Provider::Fcm(Box::new(f)))
+            fcm::compile(config, path, ctx, &mut errors).map(|f| Provider::Fcm(Box::new(f)))
         }
-        Some("apns") => apns::compile(config, ttl, path, env, &mut errors).map(Provider::Apns),
+        Some("apns") => apns::compile(config, ttl, path, ctx, &mut errors).map(Provider::Apns),
         Some("web_push") => {
-            web_push::compile(config, ttl, path, env, &mut errors).map(Provider::WebPush)
+            web_push::compile(config, ttl, path, ctx.env, &mut errors).map(Provider::WebPush)
         }
         _ => None,
     };
 
     match (errors.is_empty(), provider, recipient) {
         (true, Some(provider), Some(recipient)) => Ok(Push {
+            http: ctx.http.clone(),
             provider,
             recipient,
             title,
@@ -461,7 +464,7 @@ pub(super) struct SecretSource<'a> {
 pub(super) fn read_secret(
     source: SecretSource<'_>,
     path: &str,
-    env: &dyn Fn(&str) -> Option<String>,
+    ctx: &CompileContext<'_>,
     errors: &mut Vec<ConfigError>,
 ) -> Option<(String, String)> {
     let env_path = format!("{path}.{}", source.env_key);
@@ -485,9 +488,9 @@ pub(super) fn read_secret(
             None
         }
         (Some(var), None) => {
-            secret_from_env(var, &env_path, env, errors).map(|value| (value, env_path))
+            secret_from_env(var, &env_path, ctx.env, errors).map(|value| (value, env_path))
         }
-        (None, Some(file)) => match std::fs::read_to_string(file) {
+        (None, Some(file)) => match (ctx.read_file)(file) {
             Ok(value) if !value.trim().is_empty() => Some((value, file_path)),
             Ok(_) => {
                 errors.push(ConfigError::new(
@@ -536,11 +539,8 @@ pub(super) fn required<'a>(
 
 impl Push {
     /// Send the notification once. `Ok` only when the provider accepted it.
-    pub async fn execute(
-        &self,
-        http: &HttpClient,
-        request: &DeliveryRequest<'_>,
-    ) -> Result<(), ActionError> {
+    pub async fn execute(&self, request: &DeliveryRequest<'_>) -> Result<(), ActionError> {
+        let http = &self.http;
         let provider = match &self.provider {
             Provider::Fcm(_) => "fcm",
             Provider::Apns(_) => "apns",
@@ -587,10 +587,9 @@ impl Push {
             template
                 .as_ref()
                 .map(|t| {
-                    t.render_context(context)
-                        .map_err(|e| ActionError::Permanent {
-                            message: format!("{key} cannot render this event: {e}"),
-                        })
+                    t.render_context(context).map_err(|e| {
+                        ActionError::permanent(format!("{key} cannot render this event: {e}"))
+                    })
                 })
                 .transpose()
         };
@@ -599,18 +598,15 @@ impl Push {
         let data = match &self.data {
             None => None,
             Some(template) => {
-                let rendered =
-                    template
-                        .render_context(context)
-                        .map_err(|e| ActionError::Permanent {
-                            message: format!("data_template cannot render this event: {e}"),
-                        })?;
+                let rendered = template.render_context(context).map_err(|e| {
+                    ActionError::permanent(format!("data_template cannot render this event: {e}"))
+                })?;
                 match serde_json::from_str::<Value>(&rendered) {
                     Ok(Value::Object(map)) => Some(map),
                     _ => {
-                        return Err(ActionError::Permanent {
-                            message: "data_template must render a JSON object".into(),
-                        })
+                        return Err(ActionError::permanent(
+                            "data_template must render a JSON object",
+                        ))
                     }
                 }
             }
@@ -630,17 +626,18 @@ impl Push {
                 match field.lookup(&context) {
                     Some(Value::String(s)) => s.trim().to_string(),
                     Some(_) => {
-                        return Err(ActionError::Permanent {
-                            message: format!("{} is not a string", field.source),
-                        })
+                        return Err(ActionError::permanent(format!(
+                            "{} is not a string",
+                            field.source
+                        )))
                     }
                     None => String::new(),
                 }
             }
             Recipient::Template(t) => t
                 .render_context(context)
-                .map_err(|e| ActionError::Permanent {
-                    message: format!("token_template cannot render this event: {e}"),
+                .map_err(|e| {
+                    ActionError::permanent(format!("token_template cannot render this event: {e}"))
                 })?
                 .trim()
                 .to_string(),
@@ -650,9 +647,9 @@ impl Push {
                 Recipient::Field(f) => f.source.clone(),
                 Recipient::Template(_) => "token_template".into(),
             };
-            return Err(ActionError::Permanent {
-                message: format!("the event has no device token ({from} is empty or absent)"),
-            });
+            return Err(ActionError::permanent(format!(
+                "the event has no device token ({from} is empty or absent)"
+            )));
         }
         Ok(token)
     }
@@ -669,11 +666,11 @@ impl Push {
                 (field.lookup(&context).cloned(), field.source.clone())
             }
             Recipient::Template(t) => {
-                let rendered = t
-                    .render_context(context)
-                    .map_err(|e| ActionError::Permanent {
-                        message: format!("subscription_template cannot render this event: {e}"),
-                    })?;
+                let rendered = t.render_context(context).map_err(|e| {
+                    ActionError::permanent(format!(
+                        "subscription_template cannot render this event: {e}"
+                    ))
+                })?;
                 (
                     serde_json::from_str::<Value>(&rendered)
                         .ok()
@@ -682,12 +679,12 @@ impl Push {
                 )
             }
         };
-        let value = value.ok_or_else(|| ActionError::Permanent {
-            message: format!("the event has no push subscription ({from} is empty or absent)"),
+        let value = value.ok_or_else(|| {
+            ActionError::permanent(format!(
+                "the event has no push subscription ({from} is empty or absent)"
+            ))
         })?;
-        Subscription::from_json(&value).map_err(|e| ActionError::Permanent {
-            message: format!("{from}: {e}"),
-        })
+        Subscription::from_json(&value).map_err(|e| ActionError::permanent(format!("{from}: {e}")))
     }
 }
 
@@ -718,22 +715,6 @@ fn reading_body() -> SendOptions {
     SendOptions {
         body_limit: Some(64 * 1024),
         ..SendOptions::default()
-    }
-}
-
-/// The same error with a detail appended to its message.
-fn with_detail(error: ActionError, detail: &str) -> ActionError {
-    if detail.is_empty() {
-        return error;
-    }
-    let message = format!("{} ({detail})", error.message());
-    match error {
-        ActionError::Transient { retry_after, .. } => ActionError::Transient {
-            message,
-            retry_after,
-        },
-        ActionError::Permanent { .. } => ActionError::Permanent { message },
-        ActionError::Gone { .. } => ActionError::Gone { message },
     }
 }
 
@@ -811,11 +792,12 @@ mod tests {
             let config =
                 match crate::actions::ActionConfig::parse(action.as_table().unwrap(), &path)
                     .unwrap()
+                    .settings
                 {
-                    crate::actions::ActionConfig::Push(c) => c,
+                    crate::actions::Settings::Push(c) => c,
                     other => panic!("{other:?}"),
                 };
-            let push = compile(&config, &path, &env).unwrap();
+            let push = compile(&config, &path, &CompileContext::new(&env)).unwrap();
             let debug = format!("{push:?}");
             assert!(!debug.contains("PRIVATE KEY"), "{debug}");
             match (&push.provider, i) {
@@ -874,7 +856,9 @@ mod tests {
             ttl_secs: Some(1),
             ..Default::default()
         };
-        let errors = compile(&config, "p", &|_| None).unwrap_err();
+        let no_env = |_: &str| None;
+        let ctx = CompileContext::new(&no_env);
+        let errors = compile(&config, "p", &ctx).unwrap_err();
         let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(
             paths,
@@ -894,7 +878,7 @@ mod tests {
                 ..Default::default()
             },
             "p",
-            &|_| None,
+            &ctx,
         )
         .unwrap_err();
         assert_eq!(errors[0].path, "p.provider");
@@ -902,7 +886,7 @@ mod tests {
             errors[0].message.contains("fcm, apns, web_push"),
             "{errors:?}"
         );
-        let errors = compile(&PushConfig::default(), "p", &|_| None).unwrap_err();
+        let errors = compile(&PushConfig::default(), "p", &ctx).unwrap_err();
         assert_eq!(errors[0].path, "p.provider");
     }
 }

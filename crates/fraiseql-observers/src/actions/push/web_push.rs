@@ -30,7 +30,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use ring::{aead, hkdf};
 use serde_json::{json, Map, Value};
 
-use super::{jwt, reading_body, required, with_detail, Content, PushConfig};
+use super::{jwt, reading_body, required, Content, PushConfig};
 use crate::actions::http::{classify, HttpClient, HttpRequest, Target};
 use crate::actions::{secret_from_env, ActionError};
 use crate::error::ConfigError;
@@ -209,28 +209,20 @@ impl WebPush {
         timeout: Duration,
     ) -> Result<(), ActionError> {
         let target = Target::parse(&subscription.endpoint, true, self.allow_private_networks)
-            .map_err(|e| ActionError::Permanent {
-                message: format!("the subscription's endpoint: {e}"),
-            })?;
+            .map_err(|e| ActionError::permanent(format!("the subscription's endpoint: {e}")))?;
         if target.url().scheme() != "https" && !self.allow_private_networks {
-            return Err(ActionError::Permanent {
-                message: format!(
-                    "the subscription's endpoint {} is not https",
-                    target.shown()
-                ),
-            });
+            return Err(ActionError::permanent(format!(
+                "the subscription's endpoint {} is not https",
+                target.shown()
+            )));
         }
-        let payload =
-            serde_json::to_vec(&payload(content)).map_err(|e| ActionError::Permanent {
-                message: e.to_string(),
-            })?;
+        let payload = serde_json::to_vec(&payload(content))
+            .map_err(|e| ActionError::permanent(e.to_string()))?;
         if payload.len() > MAX_PAYLOAD {
-            return Err(ActionError::Permanent {
-                message: format!(
-                    "the payload is {} bytes; Web Push carries at most {MAX_PAYLOAD}",
-                    payload.len()
-                ),
-            });
+            return Err(ActionError::permanent(format!(
+                "the payload is {} bytes; Web Push carries at most {MAX_PAYLOAD}",
+                payload.len()
+            )));
         }
         let (ephemeral, salt) = fresh_key_and_salt()?;
         let body = encrypt(
@@ -240,7 +232,7 @@ impl WebPush {
             &ephemeral,
             &salt,
         )
-        .map_err(|message| ActionError::Permanent { message })?;
+        .map_err(ActionError::permanent)?;
         let headers = self.headers(&target)?;
         let response = http
             .send_with(
@@ -259,16 +251,16 @@ impl WebPush {
             return Ok(());
         }
         if response.status == StatusCode::NOT_FOUND || response.status == StatusCode::GONE {
-            return Err(ActionError::Gone {
-                message: format!(
-                    "{}: the push subscription has expired or was unsubscribed ({}); remove it",
-                    target.shown(),
-                    response.status.as_u16()
-                ),
-            });
+            return Err(ActionError::gone(format!(
+                "{}: the push subscription has expired or was unsubscribed ({}); remove it",
+                target.shown(),
+                response.status.as_u16()
+            )));
         }
-        classify(response.status, &response.headers)
-            .map_err(|e| with_detail(e, &response.body_snippet(200)).context(target.shown()))
+        classify(response.status, &response.headers).map_err(|e| {
+            e.detail(&response.body_snippet(200))
+                .context(target.shown())
+        })
     }
 
     fn headers(&self, target: &Target) -> Result<HeaderMap, ActionError> {
@@ -282,7 +274,7 @@ impl WebPush {
             let signature: Signature = self.key.sign(input);
             Ok(signature.to_bytes().to_vec())
         })
-        .map_err(|message| ActionError::Permanent { message })?;
+        .map_err(ActionError::permanent)?;
         let mut authorization =
             HeaderValue::from_str(&format!("vapid t={token}, k={}", self.public_key))
                 .expect("base64url is a valid header value");
@@ -318,10 +310,7 @@ fn payload(content: &Content) -> Value {
 /// A new ephemeral key and salt from the operating system's generator.
 fn fresh_key_and_salt() -> Result<(SecretKey, [u8; 16]), ActionError> {
     let rng = SystemRandom::new();
-    let failed = |_| ActionError::Transient {
-        message: "the system random generator failed".into(),
-        retry_after: None,
-    };
+    let failed = |_| ActionError::transient("the system random generator failed");
     let mut salt = [0u8; 16];
     rng.fill(&mut salt).map_err(failed)?;
     loop {

@@ -13,6 +13,10 @@
 //! timeout_ms = 10000
 //! ```
 //!
+//! The shared part is here (configuration, the document and id of each event, the batch and its
+//! outcomes, the one request helper); what differs per engine is in its own file:
+//! `elasticsearch.rs` (Elasticsearch and OpenSearch: `_bulk`), `meilisearch.rs`, `typesense.rs`.
+//!
 //! Invariants:
 //!
 //! * A create, an update, or a `CUSTOM` event (a re-read of the current state) upserts the
@@ -47,6 +51,10 @@
 //!   checks what Meilisearch would refuse before sending: a document id must be 1-511 bytes of
 //!   `A-Z a-z 0-9 - _`.
 
+mod elasticsearch;
+mod meilisearch;
+mod typesense;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
@@ -59,7 +67,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::http::{classify, HttpClient, HttpRequest, HttpResponse, SendOptions, Target};
-use super::{secret_from_env, timeout_setting, ActionError, DeliveryRequest};
+use super::{secret_from_env, timeout_setting, ActionError, CompileContext, DeliveryRequest};
 use crate::error::ConfigError;
 use crate::event::{EntityEvent, EventKind};
 use crate::template::{EventContext, Template, TemplateMode};
@@ -121,27 +129,34 @@ enum DocumentShape {
 /// A compiled search action.
 pub struct Search {
     engine: SearchEngine,
+    endpoint: Endpoint,
+    id: Option<Template>,
+    document: DocumentShape,
+    primary_key: String,
+}
+
+/// Where the index is, and how requests reach it (shared by the engines' files).
+struct Endpoint {
+    http: HttpClient,
     base: Url,
     allow_private_networks: bool,
     index: String,
     auth: Option<(HeaderName, HeaderValue)>,
-    id: Option<Template>,
-    document: DocumentShape,
-    primary_key: String,
     timeout: Duration,
 }
 
 impl fmt::Debug for Search {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let e = &self.endpoint;
         f.debug_struct("Search")
             .field("engine", &self.engine)
-            .field("base_url", &self.base.as_str())
-            .field("index", &self.index)
-            .field("auth", &self.auth.as_ref().map(|(name, _)| name))
+            .field("base_url", &e.base.as_str())
+            .field("index", &e.index)
+            .field("auth", &e.auth.as_ref().map(|(name, _)| name))
             .field("id_template", &self.id.is_some())
             .field("document", &self.document)
             .field("primary_key", &self.primary_key)
-            .field("timeout", &self.timeout)
+            .field("timeout", &e.timeout)
             .finish()
     }
 }
@@ -150,7 +165,7 @@ impl fmt::Debug for Search {
 pub fn compile(
     config: &SearchConfig,
     path: &str,
-    env: &dyn Fn(&str) -> Option<String>,
+    ctx: &CompileContext<'_>,
 ) -> Result<Search, Vec<ConfigError>> {
     let mut errors = Vec::new();
     let at = |key: &str| format!("{path}.{key}");
@@ -214,7 +229,7 @@ pub fn compile(
         },
     };
 
-    let auth = engine.and_then(|engine| auth(config, engine, path, env, &mut errors));
+    let auth = engine.and_then(|engine| auth(config, engine, path, ctx.env, &mut errors));
 
     let id = config.id_template.as_deref().and_then(|source| {
         Template::compile(source, TemplateMode::Text)
@@ -249,7 +264,7 @@ pub fn compile(
     let primary_key = match (&config.primary_key, engine) {
         (None, _) => "id".to_string(),
         (Some(key), Some(SearchEngine::Meilisearch)) => {
-            if valid_meilisearch_id(key) {
+            if meilisearch::valid_id(key) {
                 key.clone()
             } else {
                 errors.push(ConfigError::new(
@@ -282,14 +297,17 @@ pub fn compile(
     match (errors.is_empty(), engine, base, index, document) {
         (true, Some(engine), Some(base), Some(index), Some(document)) => Ok(Search {
             engine,
-            base,
-            allow_private_networks: config.allow_private_networks,
-            index,
-            auth,
+            endpoint: Endpoint {
+                http: ctx.http.clone(),
+                base,
+                allow_private_networks: config.allow_private_networks,
+                index,
+                auth,
+                timeout,
+            },
             id,
             document,
             primary_key,
-            timeout,
         }),
         _ => Err(errors),
     }
@@ -306,29 +324,12 @@ fn index_name_problem(name: &str, engine: Option<SearchEngine>) -> Option<String
         ));
     }
     match engine {
-        Some(SearchEngine::Elasticsearch | SearchEngine::OpenSearch)
-            if name.chars().any(|c| c.is_ascii_uppercase())
-                || name.starts_with(['-', '_', '+'])
-                || name.contains(['\\', '*', '"', '<', '>', '|', ',', ':']) =>
-        {
-            Some(format!(
-                "'{name}' is not a valid index name (lowercase, not starting with -, _ or +, \
-                 none of \\ * \" < > | , :)"
-            ))
+        Some(SearchEngine::Elasticsearch | SearchEngine::OpenSearch) => {
+            elasticsearch::index_problem(name)
         }
-        Some(SearchEngine::Meilisearch) if !valid_meilisearch_id(name) => Some(format!(
-            "'{name}' is not a valid Meilisearch index uid (A-Z a-z 0-9 - _)"
-        )),
-        _ => None,
+        Some(SearchEngine::Meilisearch) => meilisearch::index_problem(name),
+        Some(SearchEngine::Typesense) | None => None,
     }
-}
-
-/// Meilisearch ids (document ids, index uids): 1-511 bytes of `A-Z a-z 0-9 - _`.
-fn valid_meilisearch_id(id: &str) -> bool {
-    (1..=511).contains(&id.len())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// The credentials header of each engine.
@@ -438,7 +439,7 @@ fn auth(
 
 /// What one event asks of the index.
 #[derive(Debug, Clone, PartialEq)]
-enum Operation {
+pub(super) enum Operation {
     Upsert {
         id: String,
         document: Map<String, Value>,
@@ -449,7 +450,7 @@ enum Operation {
 }
 
 impl Operation {
-    fn id(&self) -> &str {
+    pub(super) fn id(&self) -> &str {
         match self {
             Operation::Upsert { id, .. } | Operation::Delete { id } => id,
         }
@@ -457,22 +458,18 @@ impl Operation {
 }
 
 /// The outcome of each event of a batch, filled as requests are answered.
-struct Outcomes(Vec<Option<Result<(), ActionError>>>);
+pub(super) struct Outcomes(Vec<Option<Result<(), ActionError>>>);
 
 impl Outcomes {
-    fn set(&mut self, slot: usize, outcome: Result<(), ActionError>) {
+    pub(super) fn set(&mut self, slot: usize, outcome: Result<(), ActionError>) {
         self.0[slot] = Some(outcome);
     }
 }
 
 impl Search {
     /// Apply one event to the index. `Ok` only when the engine accepted it.
-    pub async fn execute(
-        &self,
-        http: &HttpClient,
-        request: &DeliveryRequest<'_>,
-    ) -> Result<(), ActionError> {
-        self.execute_batch(http, std::slice::from_ref(request))
+    pub async fn execute(&self, request: &DeliveryRequest<'_>) -> Result<(), ActionError> {
+        self.execute_batch(std::slice::from_ref(request))
             .await
             .pop()
             .unwrap_or(Ok(()))
@@ -482,10 +479,9 @@ impl Search {
     /// module docs). One result per request, in the same order.
     pub async fn execute_batch(
         &self,
-        http: &HttpClient,
         requests: &[DeliveryRequest<'_>],
     ) -> Vec<Result<(), ActionError>> {
-        let label = format!("search ({} {})", self.engine.name(), self.index);
+        let label = format!("search ({} {})", self.engine.name(), self.endpoint.index);
         let mut outcomes = Outcomes(vec![None; requests.len()]);
         let mut operations = Vec::new();
         for (slot, request) in requests.iter().enumerate() {
@@ -497,10 +493,10 @@ impl Search {
         if !operations.is_empty() {
             match self.engine {
                 SearchEngine::Elasticsearch | SearchEngine::OpenSearch => {
-                    self.bulk(http, &operations, &mut outcomes).await
+                    elasticsearch::bulk(&self.endpoint, &operations, &mut outcomes).await
                 }
                 SearchEngine::Meilisearch | SearchEngine::Typesense => {
-                    self.in_runs(http, &operations, &mut outcomes).await
+                    self.in_runs(&operations, &mut outcomes).await
                 }
             }
         }
@@ -510,9 +506,9 @@ impl Search {
             .map(|outcome| {
                 outcome
                     .unwrap_or_else(|| {
-                        Err(ActionError::Permanent {
-                            message: "no outcome was recorded for this event".into(),
-                        })
+                        Err(ActionError::permanent(
+                            "no outcome was recorded for this event",
+                        ))
                     })
                     .map_err(|e| e.context(&label))
             })
@@ -521,7 +517,7 @@ impl Search {
             tracing::debug!(
                 action = "search",
                 engine = self.engine.name(),
-                index = %self.index,
+                index = %self.endpoint.index,
                 delivery_id = request.delivery_id,
                 attempt = request.attempt,
                 ok = result.is_ok(),
@@ -538,28 +534,25 @@ impl Search {
             None => event.entity_id.to_string(),
             Some(template) => template
                 .render_context(&context)
-                .map_err(|e| ActionError::Permanent {
-                    message: format!("id_template cannot render this event: {e}"),
+                .map_err(|e| {
+                    ActionError::permanent(format!("id_template cannot render this event: {e}"))
                 })?
                 .trim()
                 .to_string(),
         };
         if id.is_empty() {
-            return Err(ActionError::Permanent {
-                message: "id_template rendered an empty document id".into(),
-            });
+            return Err(ActionError::permanent(
+                "id_template rendered an empty document id",
+            ));
         }
         if id.len() > 512 {
-            return Err(ActionError::Permanent {
-                message: format!("the document id is {} bytes long (at most 512)", id.len()),
-            });
+            return Err(ActionError::permanent(format!(
+                "the document id is {} bytes long (at most 512)",
+                id.len()
+            )));
         }
-        if self.engine == SearchEngine::Meilisearch && !valid_meilisearch_id(&id) {
-            return Err(ActionError::Permanent {
-                message: format!(
-                    "'{id}' is not a valid Meilisearch document id (1-511 bytes of A-Z a-z 0-9 - _)"
-                ),
-            });
+        if self.engine == SearchEngine::Meilisearch {
+            meilisearch::check_id(&id)?;
         }
         if event.kind == EventKind::Deleted {
             return Ok(Operation::Delete { id });
@@ -578,18 +571,17 @@ impl Search {
                     .collect()
             }
             DocumentShape::Template(template) => {
-                let rendered =
-                    template
-                        .render_context(&context)
-                        .map_err(|e| ActionError::Permanent {
-                            message: format!("document_template cannot render this event: {e}"),
-                        })?;
+                let rendered = template.render_context(&context).map_err(|e| {
+                    ActionError::permanent(format!(
+                        "document_template cannot render this event: {e}"
+                    ))
+                })?;
                 match serde_json::from_str::<Value>(&rendered) {
                     Ok(Value::Object(document)) => document,
                     _ => {
-                        return Err(ActionError::Permanent {
-                            message: "document_template must render a JSON object".into(),
-                        })
+                        return Err(ActionError::permanent(
+                            "document_template must render a JSON object",
+                        ))
                     }
                 }
             }
@@ -607,84 +599,9 @@ impl Search {
     }
 
     // -----------------------------------------------------------------------------------------
-    // Elasticsearch / OpenSearch: one `_bulk` request.
-
-    async fn bulk(
-        &self,
-        http: &HttpClient,
-        operations: &[(usize, Operation)],
-        outcomes: &mut Outcomes,
-    ) {
-        let mut body = String::new();
-        for (_, op) in operations {
-            match op {
-                Operation::Upsert { id, document } => {
-                    body.push_str(&json!({"index": {"_index": self.index, "_id": id}}).to_string());
-                    body.push('\n');
-                    body.push_str(&Value::Object(document.clone()).to_string());
-                    body.push('\n');
-                }
-                Operation::Delete { id } => {
-                    body.push_str(
-                        &json!({"delete": {"_index": self.index, "_id": id}}).to_string(),
-                    );
-                    body.push('\n');
-                }
-            }
-        }
-        let answer = self
-            .send(
-                http,
-                Method::POST,
-                &["_bulk"],
-                None,
-                "application/x-ndjson",
-                body.into_bytes(),
-            )
-            .await;
-        // The request as a whole first: refused or failed, every event shares that outcome.
-        let response = match answer.and_then(|r| status_outcome(&r, false).map(|_| r)) {
-            Ok(response) => response,
-            Err(e) => {
-                for (slot, _) in operations {
-                    outcomes.set(*slot, Err(e.clone()));
-                }
-                return;
-            }
-        };
-        let items = serde_json::from_slice::<Value>(&response.body)
-            .ok()
-            .and_then(|v| v["items"].as_array().cloned())
-            .filter(|items| items.len() == operations.len());
-        let Some(items) = items else {
-            let error = ActionError::Transient {
-                message: format!(
-                    "the _bulk answer ({}) has no result for each of the {} actions: {}",
-                    response.status.as_u16(),
-                    operations.len(),
-                    response.body_snippet(200)
-                ),
-                retry_after: None,
-            };
-            for (slot, _) in operations {
-                outcomes.set(*slot, Err(error.clone()));
-            }
-            return;
-        };
-        for ((slot, op), item) in operations.iter().zip(&items) {
-            outcomes.set(*slot, bulk_item_outcome(op, item));
-        }
-    }
-
-    // -----------------------------------------------------------------------------------------
     // Meilisearch / Typesense: runs of upserts and runs of deletes, in order.
 
-    async fn in_runs(
-        &self,
-        http: &HttpClient,
-        operations: &[(usize, Operation)],
-        outcomes: &mut Outcomes,
-    ) {
+    async fn in_runs(&self, operations: &[(usize, Operation)], outcomes: &mut Outcomes) {
         let mut rest = operations;
         while let Some((_, first)) = rest.first() {
             let upserts = matches!(first, Operation::Upsert { .. });
@@ -695,20 +612,18 @@ impl Search {
             let (run, after) = rest.split_at(len);
             rest = after;
             let failed = if upserts {
-                self.upsert_run(http, run, outcomes).await
+                self.upsert_run(run, outcomes).await
             } else {
-                self.delete_run(http, run, outcomes).await
+                self.delete_run(run, outcomes).await
             };
             if failed {
                 for (slot, _) in rest {
                     outcomes.set(
                         *slot,
-                        Err(ActionError::Transient {
-                            message: "not sent: an earlier request of the same batch failed, and \
-                                      changes are applied in order"
-                                .into(),
-                            retry_after: None,
-                        }),
+                        Err(ActionError::transient(
+                            "not sent: an earlier request of the same batch failed, and \
+                             changes are applied in order",
+                        )),
                     );
                 }
                 return;
@@ -717,12 +632,7 @@ impl Search {
     }
 
     /// One request for a run of upserts. Returns whether any of them failed.
-    async fn upsert_run(
-        &self,
-        http: &HttpClient,
-        run: &[(usize, Operation)],
-        outcomes: &mut Outcomes,
-    ) -> bool {
+    async fn upsert_run(&self, run: &[(usize, Operation)], outcomes: &mut Outcomes) -> bool {
         // Later events of the same id replace earlier ones: each event maps to the document
         // that carries its final state.
         let mut position: HashMap<&str, usize> = HashMap::new();
@@ -740,38 +650,11 @@ impl Search {
                 carried_by.push(position[id.as_str()]);
             }
         }
-        let per_document: Vec<Result<(), ActionError>> = match self.engine {
+        let per_document = match self.engine {
             SearchEngine::Meilisearch => {
-                let body = serde_json::to_vec(&documents).expect("JSON values serialize");
-                let outcome = self
-                    .send(
-                        http,
-                        Method::POST,
-                        &["indexes", &self.index, "documents"],
-                        Some(("primaryKey", &self.primary_key)),
-                        "application/json",
-                        body,
-                    )
-                    .await
-                    .and_then(|r| status_outcome(&r, false));
-                vec![outcome; documents.len()]
+                meilisearch::upsert(&self.endpoint, &self.primary_key, &documents).await
             }
-            _ if documents.len() == 1 => {
-                let body = serde_json::to_vec(documents[0]).expect("JSON values serialize");
-                let outcome = self
-                    .send(
-                        http,
-                        Method::POST,
-                        &["collections", &self.index, "documents"],
-                        Some(("action", "upsert")),
-                        "application/json",
-                        body,
-                    )
-                    .await
-                    .and_then(|r| status_outcome(&r, false));
-                vec![outcome]
-            }
-            _ => self.typesense_import(http, &documents).await,
+            _ => typesense::upsert(&self.endpoint, &documents).await,
         };
         let mut failed = false;
         for ((slot, _), at) in run.iter().zip(carried_by) {
@@ -782,117 +665,26 @@ impl Search {
         failed
     }
 
-    /// Typesense's JSONL import: one answer line per document, in order.
-    async fn typesense_import(
-        &self,
-        http: &HttpClient,
-        documents: &[&Map<String, Value>],
-    ) -> Vec<Result<(), ActionError>> {
-        let mut body = String::new();
-        for document in documents {
-            body.push_str(&Value::Object((*document).clone()).to_string());
-            body.push('\n');
-        }
-        let answer = self
-            .send(
-                http,
-                Method::POST,
-                &["collections", &self.index, "documents", "import"],
-                Some(("action", "upsert")),
-                "text/plain",
-                body.into_bytes(),
-            )
-            .await
-            .and_then(|r| status_outcome(&r, false).map(|_| r));
-        let response = match answer {
-            Ok(response) => response,
-            Err(e) => return vec![Err(e); documents.len()],
-        };
-        let lines: Vec<Value> = String::from_utf8_lossy(&response.body)
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
-        if lines.len() != documents.len() {
-            let error = ActionError::Transient {
-                message: format!(
-                    "the import answer has {} result lines for {} documents",
-                    lines.len(),
-                    documents.len()
-                ),
-                retry_after: None,
-            };
-            return vec![Err(error); documents.len()];
-        }
-        lines.iter().map(import_line_outcome).collect()
-    }
-
-    /// A run of deletes: Meilisearch takes them in one request; Typesense one by one.
-    async fn delete_run(
-        &self,
-        http: &HttpClient,
-        run: &[(usize, Operation)],
-        outcomes: &mut Outcomes,
-    ) -> bool {
+    /// A run of deletes. Returns whether any of them failed.
+    async fn delete_run(&self, run: &[(usize, Operation)], outcomes: &mut Outcomes) -> bool {
         let ids: Vec<&str> = run.iter().map(|(_, op)| op.id()).collect();
-        if self.engine == SearchEngine::Meilisearch && ids.len() > 1 {
-            let body = serde_json::to_vec(&ids).expect("strings serialize");
-            let outcome = self
-                .send(
-                    http,
-                    Method::POST,
-                    &["indexes", &self.index, "documents", "delete-batch"],
-                    None,
-                    "application/json",
-                    body,
-                )
-                .await
-                .and_then(|r| status_outcome(&r, true));
-            for (slot, _) in run {
-                outcomes.set(*slot, outcome.clone());
-            }
-            return outcome.is_err();
-        }
-        let collection = match self.engine {
-            SearchEngine::Meilisearch => "indexes",
-            _ => "collections",
+        let results = match self.engine {
+            SearchEngine::Meilisearch => meilisearch::delete(&self.endpoint, &ids).await,
+            _ => typesense::delete(&self.endpoint, &ids).await,
         };
-        for (n, (slot, op)) in run.iter().enumerate() {
-            let outcome = self
-                .send(
-                    http,
-                    Method::DELETE,
-                    &[collection, &self.index, "documents", op.id()],
-                    None,
-                    "application/json",
-                    Vec::new(),
-                )
-                .await
-                .and_then(|r| status_outcome(&r, true));
-            let failed = outcome.is_err();
+        let mut failed = false;
+        for ((slot, _), outcome) in run.iter().zip(results) {
+            failed |= outcome.is_err();
             outcomes.set(*slot, outcome);
-            if failed {
-                for (later, _) in &run[n + 1..] {
-                    outcomes.set(
-                        *later,
-                        Err(ActionError::Transient {
-                            message: "not sent: an earlier request of the same batch failed".into(),
-                            retry_after: None,
-                        }),
-                    );
-                }
-                return true;
-            }
         }
-        false
+        failed
     }
+}
 
-    // -----------------------------------------------------------------------------------------
-
+impl Endpoint {
     /// One request to `base_url/{segments...}?{query}`, with the credentials.
     async fn send(
         &self,
-        http: &HttpClient,
         method: Method,
         segments: &[&str],
         query: Option<(&str, &str)>,
@@ -901,58 +693,81 @@ impl Search {
     ) -> Result<HttpResponse, ActionError> {
         let mut url = self.base.clone();
         url.path_segments_mut()
-            .map_err(|_| ActionError::Permanent {
-                message: "base_url cannot have a path".into(),
-            })?
+            .map_err(|_| ActionError::permanent("base_url cannot have a path"))?
             .pop_if_empty()
             .extend(segments);
         if let Some((key, value)) = query {
             url.query_pairs_mut().append_pair(key, value);
         }
         let target = Target::parse(url.as_str(), false, self.allow_private_networks)
-            .map_err(|message| ActionError::Permanent { message })?;
+            .map_err(ActionError::permanent)?;
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
         if let Some((name, value)) = &self.auth {
             headers.insert(name.clone(), value.clone());
         }
-        http.send_with(
-            HttpRequest {
-                method,
-                target: &target,
-                headers,
-                body,
-                timeout: self.timeout,
-            },
-            SendOptions {
-                body_limit: Some(ANSWER_LIMIT),
-                ..SendOptions::default()
-            },
-        )
-        .await
-        .map_err(|e| e.context(target.shown()))
+        self.http
+            .send_with(
+                HttpRequest {
+                    method,
+                    target: &target,
+                    headers,
+                    body,
+                    timeout: self.timeout,
+                },
+                SendOptions {
+                    body_limit: Some(ANSWER_LIMIT),
+                    ..SendOptions::default()
+                },
+            )
+            .await
+            .map_err(|e| e.context(target.shown()))
     }
 }
 
-fn no_row() -> ActionError {
-    ActionError::Permanent {
-        message: "the event has no row to index".into(),
+/// `DELETE {collection}/{index}/documents/{id}` for each id, in order; after a failure the rest
+/// are not sent (a transient error each).
+async fn delete_one_by_one(
+    endpoint: &Endpoint,
+    collection: &str,
+    ids: &[&str],
+) -> Vec<Result<(), ActionError>> {
+    let mut results = Vec::with_capacity(ids.len());
+    for id in ids {
+        if results.iter().any(Result::is_err) {
+            results.push(Err(ActionError::transient(
+                "not sent: an earlier request of the same batch failed",
+            )));
+            continue;
+        }
+        let outcome = endpoint
+            .send(
+                Method::DELETE,
+                &[collection, &endpoint.index, "documents", id],
+                None,
+                "application/json",
+                Vec::new(),
+            )
+            .await
+            .and_then(|r| status_outcome(&r, true));
+        results.push(outcome);
     }
+    results
+}
+
+fn no_row() -> ActionError {
+    ActionError::permanent("the event has no row to index")
 }
 
 /// The outcome of a whole request, by its status; a 404 is a success for a delete (the
 /// document is already gone). The engine's error message is kept.
-fn status_outcome(response: &HttpResponse, delete: bool) -> Result<(), ActionError> {
+pub(super) fn status_outcome(response: &HttpResponse, delete: bool) -> Result<(), ActionError> {
     if delete && response.status == StatusCode::NOT_FOUND {
         return Ok(());
     }
     classify(response.status, &response.headers).map_err(|e| {
         let detail = engine_message(&response.body).unwrap_or_else(|| response.body_snippet(200));
-        if detail.is_empty() {
-            e
-        } else {
-            with_message(e, |m| format!("{m} ({detail})"))
-        }
+        e.detail(&detail)
     })
 }
 
@@ -973,84 +788,6 @@ fn engine_message(body: &[u8]) -> Option<String> {
     })
 }
 
-/// One `_bulk` item: `{"index": {"status": 201, ...}}` or `{"delete": {"status": 404,
-/// "result": "not_found"}}` or an item with `error`.
-fn bulk_item_outcome(op: &Operation, item: &Value) -> Result<(), ActionError> {
-    let key = match op {
-        Operation::Upsert { .. } => "index",
-        Operation::Delete { .. } => "delete",
-    };
-    let result = &item[key];
-    let Some(status) = result["status"].as_u64() else {
-        return Err(ActionError::Transient {
-            message: format!(
-                "the _bulk answer has no '{key}' status for document {}",
-                op.id()
-            ),
-            retry_after: None,
-        });
-    };
-    if (200..300).contains(&status) || (key == "delete" && status == 404) {
-        return Ok(());
-    }
-    let error = &result["error"];
-    let detail = match (error["type"].as_str(), error["reason"].as_str()) {
-        (Some(t), Some(r)) => format!("{t}: {}", r.chars().take(200).collect::<String>()),
-        (Some(t), None) => t.to_string(),
-        _ => error.as_str().unwrap_or_default().to_string(),
-    };
-    let message = format!(
-        "document {}: the engine answered {status} ({detail})",
-        op.id()
-    );
-    if status == 429 || status >= 500 {
-        Err(ActionError::Transient {
-            message,
-            retry_after: None,
-        })
-    } else {
-        Err(ActionError::Permanent { message })
-    }
-}
-
-/// One line of a Typesense import answer: `{"success": true}` or `{"success": false, "error":
-/// ..., "code": 400}`.
-fn import_line_outcome(line: &Value) -> Result<(), ActionError> {
-    if line["success"].as_bool() == Some(true) {
-        return Ok(());
-    }
-    let code = line["code"].as_u64().unwrap_or(400);
-    let message = format!(
-        "the engine refused the document ({code}: {})",
-        line["error"]
-            .as_str()
-            .unwrap_or("no reason given")
-            .chars()
-            .take(200)
-            .collect::<String>()
-    );
-    if code == 429 || code >= 500 {
-        Err(ActionError::Transient {
-            message,
-            retry_after: None,
-        })
-    } else {
-        Err(ActionError::Permanent { message })
-    }
-}
-
-fn with_message(error: ActionError, f: impl FnOnce(&str) -> String) -> ActionError {
-    let message = f(error.message());
-    match error {
-        ActionError::Transient { retry_after, .. } => ActionError::Transient {
-            message,
-            retry_after,
-        },
-        ActionError::Permanent { .. } => ActionError::Permanent { message },
-        ActionError::Gone { .. } => ActionError::Gone { message },
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1061,15 +798,18 @@ mod tests {
 
     #[test]
     fn doc_example_compiles() {
-        let table = crate::actions::tests::doc_example(include_str!("search.rs"));
-        let config = match crate::actions::ActionConfig::parse(&table, "p").unwrap() {
-            crate::actions::ActionConfig::Search(c) => c,
+        let table = crate::actions::tests::doc_example(include_str!("mod.rs"));
+        let config = match crate::actions::ActionConfig::parse(&table, "p")
+            .unwrap()
+            .settings
+        {
+            crate::actions::Settings::Search(c) => c,
             other => panic!("{other:?}"),
         };
-        let search = compile(&config, "p", &env).unwrap();
+        let search = compile(&config, "p", &CompileContext::new(&env)).unwrap();
         assert_eq!(search.engine, SearchEngine::Elasticsearch);
-        assert_eq!(search.index, "orders");
-        let (name, value) = search.auth.as_ref().unwrap();
+        assert_eq!(search.endpoint.index, "orders");
+        let (name, value) = search.endpoint.auth.as_ref().unwrap();
         assert_eq!(name, AUTHORIZATION);
         assert_eq!(value, "ApiKey c2VjcmV0OmtleQ==");
         assert!(!format!("{search:?}").contains("c2VjcmV0"));
@@ -1087,7 +827,7 @@ mod tests {
             timeout_ms: Some(0),
             ..Default::default()
         };
-        let errors = compile(&config, "p", &|_| None).unwrap_err();
+        let errors = compile(&config, "p", &CompileContext::new(&|_| None)).unwrap_err();
         let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(
             paths,
@@ -1109,7 +849,7 @@ mod tests {
             username_env: Some("U".into()),
             ..Default::default()
         };
-        let errors = compile(&config, "p", &|_| None).unwrap_err();
+        let errors = compile(&config, "p", &CompileContext::new(&|_| None)).unwrap_err();
         let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, ["p.username_env", "p.primary_key"], "{errors:#?}");
 
@@ -1119,7 +859,7 @@ mod tests {
             index: Some("orders".into()),
             ..Default::default()
         };
-        let errors = compile(&config, "p", &|_| None).unwrap_err();
+        let errors = compile(&config, "p", &CompileContext::new(&|_| None)).unwrap_err();
         assert_eq!(errors[0].path, "p.api_key_env");
         assert!(errors[0].message.contains("X-TYPESENSE-API-KEY"));
 
@@ -1130,42 +870,8 @@ mod tests {
             username_env: Some("U".into()),
             ..Default::default()
         };
-        let errors = compile(&config, "p", &|_| None).unwrap_err();
+        let errors = compile(&config, "p", &CompileContext::new(&|_| None)).unwrap_err();
         let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, ["p.index", "p.username_env", "p.password_env"]);
-    }
-
-    #[test]
-    fn bulk_items_are_classified() {
-        let upsert = Operation::Upsert {
-            id: "a".into(),
-            document: Map::new(),
-        };
-        let delete = Operation::Delete { id: "a".into() };
-        let item = |key: &str, status: u64| json!({ key: {"status": status, "error": {"type": "t", "reason": "r"}} });
-        assert_eq!(bulk_item_outcome(&upsert, &item("index", 201)), Ok(()));
-        assert_eq!(bulk_item_outcome(&delete, &item("delete", 404)), Ok(()));
-        assert!(matches!(
-            bulk_item_outcome(&upsert, &item("index", 400)),
-            Err(ActionError::Permanent { .. })
-        ));
-        assert!(bulk_item_outcome(&upsert, &item("index", 429))
-            .unwrap_err()
-            .is_retryable());
-        assert!(bulk_item_outcome(&upsert, &item("index", 503))
-            .unwrap_err()
-            .is_retryable());
-        assert!(bulk_item_outcome(&upsert, &json!({}))
-            .unwrap_err()
-            .is_retryable());
-    }
-
-    #[test]
-    fn meilisearch_ids() {
-        assert!(valid_meilisearch_id("0190f0a2-0000-7000-8000-0000000000aa"));
-        assert!(valid_meilisearch_id("sku_12"));
-        assert!(!valid_meilisearch_id("a.b"));
-        assert!(!valid_meilisearch_id(""));
-        assert!(!valid_meilisearch_id(&"x".repeat(512)));
     }
 }
