@@ -4,7 +4,6 @@
 //! claimed once).
 
 use crate::sample::order_event;
-use crate::support::{eventually, TestDb};
 use fraiseql_observers::actions::FailureKind;
 use fraiseql_observers::delivery::dead_letter::{self, Reason};
 use fraiseql_observers::delivery::{delivery_id, entity_key, retry_queue, DeliveryItem};
@@ -12,6 +11,7 @@ use fraiseql_observers::leader::Leadership;
 use fraiseql_observers::listener::{checkpoint, quarantine};
 use fraiseql_observers::matcher::Verdict;
 use fraiseql_observers::operator::{self, Reset};
+use fraiseql_observers::testing::{eventually, TestDb};
 use fraiseql_observers::{config, migrate, EntityEvent, EventKind, Operator, StartPosition};
 use serde_json::json;
 use std::time::Duration;
