@@ -9,6 +9,7 @@ mod engine;
 mod leader;
 mod listener;
 mod migrations;
+mod operator;
 mod parser;
 mod push;
 mod resilience;
