@@ -3,6 +3,12 @@
 //!
 //! `cargo bench -p fraiseql-observers --bench reader [-- --rows 100000 --runs 5 ...]`
 //!
+//! Options: `--rows N` (backlog size, default 1M), `--runs N`, `--batch-sizes a,b,c`,
+//! `--id-page-size N` and `--max-chunk-bytes N` (the listener's bounds, defaults as
+//! `ListenerConfig`), `--idle-secs N` (0 skips the idle part), `--no-breakdown` (skips the parts
+//! measured alone, which hold the whole backlog's ids and 100 chunks: use it when measuring the
+//! catch-up's peak RSS on a large backlog), `--reuse` (keep an already filled database).
+//!
 //! Invariants:
 //! * It touches only its own database, `fo_bench_reader` (dropped and recreated on each run unless
 //!   `--reuse` finds it already filled with the same number of rows), on the server named by
@@ -11,6 +17,9 @@
 //!   with `mark_done` + `save_checkpoint` after every batch, as a consumer does. Every run reads
 //!   the whole log as a new consumer, and must hand out exactly one event per row (else the bench
 //!   fails rather than report a number).
+//! * Each run reports the process's peak RSS during the run (`VmHWM`, reset before the run
+//!   through `/proc/self/clear_refs`), the largest id page and chunk the listener held, and the
+//!   rate of each tenth of the backlog (a steady rate has close minimum and maximum).
 //! * Results are printed as markdown and written to `target/bench-results/reader.json` at the
 //!   workspace root.
 
@@ -38,6 +47,9 @@ struct Args {
     batch_sizes: Vec<usize>,
     idle_secs: u64,
     reuse: bool,
+    id_page_size: usize,
+    max_chunk_bytes: usize,
+    breakdown: bool,
 }
 
 impl Args {
@@ -48,6 +60,9 @@ impl Args {
             batch_sizes: vec![1000, 5000, 10000],
             idle_secs: 15,
             reuse: false,
+            id_page_size: ListenerConfig::default().id_page_size,
+            max_chunk_bytes: ListenerConfig::default().max_chunk_bytes,
+            breakdown: true,
         };
         let mut it = std::env::args().skip(1);
         while let Some(arg) = it.next() {
@@ -63,6 +78,13 @@ impl Args {
                 }
                 "--idle-secs" => args.idle_secs = value("--idle-secs")?.parse()?,
                 "--reuse" => args.reuse = true,
+                "--no-breakdown" => args.breakdown = false,
+                "--id-page-size" => {
+                    args.id_page_size = value("--id-page-size")?.replace('_', "").parse()?
+                }
+                "--max-chunk-bytes" => {
+                    args.max_chunk_bytes = value("--max-chunk-bytes")?.replace('_', "").parse()?
+                }
                 // `cargo bench` passes `--bench`; filters and other harness flags mean nothing here.
                 _ => {}
             }
@@ -92,20 +114,30 @@ async fn main() -> Result<()> {
     let data = describe_data(&client).await?;
     eprintln!("data: {data}");
 
-    let breakdown = breakdown(&client, args.rows).await?;
+    let breakdown = if args.breakdown {
+        breakdown(&client, args.rows).await?
+    } else {
+        json!(null)
+    };
     eprintln!("breakdown: {breakdown}");
 
     let mut groups = Vec::new();
     for &batch_size in &args.batch_sizes {
         let mut runs = Vec::new();
         for run in 0..args.runs {
-            let result = catch_up_run(&client, &db_url, batch_size, run, args.rows).await?;
+            let result = catch_up_run(&client, &db_url, batch_size, run, &args).await?;
             eprintln!(
-                "batch_size {batch_size} run {run}: {:.0} rows/s in {:.2} s (client cpu {:.2} s, server cpu {:.2} s)",
+                "batch_size {batch_size} run {run}: {:.0} rows/s in {:.2} s (client cpu {:.2} s, server cpu {:.2} s, peak RSS {:.1} MB, largest id page {}, largest chunk {} rows / {} bytes, tenths {:.0}-{:.0} rows/s)",
                 result.rows_per_sec(),
                 result.elapsed.as_secs_f64(),
                 result.client_cpu.as_secs_f64(),
-                result.server_cpu.as_secs_f64()
+                result.server_cpu.as_secs_f64(),
+                result.peak_rss_mb,
+                result.largest_id_page,
+                result.largest_chunk_rows,
+                result.largest_chunk_bytes,
+                result.tenth_rates.iter().copied().fold(f64::INFINITY, f64::min),
+                result.tenth_rates.iter().copied().fold(0.0, f64::max),
             );
             runs.push(result);
         }
@@ -115,7 +147,7 @@ async fn main() -> Result<()> {
     let poll = poll_round_trip(&db_config, 10_000).await?;
     eprintln!("poll round trip: {poll}");
     let mut idle = Vec::new();
-    for interval_ms in [100, 10] {
+    for interval_ms in [100, 10].into_iter().filter(|_| args.idle_secs > 0) {
         let result = idle_listener(&client, &db_url, interval_ms, args.idle_secs).await?;
         eprintln!("idle listener: {result}");
         idle.push(result);
@@ -128,6 +160,7 @@ async fn main() -> Result<()> {
         "args": {
             "rows": args.rows, "runs": args.runs, "batch_sizes": args.batch_sizes,
             "idle_secs": args.idle_secs, "reuse": args.reuse,
+            "id_page_size": args.id_page_size, "max_chunk_bytes": args.max_chunk_bytes,
         },
         "machine": machine,
         "postgres": server_settings(&client).await?,
@@ -438,6 +471,12 @@ struct RunResult {
     client_cpu: Duration,
     server_cpu: Duration,
     server_wait: Duration,
+    peak_rss_mb: f64,
+    largest_id_page: u64,
+    largest_chunk_rows: u64,
+    largest_chunk_bytes: u64,
+    /// Rows per second over each tenth of the backlog.
+    tenth_rates: Vec<f64>,
 }
 
 impl RunResult {
@@ -452,23 +491,30 @@ async fn catch_up_run(
     db_url: &str,
     batch_size: usize,
     run: usize,
-    expected: u64,
+    args: &Args,
 ) -> Result<RunResult> {
+    let expected = args.rows;
     let consumer = format!("bench-{batch_size}-{run}-{}", std::process::id());
     let config = ListenerConfig {
         database_url: db_url.to_string(),
         consumer_id: consumer.clone(),
         batch_size,
         start: StartPosition::Beginning,
+        id_page_size: args.id_page_size,
+        max_chunk_bytes: args.max_chunk_bytes,
         ..ListenerConfig::default()
     };
+    reset_peak_rss();
     let load_at_start = load_average();
     let cpu_before = self_cpu()?;
     let started = Instant::now();
     let mut listener = ChangeLogListener::start(config).await?;
+    let stats = listener.stats();
     let mut rows = 0_u64;
     let mut batches = 0_u64;
     let mut first_batch = None;
+    let mut tenths = Vec::new();
+    let mut tenth_started = (Instant::now(), 0_u64);
     let mut last_sequence = i64::MIN;
     tokio::time::timeout(RUN_TIMEOUT, async {
         while rows < expected {
@@ -488,6 +534,11 @@ async fn catch_up_run(
             }
             rows += batch.events.len() as u64;
             batches += 1;
+            if rows * 10 >= (tenths.len() as u64 + 1) * expected {
+                let (at, from) = tenth_started;
+                tenths.push((rows - from) as f64 / at.elapsed().as_secs_f64());
+                tenth_started = (Instant::now(), rows);
+            }
             listener.mark_done(batch.end);
             listener.save_checkpoint().await?;
         }
@@ -497,6 +548,7 @@ async fn catch_up_run(
     .context("the catch-up run timed out")??;
     let elapsed = started.elapsed();
     let client_cpu = self_cpu()?.saturating_sub(cpu_before);
+    let peak_rss_mb = peak_rss_kb()? as f64 / 1024.0;
 
     ensure!(
         rows == expected,
@@ -532,7 +584,31 @@ async fn catch_up_run(
         client_cpu,
         server_cpu,
         server_wait,
+        peak_rss_mb,
+        largest_id_page: stats.largest_id_page(),
+        largest_chunk_rows: stats.largest_chunk_rows(),
+        largest_chunk_bytes: stats.largest_chunk_bytes(),
+        tenth_rates: tenths,
     })
+}
+
+/// Reset the process's peak RSS (`VmHWM`) to its current RSS (Linux 4.0+); best effort.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The process's peak RSS in KiB, from `/proc/self/status`.
+fn peak_rss_kb() -> Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM in /proc/self/status")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("VmHWM has no value")?
+        .parse()?)
 }
 
 async fn backend_pids(client: &Client, consumer: &str) -> Result<Vec<i32>> {
@@ -576,6 +652,13 @@ fn summary_json(batch_size: usize, runs: &[RunResult]) -> Value {
         "load_at_start": runs.iter().map(|r| r.load_at_start).collect::<Vec<_>>(),
         "client_cpu_secs": runs.iter().map(|r| r.client_cpu.as_secs_f64()).collect::<Vec<_>>(),
         "server_cpu_secs": runs.iter().map(|r| r.server_cpu.as_secs_f64()).collect::<Vec<_>>(),
+        "peak_rss_mb": runs.iter().map(|r| r.peak_rss_mb).collect::<Vec<_>>(),
+        "largest_id_page": runs.iter().map(|r| r.largest_id_page).max(),
+        "largest_chunk_rows": runs.iter().map(|r| r.largest_chunk_rows).max(),
+        "largest_chunk_bytes": runs.iter().map(|r| r.largest_chunk_bytes).max(),
+        "tenth_rows_per_sec": runs.iter().map(|r| r.tenth_rates.clone()).collect::<Vec<_>>(),
+        "tenth_rows_per_sec_min": runs.iter().flat_map(|r| r.tenth_rates.iter().copied()).fold(f64::INFINITY, f64::min),
+        "tenth_rows_per_sec_max": runs.iter().flat_map(|r| r.tenth_rates.iter().copied()).fold(0.0, f64::max),
     })
 }
 
@@ -765,8 +848,8 @@ async fn server_settings(client: &Client) -> Result<Value> {
 
 fn markdown(report: &Value) -> String {
     let mut out = String::new();
-    out.push_str("| batch_size | runs | median rows/s | min rows/s | max rows/s | median s | first batch s | reader CPU us/row | backend CPU us/row | load avg (1 min) at start |\n");
-    out.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    out.push_str("| batch_size | runs | median rows/s | min rows/s | max rows/s | median s | first batch s | reader CPU us/row | backend CPU us/row | load avg (1 min) at start | peak RSS MB | largest id page | largest chunk bytes | rows/s per tenth (min-max) |\n");
+    out.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---|\n");
     for group in report["catch_up"].as_array().into_iter().flatten() {
         let rate = &group["rows_per_sec"];
         let rows = group["rows"].as_f64().unwrap_or(1.0);
@@ -777,7 +860,7 @@ fn markdown(report: &Value) -> String {
             .map(|l| format!("{:.1}", l.as_f64().unwrap_or(0.0)))
             .collect();
         out.push_str(&format!(
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {} |\n",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {} | {} | {} | {} | {:.0}-{:.0} |\n",
             group["batch_size"],
             group["runs"],
             rate["median"].as_f64().unwrap_or(0.0),
@@ -788,16 +871,29 @@ fn markdown(report: &Value) -> String {
             group["median_client_cpu_secs"].as_f64().unwrap_or(0.0) * 1e6 / rows,
             group["median_server_cpu_secs"].as_f64().unwrap_or(0.0) * 1e6 / rows,
             loads.join(", "),
+            group["peak_rss_mb"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|m| format!("{:.0}", m.as_f64().unwrap_or(0.0)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            group["largest_id_page"],
+            group["largest_chunk_bytes"],
+            group["tenth_rows_per_sec_min"].as_f64().unwrap_or(0.0),
+            group["tenth_rows_per_sec_max"].as_f64().unwrap_or(0.0),
         ));
     }
     let breakdown = &report["breakdown"];
-    out.push_str(&format!(
+    if !breakdown.is_null() {
+        out.push_str(&format!(
         "\nParts measured alone: ids query over the whole backlog {:.2} s; fetching 1000-row chunks {:.0} rows/s by sequence list, {:.0} rows/s by range; decoding {:.0} rows/s (one thread)\n",
         breakdown["ids_query_secs"].as_f64().unwrap_or(0.0),
         breakdown["chunk_fetch_list_rows_per_sec"].as_f64().unwrap_or(0.0),
         breakdown["chunk_fetch_range_rows_per_sec"].as_f64().unwrap_or(0.0),
         breakdown["decode_rows_per_sec"].as_f64().unwrap_or(0.0),
     ));
+    }
     let poll = &report["idle"]["poll_round_trip"];
     out.push_str(&format!(
         "\nIdle poll (`SELECT pg_current_snapshot()::text`, {} calls back to back): {:.1} us round trip, {:.1} us server CPU, {:.1} us client CPU per poll\n\n",
