@@ -286,3 +286,66 @@ async fn a_paged_batch_resumes_mid_batch_after_a_stop() {
     assert_eq!(ns(&rest), (4501..=10_000).collect::<Vec<_>>());
     assert!(stats.largest_id_page() <= 1000);
 }
+
+/// The plan trap (correctness.md 2) for the two page queries: under a generic plan, the first
+/// page keeps the `(txid, id)` index and the later pages scan the primary key's range, never the
+/// table.
+#[tokio::test]
+async fn page_queries_keep_index_plans_under_a_generic_plan() {
+    use fraiseql_observers::listener::change_log::{batch_ids_page_sql, batch_ids_range_sql};
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    fill(&client, 1, 100_000, (0, -1), "none", "0").await;
+    client
+        .batch_execute(&format!(
+            "ANALYZE core.tb_entity_change_log;
+             SET plan_cache_mode = force_generic_plan;
+             PREPARE page (text, text, text[], text, bigint, bigint) AS {};
+             PREPARE later_page (bigint, bigint, text, text, bigint) AS {};",
+            batch_ids_page_sql("id"),
+            batch_ids_range_sql("id")
+        ))
+        .await
+        .unwrap();
+    let snapshot: String = client
+        .query_one("SELECT pg_current_snapshot()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let xmax: String = client
+        .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let explain = |sql: String| {
+        let client = &client;
+        async move {
+            client
+                .query(&sql, &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+    };
+    let first = explain(format!(
+        "EXPLAIN EXECUTE page('{xmax}', '{xmax}', '{{}}', '{snapshot}', -1, 1000)"
+    ))
+    .await;
+    assert!(!first.contains("Seq Scan"), "first page:\n{first}");
+    assert!(
+        first.contains("idx_entity_log_txid"),
+        "first page:\n{first}"
+    );
+    let later = explain(format!(
+        "EXPLAIN EXECUTE later_page(50000, 100000, '{snapshot}', '1:1:', 1000)"
+    ))
+    .await;
+    assert!(!later.contains("Seq Scan"), "later pages:\n{later}");
+    assert!(
+        later.contains("tb_entity_change_log_pkey") && !later.contains("Sort"),
+        "later pages scan the primary key in order:\n{later}"
+    );
+}
