@@ -52,8 +52,8 @@ pub struct ListenerConfig {
     pub database_url: String,
     /// Names this consumer's checkpoint. Two consumers with different ids each see every change.
     pub consumer_id: String,
-    /// Events handed out per [`ChangeLogListener::next_batch`] call (a large catch-up batch is
-    /// handed out in chunks of this size).
+    /// The most events handed out per [`ChangeLogListener::next_batch`] call (a large catch-up
+    /// batch is handed out in chunks of this size, smaller when rows are large: `max_chunk_bytes`).
     pub batch_size: usize,
     /// The longest sleep between two polls when the log is idle.
     pub poll_interval: Duration,
@@ -493,14 +493,12 @@ impl ChangeLogListener {
         };
         let (ids, pages_up_to) = self.id_page(&lower, &upper, after, Some(up_to)).await?;
         let mut progress = self.lock();
-        if let Some(batch) = progress.batches.iter_mut().find(|b| b.no == no) {
-            if ids.is_empty() {
-                batch.pages_up_to = None;
-            } else {
-                batch.ids = ids;
-                batch.next = 0;
-                batch.pages_up_to = pages_up_to;
-            }
+        if ids.is_empty() {
+            progress.no_more_pages(no);
+        } else if let Some(batch) = progress.batches.iter_mut().find(|b| b.no == no) {
+            batch.ids = ids;
+            batch.next = 0;
+            batch.pages_up_to = pages_up_to;
         }
         Ok(())
     }
@@ -682,11 +680,15 @@ impl ChangeLogListener {
         loop {
             let conn = self.conn.as_ref().expect("connected");
             let limit = self.sizing.page_ids();
+            // One sequence more than the page holds says whether another page follows (it is read
+            // again as the first of that page), so a batch is known complete once handed out.
             let page = match up_to {
-                None => batch_ids(conn, lower, upper, after, limit).await,
-                Some(up_to) => batch_ids_in_range(conn, lower, upper, after, up_to, limit).await,
+                None => batch_ids(conn, lower, upper, after, limit + 1).await,
+                Some(up_to) => {
+                    batch_ids_in_range(conn, lower, upper, after, up_to, limit + 1).await
+                }
             };
-            let ids = match page {
+            let mut ids = match page {
                 Ok(ids) => ids,
                 Err(e) => {
                     if ReadFailure::of(&e) == Some(ReadFailure::Timeout)
@@ -701,12 +703,14 @@ impl ChangeLogListener {
                     return Err(e);
                 }
             };
+            let more = ids.len() > limit;
+            ids.truncate(limit);
             self.sizing.page_read();
             self.stats.id_pages.fetch_add(1, Ordering::Relaxed);
             self.stats
                 .largest_id_page
                 .fetch_max(ids.len() as u64, Ordering::Relaxed);
-            if ids.len() < limit {
+            if !more {
                 return Ok((ids, None));
             }
             let up_to = match up_to {

@@ -60,6 +60,8 @@ pub(super) struct Progress {
     /// What is done, as last computed by `mark_done`, and whether it still needs saving.
     done: Checkpoint,
     dirty: bool,
+    /// The last position `mark_done` was given, to re-check a batch that turns out complete later.
+    last_marked: Option<Position>,
 }
 
 impl Progress {
@@ -68,6 +70,7 @@ impl Progress {
             batches: VecDeque::new(),
             done,
             dirty: false,
+            last_marked: None,
         }
     }
 
@@ -76,7 +79,19 @@ impl Progress {
         self.dirty = true;
     }
 
+    /// Batch `no` turned out to have no pages after the one handed out: it may be complete with
+    /// what is already marked done.
+    pub(super) fn no_more_pages(&mut self, no: u64) {
+        if let Some(batch) = self.batches.iter_mut().find(|b| b.no == no) {
+            batch.pages_up_to = None;
+        }
+        if let Some(position) = self.last_marked {
+            self.mark_done(position);
+        }
+    }
+
     fn mark_done(&mut self, position: Position) {
+        self.last_marked = Some(position);
         while let Some(front) = self.batches.front() {
             let complete = front.no < position.batch
                 || (front.no == position.batch

@@ -134,6 +134,18 @@ async fn a_large_backlog_is_read_in_bounded_pages_and_chunks() {
     let mut listener = ChangeLogListener::start(cfg).await.unwrap();
     let stats = listener.stats();
     let (events, quarantined) = read_events(&mut listener, 50_000).await;
+    // 25 full pages: the batch is known complete once its last chunk is done, without another
+    // call to `next_batch`.
+    listener.save_checkpoint().await.unwrap();
+    let open: bool = client
+        .query_one(
+            "SELECT batch_snapshot IS NOT NULL FROM core.observer_checkpoints WHERE consumer_id = 'bounded'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!open, "a batch read whole leaves no in-batch progress");
     nothing_more(&mut listener).await;
 
     assert_eq!(quarantined, 0);
