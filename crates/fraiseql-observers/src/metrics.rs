@@ -18,6 +18,13 @@ pub const BACKLOG: &str = "fraiseql_observers_backlog";
 pub const RETRY_QUEUE: &str = "fraiseql_observers_retry_queue";
 pub const DLQ_PENDING: &str = "fraiseql_observers_dlq_pending";
 pub const IN_FLIGHT: &str = "fraiseql_observers_in_flight";
+/// Requests in flight to one endpoint (labelled `endpoint`: `host:port`).
+pub const ENDPOINT_IN_FLIGHT: &str = "fraiseql_observers_endpoint_in_flight";
+/// Deliveries not sent at once because of their endpoint's flow control (labelled `endpoint`
+/// and `reason` = breaker_open | rate_limited | max_in_flight); they wait in the retry queue.
+pub const ENDPOINT_THROTTLED: &str = "fraiseql_observers_endpoint_throttled_total";
+/// 1 while an endpoint's circuit breaker is open or half-open, else 0.
+pub const ENDPOINT_BREAKER_OPEN: &str = "fraiseql_observers_endpoint_breaker_open";
 pub const LISTENER_HEALTHY: &str = "fraiseql_observers_listener_healthy";
 pub const LEADER: &str = "fraiseql_observers_leader";
 

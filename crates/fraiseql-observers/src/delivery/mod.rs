@@ -4,6 +4,7 @@
 //! what follows a failure, keep order and keep state durable.
 
 pub mod dead_letter;
+pub mod flow;
 pub mod lanes;
 pub mod parking;
 pub mod policy;
