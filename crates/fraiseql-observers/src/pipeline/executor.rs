@@ -9,17 +9,16 @@
 //!   deliveries are parked behind them (durably) instead of running.
 //! * Every durable write is fenced by the consumer's epoch; `Error::Fenced` stops everything.
 
-use crate::actions::{Action, ActionError, DeliveryRequest};
+use crate::actions::{Action, DeliveryRequest};
 use crate::config::Observer;
 use crate::db;
 use crate::delivery::parking::Parking;
 use crate::delivery::policy::{self, Decision, Reason, Stage};
 use crate::delivery::{dead_letter, delivery_id, entity_key, retry_queue, DeliveryItem};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::event::EntityEvent;
 use crate::matcher::{EventMatcher, Verdict};
 use crate::metrics as m;
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -308,91 +307,6 @@ impl ObserverExecutor {
             }
         }
         Ok(())
-    }
-
-    /// Why each observer does or does not fire for `event` (every observer, configuration order):
-    /// `None` when its entity or event type does not fit.
-    pub fn explain(&self, event: &EntityEvent) -> Vec<(&str, Option<Verdict>)> {
-        let verdicts: HashMap<usize, Verdict> = self
-            .matcher
-            .evaluate(&self.observers, event)
-            .into_iter()
-            .collect();
-        self.observers
-            .iter()
-            .enumerate()
-            .map(|(i, o)| (o.name.as_str(), verdicts.get(&i).cloned()))
-            .collect()
-    }
-
-    /// Send `event` again through every action of observer `name`, once each, when it matches
-    /// (an operator's replay: same delivery ids, so receivers can deduplicate; failures are
-    /// returned, not queued). `Ok(None)` when the observer does not fire for this event.
-    pub async fn replay(
-        &self,
-        name: &str,
-        event: &EntityEvent,
-    ) -> Result<Option<Vec<std::result::Result<(), ActionError>>>> {
-        let i = self
-            .observers
-            .iter()
-            .position(|o| o.name == name)
-            .ok_or_else(|| {
-                Error::Invalid(format!("no observer named '{name}' in this configuration"))
-            })?;
-        let fires = self
-            .matcher
-            .evaluate(&self.observers, event)
-            .into_iter()
-            .any(|(j, v)| j == i && v == Verdict::Matched);
-        if !fires {
-            return Ok(None);
-        }
-        let observer = &self.observers[i];
-        let mut results = Vec::with_capacity(observer.actions.len());
-        for (a, action) in observer.actions.iter().enumerate() {
-            let delivery_id = delivery_id(event.id, &observer.name, a);
-            let request = DeliveryRequest {
-                event,
-                delivery_id: &delivery_id,
-                attempt: 1,
-            };
-            results.push(action.execute(&request).await);
-        }
-        Ok(Some(results))
-    }
-
-    /// Retry dead letter `id` once, on an operator's request: claimed atomically, so two
-    /// concurrent retries of one item deliver once. `Ok(None)` when it is not pending.
-    pub async fn retry_dead_letter(
-        &self,
-        id: i64,
-    ) -> Result<Option<std::result::Result<(), ActionError>>> {
-        let client = self.store.client().await?;
-        let Some(item) = dead_letter::claim_for_retry(&client, id, RETRY_LEASE).await? else {
-            return Ok(None);
-        };
-        let action = self
-            .observers
-            .iter()
-            .find(|o| o.name == item.observer)
-            .and_then(|o| o.actions.get(item.action_index));
-        let result = match action {
-            None => Err(ActionError::permanent(format!(
-                "observer '{}' action {} is not in this configuration",
-                item.observer, item.action_index
-            ))),
-            Some(action) => {
-                let request = DeliveryRequest {
-                    event: &item.event,
-                    delivery_id: &item.delivery_id,
-                    attempt: item.attempts + 1,
-                };
-                action.execute(&request).await
-            }
-        };
-        dead_letter::finish_retry(&client, id, result.as_ref().err().map(|e| e.message())).await?;
-        Ok(Some(result))
     }
 
     /// Metrics and the log line of a delivery given up: dead-lettered, or dropped.

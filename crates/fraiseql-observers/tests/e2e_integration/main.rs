@@ -8,6 +8,7 @@ mod engine;
 mod leader;
 mod listener;
 mod migrations;
+mod operator;
 mod parser;
 mod push;
 mod resilience;
