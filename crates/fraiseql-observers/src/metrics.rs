@@ -6,7 +6,7 @@ pub const ROWS_QUARANTINED: &str = "fraiseql_observers_rows_quarantined_total";
 pub const EVENTS_READ: &str = "fraiseql_observers_events_read_total";
 pub const EVENTS_MATCHED: &str = "fraiseql_observers_events_matched_total";
 pub const CONDITION_ERRORS: &str = "fraiseql_observers_condition_errors_total";
-/// Labelled `observer`, `action` and `outcome` = ok | failed | retried | parked | dead_lettered | dropped.
+/// Labelled `observer`, `action` and `outcome` = ok | failed | retried | parked | throttled | dead_lettered | dropped.
 pub const ACTIONS: &str = "fraiseql_observers_actions_total";
 pub const DEAD_LETTERED: &str = "fraiseql_observers_dead_lettered_total";
 /// Seconds from the change's commit (its `created_at`) to a successful delivery, per observer.

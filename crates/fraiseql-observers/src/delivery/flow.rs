@@ -13,14 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+pub use crate::actions::RateLimit;
 use crate::metrics as m;
-
-/// A rate limit: `per_second` on average, up to `burst` at once.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RateLimit {
-    pub per_second: f64,
-    pub burst: u32,
-}
 
 /// When the breaker opens and for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +81,9 @@ impl Breaker {
                 *self = Breaker::HalfOpen { probing: true };
                 Gate::Probe
             }
-            Breaker::HalfOpen { probing: true } => Gate::Wait(now + settings.cool_down.min(MAX_WAIT)),
+            Breaker::HalfOpen { probing: true } => {
+                Gate::Wait(now + settings.cool_down.min(MAX_WAIT))
+            }
         }
     }
 
@@ -175,6 +171,15 @@ pub enum Throttle {
 }
 
 impl Throttle {
+    /// For the retry queue's `last_error` and logs.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Throttle::BreakerOpen => "circuit breaker open",
+            Throttle::RateLimited => "rate limit reached",
+            Throttle::Saturated => "max_in_flight reached",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Throttle::BreakerOpen => "breaker_open",
@@ -231,9 +236,7 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn new(name: String, limits: Limits) -> Endpoint {
-        let throttled = |why: Throttle| {
-            metrics::counter!(m::ENDPOINT_THROTTLED, "endpoint" => name.clone(), "reason" => why.as_str())
-        };
+        let throttled = |why: Throttle| metrics::counter!(m::ENDPOINT_THROTTLED, "endpoint" => name.clone(), "reason" => why.as_str());
         let metrics = Gauges {
             in_flight: metrics::gauge!(m::ENDPOINT_IN_FLIGHT, "endpoint" => name.clone()),
             breaker_open: metrics::gauge!(m::ENDPOINT_BREAKER_OPEN, "endpoint" => name.clone()),
@@ -245,7 +248,11 @@ impl Endpoint {
         };
         Endpoint {
             metrics,
-            bucket: Mutex::new(limits.rate_limit.map(|r| TokenBucket::new(&r, Instant::now()))),
+            bucket: Mutex::new(
+                limits
+                    .rate_limit
+                    .map(|r| TokenBucket::new(&r, Instant::now())),
+            ),
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
             waiting: AtomicUsize::new(0),
             breaker: Mutex::new(Breaker::default()),
@@ -297,7 +304,9 @@ impl Endpoint {
             Ok(permit) => permit,
             Err(_) => match self.in_flight.clone().acquire_owned().await {
                 Ok(permit) => permit,
-                Err(_) => return self.unprobe(probe, Duration::from_millis(100), Throttle::Saturated),
+                Err(_) => {
+                    return self.unprobe(probe, Duration::from_millis(100), Throttle::Saturated)
+                }
             },
         };
         self.metrics.in_flight.increment(1.0);
@@ -379,7 +388,10 @@ mod tests {
         b.record(true, t0, &s);
         let later = t0 + s.cool_down;
         assert_eq!(b.gate(later, &s), Gate::Probe);
-        assert!(matches!(b.gate(later, &s), Gate::Wait(_)), "one probe at a time");
+        assert!(
+            matches!(b.gate(later, &s), Gate::Wait(_)),
+            "one probe at a time"
+        );
         // The probe fails: open again for a full cool-down.
         assert!(b.record(true, later, &s));
         assert_eq!(b.gate(later, &s), Gate::Wait(later + s.cool_down));
@@ -417,7 +429,9 @@ mod tests {
         let wait = bucket.take(&limit, t0, MAX_WAIT).unwrap();
         assert!((wait.as_secs_f64() - 0.2).abs() < 1e-9, "{wait:?}");
         // Past the longest wait: refused, nothing taken.
-        let refused = bucket.take(&limit, t0, Duration::from_millis(250)).unwrap_err();
+        let refused = bucket
+            .take(&limit, t0, Duration::from_millis(250))
+            .unwrap_err();
         assert!((refused.as_secs_f64() - 0.3).abs() < 1e-9, "{refused:?}");
         // A second later the bucket is full again (never above the burst).
         let t1 = t0 + Duration::from_secs(1);

@@ -10,8 +10,9 @@
 //! * Every durable write is fenced by the consumer's epoch; `Error::Fenced` stops everything.
 
 use crate::actions::{Action, DeliveryRequest};
-use crate::config::Observer;
+use crate::config::{Observer, RuntimeConfig};
 use crate::db;
+use crate::delivery::flow::{self, Endpoint};
 use crate::delivery::parking::Parking;
 use crate::delivery::policy::{self, Decision, Reason, Stage};
 use crate::delivery::{dead_letter, delivery_id, entity_key, retry_queue, DeliveryItem};
@@ -19,6 +20,7 @@ use crate::error::Result;
 use crate::event::EntityEvent;
 use crate::matcher::{EventMatcher, Verdict};
 use crate::metrics as m;
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -38,6 +40,8 @@ pub type Held = (usize, Duration);
 pub struct ObserverExecutor {
     pub(super) observers: Vec<Observer>,
     matcher: EventMatcher,
+    /// The endpoint of each action: `endpoints[observer][action]`.
+    pub(super) endpoints: Vec<Vec<Arc<Endpoint>>>,
     /// Delivery bookkeeping (retry queue, dead letters).
     store: db::Reconnecting,
     pub(super) consumer: String,
@@ -48,14 +52,16 @@ pub struct ObserverExecutor {
 }
 
 impl ObserverExecutor {
-    /// Build the executor for `consumer` led at `epoch` (from `ChangeLogListener::epoch`): loads
-    /// which entities are parked and releases the leases a dead predecessor held.
+    /// Build the executor for `runtime.consumer_id` led at `epoch` (from
+    /// `ChangeLogListener::epoch`): loads which entities are parked, releases the leases a dead
+    /// predecessor held, and sets up each endpoint's flow control.
     pub async fn new(
         observers: Vec<Observer>,
         database_url: &str,
-        consumer: &str,
+        runtime: &RuntimeConfig,
         epoch: i64,
     ) -> Result<ObserverExecutor> {
+        let consumer = runtime.consumer_id.as_str();
         let store =
             db::Reconnecting::new(db::parse_url(database_url)?, "fraiseql-observers-delivery");
         let client = store.client().await?;
@@ -74,6 +80,7 @@ impl ObserverExecutor {
         }));
         Ok(ObserverExecutor {
             matcher: EventMatcher::new(&observers),
+            endpoints: endpoints(&observers, runtime),
             observers,
             store,
             consumer: consumer.to_string(),
@@ -169,6 +176,7 @@ impl ObserverExecutor {
                 .record_fresh(&item, 0, Decision::Queue(Duration::ZERO), "")
                 .await;
         }
+        let endpoint = &self.endpoints[i][a];
         let mut attempt = 1;
         loop {
             let request = DeliveryRequest {
@@ -176,7 +184,20 @@ impl ObserverExecutor {
                 delivery_id: &item.delivery_id,
                 attempt,
             };
-            let Err(e) = action.execute(&request).await else {
+            let pass = match endpoint.admit().await {
+                Ok(pass) => pass,
+                Err((wait, why)) => {
+                    m::action(&observer.name, action.kind(), "throttled");
+                    let error = format!("endpoint {}: {}", endpoint.name(), why.describe());
+                    return self
+                        .record_fresh(&item, attempt - 1, Decision::Queue(wait), &error)
+                        .await;
+                }
+            };
+            let result = action.execute(&request).await;
+            endpoint.record(result.as_ref().is_err_and(|e| e.is_retryable()));
+            drop(pass);
+            let Err(e) = result else {
                 self.delivered(observer, action, event);
                 return Ok(());
             };
@@ -254,7 +275,10 @@ impl ObserverExecutor {
                 if observer.ordered {
                     self.parking.park(fresh.i, &fresh.key);
                 }
-                let (max, error) = (observer.retry.max_attempts, (attempts > 0).then_some(error));
+                let (max, error) = (
+                    observer.retry.max_attempts,
+                    (!error.is_empty()).then_some(error),
+                );
                 let inserted = self
                     .durably(|c| async move {
                         retry_queue::enqueue(
@@ -359,6 +383,45 @@ impl ObserverExecutor {
             }
         }
     }
+}
+
+/// The endpoint of every action (`[observer][action]`). Actions that send to the same endpoint
+/// share it, under the strictest of their limits (the runtime-wide ones where they set none).
+fn endpoints(observers: &[Observer], runtime: &RuntimeConfig) -> Vec<Vec<Arc<Endpoint>>> {
+    let default_max = runtime.max_in_flight.unwrap_or(runtime.concurrency);
+    let mut limits: HashMap<String, flow::Limits> = HashMap::new();
+    for action in observers.iter().flat_map(|o| &o.actions) {
+        let own = action.limits();
+        let max = own.max_in_flight.unwrap_or(default_max);
+        let rate = own.rate_limit.or(runtime.rate_limit);
+        limits
+            .entry(action.endpoint())
+            .and_modify(|l| {
+                l.max_in_flight = l.max_in_flight.min(max);
+                l.rate_limit = match (l.rate_limit, rate) {
+                    (Some(a), Some(b)) => Some(if b.per_second < a.per_second { b } else { a }),
+                    (a, b) => a.or(b),
+                };
+            })
+            .or_insert(flow::Limits {
+                max_in_flight: max,
+                rate_limit: rate,
+                breaker: runtime.circuit_breaker,
+            });
+    }
+    let shared: HashMap<String, Arc<Endpoint>> = limits
+        .into_iter()
+        .map(|(name, l)| (name.clone(), Arc::new(Endpoint::new(name, l))))
+        .collect();
+    observers
+        .iter()
+        .map(|o| {
+            o.actions
+                .iter()
+                .map(|a| shared[&a.endpoint()].clone())
+                .collect()
+        })
+        .collect()
 }
 
 /// The observers that fire for one event.

@@ -76,8 +76,7 @@ impl Pipeline {
     ) -> Result<Pipeline> {
         let url = listener.database_url.clone();
         let listener = ChangeLogListener::start(listener).await?;
-        let executor =
-            ObserverExecutor::new(observers, &url, &runtime.consumer_id, listener.epoch()).await?;
+        let executor = ObserverExecutor::new(observers, &url, &runtime, listener.epoch()).await?;
         Ok(Pipeline {
             database_url: url,
             listener,

@@ -5,6 +5,7 @@ mod capture;
 mod docs;
 mod email;
 mod engine;
+mod flow;
 mod leader;
 mod listener;
 mod migrations;
