@@ -8,6 +8,8 @@
 //! [`Breaker`] and [`TokenBucket`] are pure (the caller passes the clock in); [`Endpoint`] holds
 //! them with the in-flight permits.
 
+use crate::actions::Action;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -354,6 +356,47 @@ impl Endpoint {
     fn lock_breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
         self.breaker.lock().expect("breaker lock poisoned")
     }
+}
+
+/// The endpoint of every action (`[observer][action]`, from each observer's actions). Actions
+/// that send to the same endpoint share it, under the strictest of their limits; `defaults` fill
+/// in what an action does not set.
+pub fn endpoints<'a>(
+    observers: impl Iterator<Item = &'a [Action]> + Clone,
+    defaults: Limits,
+) -> Vec<Vec<Arc<Endpoint>>> {
+    let mut limits: HashMap<String, Limits> = HashMap::new();
+    for action in observers.clone().flatten() {
+        let own = action.limits();
+        let max = own.max_in_flight.unwrap_or(defaults.max_in_flight);
+        let rate = own.rate_limit.or(defaults.rate_limit);
+        limits
+            .entry(action.endpoint())
+            .and_modify(|l| {
+                l.max_in_flight = l.max_in_flight.min(max);
+                l.rate_limit = match (l.rate_limit, rate) {
+                    (Some(a), Some(b)) => Some(if b.per_second < a.per_second { b } else { a }),
+                    (a, b) => a.or(b),
+                };
+            })
+            .or_insert(Limits {
+                max_in_flight: max,
+                rate_limit: rate,
+                breaker: defaults.breaker,
+            });
+    }
+    let shared: HashMap<String, Arc<Endpoint>> = limits
+        .into_iter()
+        .map(|(name, l)| (name.clone(), Arc::new(Endpoint::new(name, l))))
+        .collect();
+    observers
+        .map(|actions| {
+            actions
+                .iter()
+                .map(|a| shared[&a.endpoint()].clone())
+                .collect()
+        })
+        .collect()
 }
 
 #[cfg(test)]

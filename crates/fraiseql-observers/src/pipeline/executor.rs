@@ -20,7 +20,6 @@ use crate::error::Result;
 use crate::event::EntityEvent;
 use crate::matcher::{EventMatcher, Verdict};
 use crate::metrics as m;
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -29,9 +28,6 @@ use tokio::sync::Notify;
 use tokio_postgres::Client;
 
 use super::monitor::EngineStatus;
-
-/// How long a claimed retry is reserved for the process that claimed it.
-pub const RETRY_LEASE: Duration = Duration::from_secs(300);
 
 /// A coalescing observer that matched an event: `(observer index, window)`. Its delivery waits
 /// for the end of the window (see [`ObserverExecutor::process_event`]).
@@ -80,7 +76,14 @@ impl ObserverExecutor {
         }));
         Ok(ObserverExecutor {
             matcher: EventMatcher::new(&observers),
-            endpoints: endpoints(&observers, runtime),
+            endpoints: flow::endpoints(
+                observers.iter().map(|o| o.actions.as_slice()),
+                flow::Limits {
+                    max_in_flight: runtime.max_in_flight.unwrap_or(runtime.concurrency),
+                    rate_limit: runtime.rate_limit,
+                    breaker: runtime.circuit_breaker,
+                },
+            ),
             observers,
             store,
             consumer: consumer.to_string(),
@@ -383,45 +386,6 @@ impl ObserverExecutor {
             }
         }
     }
-}
-
-/// The endpoint of every action (`[observer][action]`). Actions that send to the same endpoint
-/// share it, under the strictest of their limits (the runtime-wide ones where they set none).
-fn endpoints(observers: &[Observer], runtime: &RuntimeConfig) -> Vec<Vec<Arc<Endpoint>>> {
-    let default_max = runtime.max_in_flight.unwrap_or(runtime.concurrency);
-    let mut limits: HashMap<String, flow::Limits> = HashMap::new();
-    for action in observers.iter().flat_map(|o| &o.actions) {
-        let own = action.limits();
-        let max = own.max_in_flight.unwrap_or(default_max);
-        let rate = own.rate_limit.or(runtime.rate_limit);
-        limits
-            .entry(action.endpoint())
-            .and_modify(|l| {
-                l.max_in_flight = l.max_in_flight.min(max);
-                l.rate_limit = match (l.rate_limit, rate) {
-                    (Some(a), Some(b)) => Some(if b.per_second < a.per_second { b } else { a }),
-                    (a, b) => a.or(b),
-                };
-            })
-            .or_insert(flow::Limits {
-                max_in_flight: max,
-                rate_limit: rate,
-                breaker: runtime.circuit_breaker,
-            });
-    }
-    let shared: HashMap<String, Arc<Endpoint>> = limits
-        .into_iter()
-        .map(|(name, l)| (name.clone(), Arc::new(Endpoint::new(name, l))))
-        .collect();
-    observers
-        .iter()
-        .map(|o| {
-            o.actions
-                .iter()
-                .map(|a| shared[&a.endpoint()].clone())
-                .collect()
-        })
-        .collect()
 }
 
 /// The observers that fire for one event.

@@ -29,7 +29,7 @@ mod monitor;
 mod retry;
 mod run;
 
-pub use executor::{Held, ObserverExecutor, Routed, RETRY_LEASE};
+pub use executor::{Held, ObserverExecutor, Routed};
 pub use monitor::EngineStatus;
 
 use crate::config::{Config, Observer, RuntimeConfig};

@@ -6,10 +6,10 @@
 //! entity) is queued); a claim is a lease, so a dead leader's items are taken over; an item
 //! leaves the queue only by success, dead letter or drop, and then releases its entity.
 
-use super::executor::{ObserverExecutor, RETRY_LEASE};
+use super::executor::ObserverExecutor;
 use crate::actions::DeliveryRequest;
 use crate::delivery::policy::{self, Decision, Reason, Stage};
-use crate::delivery::retry_queue;
+use crate::delivery::{retry_queue, RETRY_LEASE};
 use crate::error::Result;
 use crate::metrics as m;
 
