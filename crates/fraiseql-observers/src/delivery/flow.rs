@@ -1,16 +1,16 @@
 //! Flow control per endpoint (an action's target: a URL's host and port, an SMTP server, a
 //! Redis server, a push provider): at most `max_in_flight` requests at once, at most
 //! `rate_limit` requests per second, and a circuit breaker that stops sending to an endpoint
-//! that keeps failing. A delivery that cannot go now is not held in memory for long: past a
-//! short wait it is handed to the durable retry queue (parked per entity, in order), so one slow,
-//! hung or rate-limited receiver never holds back the others.
+//! that keeps failing. A delivery waits for a permit on its own chain (bounded by the events in
+//! flight); one whose breaker is open, or whose rate-limit token is more than a second away, is
+//! handed to the durable retry queue (parked per entity, in order). So one slow, hung or
+//! rate-limited receiver never holds back the others.
 //!
 //! [`Breaker`] and [`TokenBucket`] are pure (the caller passes the clock in); [`Endpoint`] holds
 //! them with the in-flight permits.
 
 use crate::actions::Action;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -169,7 +169,6 @@ impl TokenBucket {
 pub enum Throttle {
     BreakerOpen,
     RateLimited,
-    Saturated,
 }
 
 impl Throttle {
@@ -178,7 +177,6 @@ impl Throttle {
         match self {
             Throttle::BreakerOpen => "circuit breaker open",
             Throttle::RateLimited => "rate limit reached",
-            Throttle::Saturated => "max_in_flight reached",
         }
     }
 
@@ -186,7 +184,6 @@ impl Throttle {
         match self {
             Throttle::BreakerOpen => "breaker_open",
             Throttle::RateLimited => "rate_limited",
-            Throttle::Saturated => "max_in_flight",
         }
     }
 }
@@ -215,7 +212,7 @@ impl Drop for Pass {
 struct Gauges {
     in_flight: metrics::Gauge,
     breaker_open: metrics::Gauge,
-    throttled: [metrics::Counter; 3],
+    throttled: [metrics::Counter; 2],
 }
 
 impl std::fmt::Debug for Gauges {
@@ -230,7 +227,6 @@ pub struct Endpoint {
     name: String,
     limits: Limits,
     in_flight: Arc<Semaphore>,
-    waiting: AtomicUsize,
     bucket: Mutex<Option<TokenBucket>>,
     breaker: Mutex<Breaker>,
     metrics: Gauges,
@@ -245,7 +241,6 @@ impl Endpoint {
             throttled: [
                 throttled(Throttle::BreakerOpen),
                 throttled(Throttle::RateLimited),
-                throttled(Throttle::Saturated),
             ],
         };
         Endpoint {
@@ -256,7 +251,6 @@ impl Endpoint {
                     .map(|r| TokenBucket::new(&r, Instant::now())),
             ),
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
-            waiting: AtomicUsize::new(0),
             breaker: Mutex::new(Breaker::default()),
             name,
             limits,
@@ -277,15 +271,8 @@ impl Endpoint {
             Gate::Probe => true,
             Gate::Pass => false,
         };
-        // Waiting in memory is bounded per endpoint; past that, the retry queue holds it.
-        let max_waiting = self.limits.max_in_flight.max(16) * 4;
-        if self.waiting.fetch_add(1, Ordering::AcqRel) >= max_waiting {
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
-            return self.unprobe(probe, Duration::from_millis(100), Throttle::Saturated);
-        }
-        let admitted = self.wait_turn(probe).await;
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
-        admitted
+        // Waiting for a permit is bounded by the events in flight (the dispatcher's permits).
+        self.wait_turn(probe).await
     }
 
     async fn wait_turn(&self, probe: bool) -> Result<Pass, (Duration, Throttle)> {
@@ -302,15 +289,12 @@ impl Endpoint {
                 _ => {}
             }
         }
-        let permit = match self.in_flight.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => match self.in_flight.clone().acquire_owned().await {
-                Ok(permit) => permit,
-                Err(_) => {
-                    return self.unprobe(probe, Duration::from_millis(100), Throttle::Saturated)
-                }
-            },
-        };
+        let permit = self
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the in-flight semaphore is never closed");
         self.metrics.in_flight.increment(1.0);
         Ok(Pass {
             _permit: permit,

@@ -11,7 +11,6 @@ use crate::actions::DeliveryRequest;
 use crate::delivery::policy::{self, Decision, Reason, Stage};
 use crate::delivery::{retry_queue, RETRY_LEASE};
 use crate::error::Result;
-use crate::metrics as m;
 
 impl ObserverExecutor {
     /// Attempt the due heads of the retry queue once. Returns how many items were attempted.
@@ -66,7 +65,9 @@ impl ObserverExecutor {
             Ok(pass) => pass,
             Err((wait, why)) => {
                 // Not attempted: later, with its attempts unchanged.
-                m::action(&observer.name, action.kind(), "throttled");
+                self.meters[i].actions[item.action_index]
+                    .throttled
+                    .increment(1);
                 let error = format!("endpoint {}: {}", endpoint.name(), why.describe());
                 let error = &error;
                 return self
@@ -96,7 +97,7 @@ impl ObserverExecutor {
         drop(pass);
         let (decision, error) = match result {
             Ok(()) => {
-                self.delivered(observer, action, &item.event);
+                self.delivered(i, item.action_index, &item.event);
                 self.durably(|c| async move {
                     retry_queue::remove(&c, &self.consumer, self.epoch, id).await
                 })
@@ -119,7 +120,9 @@ impl ObserverExecutor {
         let finished = match decision {
             None => true,
             Some(Decision::RetryNow(delay) | Decision::Queue(delay)) => {
-                m::action(&observer.name, action.kind(), "retried");
+                self.meters[i].actions[item.action_index]
+                    .retried
+                    .increment(1);
                 self.durably(|c| async move {
                     retry_queue::reschedule(
                         &c,
@@ -150,8 +153,8 @@ impl ObserverExecutor {
                 })
                 .await?;
                 self.given_up(
-                    observer,
-                    action,
+                    i,
+                    item.action_index,
                     &item.event,
                     attempt,
                     reason,
@@ -166,8 +169,8 @@ impl ObserverExecutor {
                 })
                 .await?;
                 self.given_up(
-                    observer,
-                    action,
+                    i,
+                    item.action_index,
                     &item.event,
                     attempt,
                     reason,
