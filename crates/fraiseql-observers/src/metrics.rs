@@ -20,6 +20,9 @@ pub const DLQ_PENDING: &str = "fraiseql_observers_dlq_pending";
 pub const IN_FLIGHT: &str = "fraiseql_observers_in_flight";
 pub const LISTENER_HEALTHY: &str = "fraiseql_observers_listener_healthy";
 pub const LEADER: &str = "fraiseql_observers_leader";
+/// Leads lost (lock connection gone, fenced, an engine task failed, the database restarting)
+/// and contended again in the same process.
+pub const LOST_LEADS: &str = "fraiseql_observers_lost_leads_total";
 
 /// Count one action outcome.
 pub fn action(observer: &str, action: &'static str, outcome: &'static str) {

@@ -34,6 +34,9 @@ pub struct RuntimeConfig {
     pub metrics_address: Option<String>,
     /// `text` or `json` logs (used by the binary).
     pub log_format: LogFormat,
+    /// Exit (non-zero) when the lead is lost or fenced, instead of reconnecting and contending
+    /// again in the same process: for supervisors that prefer restarts.
+    pub exit_on_lost_lead: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -51,6 +54,7 @@ impl Default for RuntimeConfig {
             retry_poll_interval: Duration::from_millis(250),
             metrics_address: None,
             log_format: LogFormat::Text,
+            exit_on_lost_lead: false,
         }
     }
 }
@@ -78,6 +82,7 @@ pub(super) struct RawRuntime {
     retry_poll_interval_ms: Option<u64>,
     metrics_address: Option<String>,
     log_format: Option<LogFormat>,
+    exit_on_lost_lead: Option<bool>,
     /// `[observers.runtime.email]`: the SMTP server email actions use.
     pub(super) email: Option<toml::Table>,
     /// `[observers.runtime.redis]`: the Redis server cache actions use.
@@ -127,6 +132,9 @@ impl RawRuntime {
         }
         if let Some(v) = self.log_format {
             r.log_format = v;
+        }
+        if let Some(v) = self.exit_on_lost_lead {
+            r.exit_on_lost_lead = v;
         }
         if let Some(v) = self.metrics_address {
             if v.parse::<std::net::SocketAddr>().is_err() {
