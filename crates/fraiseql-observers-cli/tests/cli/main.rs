@@ -7,6 +7,7 @@ mod crash;
 mod dlq;
 mod endpoints;
 mod operator;
+mod restart;
 mod shutdown;
 mod standby;
 mod validate;
