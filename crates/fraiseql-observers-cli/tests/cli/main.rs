@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod blackhole;
 mod crash;
 mod dlq;
 mod endpoints;
