@@ -93,6 +93,40 @@ pub fn lock_key(consumer: &str) -> i64 {
     i64::from_be_bytes(bytes)
 }
 
+/// Take `consumer`'s leader lock on `client`'s session without waiting: false when another
+/// session holds it. Held until [`unlock`] or the end of the session.
+pub async fn try_lock(client: &Client, consumer: &str) -> Result<bool> {
+    Ok(client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&lock_key(consumer)])
+        .await?
+        .get(0))
+}
+
+/// Release `consumer`'s leader lock taken with [`try_lock`] on this session.
+pub async fn unlock(client: &Client, consumer: &str) -> Result<()> {
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&lock_key(consumer)])
+        .await?;
+    Ok(())
+}
+
+/// The backend (pid) holding `consumer`'s leader lock in `client`'s database, other than
+/// `client`'s own session: the running leader, if any.
+pub async fn holder(client: &Client, consumer: &str) -> Result<Option<i32>> {
+    Ok(client
+        .query_opt(
+            "SELECT pid FROM pg_locks
+              WHERE locktype = 'advisory' AND granted AND objsubid = 1
+                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                AND ((classid::bigint << 32) | objid::bigint) = $1
+                AND pid <> pg_backend_pid()
+              LIMIT 1",
+            &[&lock_key(consumer)],
+        )
+        .await?
+        .map(|r| r.get(0)))
+}
+
 /// The lead of one consumer, held until this value is dropped or [`Leadership::lost`] resolves.
 #[derive(Debug)]
 pub struct Leadership {
@@ -112,7 +146,6 @@ impl Leadership {
         on_standby: impl Fn(),
     ) -> Result<Leadership> {
         let config = db::parse_url(database_url)?;
-        let key = lock_key(consumer_id);
         let application = format!("fraiseql-observers-leader:{consumer_id}");
         let mut client: Option<Client> = None;
         let mut standby = false;
@@ -123,10 +156,7 @@ impl Leadership {
                     Some(c) => c,
                     None => connect_lock(&config, &application).await?,
                 };
-                let granted: bool = c
-                    .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
-                    .await?
-                    .get(0);
+                let granted = try_lock(&c, consumer_id).await?;
                 Ok::<_, crate::Error>((c, granted))
             };
             // A connection that stopped answering (its network went away) is dropped and

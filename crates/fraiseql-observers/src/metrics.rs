@@ -6,7 +6,7 @@ pub const ROWS_QUARANTINED: &str = "fraiseql_observers_rows_quarantined_total";
 pub const EVENTS_READ: &str = "fraiseql_observers_events_read_total";
 pub const EVENTS_MATCHED: &str = "fraiseql_observers_events_matched_total";
 pub const CONDITION_ERRORS: &str = "fraiseql_observers_condition_errors_total";
-/// Labelled `observer`, `action` and `outcome` = ok | failed | retried | parked | dead_lettered | dropped.
+/// Labelled `observer`, `action` and `outcome` = ok | failed | retried | parked | throttled | dead_lettered | dropped.
 pub const ACTIONS: &str = "fraiseql_observers_actions_total";
 pub const DEAD_LETTERED: &str = "fraiseql_observers_dead_lettered_total";
 /// Seconds from the change's commit (its `created_at`) to a successful delivery, per observer.
@@ -18,6 +18,13 @@ pub const BACKLOG: &str = "fraiseql_observers_backlog";
 pub const RETRY_QUEUE: &str = "fraiseql_observers_retry_queue";
 pub const DLQ_PENDING: &str = "fraiseql_observers_dlq_pending";
 pub const IN_FLIGHT: &str = "fraiseql_observers_in_flight";
+/// Requests in flight to one endpoint (labelled `endpoint`: `host:port`).
+pub const ENDPOINT_IN_FLIGHT: &str = "fraiseql_observers_endpoint_in_flight";
+/// Deliveries not sent at once because of their endpoint's flow control (labelled `endpoint`
+/// and `reason` = breaker_open | rate_limited | max_in_flight); they wait in the retry queue.
+pub const ENDPOINT_THROTTLED: &str = "fraiseql_observers_endpoint_throttled_total";
+/// 1 while an endpoint's circuit breaker is open or half-open, else 0.
+pub const ENDPOINT_BREAKER_OPEN: &str = "fraiseql_observers_endpoint_breaker_open";
 pub const LISTENER_HEALTHY: &str = "fraiseql_observers_listener_healthy";
 pub const LEADER: &str = "fraiseql_observers_leader";
 /// Leads lost (lock connection gone, fenced, an engine task failed, the database restarting)

@@ -53,6 +53,18 @@ pub struct Report {
     pub already_applied: Vec<i32>,
 }
 
+/// Whether the observer's tables are installed (`migrate` has run), as operator commands check
+/// before they read them.
+pub async fn is_migrated(client: &Client) -> Result<bool> {
+    Ok(client
+        .query_one(
+            "SELECT to_regclass('core.observer_dlq_items') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
 /// Apply every migration not applied yet.
 pub async fn run(client: &mut Client) -> Result<Report> {
     client

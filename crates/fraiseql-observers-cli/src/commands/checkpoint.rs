@@ -6,10 +6,8 @@
 use crate::table::{self, Table};
 use crate::Cli;
 use anyhow::bail;
-use chrono::{DateTime, Utc};
 use clap::{Subcommand, ValueEnum};
-use fraiseql_observers::leader::lock_key;
-use fraiseql_observers::listener::checkpoint;
+use fraiseql_observers::operator::{self, ConsumerStatus, Reset};
 use fraiseql_observers::StartPosition;
 use std::process::ExitCode;
 use tokio_postgres::Client;
@@ -49,17 +47,8 @@ pub async fn execute(cli: &Cli, command: &CheckpointCommand) -> anyhow::Result<E
 }
 
 async fn show(client: &Client, consumer: Option<&str>) -> anyhow::Result<ExitCode> {
-    let rows = client
-        .query(
-            "SELECT consumer_id, snapshot::text, batch_snapshot::text, batch_done_sequence, epoch,
-                    updated_at
-               FROM core.observer_checkpoints
-              WHERE $1::text IS NULL OR consumer_id = $1
-              ORDER BY consumer_id",
-            &[&consumer],
-        )
-        .await?;
-    if rows.is_empty() {
+    let consumers = operator::consumers(client, consumer).await?;
+    if consumers.is_empty() {
         match consumer {
             Some(c) => bail!("no checkpoint for consumer '{c}' (it has never run)"),
             None => {
@@ -76,26 +65,25 @@ async fn show(client: &Client, consumer: Option<&str>) -> anyhow::Result<ExitCod
         "LEADER",
         "UPDATED (UTC)",
     ]);
-    for row in &rows {
-        let consumer: String = row.get(0);
-        let batch = match (
-            row.get::<_, Option<String>>(2),
-            row.get::<_, Option<i64>>(3),
-        ) {
-            (Some(upper), Some(done)) => format!("up to {upper}, done through sequence {done}"),
-            _ => "-".to_string(),
+    for ConsumerStatus { checkpoint, leader } in consumers {
+        let batch = match &checkpoint.checkpoint.batch {
+            Some(b) => format!(
+                "up to {}, done through sequence {}",
+                b.snapshot, b.done_sequence
+            ),
+            None => "-".to_string(),
         };
-        let leader = match leader_pid(client, &consumer).await? {
+        let leader = match leader {
             Some(pid) => format!("running (backend pid {pid})"),
             None => "none".to_string(),
         };
         t.row(vec![
-            consumer,
-            row.get(1),
+            checkpoint.consumer,
+            checkpoint.checkpoint.snapshot.to_string(),
             batch,
-            row.get::<_, i64>(4).to_string(),
+            checkpoint.epoch.to_string(),
             leader,
-            table::time(&row.get::<_, DateTime<Utc>>(5)),
+            table::time(&checkpoint.updated_at),
         ]);
     }
     print!("{t}");
@@ -103,30 +91,22 @@ async fn show(client: &Client, consumer: Option<&str>) -> anyhow::Result<ExitCod
 }
 
 async fn reset(client: &Client, consumer: &str, from: ResetFrom) -> anyhow::Result<ExitCode> {
-    let key = lock_key(consumer);
-    let locked: bool = client
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
-        .await?
-        .get(0);
-    if !locked {
-        let holder = leader_pid(client, consumer)
-            .await?
-            .map(|pid| format!(" (backend pid {pid})"))
-            .unwrap_or_default();
-        bail!("a daemon is running for consumer '{consumer}'{holder}; stop it, then reset");
-    }
     let start = match from {
         ResetFrom::Now => StartPosition::Now,
         ResetFrom::Beginning => StartPosition::Beginning,
     };
-    let existed = checkpoint::reset(client, consumer, start).await;
-    client
-        .execute("SELECT pg_advisory_unlock($1)", &[&key])
-        .await?;
-    let existed = existed?;
-    let (stored, _) = checkpoint::load(client, consumer).await?.ok_or_else(|| {
-        anyhow::anyhow!("the checkpoint of '{consumer}' vanished after the reset")
-    })?;
+    let (existed, stored) = match operator::reset_checkpoint(client, consumer, start).await? {
+        Reset::Done {
+            existed,
+            checkpoint,
+        } => (existed, checkpoint),
+        Reset::Leading { pid } => {
+            let holder = pid
+                .map(|pid| format!(" (backend pid {pid})"))
+                .unwrap_or_default();
+            bail!("a daemon is running for consumer '{consumer}'{holder}; stop it, then reset");
+        }
+    };
     println!(
         "consumer '{consumer}': checkpoint {} ({}); it resumes from {} at its next start",
         if existed { "reset" } else { "created" },
@@ -137,20 +117,4 @@ async fn reset(client: &Client, consumer: &str, from: ResetFrom) -> anyhow::Resu
         }
     );
     Ok(ExitCode::SUCCESS)
-}
-
-/// The backend holding `consumer`'s leader lock in this database, if any.
-async fn leader_pid(client: &Client, consumer: &str) -> anyhow::Result<Option<i32>> {
-    Ok(client
-        .query_opt(
-            "SELECT pid FROM pg_locks
-              WHERE locktype = 'advisory' AND granted AND objsubid = 1
-                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                AND ((classid::bigint << 32) | objid::bigint) = $1
-                AND pid <> pg_backend_pid()
-              LIMIT 1",
-            &[&lock_key(consumer)],
-        )
-        .await?
-        .map(|r| r.get(0)))
 }

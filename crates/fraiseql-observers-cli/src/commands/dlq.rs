@@ -1,6 +1,6 @@
 //! `dlq list | show | retry | discard`: the dead letter queue (`core.observer_dlq_items`).
 //!
-//! Invariant: a retry goes through `ObserverExecutor::retry_dead_letter`, which claims the item
+//! Invariant: a retry goes through `Operator::retry_dead_letter`, which claims the item
 //! atomically before sending; two operators (or two shells) retrying one item send it once.
 
 use crate::table::{self, Table};
@@ -8,7 +8,6 @@ use crate::Cli;
 use anyhow::bail;
 use clap::{Args, Subcommand, ValueEnum};
 use fraiseql_observers::delivery::dead_letter::{self, DlqItem};
-use fraiseql_observers::ObserverExecutor;
 use serde_json::json;
 use std::process::ExitCode;
 
@@ -141,29 +140,24 @@ pub async fn execute(cli: &Cli, command: &DlqCommand) -> anyhow::Result<ExitCode
 }
 
 async fn retry(cli: &Cli, args: &RetryArgs) -> anyhow::Result<ExitCode> {
-    let config = super::load_config(super::config_path(cli)?)?;
-    let url = super::database_url(cli, Some(&config))?;
-    let client = super::connect_migrated(&url, DLQ_APP).await?;
+    let operator = super::operator(cli).await?;
+    let client = operator.client();
     let ids = match (args.id, args.all) {
         (Some(id), _) => {
-            if dead_letter::get(&client, id).await?.is_none() {
+            if dead_letter::get(client, id).await?.is_none() {
                 bail!("no dead letter with id {id}");
             }
             vec![id]
         }
-        (None, _) => dead_letter::pending_ids(&client).await?,
+        (None, _) => dead_letter::pending_ids(client).await?,
     };
     if ids.is_empty() {
         println!("no pending dead letters");
         return Ok(ExitCode::SUCCESS);
     }
-    // An epoch no consumer holds: this executor only runs operator retries, which are fenced by
-    // their claim, and must not touch the leases of a running daemon.
-    let executor =
-        ObserverExecutor::new(config.observers, &url, &config.runtime.consumer_id, -1).await?;
     let (mut delivered, mut failed, mut skipped) = (0, 0, 0);
     for id in ids {
-        match executor.retry_dead_letter(id).await? {
+        match operator.retry_dead_letter(id).await? {
             Some(Ok(())) => {
                 delivered += 1;
                 println!("dead letter {id}: delivered");
@@ -174,7 +168,7 @@ async fn retry(cli: &Cli, args: &RetryArgs) -> anyhow::Result<ExitCode> {
             }
             None => {
                 skipped += 1;
-                let status = dead_letter::get(&client, id)
+                let status = dead_letter::get(client, id)
                     .await?
                     .map_or_else(|| "gone".to_string(), |i| i.status);
                 println!("dead letter {id}: not pending (status {status}); not sent");

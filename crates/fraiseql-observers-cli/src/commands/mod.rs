@@ -15,6 +15,7 @@ pub mod validate;
 use crate::{Cli, Command};
 use anyhow::{anyhow, bail, Context as _};
 use fraiseql_observers::config::{self, Config, LogFormat};
+use fraiseql_observers::Operator;
 use std::path::Path;
 use std::process::ExitCode;
 use tokio_postgres::Client;
@@ -138,15 +139,27 @@ pub async fn connect(url: &str, application: &str) -> anyhow::Result<Client> {
 /// Connect, and fail with the hint to migrate when the observer's tables are missing.
 pub async fn connect_migrated(url: &str, application: &str) -> anyhow::Result<Client> {
     let client = connect(url, application).await?;
-    let present: bool = client
-        .query_one(
-            "SELECT to_regclass('core.observer_dlq_items') IS NOT NULL",
-            &[],
-        )
-        .await?
-        .get(0);
-    if !present {
+    ensure_migrated(&client).await?;
+    Ok(client)
+}
+
+/// Fail with the hint to migrate when the observer's tables are missing.
+pub async fn ensure_migrated(client: &Client) -> anyhow::Result<()> {
+    if !fraiseql_observers::migrate::is_migrated(client).await? {
         bail!("the database has no fraiseql-observers tables: run `fraiseql-observers migrate`");
     }
-    Ok(client)
+    Ok(())
+}
+
+/// The operator handle for a command that needs the configuration (explain, replay, dlq
+/// retry), on a migrated database.
+pub async fn operator(cli: &Cli) -> anyhow::Result<Operator> {
+    let config = load_config(config_path(cli)?)?;
+    let url = database_url(cli, Some(&config))?;
+    let operator = match Operator::new(&url, config.observers).await {
+        Err(e @ fraiseql_observers::Error::DatabaseUrl(_)) => return Err(e.into()),
+        other => other.context("cannot connect to the database")?,
+    };
+    ensure_migrated(operator.client()).await?;
+    Ok(operator)
 }

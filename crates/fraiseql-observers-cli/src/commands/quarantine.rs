@@ -3,8 +3,8 @@
 
 use crate::table::{self, Table};
 use crate::Cli;
-use chrono::{DateTime, Utc};
 use clap::Subcommand;
+use fraiseql_observers::listener::quarantine;
 use serde_json::json;
 use std::process::ExitCode;
 
@@ -33,26 +33,17 @@ pub async fn execute(cli: &Cli, command: &QuarantineCommand) -> anyhow::Result<E
         "fraiseql-observers-quarantine",
     )
     .await?;
-    let rows = client
-        .query(
-            "SELECT consumer_id, sequence, reason, quarantined_at, row_data
-               FROM core.observer_quarantine
-              WHERE $1::text IS NULL OR consumer_id = $1
-              ORDER BY quarantined_at DESC, sequence DESC
-              LIMIT $2",
-            &[consumer, limit],
-        )
-        .await?;
+    let rows = quarantine::list(&client, consumer.as_deref(), *limit).await?;
     if *json {
         let all: Vec<_> = rows
             .iter()
             .map(|r| {
                 json!({
-                    "consumer_id": r.get::<_, String>(0),
-                    "sequence": r.get::<_, i64>(1),
-                    "reason": r.get::<_, String>(2),
-                    "quarantined_at": r.get::<_, DateTime<Utc>>(3),
-                    "row": r.get::<_, Option<serde_json::Value>>(4),
+                    "consumer_id": r.consumer_id,
+                    "sequence": r.sequence,
+                    "reason": r.reason,
+                    "quarantined_at": r.quarantined_at,
+                    "row": r.row,
                 })
             })
             .collect();
@@ -63,10 +54,10 @@ pub async fn execute(cli: &Cli, command: &QuarantineCommand) -> anyhow::Result<E
         let mut t = Table::new(&["CONSUMER", "SEQUENCE", "REASON", "QUARANTINED (UTC)"]);
         for r in &rows {
             t.row(vec![
-                r.get(0),
-                r.get::<_, i64>(1).to_string(),
-                table::truncate(&r.get::<_, String>(2), 100),
-                table::time(&r.get::<_, DateTime<Utc>>(3)),
+                r.consumer_id.clone(),
+                r.sequence.to_string(),
+                table::truncate(&r.reason, 100),
+                table::time(&r.quarantined_at),
             ]);
         }
         print!("{t}");

@@ -5,22 +5,11 @@
 
 use crate::Cli;
 use anyhow::bail;
+use chrono::{DateTime, Timelike, Utc};
 use fraiseql_observers::listener::range;
 use fraiseql_observers::matcher::Verdict;
-use fraiseql_observers::ObserverExecutor;
+use fraiseql_observers::operator;
 use std::process::ExitCode;
-
-const APP: &str = "fraiseql-observers-replay";
-
-async fn executor(cli: &Cli) -> anyhow::Result<(ObserverExecutor, tokio_postgres::Client)> {
-    let config = super::load_config(super::config_path(cli)?)?;
-    let url = super::database_url(cli, Some(&config))?;
-    let client = super::connect_migrated(&url, APP).await?;
-    // An epoch no consumer holds: nothing here writes delivery bookkeeping.
-    let executor =
-        ObserverExecutor::new(config.observers, &url, &config.runtime.consumer_id, -1).await?;
-    Ok((executor, client))
-}
 
 fn describe(verdict: &Option<Verdict>) -> String {
     match verdict {
@@ -34,9 +23,10 @@ fn describe(verdict: &Option<Verdict>) -> String {
 }
 
 pub async fn explain(cli: &Cli, sequence: i64) -> anyhow::Result<ExitCode> {
-    let (executor, client) = executor(cli).await?;
-    let shape = range::discover(&client).await?;
-    let Some(row) = range::read(&client, &shape, sequence, sequence, 1)
+    let operator = super::operator(cli).await?;
+    let client = operator.client();
+    let shape = range::discover(client).await?;
+    let Some(row) = range::read(client, &shape, sequence, sequence, 1)
         .await?
         .pop()
     else {
@@ -63,45 +53,39 @@ pub async fn explain(cli: &Cli, sequence: i64) -> anyhow::Result<ExitCode> {
         event.change_status,
         event.created_at.to_rfc3339(),
     );
-    for (name, verdict) in executor.explain(&event) {
+    for (name, verdict) in operator.explain(&event) {
         println!("  {name}: {}", describe(&verdict));
     }
-    let pending = client
-        .query(
-            "SELECT observer, action_index, attempts, next_attempt_at::text, coalesce(last_error, '')
-               FROM core.observer_retry_queue WHERE event_id = $1 ORDER BY observer, action_index",
-            &[&event.id],
-        )
-        .await?;
-    for r in &pending {
+    let deliveries = operator::deliveries_of(client, event.id).await?;
+    for r in &deliveries.retries {
         println!(
             "  retry queue: {} action {} after {} attempt(s), next at {}: {}",
-            r.get::<_, String>(0),
-            r.get::<_, i32>(1),
-            r.get::<_, i32>(2),
-            r.get::<_, String>(3),
-            r.get::<_, String>(4)
+            r.observer,
+            r.action_index,
+            r.attempts,
+            pg_time(&r.next_attempt_at),
+            r.last_error
         );
     }
-    let dead = client
-        .query(
-            "SELECT id, observer, action_index, status, reason, last_error
-               FROM core.observer_dlq_items WHERE event_id = $1 ORDER BY id",
-            &[&event.id],
-        )
-        .await?;
-    for r in &dead {
+    for d in &deliveries.dead_letters {
         println!(
             "  dead letter {}: {} action {} {} ({}): {}",
-            r.get::<_, i64>(0),
-            r.get::<_, String>(1),
-            r.get::<_, i32>(2),
-            r.get::<_, String>(3),
-            r.get::<_, String>(4),
-            r.get::<_, String>(5)
+            d.id, d.observer, d.action_index, d.status, d.reason, d.last_error
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A time as PostgreSQL writes a `timestamptz` in a UTC session (`2024-05-01 10:00:00.25+00`).
+fn pg_time(t: &DateTime<Utc>) -> String {
+    let mut text = t.format("%Y-%m-%d %H:%M:%S").to_string();
+    let micros = t.nanosecond() % 1_000_000_000 / 1000;
+    if micros > 0 {
+        let fraction = format!(".{micros:06}");
+        text.push_str(fraction.trim_end_matches('0'));
+    }
+    text.push_str("+00");
+    text
 }
 
 pub async fn replay(
@@ -111,15 +95,16 @@ pub async fn replay(
     to: i64,
     dry_run: bool,
 ) -> anyhow::Result<ExitCode> {
-    let (executor, client) = executor(cli).await?;
-    if !executor.observers().iter().any(|o| o.name == observer) {
+    let operator = super::operator(cli).await?;
+    let client = operator.client();
+    if !operator.observers().iter().any(|o| o.name == observer) {
         bail!("no observer named '{observer}' in this configuration");
     }
-    let shape = range::discover(&client).await?;
+    let shape = range::discover(client).await?;
     let (mut sent, mut failed, mut skipped) = (0, 0, 0);
     let mut next = from;
     while next <= to {
-        let rows = range::read(&client, &shape, next, to, 1000).await?;
+        let rows = range::read(client, &shape, next, to, 1000).await?;
         let Some(last) = rows.last() else { break };
         next = match last {
             Ok(e) => e.sequence,
@@ -134,7 +119,7 @@ pub async fn replay(
                     continue;
                 }
             };
-            let fires = executor
+            let fires = operator
                 .explain(&event)
                 .into_iter()
                 .any(|(name, v)| name == observer && v == Some(Verdict::Matched));
@@ -150,7 +135,7 @@ pub async fn replay(
                 sent += 1;
                 continue;
             }
-            let results = executor.replay(observer, &event).await?.unwrap_or_default();
+            let results = operator.replay(observer, &event).await?.unwrap_or_default();
             for (a, result) in results.iter().enumerate() {
                 match result {
                     Ok(()) => {
@@ -172,4 +157,20 @@ pub async fn replay(
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pg_time;
+    use chrono::{TimeZone, Utc};
+
+    #[test]
+    fn times_read_as_postgresql_writes_them() {
+        let t = Utc.with_ymd_and_hms(2024, 1, 1, 10, 0, 0).unwrap();
+        assert_eq!(pg_time(&t), "2024-01-01 10:00:00+00");
+        let t = t + chrono::Duration::milliseconds(500);
+        assert_eq!(pg_time(&t), "2024-01-01 10:00:00.5+00");
+        let t = t + chrono::Duration::microseconds(1);
+        assert_eq!(pg_time(&t), "2024-01-01 10:00:00.500001+00");
+    }
 }

@@ -11,6 +11,7 @@ use crate::event::EntityEvent;
 use chrono::{DateTime, Utc};
 use std::time::Duration;
 use tokio_postgres::{Client, Row};
+use uuid::Uuid;
 
 pub use super::policy::Reason;
 
@@ -137,6 +138,21 @@ pub async fn get(client: &Client, id: i64) -> Result<Option<DlqItem>> {
         .as_ref()
         .map(from_row)
         .transpose()
+}
+
+/// The dead letters of event `event_id` (every consumer), oldest first.
+pub async fn for_event(client: &Client, event_id: Uuid) -> Result<Vec<DlqItem>> {
+    client
+        .query(
+            &format!(
+                "SELECT {COLUMNS} FROM core.observer_dlq_items WHERE event_id = $1 ORDER BY id"
+            ),
+            &[&event_id],
+        )
+        .await?
+        .iter()
+        .map(from_row)
+        .collect()
 }
 
 /// Claim item `id` for an operator retry: `None` when it is not pending (already delivered,

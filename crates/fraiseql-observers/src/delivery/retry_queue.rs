@@ -14,9 +14,11 @@ use super::policy::Reason;
 use super::DeliveryItem;
 use crate::error::{Error, Result};
 use crate::event::EntityEvent;
+use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio_postgres::Client;
+use uuid::Uuid;
 
 /// A queued delivery, as claimed by the retry worker.
 #[derive(Debug, Clone)]
@@ -274,6 +276,38 @@ pub async fn len(client: &Client, consumer: &str) -> Result<i64> {
         )
         .await?
         .get(0))
+}
+
+/// A queued delivery of one event, as an operator sees it (`explain`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingRetry {
+    pub observer: String,
+    pub action_index: usize,
+    /// Attempts made so far.
+    pub attempts: u32,
+    pub next_attempt_at: DateTime<Utc>,
+    /// Empty for a delivery parked behind another (it has not failed itself).
+    pub last_error: String,
+}
+
+/// The queued deliveries of event `event_id` (every consumer), by observer and action.
+pub async fn for_event(client: &Client, event_id: Uuid) -> Result<Vec<PendingRetry>> {
+    Ok(client
+        .query(
+            "SELECT observer, action_index, attempts, next_attempt_at, coalesce(last_error, '')
+               FROM core.observer_retry_queue WHERE event_id = $1 ORDER BY observer, action_index",
+            &[&event_id],
+        )
+        .await?
+        .iter()
+        .map(|r| PendingRetry {
+            observer: r.get(0),
+            action_index: r.get::<_, i32>(1) as usize,
+            attempts: r.get::<_, i32>(2) as u32,
+            next_attempt_at: r.get(3),
+            last_error: r.get(4),
+        })
+        .collect())
 }
 
 async fn ensure_leader(client: &Client, consumer: &str, epoch: i64) -> Result<()> {

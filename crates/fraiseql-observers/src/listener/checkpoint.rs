@@ -9,6 +9,7 @@ use super::snapshot::Snapshot;
 use crate::db;
 use crate::error::{Error, Result};
 use crate::event::Position;
+use chrono::{DateTime, Utc};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use tokio_postgres::Client;
@@ -298,6 +299,39 @@ pub async fn reset(client: &Client, consumer: &str, start: StartPosition) -> Res
         )
         .await?;
     Ok(existed)
+}
+
+/// A consumer's stored checkpoint, as an operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerCheckpoint {
+    pub consumer: String,
+    pub checkpoint: Checkpoint,
+    pub epoch: i64,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The checkpoint of `consumer`, or of every consumer when `None`, by consumer id.
+pub async fn list(client: &Client, consumer: Option<&str>) -> Result<Vec<ConsumerCheckpoint>> {
+    client
+        .query(
+            "SELECT snapshot::text, batch_snapshot::text, batch_done_sequence, epoch, updated_at,
+                    consumer_id
+               FROM core.observer_checkpoints
+              WHERE $1::text IS NULL OR consumer_id = $1
+              ORDER BY consumer_id",
+            &[&consumer],
+        )
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(ConsumerCheckpoint {
+                checkpoint: from_columns(row)?,
+                epoch: row.get(3),
+                updated_at: row.get(4),
+                consumer: row.get(5),
+            })
+        })
+        .collect()
 }
 
 fn from_columns(row: &tokio_postgres::Row) -> Result<Checkpoint> {

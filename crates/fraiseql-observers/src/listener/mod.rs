@@ -5,6 +5,7 @@ pub mod backlog;
 pub mod change_log;
 pub mod checkpoint;
 pub mod parser;
+pub mod quarantine;
 pub mod range;
 pub mod snapshot;
 

@@ -9,17 +9,17 @@
 //!   deliveries are parked behind them (durably) instead of running.
 //! * Every durable write is fenced by the consumer's epoch; `Error::Fenced` stops everything.
 
-use crate::actions::{Action, ActionError, DeliveryRequest};
-use crate::config::Observer;
+use crate::actions::{Action, DeliveryRequest};
+use crate::config::{Observer, RuntimeConfig};
 use crate::db;
+use crate::delivery::flow::{self, Endpoint};
 use crate::delivery::parking::Parking;
 use crate::delivery::policy::{self, Decision, Reason, Stage};
 use crate::delivery::{dead_letter, delivery_id, entity_key, retry_queue, DeliveryItem};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::event::EntityEvent;
 use crate::matcher::{EventMatcher, Verdict};
 use crate::metrics as m;
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -29,9 +29,6 @@ use tokio_postgres::Client;
 
 use super::monitor::EngineStatus;
 
-/// How long a claimed retry is reserved for the process that claimed it.
-pub const RETRY_LEASE: Duration = Duration::from_secs(300);
-
 /// A coalescing observer that matched an event: `(observer index, window)`. Its delivery waits
 /// for the end of the window (see [`ObserverExecutor::process_event`]).
 pub type Held = (usize, Duration);
@@ -39,6 +36,8 @@ pub type Held = (usize, Duration);
 pub struct ObserverExecutor {
     pub(super) observers: Vec<Observer>,
     matcher: EventMatcher,
+    /// The endpoint of each action: `endpoints[observer][action]`.
+    pub(super) endpoints: Vec<Vec<Arc<Endpoint>>>,
     /// Delivery bookkeeping (retry queue, dead letters).
     store: db::Reconnecting,
     pub(super) consumer: String,
@@ -49,14 +48,16 @@ pub struct ObserverExecutor {
 }
 
 impl ObserverExecutor {
-    /// Build the executor for `consumer` led at `epoch` (from `ChangeLogListener::epoch`): loads
-    /// which entities are parked and releases the leases a dead predecessor held.
+    /// Build the executor for `runtime.consumer_id` led at `epoch` (from
+    /// `ChangeLogListener::epoch`): loads which entities are parked, releases the leases a dead
+    /// predecessor held, and sets up each endpoint's flow control.
     pub async fn new(
         observers: Vec<Observer>,
         database_url: &str,
-        consumer: &str,
+        runtime: &RuntimeConfig,
         epoch: i64,
     ) -> Result<ObserverExecutor> {
+        let consumer = runtime.consumer_id.as_str();
         let store =
             db::Reconnecting::new(db::parse_url(database_url)?, "fraiseql-observers-delivery");
         let client = store.client().await?;
@@ -75,6 +76,14 @@ impl ObserverExecutor {
         }));
         Ok(ObserverExecutor {
             matcher: EventMatcher::new(&observers),
+            endpoints: flow::endpoints(
+                observers.iter().map(|o| o.actions.as_slice()),
+                flow::Limits {
+                    max_in_flight: runtime.max_in_flight.unwrap_or(runtime.concurrency),
+                    rate_limit: runtime.rate_limit,
+                    breaker: runtime.circuit_breaker,
+                },
+            ),
             observers,
             store,
             consumer: consumer.to_string(),
@@ -170,6 +179,7 @@ impl ObserverExecutor {
                 .record_fresh(&item, 0, Decision::Queue(Duration::ZERO), "")
                 .await;
         }
+        let endpoint = &self.endpoints[i][a];
         let mut attempt = 1;
         loop {
             let request = DeliveryRequest {
@@ -177,7 +187,20 @@ impl ObserverExecutor {
                 delivery_id: &item.delivery_id,
                 attempt,
             };
-            let Err(e) = action.execute(&request).await else {
+            let pass = match endpoint.admit().await {
+                Ok(pass) => pass,
+                Err((wait, why)) => {
+                    m::action(&observer.name, action.kind(), "throttled");
+                    let error = format!("endpoint {}: {}", endpoint.name(), why.describe());
+                    return self
+                        .record_fresh(&item, attempt - 1, Decision::Queue(wait), &error)
+                        .await;
+                }
+            };
+            let result = action.execute(&request).await;
+            endpoint.record(result.as_ref().is_err_and(|e| e.is_retryable()));
+            drop(pass);
+            let Err(e) = result else {
                 self.delivered(observer, action, event);
                 return Ok(());
             };
@@ -255,7 +278,10 @@ impl ObserverExecutor {
                 if observer.ordered {
                     self.parking.park(fresh.i, &fresh.key);
                 }
-                let (max, error) = (observer.retry.max_attempts, (attempts > 0).then_some(error));
+                let (max, error) = (
+                    observer.retry.max_attempts,
+                    (!error.is_empty()).then_some(error),
+                );
                 let inserted = self
                     .durably(|c| async move {
                         retry_queue::enqueue(
@@ -308,91 +334,6 @@ impl ObserverExecutor {
             }
         }
         Ok(())
-    }
-
-    /// Why each observer does or does not fire for `event` (every observer, configuration order):
-    /// `None` when its entity or event type does not fit.
-    pub fn explain(&self, event: &EntityEvent) -> Vec<(&str, Option<Verdict>)> {
-        let verdicts: HashMap<usize, Verdict> = self
-            .matcher
-            .evaluate(&self.observers, event)
-            .into_iter()
-            .collect();
-        self.observers
-            .iter()
-            .enumerate()
-            .map(|(i, o)| (o.name.as_str(), verdicts.get(&i).cloned()))
-            .collect()
-    }
-
-    /// Send `event` again through every action of observer `name`, once each, when it matches
-    /// (an operator's replay: same delivery ids, so receivers can deduplicate; failures are
-    /// returned, not queued). `Ok(None)` when the observer does not fire for this event.
-    pub async fn replay(
-        &self,
-        name: &str,
-        event: &EntityEvent,
-    ) -> Result<Option<Vec<std::result::Result<(), ActionError>>>> {
-        let i = self
-            .observers
-            .iter()
-            .position(|o| o.name == name)
-            .ok_or_else(|| {
-                Error::Invalid(format!("no observer named '{name}' in this configuration"))
-            })?;
-        let fires = self
-            .matcher
-            .evaluate(&self.observers, event)
-            .into_iter()
-            .any(|(j, v)| j == i && v == Verdict::Matched);
-        if !fires {
-            return Ok(None);
-        }
-        let observer = &self.observers[i];
-        let mut results = Vec::with_capacity(observer.actions.len());
-        for (a, action) in observer.actions.iter().enumerate() {
-            let delivery_id = delivery_id(event.id, &observer.name, a);
-            let request = DeliveryRequest {
-                event,
-                delivery_id: &delivery_id,
-                attempt: 1,
-            };
-            results.push(action.execute(&request).await);
-        }
-        Ok(Some(results))
-    }
-
-    /// Retry dead letter `id` once, on an operator's request: claimed atomically, so two
-    /// concurrent retries of one item deliver once. `Ok(None)` when it is not pending.
-    pub async fn retry_dead_letter(
-        &self,
-        id: i64,
-    ) -> Result<Option<std::result::Result<(), ActionError>>> {
-        let client = self.store.client().await?;
-        let Some(item) = dead_letter::claim_for_retry(&client, id, RETRY_LEASE).await? else {
-            return Ok(None);
-        };
-        let action = self
-            .observers
-            .iter()
-            .find(|o| o.name == item.observer)
-            .and_then(|o| o.actions.get(item.action_index));
-        let result = match action {
-            None => Err(ActionError::permanent(format!(
-                "observer '{}' action {} is not in this configuration",
-                item.observer, item.action_index
-            ))),
-            Some(action) => {
-                let request = DeliveryRequest {
-                    event: &item.event,
-                    delivery_id: &item.delivery_id,
-                    attempt: item.attempts + 1,
-                };
-                action.execute(&request).await
-            }
-        };
-        dead_letter::finish_retry(&client, id, result.as_ref().err().map(|e| e.message())).await?;
-        Ok(Some(result))
     }
 
     /// Metrics and the log line of a delivery given up: dead-lettered, or dropped.

@@ -3,9 +3,10 @@
 
 use fraiseql_observers::config::{self, RuntimeConfig};
 use fraiseql_observers::delivery::dead_letter;
-use fraiseql_observers::pipeline::{self, EngineStatus, ObserverExecutor, Pipeline};
+use fraiseql_observers::pipeline::{self, EngineStatus, Pipeline};
 use fraiseql_observers::testing::{eventually, TestDb};
 use fraiseql_observers::testing::{Request, TestServer};
+use fraiseql_observers::Operator;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -37,7 +38,6 @@ struct Engine {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<fraiseql_observers::Result<()>>,
     status: Arc<EngineStatus>,
-    executor: Arc<ObserverExecutor>,
 }
 
 impl Engine {
@@ -61,7 +61,7 @@ impl Engine {
         let pipeline = Pipeline::start_with(listener, observers, runtime)
             .await
             .unwrap();
-        let executor = pipeline.executor();
+        let status = pipeline.status();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(pipeline.run(async {
             let _ = stopped.await;
@@ -69,8 +69,7 @@ impl Engine {
         Engine {
             stop: Some(stop),
             handle,
-            status: executor.status(),
-            executor,
+            status,
         }
     }
 
@@ -689,15 +688,16 @@ async fn exhausted_and_permanent_failures_are_dead_lettered_and_can_be_retried_o
     .await;
     assert_eq!(exhausted.attempts, 2);
     assert_eq!(receiver.answered().len(), 3);
-    let executor = engine.executor.clone();
     engine.stop().await.unwrap();
 
     // An operator retry delivers once, even when two run at the same time.
+    let config = config::load(&format!("{RUNTIME}\n{observer}"), &env).unwrap();
+    let operator = Operator::new(&db.url, config.observers).await.unwrap();
     answer.store(200, Ordering::Relaxed);
     let id = items[0].id;
     let (first, second) = tokio::join!(
-        executor.retry_dead_letter(id),
-        executor.retry_dead_letter(id)
+        operator.retry_dead_letter(id),
+        operator.retry_dead_letter(id)
     );
     let outcomes = [first.unwrap(), second.unwrap()];
     assert_eq!(
@@ -716,7 +716,7 @@ async fn exhausted_and_permanent_failures_are_dead_lettered_and_can_be_retried_o
     let item = dead_letter::get(&client, id).await.unwrap().unwrap();
     assert_eq!(item.status, "delivered");
     assert!(
-        executor.retry_dead_letter(id).await.unwrap().is_none(),
+        operator.retry_dead_letter(id).await.unwrap().is_none(),
         "cannot fire twice"
     );
     assert_eq!(receiver.accepted().len(), 1);
