@@ -106,7 +106,7 @@ impl Health {
             _ => (StatusCode::SERVICE_UNAVAILABLE, "starting"),
         };
         let figure = |f: &dyn Fn(&EngineStatus) -> serde_json::Value| {
-            engine.map_or(serde_json::Value::Null, |e| f(e))
+            engine.map_or(serde_json::Value::Null, f)
         };
         let body = json!({
             "status": status,
