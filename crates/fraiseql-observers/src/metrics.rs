@@ -27,6 +27,9 @@ pub const ENDPOINT_THROTTLED: &str = "fraiseql_observers_endpoint_throttled_tota
 pub const ENDPOINT_BREAKER_OPEN: &str = "fraiseql_observers_endpoint_breaker_open";
 pub const LISTENER_HEALTHY: &str = "fraiseql_observers_listener_healthy";
 pub const LEADER: &str = "fraiseql_observers_leader";
+/// Leads lost (lock connection gone, fenced, an engine task failed, the database restarting)
+/// and contended again in the same process.
+pub const LOST_LEADS: &str = "fraiseql_observers_lost_leads_total";
 
 /// One action's metric handles, resolved once when the pipeline starts (so recording costs no
 /// label lookup per event; the recorder must be installed before).

@@ -37,6 +37,9 @@ pub struct RuntimeConfig {
     pub metrics_address: Option<String>,
     /// `text` or `json` logs (used by the binary).
     pub log_format: LogFormat,
+    /// Exit (non-zero) when the lead is lost or fenced, instead of reconnecting and contending
+    /// again in the same process: for supervisors that prefer restarts.
+    pub exit_on_lost_lead: bool,
     /// Requests in flight at once per endpoint, for actions that set none (`None`: as many as
     /// `concurrency`).
     pub max_in_flight: Option<usize>,
@@ -61,6 +64,7 @@ impl Default for RuntimeConfig {
             retry_poll_interval: Duration::from_millis(250),
             metrics_address: None,
             log_format: LogFormat::Text,
+            exit_on_lost_lead: false,
             max_in_flight: None,
             rate_limit: None,
             circuit_breaker: BreakerSettings::default(),
@@ -91,6 +95,7 @@ pub(super) struct RawRuntime {
     retry_poll_interval_ms: Option<u64>,
     metrics_address: Option<String>,
     log_format: Option<LogFormat>,
+    exit_on_lost_lead: Option<bool>,
     max_in_flight: Option<toml::Value>,
     rate_limit: Option<toml::Value>,
     circuit_breaker: Option<toml::Table>,
@@ -143,6 +148,9 @@ impl RawRuntime {
         }
         if let Some(v) = self.log_format {
             r.log_format = v;
+        }
+        if let Some(v) = self.exit_on_lost_lead {
+            r.exit_on_lost_lead = v;
         }
         if let Some(v) = self.metrics_address {
             if v.parse::<std::net::SocketAddr>().is_err() {
