@@ -12,7 +12,7 @@ use fraiseql_observers::pipeline::EngineStatus;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 
 /// What this instance is doing for its consumer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +23,8 @@ pub enum Role {
     /// Waiting: another instance leads the consumer.
     Standby = 1,
     Leader = 2,
+    /// The lead was lost: reconnecting to contend again.
+    Reconnecting = 3,
 }
 
 impl Role {
@@ -31,6 +33,7 @@ impl Role {
             Role::Starting => "starting",
             Role::Standby => "standby",
             Role::Leader => "leader",
+            Role::Reconnecting => "reconnecting",
         }
     }
 }
@@ -40,7 +43,8 @@ impl Role {
 pub struct Health {
     consumer: String,
     role: AtomicU8,
-    engine: OnceLock<Arc<EngineStatus>>,
+    /// The running engine's figures; replaced on every new lead.
+    engine: Mutex<Option<Arc<EngineStatus>>>,
 }
 
 impl Health {
@@ -48,7 +52,7 @@ impl Health {
         Health {
             consumer: consumer.to_string(),
             role: AtomicU8::new(Role::Starting as u8),
-            engine: OnceLock::new(),
+            engine: Mutex::new(None),
         }
     }
 
@@ -65,30 +69,44 @@ impl Health {
         match self.role.load(Ordering::Relaxed) {
             1 => Role::Standby,
             2 => Role::Leader,
+            3 => Role::Reconnecting,
             _ => Role::Starting,
         }
     }
 
-    /// The engine is running: report its figures from now on.
+    /// The engine is running (a new lead): report its figures from now on.
     pub fn set_engine(&self, status: Arc<EngineStatus>) {
-        let _ = self.engine.set(status);
+        *self.engine.lock().expect("health lock poisoned") = Some(status);
     }
 
-    /// 200 when leading with a healthy listener, or standing by; 503 while starting or when the
-    /// listener cannot reach the database.
+    /// A new lead: its engine's figures, and the leader role.
+    pub fn lead(&self, status: Arc<EngineStatus>) {
+        self.set_engine(status);
+        self.set_role(Role::Leader);
+    }
+
+    /// 200 when leading with a healthy listener, or standing by; 503 while starting, while
+    /// reconnecting after a lost lead, or when the listener cannot reach the database.
     pub fn report(&self) -> (StatusCode, serde_json::Value) {
         let role = self.role();
-        let engine = self.engine.get().filter(|_| role == Role::Leader);
+        let engine = self
+            .engine
+            .lock()
+            .expect("health lock poisoned")
+            .clone()
+            .filter(|_| role == Role::Leader);
+        let engine = engine.as_deref();
         let (code, status) = match (role, engine) {
             (Role::Standby, _) => (StatusCode::OK, "ok"),
             (Role::Leader, Some(e)) if e.listener_healthy.load(Ordering::Relaxed) => {
                 (StatusCode::OK, "ok")
             }
             (Role::Leader, Some(_)) => (StatusCode::SERVICE_UNAVAILABLE, "unhealthy"),
+            (Role::Reconnecting, _) => (StatusCode::SERVICE_UNAVAILABLE, "reconnecting"),
             _ => (StatusCode::SERVICE_UNAVAILABLE, "starting"),
         };
         let figure = |f: &dyn Fn(&EngineStatus) -> serde_json::Value| {
-            engine.map_or(serde_json::Value::Null, |e| f(e))
+            engine.map_or(serde_json::Value::Null, f)
         };
         let body = json!({
             "status": status,
@@ -186,5 +204,20 @@ mod tests {
         assert_eq!(body["status"], "ok");
         assert_eq!(body["backlog"], 7);
         assert_eq!(body["events_read"], 3);
+
+        // The lead lost: 503 reconnecting, no figures of the dead engine; a new lead, new ones.
+        health.set_role(Role::Reconnecting);
+        let (code, body) = health.report();
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["status"], "reconnecting");
+        assert_eq!(body["role"], "reconnecting");
+        assert!(body["backlog"].is_null());
+        let next = Arc::new(EngineStatus::default());
+        next.listener_healthy.store(true, Ordering::Relaxed);
+        health.lead(next);
+        let (code, body) = health.report();
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(body["role"], "leader");
+        assert_eq!(body["backlog"], 0);
     }
 }

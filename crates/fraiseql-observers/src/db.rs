@@ -1,4 +1,9 @@
 //! Opening connections to PostgreSQL.
+//!
+//! Invariant: every connection is named after its job in `pg_stat_activity`, has TCP keepalives
+//! on, and bounds its statements and its idle transactions as suited to that job
+//! ([`session_timeouts`]), so that neither a stuck query nor a vanished client holds locks or a
+//! snapshot for long.
 
 use crate::error::{Error, Result};
 use std::sync::Arc;
@@ -27,7 +32,41 @@ pub async fn connect(config: &Config, application: &str) -> Result<Client> {
             tracing::debug!(error = %e, "database connection closed");
         }
     });
+    set_timeouts(&client, application).await?;
     Ok(client)
+}
+
+/// `statement_timeout` and `idle_in_transaction_session_timeout` of a connection, by its job
+/// (the `application` name it was opened with, up to a `:`). Zero: no bound.
+///
+/// | job | statement | idle in transaction |
+/// |---|---|---|
+/// | `fraiseql-observers-leader` (the lock; see `leader.rs` for its other settings) | 5 s | 5 s |
+/// | `fraiseql-observers-listener` (batch reads; a catch-up chunk may be large) | 120 s | 60 s |
+/// | `fraiseql-observers-checkpoint`, `-delivery` (small fenced writes) | 30 s | 30 s |
+/// | `fraiseql-observers-monitor` (counting a backlog) | 60 s | 10 s |
+/// | `fraiseql-observers-migrate` (an index on an existing log may take long) | none | 60 s |
+/// | anything else (operator commands, embedders) | 300 s | 60 s |
+pub fn session_timeouts(application: &str) -> (u64, u64) {
+    let job = application.split(':').next().unwrap_or(application);
+    match job {
+        "fraiseql-observers-leader" => (5_000, 5_000),
+        "fraiseql-observers-listener" => (120_000, 60_000),
+        "fraiseql-observers-checkpoint" | "fraiseql-observers-delivery" => (30_000, 30_000),
+        "fraiseql-observers-monitor" => (60_000, 10_000),
+        "fraiseql-observers-migrate" => (0, 60_000),
+        _ => (300_000, 60_000),
+    }
+}
+
+async fn set_timeouts(client: &Client, application: &str) -> Result<()> {
+    let (statement, idle) = session_timeouts(application);
+    client
+        .batch_execute(&format!(
+            "SET statement_timeout = {statement}; SET idle_in_transaction_session_timeout = {idle};"
+        ))
+        .await?;
+    Ok(())
 }
 
 /// One connection shared by concurrent tasks (their statements pipeline on it), opened on first
@@ -90,18 +129,60 @@ pub async fn connect_with_notifications(
             }
         }
     });
+    set_timeouts(&client, application).await?;
     Ok((client, rx))
 }
 
 /// The connection settings every connection of ours uses: its name in `pg_stat_activity`, TCP
-/// keepalives (a dead peer is noticed), a connect timeout unless the URL sets one.
+/// keepalives (a dead peer is noticed in about 10 + 3 x 5 s), a connect timeout unless the URL
+/// sets one.
 fn with_defaults(config: &Config, application: &str) -> Config {
     let mut config = config.clone();
     config.application_name(application);
     config.keepalives(true);
     config.keepalives_idle(std::time::Duration::from_secs(10));
+    config.keepalives_interval(std::time::Duration::from_secs(5));
+    config.keepalives_retries(3);
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(std::time::Duration::from_secs(10));
     }
     config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::session_timeouts;
+
+    #[test]
+    fn every_job_bounds_its_statements_and_idle_transactions() {
+        assert_eq!(
+            session_timeouts("fraiseql-observers-leader:orders"),
+            (5_000, 5_000)
+        );
+        assert_eq!(
+            session_timeouts("fraiseql-observers-listener:orders").0,
+            120_000
+        );
+        assert_eq!(
+            session_timeouts("fraiseql-observers-checkpoint:orders"),
+            (30_000, 30_000)
+        );
+        assert_eq!(session_timeouts("fraiseql-observers-delivery").0, 30_000);
+        assert_eq!(session_timeouts("fraiseql-observers-migrate"), (0, 60_000));
+        assert_eq!(
+            session_timeouts("fraiseql-observers-dlq"),
+            (300_000, 60_000)
+        );
+        assert!([
+            "leader",
+            "listener",
+            "checkpoint",
+            "delivery",
+            "monitor",
+            "migrate",
+            "x"
+        ]
+        .iter()
+        .all(|job| session_timeouts(&format!("fraiseql-observers-{job}")).1 > 0));
+    }
 }

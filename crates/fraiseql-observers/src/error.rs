@@ -60,6 +60,11 @@ pub enum Error {
     #[error("the listener was stopped")]
     Stopped,
 
+    /// The lead of a consumer was lost (its lock connection failed) and the configuration asks
+    /// to exit rather than contend again (`exit_on_lost_lead`).
+    #[error("lost the lead of consumer '{consumer}' (the lock connection failed); stopped at once, without draining: another instance may lead now")]
+    LostLead { consumer: String },
+
     /// An engine task ended abnormally (a panic): the run stops rather than go on without it.
     #[error("an engine task failed: {0}")]
     TaskFailed(String),

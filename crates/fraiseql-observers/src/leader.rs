@@ -1,9 +1,10 @@
-//! Leader election: one active instance per consumer (`correctness.md` section 5, phase 1).
+//! Leader election: one active instance per consumer (`correctness.md` section 5, phase 1), and
+//! [`lead`], the daemon's loop: contend, run while leading, contend again when the lead is lost.
 //!
 //! An instance leads consumer `C` while it holds the session advisory lock [`lock_key`]`(C)` on a
-//! connection of its own (TCP keepalives on). Others wait as standbys, trying again every
-//! [`RETRY_INTERVAL`], and take over within about that long once the leader's session ends (its
-//! process died, its backend was terminated, its network went away).
+//! connection of its own. Others wait as standbys, trying again every [`RETRY_INTERVAL`], and
+//! take over within [`TAKEOVER_BOUND`] once the leader's session ends (its process died, its
+//! backend was terminated, its host or network went away without closing its sockets).
 //!
 //! Invariants:
 //! * [`Leadership`] exists only while the lock was granted on its connection; dropping it closes
@@ -13,10 +14,23 @@
 //!   instance may lead already. (The lock alone cannot rule out two leaders for a moment, e.g. a
 //!   terminated backend; the fencing epoch on the checkpoint row stops a deposed leader at its next
 //!   write.)
+//! * The server ends a lock session whose client went silent within [`LOCK_SESSION_SILENCE`]:
+//!   the session is never idle longer than a heartbeat while its holder lives
+//!   (`idle_session_timeout`), and server-side TCP keepalives and `tcp_user_timeout` close it
+//!   when the peer's host is gone.
+//! * [`lead`] stops dispatching at once when the lead is lost (the run is dropped: no draining,
+//!   no checkpoint), then contends again with capped, jittered backoff; a new lead is a new epoch
+//!   that resumes from the saved checkpoint.
 
+use crate::config::Config;
 use crate::db;
-use crate::error::Result;
+use crate::error::{ConfigErrors, Error, Result};
+use crate::metrics as m;
+use crate::pipeline::{EngineStatus, Pipeline};
+use futures::FutureExt as _;
 use sha2::{Digest, Sha256};
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -30,6 +44,45 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A probe that takes longer than this counts as a lost connection.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The server ends a lock session whose client has been silent this long (no heartbeat: the
+/// leader's host vanished, its network is cut, its process is frozen), which releases the lock.
+/// Longer than [`HEARTBEAT_INTERVAL`] + [`HEARTBEAT_TIMEOUT`], so that a live leader whose
+/// connection stalls notices the loss itself before the server hands the lock on.
+pub const LOCK_SESSION_SILENCE: Duration = Duration::from_secs(8);
+
+/// The longest a standby waits to take the lock after the leader's host vanished without
+/// closing its connections: the silence bound, plus a standby retry, plus a margin.
+pub const TAKEOVER_BOUND: Duration = Duration::from_secs(10);
+
+/// The lock connection's settings, sent once it is open (its statement and idle-transaction
+/// bounds are `db::session_timeouts`): server-side keepalives and `tcp_user_timeout` notice a
+/// vanished peer (its kernel no longer answers).
+fn lock_session_settings(server_version: i32) -> String {
+    let silence_ms = LOCK_SESSION_SILENCE.as_millis();
+    let mut sql = format!(
+        "SET tcp_keepalives_idle = 4; SET tcp_keepalives_interval = 1; \
+         SET tcp_keepalives_count = 4; SET tcp_user_timeout = {silence_ms};"
+    );
+    // A peer whose kernel still answers (a proxy, a frozen process) is caught by silence alone.
+    if server_version >= 140000 {
+        sql.push_str(&format!(" SET idle_session_timeout = {silence_ms};"));
+    }
+    sql
+}
+
+/// Open the lock connection, with [`lock_session_settings`].
+async fn connect_lock(config: &tokio_postgres::Config, application: &str) -> Result<Client> {
+    let client = db::connect(config, application).await?;
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0);
+    client
+        .batch_execute(&lock_session_settings(version))
+        .await?;
+    Ok(client)
+}
 
 /// The advisory lock key of `consumer`: the first 8 bytes of
 /// `SHA-256("fraiseql-observers:" + consumer)`, big-endian. Stable across builds and platforms.
@@ -101,12 +154,19 @@ impl Leadership {
             let attempt = async {
                 let c = match client.take().filter(|c| !c.is_closed()) {
                     Some(c) => c,
-                    None => db::connect(&config, &application).await?,
+                    None => connect_lock(&config, &application).await?,
                 };
                 let granted = try_lock(&c, consumer_id).await?;
                 Ok::<_, crate::Error>((c, granted))
-            }
-            .await;
+            };
+            // A connection that stopped answering (its network went away) is dropped and
+            // opened again, like one that failed.
+            let attempt = match tokio::time::timeout(HEARTBEAT_TIMEOUT, attempt).await {
+                Ok(attempt) => attempt,
+                Err(_) => Err(Error::Reconnect(format!(
+                    "no answer within {HEARTBEAT_TIMEOUT:?}"
+                ))),
+            };
             match attempt {
                 Ok((c, true)) => break c,
                 Ok((c, false)) => {
@@ -186,6 +246,168 @@ async fn heartbeat(client: Client, consumer: String, lost: watch::Sender<bool>) 
     }
 }
 
+/// What [`lead`] is doing, reported to its caller as it changes.
+#[derive(Debug, Clone)]
+pub enum LeadState {
+    /// Another instance leads the consumer: waiting for the lock.
+    Standby,
+    /// Leading: the engine runs, with these live figures.
+    Leading(Arc<EngineStatus>),
+    /// The lead was lost (or could not be used): reconnecting to contend again.
+    Reconnecting,
+}
+
+/// What to do after a lead ended on `error`.
+#[derive(Debug, PartialEq, Eq)]
+enum AfterLoss {
+    /// Contend again in this process.
+    Recontend,
+    /// Stop the process: trying again would fail the same way (a configuration or schema
+    /// mistake, a checkpoint ahead of the database) and needs an operator.
+    Exit,
+}
+
+/// Whether a lead that ended on `error` is contended again: a database that went away or
+/// restarted, a deposed lead (fenced), a failed engine task, and a database found read-only
+/// (a failover in progress) are passing states; anything else fails the same way every time.
+fn after_loss(error: &Error) -> AfterLoss {
+    match error {
+        e if e.is_transient() => AfterLoss::Recontend,
+        Error::Fenced { .. }
+        | Error::TaskFailed(_)
+        | Error::LostLead { .. }
+        | Error::ReadOnlyStandby => AfterLoss::Recontend,
+        _ => AfterLoss::Exit,
+    }
+}
+
+/// Capped, jittered exponential backoff between two contentions.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(200);
+    const CAP: Duration = Duration::from_secs(5);
+
+    fn new() -> Backoff {
+        Backoff { next: Self::FIRST }
+    }
+
+    /// The next delay: between half and all of the current step, which then doubles (capped).
+    fn delay(&mut self) -> Duration {
+        let step = self.next;
+        self.next = (self.next * 2).min(Self::CAP);
+        step.mul_f64(rand::random_range(0.5..=1.0))
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+/// Lead `config.runtime.consumer_id` until `shutdown` resolves: take the lock (standing by while
+/// another instance holds it), start the pipeline (a new epoch, from the saved checkpoint) and
+/// run it. When the lead is lost (the lock connection failed, the run was fenced, an engine task
+/// failed, the database restarted) dispatching stops at once and the consumer is contended again
+/// after a capped, jittered backoff; `recompile` builds the observers again for the new run.
+///
+/// Returns `Ok` after a shutdown (a graceful one saves the checkpoint). Returns an error for a
+/// mistake that contending again would repeat (see [`after_loss`]), and for any lost lead when
+/// `runtime.exit_on_lost_lead` is set. `report` hears every change of state.
+pub async fn lead(
+    database_url: &str,
+    config: Config,
+    recompile: impl Fn() -> Result<Config, ConfigErrors>,
+    report: impl Fn(LeadState),
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let consumer = config.runtime.consumer_id.clone();
+    let exit_on_lost_lead = config.runtime.exit_on_lost_lead;
+    let shutdown = shutdown.shared();
+    let mut next = Some(config);
+    let mut backoff = Backoff::new();
+    loop {
+        let config = match next.take() {
+            Some(config) => config,
+            None => recompile().map_err(|e| Error::Invalid(e.to_string()))?,
+        };
+        let ended = lead_once(
+            database_url,
+            config,
+            &report,
+            shutdown.clone(),
+            &mut backoff,
+        );
+        let error = match ended.await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if exit_on_lost_lead || after_loss(&error) == AfterLoss::Exit {
+            return Err(error);
+        }
+        metrics::counter!(m::LOST_LEADS).increment(1);
+        report(LeadState::Reconnecting);
+        let delay = backoff.delay();
+        tracing::warn!(consumer = %consumer, error = %error, retry_in_ms = delay.as_millis() as u64,
+            "lost the lead of consumer {consumer}: stopped at once; contending again");
+        tokio::select! {
+            _ = shutdown.clone() => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// One lead: take the lock, start, run until shutdown (`Ok`) or until the lead ends (the error
+/// that ended it). A shutdown before the run started returns at once; during the run, the run
+/// handles it (draining, saving the checkpoint).
+async fn lead_once(
+    database_url: &str,
+    config: Config,
+    report: &impl Fn(LeadState),
+    shutdown: impl Future<Output = ()> + Clone,
+    backoff: &mut Backoff,
+) -> Result<()> {
+    let consumer = config.runtime.consumer_id.clone();
+    let leadership = tokio::select! {
+        biased;
+        _ = shutdown.clone() => {
+            tracing::info!(consumer = %consumer, "stopped before taking the lead");
+            return Ok(());
+        }
+        taken = Leadership::acquire(database_url, &consumer, || report(LeadState::Standby)) => taken?,
+    };
+    let lost = || async {
+        leadership.lost().await;
+        Error::LostLead {
+            consumer: consumer.clone(),
+        }
+    };
+    let pipeline = tokio::select! {
+        biased;
+        e = lost() => return Err(e),
+        _ = shutdown.clone() => {
+            tracing::info!(consumer = %consumer, "stopped while starting");
+            return Ok(());
+        }
+        started = Pipeline::start(database_url, config) => started?,
+    };
+    let epoch = pipeline.epoch();
+    backoff.reset();
+    report(LeadState::Leading(pipeline.status()));
+    // Dropping `run` (the lead is lost) aborts every task it started: no draining, no checkpoint.
+    let result = tokio::select! {
+        biased;
+        e = lost() => Err(e),
+        result = pipeline.run(shutdown) => result,
+    };
+    if let Err(Error::Fenced { .. }) = &result {
+        tracing::error!(consumer = %consumer, epoch,
+            "fenced: another instance leads this consumer now; stopped at once");
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,5 +422,59 @@ mod tests {
             lock_key("orders").to_be_bytes(),
             <[u8; 8]>::try_from(&digest[..8]).unwrap()
         );
+    }
+
+    #[test]
+    fn a_lost_lead_is_contended_again_unless_the_mistake_would_repeat() {
+        let fenced = Error::Fenced {
+            consumer: "c".into(),
+            epoch: 1,
+        };
+        assert_eq!(after_loss(&fenced), AfterLoss::Recontend);
+        assert_eq!(
+            after_loss(&Error::TaskFailed("retry worker panicked".into())),
+            AfterLoss::Recontend
+        );
+        assert_eq!(
+            after_loss(&Error::Reconnect("refused".into())),
+            AfterLoss::Recontend
+        );
+        assert_eq!(after_loss(&Error::ReadOnlyStandby), AfterLoss::Recontend);
+        assert_eq!(
+            after_loss(&Error::ChangeLogShape("no txid".into())),
+            AfterLoss::Exit
+        );
+        assert_eq!(
+            after_loss(&Error::CheckpointAhead {
+                consumer: "c".into(),
+                stored: "2:2:".into(),
+                current: "1:1:".into()
+            }),
+            AfterLoss::Exit
+        );
+    }
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let mut backoff = Backoff::new();
+        let delays: Vec<Duration> = (0..20).map(|_| backoff.delay()).collect();
+        assert!(delays[0] >= Backoff::FIRST / 2 && delays[0] <= Backoff::FIRST);
+        assert!(delays.iter().all(|d| *d <= Backoff::CAP));
+        assert!(delays[19] >= Backoff::CAP / 2);
+        backoff.reset();
+        assert!(backoff.delay() <= Backoff::FIRST);
+    }
+
+    #[test]
+    fn the_lock_session_is_bounded() {
+        let sql = lock_session_settings(150000);
+        assert!(sql.contains("tcp_keepalives_idle = 4"));
+        assert!(sql.contains("tcp_user_timeout = 8000"));
+        assert!(sql.contains("idle_session_timeout = 8000"));
+        assert!(!lock_session_settings(130000).contains("idle_session_timeout"));
+        // Keepalives: idle + interval * count, within the silence bound.
+        assert!(Duration::from_secs(4 + 4) <= LOCK_SESSION_SILENCE);
+        assert!(LOCK_SESSION_SILENCE > HEARTBEAT_INTERVAL + HEARTBEAT_TIMEOUT);
+        assert!(LOCK_SESSION_SILENCE + RETRY_INTERVAL <= TAKEOVER_BOUND);
     }
 }

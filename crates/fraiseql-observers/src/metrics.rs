@@ -6,7 +6,7 @@ pub const ROWS_QUARANTINED: &str = "fraiseql_observers_rows_quarantined_total";
 pub const EVENTS_READ: &str = "fraiseql_observers_events_read_total";
 pub const EVENTS_MATCHED: &str = "fraiseql_observers_events_matched_total";
 pub const CONDITION_ERRORS: &str = "fraiseql_observers_condition_errors_total";
-/// Labelled `observer`, `action` and `outcome` = ok | failed | retried | parked | dead_lettered | dropped.
+/// Labelled `observer`, `action` and `outcome` = ok | failed | retried | parked | throttled | dead_lettered | dropped.
 pub const ACTIONS: &str = "fraiseql_observers_actions_total";
 pub const DEAD_LETTERED: &str = "fraiseql_observers_dead_lettered_total";
 /// Seconds from the change's commit (its `created_at`) to a successful delivery, per observer.
@@ -18,11 +18,65 @@ pub const BACKLOG: &str = "fraiseql_observers_backlog";
 pub const RETRY_QUEUE: &str = "fraiseql_observers_retry_queue";
 pub const DLQ_PENDING: &str = "fraiseql_observers_dlq_pending";
 pub const IN_FLIGHT: &str = "fraiseql_observers_in_flight";
+/// Requests in flight to one endpoint (labelled `endpoint`: `host:port`).
+pub const ENDPOINT_IN_FLIGHT: &str = "fraiseql_observers_endpoint_in_flight";
+/// Deliveries not sent at once because of their endpoint's flow control (labelled `endpoint`
+/// and `reason` = breaker_open | rate_limited); they wait in the retry queue.
+pub const ENDPOINT_THROTTLED: &str = "fraiseql_observers_endpoint_throttled_total";
+/// 1 while an endpoint's circuit breaker is open or half-open, else 0.
+pub const ENDPOINT_BREAKER_OPEN: &str = "fraiseql_observers_endpoint_breaker_open";
 pub const LISTENER_HEALTHY: &str = "fraiseql_observers_listener_healthy";
 pub const LEADER: &str = "fraiseql_observers_leader";
+/// Leads lost (lock connection gone, fenced, an engine task failed, the database restarting)
+/// and contended again in the same process.
+pub const LOST_LEADS: &str = "fraiseql_observers_lost_leads_total";
 
-/// Count one action outcome.
-pub fn action(observer: &str, action: &'static str, outcome: &'static str) {
-    metrics::counter!(ACTIONS, "observer" => observer.to_string(), "action" => action, "outcome" => outcome)
-        .increment(1);
+/// One action's metric handles, resolved once when the pipeline starts (so recording costs no
+/// label lookup per event; the recorder must be installed before).
+#[derive(Clone)]
+pub struct ActionMeters {
+    pub ok: metrics::Counter,
+    pub retried: metrics::Counter,
+    pub parked: metrics::Counter,
+    pub throttled: metrics::Counter,
+    pub dead_lettered: metrics::Counter,
+    pub dropped: metrics::Counter,
+    /// [`DELIVERY_LATENCY`] of the observer.
+    pub latency: metrics::Histogram,
+}
+
+impl ActionMeters {
+    pub fn new(observer: &str, action: &'static str) -> ActionMeters {
+        let outcome = |outcome: &'static str| metrics::counter!(ACTIONS, "observer" => observer.to_string(), "action" => action, "outcome" => outcome);
+        ActionMeters {
+            ok: outcome("ok"),
+            retried: outcome("retried"),
+            parked: outcome("parked"),
+            throttled: outcome("throttled"),
+            dead_lettered: outcome("dead_lettered"),
+            dropped: outcome("dropped"),
+            latency: metrics::histogram!(DELIVERY_LATENCY, "observer" => observer.to_string()),
+        }
+    }
+}
+
+/// One observer's metric handles, resolved once.
+#[derive(Clone)]
+pub struct ObserverMeters {
+    pub matched: metrics::Counter,
+    pub condition_errors: metrics::Counter,
+    /// One per action, in configuration order.
+    pub actions: Vec<ActionMeters>,
+}
+
+impl ObserverMeters {
+    pub fn new(observer: &str, actions: impl Iterator<Item = &'static str>) -> ObserverMeters {
+        ObserverMeters {
+            matched: metrics::counter!(EVENTS_MATCHED, "observer" => observer.to_string()),
+            condition_errors: metrics::counter!(CONDITION_ERRORS, "observer" => observer.to_string()),
+            actions: actions
+                .map(|kind| ActionMeters::new(observer, kind))
+                .collect(),
+        }
+    }
 }

@@ -1,25 +1,28 @@
 //! `run --config FILE`: the daemon.
 //!
 //! ```text
-//! config -> tracing, Prometheus recorder, /metrics + /healthz -> lead (or stand by)
-//!        -> Pipeline::start + Pipeline::run until SIGINT/SIGTERM
+//! config -> tracing, Prometheus recorder, /metrics + /healthz
+//!        -> leader::lead (stand by, lead, run; contend again when the lead is lost) until SIGINT/SIGTERM
 //! ```
 //!
 //! Invariants:
 //! * It reads and delivers only while it leads its consumer (the advisory lock); it stands by
 //!   otherwise, answering `/healthz` as a standby.
-//! * The lead lost (lock connection gone) or fenced (another instance bumped the epoch): it stops
-//!   at once, without draining or saving its checkpoint (the new leader owns both), and exits 1.
+//! * The lead lost (lock connection gone, fenced, an engine task failed, the database
+//!   restarted): it stops at once, without draining or saving its checkpoint (the next leader
+//!   owns both), answers `/healthz` 503 `reconnecting`, and contends again in the same process;
+//!   with `exit_on_lost_lead = true` it exits 1 instead.
+//! * It exits 1 on a mistake that contending again would repeat (configuration, schema, a
+//!   checkpoint ahead of the database).
 //! * The first SIGINT/SIGTERM stops reading, lets in-flight deliveries finish (up to the
 //!   shutdown timeout), saves the checkpoint and exits 0; a second one exits at once (130).
 
 use crate::server::{self, Health, Role};
 use crate::Cli;
 use anyhow::{anyhow, Context as _};
-use fraiseql_observers::config::LogFormat;
-use fraiseql_observers::leader::Leadership;
+use fraiseql_observers::config::{self, LogFormat};
+use fraiseql_observers::leader::{self, LeadState};
 use fraiseql_observers::metrics as m;
-use fraiseql_observers::{Error, Pipeline};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::future::Future;
 use std::process::ExitCode;
@@ -31,13 +34,24 @@ use tokio::sync::watch;
 pub async fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
     // Signals first: one arriving while the daemon starts must stop it cleanly, not kill it.
     let shutdown = Shutdown::install()?;
-    let config = match super::config_path(cli).and_then(super::load_config) {
+    let path = super::config_path(cli)?;
+    let text = super::read_file(path);
+    let compile = |text: &str| {
+        config::load(text, &super::env_lookup)
+            .map_err(|errors| anyhow!("{}: {errors}", path.display()))
+    };
+    let config = match text
+        .as_deref()
+        .map_err(|e| anyhow!("{e:#}"))
+        .and_then(compile)
+    {
         Ok(config) => config,
         Err(e) => {
             super::init_tracing(LogFormat::Text, "info");
             return Err(e);
         }
     };
+    let text = text?;
     super::init_tracing(config.runtime.log_format, "info");
     let url = super::database_url(cli, Some(&config))?;
     let runtime = config.runtime.clone();
@@ -50,60 +64,24 @@ pub async fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
     }
     tracing::info!(consumer = %consumer, observers = config.observers.len(), "starting");
 
-    let on_standby = {
-        let health = health.clone();
-        move || health.set_role(Role::Standby)
+    let report = |state: LeadState| match state {
+        LeadState::Standby => health.set_role(Role::Standby),
+        LeadState::Leading(status) => health.lead(status),
+        LeadState::Reconnecting => health.set_role(Role::Reconnecting),
     };
-    let leadership = tokio::select! {
-        leadership = Leadership::acquire(&url, &consumer, on_standby) => leadership?,
-        _ = shutdown.requested() => {
-            tracing::info!(consumer = %consumer, "stopped before taking the lead");
-            return Ok(ExitCode::SUCCESS);
+    // The observers are compiled again for each new lead (from the text read at start).
+    let recompile = || config::load(&text, &super::env_lookup);
+    match leader::lead(&url, config, recompile, report, shutdown.requested()).await {
+        Ok(()) => {
+            tracing::info!(consumer = %consumer, "stopped");
+            Ok(ExitCode::SUCCESS)
         }
-    };
-    health.set_role(Role::Leader);
-
-    let (pipeline, epoch) = tokio::select! {
-        biased;
-        _ = leadership.lost() => return Err(lost(&consumer)),
-        started = Pipeline::start(&url, config) => {
-            let pipeline = started.context("cannot start reading the change log")?;
-            let epoch = pipeline.epoch();
-            (pipeline, epoch)
-        }
-        _ = shutdown.requested() => {
-            tracing::info!(consumer = %consumer, "stopped while starting");
-            return Ok(ExitCode::SUCCESS);
-        }
-    };
-    health.set_engine(pipeline.status());
-
-    // Dropping `run` (the lead is lost) aborts every task it started: no draining, no checkpoint.
-    let run = pipeline.run(shutdown.requested());
-    tokio::select! {
-        biased;
-        _ = leadership.lost() => Err(lost(&consumer)),
-        result = run => match result {
-            Ok(()) => {
-                tracing::info!(consumer = %consumer, "stopped");
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(Error::Fenced { .. }) => {
-                tracing::error!(consumer = %consumer, epoch,
-                    "fenced: another instance leads this consumer now; stopped at once");
-                Err(anyhow!(
-                    "consumer '{consumer}' is led by another instance now (this one held epoch {epoch}); stopped without saving the checkpoint"
-                ))
-            }
-            Err(e) => Err(anyhow!(e).context("the daemon stopped on an error")),
-        },
+        Err(e @ fraiseql_observers::Error::Fenced { .. }) => Err(anyhow!(
+            "{e}; stopped at once, without saving the checkpoint (exit_on_lost_lead = true)"
+        )),
+        Err(e @ fraiseql_observers::Error::LostLead { .. }) => Err(anyhow!(e)),
+        Err(e) => Err(anyhow!(e).context("the daemon stopped on an error")),
     }
-}
-
-fn lost(consumer: &str) -> anyhow::Error {
-    anyhow!(
-        "lost the lead of consumer '{consumer}' (the lock connection failed); stopped at once, without draining: another instance may lead now"
-    )
 }
 
 /// SIGINT / SIGTERM, as a future any part of the daemon can wait for.

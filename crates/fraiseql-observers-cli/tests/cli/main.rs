@@ -3,10 +3,12 @@
 
 mod harness;
 
+mod blackhole;
 mod crash;
 mod dlq;
 mod endpoints;
 mod operator;
+mod restart;
 mod shutdown;
 mod standby;
 mod validate;

@@ -543,6 +543,10 @@ fn key_templates(
 }
 
 impl Cache {
+    pub(crate) fn endpoint(&self) -> String {
+        self.server.shared.shown.clone()
+    }
+
     /// Run the operation once. `Ok` only when Redis carried it out.
     pub async fn execute(&self, request: &DeliveryRequest<'_>) -> Result<(), ActionError> {
         let context = format!(

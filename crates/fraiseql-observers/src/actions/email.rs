@@ -635,6 +635,10 @@ pub fn sanitize_subject(raw: &str) -> String {
 }
 
 impl Email {
+    pub(crate) fn endpoint(&self) -> String {
+        format!("{}:{}", self.server.shared.host, self.server.shared.port)
+    }
+
     /// Send the message once. `Ok` only when the server accepted it (2xx after DATA).
     pub async fn execute(&self, request: &DeliveryRequest<'_>) -> Result<(), ActionError> {
         let context = self.server.shown();

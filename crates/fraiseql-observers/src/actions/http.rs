@@ -209,6 +209,15 @@ impl HttpResponse {
     }
 }
 
+/// `host:port` of `url` (the scheme's default port when it names none).
+pub fn host_port(url: &Url) -> String {
+    format!(
+        "{}:{}",
+        url.host_str().unwrap_or_default(),
+        url.port_or_known_default().unwrap_or_default()
+    )
+}
+
 /// A URL an action sends to, with the form of it that may be shown in messages and logs.
 #[derive(Clone)]
 pub struct Target {
@@ -227,6 +236,11 @@ impl fmt::Debug for Target {
 }
 
 impl Target {
+    /// `host:port` of the URL: where requests go, for flow control (never a secret).
+    pub fn endpoint(&self) -> String {
+        host_port(&self.url)
+    }
+
     /// Parse an `http`/`https` URL. When `secret` is true (a URL from the environment, a Slack
     /// incoming webhook), messages show only its scheme, host and port. The error never repeats
     /// the URL.

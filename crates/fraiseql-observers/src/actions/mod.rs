@@ -43,6 +43,7 @@
 pub mod cache;
 pub mod email;
 pub mod http;
+pub mod limits;
 pub mod push;
 pub mod search;
 pub mod slack;
@@ -62,6 +63,7 @@ use crate::template::{Template, TemplateMode};
 pub use cache::{Cache, CacheConfig, RedisSettings};
 pub use email::{Email, EmailConfig, EmailSettings};
 pub use http::HttpClient;
+pub use limits::{Limits, RateLimit};
 pub use push::{Push, PushConfig};
 pub use search::{Search, SearchConfig};
 pub use slack::{Slack, SlackConfig};
@@ -294,6 +296,7 @@ pub struct DeliveryRequest<'a> {
 pub struct ActionConfig {
     kind: &'static Kind,
     settings: Settings,
+    limits: Limits,
 }
 
 /// The table of each kind, read into its `FooConfig`.
@@ -339,8 +342,21 @@ impl ActionConfig {
         };
         let mut rest = table.clone();
         rest.remove("type");
-        let settings = (kind.parse)(&rest, path)?;
-        Ok(ActionConfig { kind, settings })
+        let limits = limits::take(&mut rest, path);
+        let settings = (kind.parse)(&rest, path);
+        match (settings, limits) {
+            (Ok(settings), Ok(limits)) => Ok(ActionConfig {
+                kind,
+                settings,
+                limits,
+            }),
+            (settings, limits) => Err(settings
+                .err()
+                .into_iter()
+                .chain(limits.err())
+                .flatten()
+                .collect()),
+        }
     }
 
     /// The `type` of this action.
@@ -366,6 +382,7 @@ impl ActionConfig {
         Ok(Action {
             kind: self.kind,
             run,
+            limits: self.limits,
         })
     }
 }
@@ -375,6 +392,7 @@ impl ActionConfig {
 pub struct Action {
     kind: &'static Kind,
     run: Run,
+    limits: Limits,
 }
 
 #[derive(Debug)]
@@ -392,6 +410,26 @@ impl Action {
     /// The `type` of the action (`"webhook"`, `"email"`, ...): a label for metrics and logs.
     pub fn kind(&self) -> &'static str {
         self.kind.name
+    }
+
+    /// Its own flow-control settings (`max_in_flight`, `rate_limit`).
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Where it sends, for flow control, metrics and logs: `kind:host:port` (never a secret:
+    /// no path, no credentials).
+    pub fn endpoint(&self) -> String {
+        let target = match &self.run {
+            Run::Webhook(a) => a.endpoint(),
+            Run::Slack(a) => a.endpoint(),
+            Run::Email(a) => a.endpoint(),
+            Run::Sms(a) => a.endpoint(),
+            Run::Push(a) => a.endpoint(),
+            Run::Search(a) => a.endpoint(),
+            Run::Cache(a) => a.endpoint(),
+        };
+        format!("{}:{target}", self.kind.name)
     }
 
     /// Whether the deliveries of this action may be coalesced (see [`Kind::coalesces`]).

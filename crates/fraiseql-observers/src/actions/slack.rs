@@ -168,6 +168,10 @@ pub fn compile(
 }
 
 impl Slack {
+    pub(crate) fn endpoint(&self) -> String {
+        self.target.endpoint()
+    }
+
     /// Post the message once. `Ok` only on a 2xx answer.
     pub async fn execute(&self, request: &DeliveryRequest<'_>) -> Result<(), ActionError> {
         let context = format!("slack {}", self.target.shown());

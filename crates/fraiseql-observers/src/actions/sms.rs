@@ -336,6 +336,10 @@ fn check_recipient(raw: &str) -> Result<String, String> {
 }
 
 impl Sms {
+    pub(crate) fn endpoint(&self) -> String {
+        self.twilio.target.endpoint()
+    }
+
     /// Send the message once. `Ok` only when the provider accepted it.
     pub async fn execute(&self, request: &DeliveryRequest<'_>) -> Result<(), ActionError> {
         let context = format!("sms twilio {}", self.twilio.target.shown());

@@ -248,6 +248,10 @@ fn parse_signing_keys(
 }
 
 impl Webhook {
+    pub(crate) fn endpoint(&self) -> String {
+        self.target.endpoint()
+    }
+
     /// Send the event once. `Ok` only on a 2xx answer.
     pub async fn execute(&self, request: &DeliveryRequest<'_>) -> Result<(), ActionError> {
         let context = format!("webhook {}", self.target.shown());

@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::actions::{limits, RateLimit};
+use crate::delivery::flow::BreakerSettings;
 use crate::error::ConfigError;
+use crate::fields::parse_fields;
 use crate::listener::StartPosition;
 
 /// `[observers.runtime]`: how the daemon reads and delivers.
@@ -34,6 +37,16 @@ pub struct RuntimeConfig {
     pub metrics_address: Option<String>,
     /// `text` or `json` logs (used by the binary).
     pub log_format: LogFormat,
+    /// Exit (non-zero) when the lead is lost or fenced, instead of reconnecting and contending
+    /// again in the same process: for supervisors that prefer restarts.
+    pub exit_on_lost_lead: bool,
+    /// Requests in flight at once per endpoint, for actions that set none (`None`: as many as
+    /// `concurrency`).
+    pub max_in_flight: Option<usize>,
+    /// Rate limit per endpoint, for actions that set none.
+    pub rate_limit: Option<RateLimit>,
+    /// When an endpoint's circuit breaker opens, and for how long.
+    pub circuit_breaker: BreakerSettings,
 }
 
 impl Default for RuntimeConfig {
@@ -51,6 +64,10 @@ impl Default for RuntimeConfig {
             retry_poll_interval: Duration::from_millis(250),
             metrics_address: None,
             log_format: LogFormat::Text,
+            exit_on_lost_lead: false,
+            max_in_flight: None,
+            rate_limit: None,
+            circuit_breaker: BreakerSettings::default(),
         }
     }
 }
@@ -78,6 +95,10 @@ pub(super) struct RawRuntime {
     retry_poll_interval_ms: Option<u64>,
     metrics_address: Option<String>,
     log_format: Option<LogFormat>,
+    exit_on_lost_lead: Option<bool>,
+    max_in_flight: Option<toml::Value>,
+    rate_limit: Option<toml::Value>,
+    circuit_breaker: Option<toml::Table>,
     /// `[observers.runtime.email]`: the SMTP server email actions use.
     pub(super) email: Option<toml::Table>,
     /// `[observers.runtime.redis]`: the Redis server cache actions use.
@@ -128,6 +149,9 @@ impl RawRuntime {
         if let Some(v) = self.log_format {
             r.log_format = v;
         }
+        if let Some(v) = self.exit_on_lost_lead {
+            r.exit_on_lost_lead = v;
+        }
         if let Some(v) = self.metrics_address {
             if v.parse::<std::net::SocketAddr>().is_err() {
                 errors.push(ConfigError::new(
@@ -137,6 +161,32 @@ impl RawRuntime {
             }
             r.metrics_address = Some(v);
         }
+        if let Some(v) = &self.max_in_flight {
+            r.max_in_flight = limits::max_in_flight(v, &format!("{path}.max_in_flight"), errors);
+        }
+        if let Some(v) = &self.rate_limit {
+            r.rate_limit = limits::rate_limit(v, &format!("{path}.rate_limit"), errors);
+        }
+        if let Some(t) = &self.circuit_breaker {
+            let at = format!("{path}.circuit_breaker");
+            match parse_fields::<RawBreaker, ConfigError>(t, &at) {
+                Ok(raw) => {
+                    if let Some(n) = raw.failures {
+                        r.circuit_breaker.failures = n;
+                    }
+                    if let Some(ms) = raw.cool_down_ms {
+                        if ms == 0 || ms > 3_600_000 {
+                            errors.push(ConfigError::new(
+                                format!("{at}.cool_down_ms"),
+                                "must be from 1 to 3600000",
+                            ));
+                        }
+                        r.circuit_breaker.cool_down = Duration::from_millis(ms);
+                    }
+                }
+                Err(e) => errors.extend(e),
+            }
+        }
         if r.consumer_id.is_empty() {
             errors.push(ConfigError::new(
                 format!("{path}.consumer_id"),
@@ -144,4 +194,12 @@ impl RawRuntime {
             ));
         }
     }
+}
+
+/// `circuit_breaker = { failures = 5, cool_down_ms = 10000 }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    failures: Option<u32>,
+    cool_down_ms: Option<u64>,
 }

@@ -4,6 +4,7 @@
 //! what follows a failure, keep order and keep state durable.
 
 pub mod dead_letter;
+pub mod flow;
 pub mod lanes;
 pub mod parking;
 pub mod policy;
@@ -11,7 +12,12 @@ pub mod retry_queue;
 pub mod schedule;
 
 use crate::event::EntityEvent;
+use std::time::Duration;
 use uuid::Uuid;
+
+/// How long a claimed retry (or an operator's dead-letter retry) is reserved for the process
+/// that claimed it.
+pub const RETRY_LEASE: Duration = Duration::from_secs(300);
 
 /// One delivery: one event through one action of one observer.
 #[derive(Debug, Clone, Copy)]

@@ -9,9 +9,10 @@
 //!   deliveries are parked behind them (durably) instead of running.
 //! * Every durable write is fenced by the consumer's epoch; `Error::Fenced` stops everything.
 
-use crate::actions::{Action, DeliveryRequest};
-use crate::config::Observer;
+use crate::actions::DeliveryRequest;
+use crate::config::{Observer, RuntimeConfig};
 use crate::db;
+use crate::delivery::flow::{self, Endpoint};
 use crate::delivery::parking::Parking;
 use crate::delivery::policy::{self, Decision, Reason, Stage};
 use crate::delivery::{dead_letter, delivery_id, entity_key, retry_queue, DeliveryItem};
@@ -28,9 +29,6 @@ use tokio_postgres::Client;
 
 use super::monitor::EngineStatus;
 
-/// How long a claimed retry is reserved for the process that claimed it.
-pub const RETRY_LEASE: Duration = Duration::from_secs(300);
-
 /// A coalescing observer that matched an event: `(observer index, window)`. Its delivery waits
 /// for the end of the window (see [`ObserverExecutor::process_event`]).
 pub type Held = (usize, Duration);
@@ -38,6 +36,10 @@ pub type Held = (usize, Duration);
 pub struct ObserverExecutor {
     pub(super) observers: Vec<Observer>,
     matcher: EventMatcher,
+    /// Metric handles: `meters[observer]`.
+    pub(super) meters: Vec<m::ObserverMeters>,
+    /// The endpoint of each action: `endpoints[observer][action]`.
+    pub(super) endpoints: Vec<Vec<Arc<Endpoint>>>,
     /// Delivery bookkeeping (retry queue, dead letters).
     store: db::Reconnecting,
     pub(super) consumer: String,
@@ -48,14 +50,16 @@ pub struct ObserverExecutor {
 }
 
 impl ObserverExecutor {
-    /// Build the executor for `consumer` led at `epoch` (from `ChangeLogListener::epoch`): loads
-    /// which entities are parked and releases the leases a dead predecessor held.
+    /// Build the executor for `runtime.consumer_id` led at `epoch` (from
+    /// `ChangeLogListener::epoch`): loads which entities are parked, releases the leases a dead
+    /// predecessor held, and sets up each endpoint's flow control.
     pub async fn new(
         observers: Vec<Observer>,
         database_url: &str,
-        consumer: &str,
+        runtime: &RuntimeConfig,
         epoch: i64,
     ) -> Result<ObserverExecutor> {
+        let consumer = runtime.consumer_id.as_str();
         let store =
             db::Reconnecting::new(db::parse_url(database_url)?, "fraiseql-observers-delivery");
         let client = store.client().await?;
@@ -74,6 +78,18 @@ impl ObserverExecutor {
         }));
         Ok(ObserverExecutor {
             matcher: EventMatcher::new(&observers),
+            meters: observers
+                .iter()
+                .map(|o| m::ObserverMeters::new(&o.name, o.actions.iter().map(|a| a.kind())))
+                .collect(),
+            endpoints: flow::endpoints(
+                observers.iter().map(|o| o.actions.as_slice()),
+                flow::Limits {
+                    max_in_flight: runtime.max_in_flight.unwrap_or(runtime.concurrency),
+                    rate_limit: runtime.rate_limit,
+                    breaker: runtime.circuit_breaker,
+                },
+            ),
             observers,
             store,
             consumer: consumer.to_string(),
@@ -123,8 +139,7 @@ impl ObserverExecutor {
             let observer = &self.observers[i];
             match verdict {
                 Verdict::Matched => {
-                    metrics::counter!(m::EVENTS_MATCHED, "observer" => observer.name.clone())
-                        .increment(1);
+                    self.meters[i].matched.increment(1);
                     self.status.events_matched.fetch_add(1, Ordering::Relaxed);
                     match observer.coalesce {
                         Some(window) => routed.held.push((i, window)),
@@ -132,8 +147,7 @@ impl ObserverExecutor {
                     }
                 }
                 Verdict::ConditionError(message) => {
-                    metrics::counter!(m::CONDITION_ERRORS, "observer" => observer.name.clone())
-                        .increment(1);
+                    self.meters[i].condition_errors.increment(1);
                     tracing::warn!(observer = %observer.name, sequence = event.sequence, error = %message,
                         "condition could not be evaluated; recorded as a failed delivery");
                     let error = format!("condition could not be evaluated: {message}");
@@ -164,11 +178,12 @@ impl ObserverExecutor {
         let action = &observer.actions[a];
         let item = self.item(i, a, event);
         if observer.ordered && self.parking.is_parked(i, &item.key) {
-            m::action(&observer.name, action.kind(), "parked");
+            self.meters[i].actions[a].parked.increment(1);
             return self
                 .record_fresh(&item, 0, Decision::Queue(Duration::ZERO), "")
                 .await;
         }
+        let endpoint = &self.endpoints[i][a];
         let mut attempt = 1;
         loop {
             let request = DeliveryRequest {
@@ -176,8 +191,21 @@ impl ObserverExecutor {
                 delivery_id: &item.delivery_id,
                 attempt,
             };
-            let Err(e) = action.execute(&request).await else {
-                self.delivered(observer, action, event);
+            let pass = match endpoint.admit().await {
+                Ok(pass) => pass,
+                Err((wait, why)) => {
+                    self.meters[i].actions[a].throttled.increment(1);
+                    let error = format!("endpoint {}: {}", endpoint.name(), why.describe());
+                    return self
+                        .record_fresh(&item, attempt - 1, Decision::Queue(wait), &error)
+                        .await;
+                }
+            };
+            let result = action.execute(&request).await;
+            endpoint.record(result.as_ref().is_err_and(|e| e.is_retryable()));
+            drop(pass);
+            let Err(e) = result else {
+                self.delivered(i, a, event);
                 return Ok(());
             };
             let decision = policy::after_failure(
@@ -189,7 +217,7 @@ impl ObserverExecutor {
                 rand::random(),
             );
             if let Decision::RetryNow(delay) = decision {
-                m::action(&observer.name, action.kind(), "retried");
+                self.meters[i].actions[a].retried.increment(1);
                 tracing::debug!(observer = %observer.name, sequence = event.sequence, attempt,
                     error = %e, delay_ms = delay.as_millis() as u64, "delivery failed; will retry");
                 tokio::time::sleep(delay).await;
@@ -203,13 +231,13 @@ impl ObserverExecutor {
     }
 
     /// A delivery of the `a`th action of observer `i` succeeded.
-    pub(super) fn delivered(&self, observer: &Observer, action: &Action, event: &EntityEvent) {
-        m::action(&observer.name, action.kind(), "ok");
+    pub(super) fn delivered(&self, i: usize, a: usize, event: &EntityEvent) {
+        let meters = &self.meters[i].actions[a];
+        meters.ok.increment(1);
         let latency = (chrono::Utc::now() - event.created_at)
             .num_microseconds()
             .unwrap_or(0);
-        metrics::histogram!(m::DELIVERY_LATENCY, "observer" => observer.name.clone())
-            .record(latency.max(0) as f64 / 1e6);
+        meters.latency.record(latency.max(0) as f64 / 1e6);
     }
 
     pub(super) fn is_parked(&self, i: usize, key: &str) -> bool {
@@ -254,7 +282,10 @@ impl ObserverExecutor {
                 if observer.ordered {
                     self.parking.park(fresh.i, &fresh.key);
                 }
-                let (max, error) = (observer.retry.max_attempts, (attempts > 0).then_some(error));
+                let (max, error) = (
+                    observer.retry.max_attempts,
+                    (!error.is_empty()).then_some(error),
+                );
                 let inserted = self
                     .durably(|c| async move {
                         retry_queue::enqueue(
@@ -274,7 +305,7 @@ impl ObserverExecutor {
                     self.parking.release(fresh.i, &fresh.key);
                 }
                 if attempts > 0 {
-                    m::action(&observer.name, action.kind(), "retried");
+                    self.meters[fresh.i].actions[fresh.a].retried.increment(1);
                     self.retry_wake.notify_one();
                 }
             }
@@ -293,8 +324,8 @@ impl ObserverExecutor {
                 })
                 .await?;
                 self.given_up(
-                    observer,
-                    action,
+                    fresh.i,
+                    fresh.a,
                     fresh.event,
                     attempts,
                     reason,
@@ -303,7 +334,7 @@ impl ObserverExecutor {
                 );
             }
             Decision::Drop(reason) => {
-                self.given_up(observer, action, fresh.event, attempts, reason, error, true);
+                self.given_up(fresh.i, fresh.a, fresh.event, attempts, reason, error, true);
             }
         }
         Ok(())
@@ -313,23 +344,25 @@ impl ObserverExecutor {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn given_up(
         &self,
-        observer: &Observer,
-        action: &Action,
+        i: usize,
+        a: usize,
         event: &EntityEvent,
         attempts: u32,
         reason: Reason,
         error: &str,
         dropped: bool,
     ) {
+        let (observer, meters) = (&self.observers[i], &self.meters[i].actions[a]);
+        let action = observer.actions[a].kind();
         if dropped {
-            m::action(&observer.name, action.kind(), "dropped");
-            tracing::error!(observer = %observer.name, action = action.kind(), sequence = event.sequence,
+            meters.dropped.increment(1);
+            tracing::error!(observer = %observer.name, action, sequence = event.sequence,
                 event_id = %event.id, attempts, reason = reason.as_str(), error,
                 "delivery failed for good; dropped (on_failure = \"log\")");
         } else {
-            m::action(&observer.name, action.kind(), "dead_lettered");
+            meters.dead_lettered.increment(1);
             metrics::counter!(m::DEAD_LETTERED).increment(1);
-            tracing::warn!(observer = %observer.name, action = action.kind(), sequence = event.sequence,
+            tracing::warn!(observer = %observer.name, action, sequence = event.sequence,
                 event_id = %event.id, attempts, reason = reason.as_str(), error,
                 "delivery dead-lettered");
         }

@@ -164,7 +164,7 @@ async fn deliver_batches(executor: &ObserverExecutor, groups: &[Group]) -> HashS
             };
             for (g, result) in members.iter().zip(results) {
                 if result.is_ok() {
-                    executor.delivered(observer, action, &groups[*g].event);
+                    executor.delivered(i, a, &groups[*g].event);
                     delivered.insert((*g, a));
                 }
             }

@@ -29,7 +29,7 @@ mod monitor;
 mod retry;
 mod run;
 
-pub use executor::{Held, ObserverExecutor, Routed, RETRY_LEASE};
+pub use executor::{Held, ObserverExecutor, Routed};
 pub use monitor::EngineStatus;
 
 use crate::config::{Config, Observer, RuntimeConfig};
@@ -76,8 +76,7 @@ impl Pipeline {
     ) -> Result<Pipeline> {
         let url = listener.database_url.clone();
         let listener = ChangeLogListener::start(listener).await?;
-        let executor =
-            ObserverExecutor::new(observers, &url, &runtime.consumer_id, listener.epoch()).await?;
+        let executor = ObserverExecutor::new(observers, &url, &runtime, listener.epoch()).await?;
         Ok(Pipeline {
             database_url: url,
             listener,

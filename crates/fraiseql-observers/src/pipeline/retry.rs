@@ -6,12 +6,11 @@
 //! entity) is queued); a claim is a lease, so a dead leader's items are taken over; an item
 //! leaves the queue only by success, dead letter or drop, and then releases its entity.
 
-use super::executor::{ObserverExecutor, RETRY_LEASE};
+use super::executor::ObserverExecutor;
 use crate::actions::DeliveryRequest;
 use crate::delivery::policy::{self, Decision, Reason, Stage};
-use crate::delivery::retry_queue;
+use crate::delivery::{retry_queue, RETRY_LEASE};
 use crate::error::Result;
-use crate::metrics as m;
 
 impl ObserverExecutor {
     /// Attempt the due heads of the retry queue once. Returns how many items were attempted.
@@ -61,15 +60,44 @@ impl ObserverExecutor {
         };
         let observer = &self.observers[i];
         let action = &observer.actions[item.action_index];
+        let endpoint = &self.endpoints[i][item.action_index];
+        let pass = match endpoint.admit().await {
+            Ok(pass) => pass,
+            Err((wait, why)) => {
+                // Not attempted: later, with its attempts unchanged.
+                self.meters[i].actions[item.action_index]
+                    .throttled
+                    .increment(1);
+                let error = format!("endpoint {}: {}", endpoint.name(), why.describe());
+                let error = &error;
+                return self
+                    .durably(|c| async move {
+                        retry_queue::reschedule(
+                            &c,
+                            &self.consumer,
+                            self.epoch,
+                            id,
+                            item.attempts,
+                            wait,
+                            error,
+                        )
+                        .await
+                    })
+                    .await;
+            }
+        };
         let attempt = item.attempts + 1;
         let request = DeliveryRequest {
             event: &item.event,
             delivery_id: &item.delivery_id,
             attempt,
         };
-        let (decision, error) = match action.execute(&request).await {
+        let result = action.execute(&request).await;
+        endpoint.record(result.as_ref().is_err_and(|e| e.is_retryable()));
+        drop(pass);
+        let (decision, error) = match result {
             Ok(()) => {
-                self.delivered(observer, action, &item.event);
+                self.delivered(i, item.action_index, &item.event);
                 self.durably(|c| async move {
                     retry_queue::remove(&c, &self.consumer, self.epoch, id).await
                 })
@@ -92,7 +120,9 @@ impl ObserverExecutor {
         let finished = match decision {
             None => true,
             Some(Decision::RetryNow(delay) | Decision::Queue(delay)) => {
-                m::action(&observer.name, action.kind(), "retried");
+                self.meters[i].actions[item.action_index]
+                    .retried
+                    .increment(1);
                 self.durably(|c| async move {
                     retry_queue::reschedule(
                         &c,
@@ -123,8 +153,8 @@ impl ObserverExecutor {
                 })
                 .await?;
                 self.given_up(
-                    observer,
-                    action,
+                    i,
+                    item.action_index,
                     &item.event,
                     attempt,
                     reason,
@@ -139,8 +169,8 @@ impl ObserverExecutor {
                 })
                 .await?;
                 self.given_up(
-                    observer,
-                    action,
+                    i,
+                    item.action_index,
                     &item.event,
                     attempt,
                     reason,

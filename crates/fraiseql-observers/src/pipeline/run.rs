@@ -4,6 +4,9 @@
 //! Invariants:
 //! * Any task's error ends the run at once (the first one is returned); the dispatcher never
 //!   hands out an event after it.
+//! * No task dies silently: a task that panics, or one meant to run for the whole run (retry
+//!   worker, monitor, lanes, checkpoint writer) that ends, ends the run with
+//!   `Error::TaskFailed` ([`supervised`], [`first_failure`]).
 //! * The checkpoint writer is stopped between two writes, never in the middle of one, and does
 //!   not outlive a dropped run.
 //! * A graceful shutdown saves the checkpoint last, after the lanes finished (or the timeout).
@@ -17,7 +20,9 @@ use crate::db;
 use crate::delivery::lanes::Watermark;
 use crate::error::{Error, Result};
 use crate::listener::{Batch, ChangeLogListener, Checkpointer};
+use futures::FutureExt as _;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
@@ -61,89 +66,77 @@ pub(super) async fn run(
     for _ in 0..runtime.concurrency {
         let (tx, mut rx) = mpsc::channel::<lane::Dispatched>(EVENTS_PER_LANE);
         lanes.push(tx);
-        let (executor, chains, watermark, fatal) = (
-            executor.clone(),
-            chains.clone(),
-            watermark.clone(),
-            fatal_tx.clone(),
-        );
-        lane_tasks.spawn(async move {
-            if let Err(e) = lane::run(&executor, &chains, &mut rx, &watermark).await {
-                let _ = fatal.send(e);
-            }
-        });
+        let (executor, chains, watermark) = (executor.clone(), chains.clone(), watermark.clone());
+        lane_tasks.spawn(supervised("a lane", Lifetime::WholeRun, async move {
+            lane::run(&executor, &chains, &mut rx, &watermark).await
+        }));
     }
 
-    // The reader.
+    // The reader: it ends (`Ok`) only when stopped.
     let (batch_tx, mut batch_rx) = mpsc::channel::<Batch>(2);
-    let reader_fatal = fatal_tx.clone();
-    tasks.spawn(async move {
+    let mut reader = JoinSet::new();
+    reader.spawn(supervised("the reader", Lifetime::MayEnd, async move {
         let mut listener = listener;
-        loop {
-            match listener.next_batch().await {
-                Ok(Some(batch)) => {
-                    if batch_tx.send(batch).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    let _ = reader_fatal.send(e);
-                    return;
-                }
+        while let Some(batch) = listener.next_batch().await? {
+            if batch_tx.send(batch).await.is_err() {
+                break;
             }
         }
-    });
+        Ok(())
+    }));
 
     // The retry worker.
     {
-        let (executor, fatal) = (executor.clone(), fatal_tx.clone());
+        let executor = executor.clone();
         let (interval, limit) = (runtime.retry_poll_interval, runtime.concurrency.max(1));
-        tasks.spawn(async move {
-            loop {
-                match executor.run_due_retries(limit).await {
-                    Ok(n) if n > 0 => continue,
-                    Ok(_) => {}
-                    Err(e) => {
-                        let _ = fatal.send(e);
-                        return;
+        tasks.spawn(supervised(
+            "the retry worker",
+            Lifetime::WholeRun,
+            async move {
+                loop {
+                    if executor.run_due_retries(limit).await? > 0 {
+                        continue;
                     }
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(interval) => {}
-                    _ = executor.retry_wake.notified() => {
-                        // A failure was just queued; its first retry is not due yet.
-                        tokio::time::sleep(interval).await;
-                    }
-                }
-            }
-        });
-    }
-
-    tasks.spawn(monitor.run());
-
-    // The checkpoint writer, off the dispatch path (a write waits for a commit): it owns a
-    // clone of the checkpointer (same progress, its own connection).
-    let (checkpoint_stop, mut checkpoint_stopped) = tokio::sync::watch::channel(false);
-    let mut checkpoint_task = {
-        let (watermark, fatal) = (watermark.clone(), fatal_tx.clone());
-        let mut checkpointer = checkpointer.clone();
-        let mut tick = tokio::time::interval(runtime.checkpoint_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        AbortOnDrop(tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = checkpoint_stopped.changed() => return,
-                    _ = tick.tick() => {
-                        if let Err(e) = checkpoint(&watermark, &mut checkpointer).await {
-                            let _ = fatal.send(e);
-                            return;
+                    tokio::select! {
+                        _ = tokio::time::sleep(interval) => {}
+                        _ = executor.retry_wake.notified() => {
+                            // A failure was just queued; its first retry is not due yet.
+                            tokio::time::sleep(interval).await;
                         }
                     }
                 }
-            }
-        }))
-    };
+            },
+        ));
+    }
+
+    tasks.spawn(supervised("the monitor", Lifetime::WholeRun, async move {
+        monitor.run().await;
+        Ok(())
+    }));
+
+    // The checkpoint writer, off the dispatch path (a write waits for a commit): it owns a
+    // clone of the checkpointer (same progress, its own connection). A set of its own: it is
+    // stopped between two writes, not aborted with the others.
+    let (checkpoint_stop, mut checkpoint_stopped) = tokio::sync::watch::channel(false);
+    let mut checkpoint_task = JoinSet::new();
+    {
+        let watermark = watermark.clone();
+        let mut checkpointer = checkpointer.clone();
+        let mut tick = tokio::time::interval(runtime.checkpoint_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        checkpoint_task.spawn(supervised(
+            "the checkpoint writer",
+            Lifetime::MayEnd,
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = checkpoint_stopped.changed() => return Ok(()),
+                        _ = tick.tick() => checkpoint(&watermark, &mut checkpointer).await?,
+                    }
+                }
+            },
+        ));
+    }
     drop(fatal_tx);
 
     tokio::pin!(shutdown);
@@ -151,10 +144,14 @@ pub(super) async fn run(
         tokio::select! {
             biased;
             Some(e) = fatal_rx.recv() => break Err(e),
+            e = first_failure(&mut tasks) => break Err(e),
+            e = first_failure(&mut lane_tasks) => break Err(e),
+            e = first_failure(&mut checkpoint_task) => break Err(e),
             _ = &mut shutdown => break Ok(()),
             batch = batch_rx.recv() => match batch {
                 Some(batch) => lane::dispatch(&executor, batch, &lanes, &outstanding, &watermark).await,
-                None => break Ok(()),
+                // The reader ended: stopped (`Ok`), failed, or panicked.
+                None => break ended(reader.join_next().await),
             },
         }
     };
@@ -181,10 +178,12 @@ pub(super) async fn run(
     lane_tasks.abort_all();
     chains.abort();
     tasks.abort_all();
+    reader.abort_all();
     while tasks.join_next().await.is_some() {}
     checkpoint_stop.send_replace(true);
-    let _ = (&mut checkpoint_task.0).await;
+    let stopped = ended(checkpoint_task.join_next().await);
     result?;
+    stopped?;
     checkpoint(&watermark, &mut checkpointer).await?;
     tracing::info!(consumer = %executor.consumer(), "stopped; checkpoint saved");
     Ok(())
@@ -213,12 +212,116 @@ impl Drop for AbortChains {
     }
 }
 
-/// A spawned task that is aborted when its handle is dropped: if the `run` future is dropped (a
-/// lost lead), the checkpoint writer does not outlive it.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Whether a task may end before the run does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lifetime {
+    /// It ends when asked to (the reader when stopped, the checkpoint writer).
+    MayEnd,
+    /// It runs as long as the run: ending at all is a failure.
+    WholeRun,
+}
 
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+/// `task`, with its panic caught and turned into `Error::TaskFailed` naming it (as is its end,
+/// when it must run for the whole run).
+async fn supervised(
+    name: &'static str,
+    lifetime: Lifetime,
+    task: impl Future<Output = Result<()>>,
+) -> Result<()> {
+    match AssertUnwindSafe(task).catch_unwind().await {
+        Ok(Ok(())) if lifetime == Lifetime::WholeRun => {
+            Err(Error::TaskFailed(format!("{name} stopped")))
+        }
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_string());
+            tracing::error!(task = name, panic = %message, "an engine task panicked");
+            Err(Error::TaskFailed(format!("{name} panicked: {message}")))
+        }
+    }
+}
+
+/// A finished task's result (a task aborted or gone counts as failed).
+fn ended(joined: Option<std::result::Result<Result<()>, tokio::task::JoinError>>) -> Result<()> {
+    match joined {
+        None | Some(Ok(Ok(()))) => Ok(()),
+        Some(Ok(Err(e))) => Err(e),
+        Some(Err(e)) => Err(Error::TaskFailed(e.to_string())),
+    }
+}
+
+/// Resolves with the error of the first task of `tasks` that fails (every task in it is meant
+/// to run until the run ends, see [`Lifetime`]); never resolves while they all run, or when
+/// there is none.
+async fn first_failure(tasks: &mut JoinSet<Result<()>>) -> Error {
+    loop {
+        match tasks.join_next().await {
+            None => std::future::pending::<()>().await,
+            Some(joined) => {
+                if let Err(e) = ended(Some(joined)) {
+                    return e;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_task_ends_the_run_with_its_name() {
+        let mut tasks = JoinSet::new();
+        tasks.spawn(supervised("the monitor", Lifetime::WholeRun, async {
+            std::future::pending::<()>().await;
+            Ok(())
+        }));
+        tasks.spawn(supervised("the retry worker", Lifetime::WholeRun, async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            panic!("row decoding failed");
+        }));
+        let failure = tokio::time::timeout(Duration::from_secs(5), first_failure(&mut tasks))
+            .await
+            .expect("a panic ends the run");
+        match failure {
+            Error::TaskFailed(m) => {
+                assert_eq!(m, "the retry worker panicked: row decoding failed")
+            }
+            other => panic!("expected TaskFailed, got {other}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_task_that_must_run_for_the_whole_run_fails_when_it_ends_or_errs() {
+        let mut tasks = JoinSet::new();
+        tasks.spawn(supervised("a lane", Lifetime::WholeRun, async { Ok(()) }));
+        assert!(matches!(
+            first_failure(&mut tasks).await,
+            Error::TaskFailed(m) if m == "a lane stopped"
+        ));
+        tasks.spawn(supervised(
+            "the checkpoint writer",
+            Lifetime::MayEnd,
+            async {
+                Err(Error::Fenced {
+                    consumer: "c".into(),
+                    epoch: 3,
+                })
+            },
+        ));
+        assert!(matches!(
+            first_failure(&mut tasks).await,
+            Error::Fenced { epoch: 3, .. }
+        ));
+        // A task that may end, ending well, is no failure; an empty set never resolves.
+        tasks.spawn(supervised("the reader", Lifetime::MayEnd, async { Ok(()) }));
+        let pending =
+            tokio::time::timeout(Duration::from_millis(50), first_failure(&mut tasks)).await;
+        assert!(pending.is_err());
     }
 }

@@ -6,6 +6,7 @@ mod catchup;
 mod docs;
 mod email;
 mod engine;
+mod flow;
 mod leader;
 mod listener;
 mod migrations;

@@ -538,6 +538,17 @@ pub(super) fn required<'a>(
 }
 
 impl Push {
+    /// The provider (`fcm`, `apns`, `web_push`): web push sends to each subscriber's own
+    /// service, so the provider is the unit of flow control.
+    pub(crate) fn endpoint(&self) -> String {
+        match &self.provider {
+            Provider::Fcm(_) => "fcm",
+            Provider::Apns(_) => "apns",
+            Provider::WebPush(_) => "web_push",
+        }
+        .to_string()
+    }
+
     /// Send the notification once. `Ok` only when the provider accepted it.
     pub async fn execute(&self, request: &DeliveryRequest<'_>) -> Result<(), ActionError> {
         let http = &self.http;

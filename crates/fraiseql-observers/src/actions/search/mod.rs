@@ -467,6 +467,10 @@ impl Outcomes {
 }
 
 impl Search {
+    pub(crate) fn endpoint(&self) -> String {
+        super::http::host_port(&self.endpoint.base)
+    }
+
     /// Apply one event to the index. `Ok` only when the engine accepted it.
     pub async fn execute(&self, request: &DeliveryRequest<'_>) -> Result<(), ActionError> {
         self.execute_batch(std::slice::from_ref(request))
