@@ -71,6 +71,9 @@ pub struct ListenerConfig {
     /// About the most bytes of row text in one chunk: the chunk's row count is this divided by
     /// the size of the largest row of the previous chunk (at least one row, at most `batch_size`).
     pub max_chunk_bytes: usize,
+    /// The reader connection's `statement_timeout`, replacing the one `db` sets for its job
+    /// (`None`: keep that one). A read it cancels is made smaller, not retried as it was.
+    pub statement_timeout: Option<Duration>,
 }
 
 impl Default for ListenerConfig {
@@ -90,6 +93,7 @@ impl Default for ListenerConfig {
             retry_max_delay: Duration::from_secs(30),
             id_page_size: 100_000,
             max_chunk_bytes: 16 * 1024 * 1024,
+            statement_timeout: None,
         }
     }
 }
@@ -803,6 +807,14 @@ async fn open(
     } else {
         (db::connect(db_config, &application).await?, None)
     };
+    if let Some(timeout) = config.statement_timeout {
+        client
+            .batch_execute(&format!(
+                "SET statement_timeout = {}",
+                timeout.as_millis().max(1)
+            ))
+            .await?;
+    }
     let in_recovery: bool = client
         .query_one("SELECT pg_is_in_recovery()", &[])
         .await?

@@ -185,16 +185,10 @@ async fn a_statement_timeout_shrinks_the_chunk() {
     let client = db.client().await;
     install_test_cast(&client).await;
     fill(&client, 1, 2000, (700, 899), "slow", "0.01").await;
-    client
-        .batch_execute(&format!(
-            "ALTER DATABASE {} SET statement_timeout = '500ms'",
-            db.name
-        ))
-        .await
-        .unwrap();
 
     let mut cfg = config(&db, "timeout");
     cfg.batch_size = 1000;
+    cfg.statement_timeout = Some(Duration::from_millis(500));
     let mut listener = ChangeLogListener::start(cfg).await.unwrap();
     let stats = listener.stats();
     let (events, quarantined) = read_events(&mut listener, 2000).await;
