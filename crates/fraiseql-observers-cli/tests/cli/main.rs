@@ -5,6 +5,7 @@ mod harness;
 
 mod crash;
 mod dlq;
+mod docs;
 mod endpoints;
 mod operator;
 mod shutdown;
