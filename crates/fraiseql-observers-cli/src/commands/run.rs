@@ -53,6 +53,9 @@ pub async fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
     };
     let text = text?;
     super::init_tracing(config.runtime.log_format, "info");
+    for w in &config.warnings {
+        tracing::warn!(path = %w.path, "deprecated configuration key: {}", w.message);
+    }
     let url = super::database_url(cli, Some(&config))?;
     let runtime = config.runtime.clone();
     let consumer = runtime.consumer_id.clone();

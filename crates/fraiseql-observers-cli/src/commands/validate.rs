@@ -1,5 +1,7 @@
 //! `validate --config FILE`: compile the configuration (no database, no network) and print the
-//! observers as compiled, or every error with its path, one per line (exit code 1).
+//! observers as compiled, or every error with its path, one per line (exit code 1). Deprecated
+//! keys (the design document's names) load, and each is printed as a warning on stderr, one per
+//! line starting with its path.
 
 use crate::Cli;
 use fraiseql_observers::config::{self, Config, OnFailure, RuntimeConfig};
@@ -12,6 +14,12 @@ pub fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
     let text = super::read_file(path)?;
     match config::load(&text, &super::env_lookup) {
         Ok(config) => {
+            if !config.warnings.is_empty() {
+                eprintln!("{}: {} warning(s):", path.display(), config.warnings.len());
+                for w in &config.warnings {
+                    eprintln!("{w}");
+                }
+            }
             print!("{}", describe(&config));
             println!(
                 "{}: valid, {} observer(s)",

@@ -6,6 +6,7 @@ mod harness;
 mod blackhole;
 mod crash;
 mod dlq;
+mod docs;
 mod endpoints;
 mod operator;
 mod restart;

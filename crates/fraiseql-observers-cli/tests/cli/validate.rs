@@ -1,7 +1,7 @@
 //! `validate`: every configuration error with its path and exit code 1; a good configuration
 //! prints the compiled observers and exits 0. No database is involved.
 
-use crate::harness::{cli, ConfigFile};
+use crate::harness::{cli, ConfigFile, BIN};
 
 #[tokio::test]
 async fn every_error_is_printed_with_its_path_and_the_exit_code_is_1() {
@@ -151,4 +151,126 @@ type = "email"
         "{}",
         out.stderr
     );
+}
+
+/// The design document's key names: one per table that has them.
+const DESIGN_DOCUMENT_NAMES: &str = r#"
+[observers.runtime]
+max_concurrency = 16
+shutdown_timeout = "45s"
+
+[observers.runtime.email]
+host = "smtp.example.com"
+from = "shop@example.com"
+tls = "start_tls"
+
+[observers.runtime.redis]
+url = "redis://127.0.0.1:6379/0"
+
+[observers.paid]
+entity = "Order"
+event_type = "UPDATE"
+
+[[observers.paid.actions]]
+type = "sms"
+account_sid_env = "FO_TEST_TWILIO_SID"
+auth_token_env = "FO_TEST_TWILIO_TOKEN"
+from = "+15005550006"
+phone_template = "{{ after.phone }}"
+message_template = "paid"
+
+[[observers.paid.actions]]
+type = "cache"
+key_pattern = "order:{{ data.id }}"
+action = "invalidate"
+"#;
+
+/// `validate --config FILE` with the SMS action's secrets in the environment.
+fn validate_with_secrets(file: &ConfigFile) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(BIN)
+        .args(["validate", "--config", file.arg()])
+        .env("FO_TEST_TWILIO_SID", "AC0123456789abcdef0123456789abcdef")
+        .env("FO_TEST_TWILIO_TOKEN", "token")
+        .output()
+        .expect("run the binary");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_design_documents_keys_load_with_a_warning_naming_ours() {
+    let file = ConfigFile::new(DESIGN_DOCUMENT_NAMES);
+    let (code, stdout, stderr) = validate_with_secrets(&file);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("concurrency             16"), "{stdout}");
+    assert!(
+        stdout.contains("shutdown_timeout        45000 ms"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("6 warning(s)"), "{stderr}");
+    for (path, ours) in [
+        ("observers.runtime.max_concurrency: ", "'concurrency'"),
+        (
+            "observers.runtime.shutdown_timeout: ",
+            "shutdown_timeout_ms = 45000",
+        ),
+        ("observers.runtime.email.tls: ", "tls = \"starttls\""),
+        (
+            "observers.paid.actions[0].phone_template: ",
+            "'to_template'",
+        ),
+        ("observers.paid.actions[1].key_pattern: ", "keys = [...]"),
+        ("observers.paid.actions[1].action: ", "'operation'"),
+    ] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with(path) && l.contains("deprecated") && l.contains(ours)),
+            "no warning line {path:?} naming {ours:?} in:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn an_alias_beside_its_key_and_on_failure_alert_are_errors() {
+    let text = DESIGN_DOCUMENT_NAMES
+        .replace(
+            "max_concurrency = 16",
+            "max_concurrency = 16\nconcurrency = 8",
+        )
+        .replace(
+            "action = \"invalidate\"",
+            "action = \"invalidate\"\noperation = \"invalidate\"",
+        )
+        .replace(
+            "event_type = \"UPDATE\"",
+            "event_type = \"UPDATE\"\non_failure = \"alert\"",
+        );
+    let file = ConfigFile::new(&text);
+    let (code, stdout, stderr) = validate_with_secrets(&file);
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
+    for (path, says) in [
+        (
+            "observers.runtime.max_concurrency: ",
+            "keep only 'concurrency'",
+        ),
+        (
+            "observers.paid.actions[1].action: ",
+            "keep only 'operation'",
+        ),
+        (
+            "observers.paid.on_failure: ",
+            "fraiseql_observers_dead_lettered_total",
+        ),
+    ] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with(path) && l.contains(says)),
+            "no line {path:?} saying {says:?} in:\n{stderr}"
+        );
+    }
 }

@@ -3,9 +3,10 @@
 //! in ([`Sources`]), never here.
 //!
 //! The layers: [`crate::fields`] reads a table into a raw struct (every mistake reported);
-//! `runtime.rs` is `[observers.runtime]`; `interpolate.rs` expands `${VAR}`; `observer.rs`
-//! compiles one `[observers.NAME]` into an [`Observer`], its actions through [`crate::actions`].
-//! This module imports `actions`; `actions` never imports it.
+//! `runtime.rs` is `[observers.runtime]`; `interpolate.rs` expands `${VAR}`; `aliases.rs`
+//! rewrites the design document's key names to ours (with a [`ConfigWarning`] each);
+//! `observer.rs` compiles one `[observers.NAME]` into an [`Observer`], its actions through
+//! [`crate::actions`]. This module imports `actions`; `actions` never imports it.
 //!
 //! ```toml
 //! [database]
@@ -28,8 +29,10 @@
 //!
 //! Invariants: an unknown key is an error; every error is reported at once, each with its path
 //! (`observers.order_shipped.actions[0].url`); a secret is only ever named by the environment
-//! variable that holds it (`*_env`) and never appears in a message.
+//! variable that holds it (`*_env`) and never appears in a message. The library prints nothing:
+//! deprecation warnings come back with the [`Config`], for the caller to show.
 
+mod aliases;
 mod interpolate;
 mod observer;
 mod runtime;
@@ -42,6 +45,7 @@ use crate::fields::parse_fields;
 
 pub use crate::error::ConfigErrors;
 pub use crate::observer::{Observer, OnFailure};
+pub use aliases::{Alias, Scope, ALIASES};
 pub use interpolate::interpolate;
 pub use runtime::{LogFormat, RuntimeConfig};
 
@@ -52,6 +56,32 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// In file order.
     pub observers: Vec<Observer>,
+    /// What loaded but should be written otherwise (the design document's key names), in file
+    /// order. The library prints nothing: `validate` prints these, `run` logs them.
+    pub warnings: Vec<ConfigWarning>,
+}
+
+/// A key that loaded but is deprecated: where, and what to write instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigWarning {
+    /// `observers.runtime.max_concurrency`.
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigWarning {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> ConfigWarning {
+        ConfigWarning {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -98,6 +128,7 @@ pub fn load_with(text: &str, sources: Sources<'_>) -> Result<Config, ConfigError
         ConfigErrors(vec![ConfigError::new(at, e.message().trim().to_string())])
     })?;
     let mut errors = Vec::new();
+    let mut warnings = Vec::new();
     interpolate::interpolate_table(&mut root, "", env, &mut errors);
 
     let mut database = DatabaseConfig::default();
@@ -131,10 +162,14 @@ pub fn load_with(text: &str, sources: Sources<'_>) -> Result<Config, ConfigError
         None => {}
         Some(toml::Value::Table(table)) => {
             let path = "observers.runtime";
-            match parse_fields::<runtime::RawRuntime, _>(table, path) {
-                Ok(raw) => {
-                    if let Some(t) = &raw.email {
-                        match EmailSettings::parse(t, &format!("{path}.email"), env) {
+            let mut table = table.clone();
+            aliases::rewrite(&mut table, Scope::Runtime, path, &mut errors, &mut warnings);
+            match parse_fields::<runtime::RawRuntime, _>(&table, path) {
+                Ok(mut raw) => {
+                    if let Some(t) = &mut raw.email {
+                        let at = format!("{path}.email");
+                        aliases::rewrite(t, Scope::Email, &at, &mut errors, &mut warnings);
+                        match EmailSettings::parse(t, &at, env) {
                             Ok(s) => email = Some(s),
                             Err(e) => errors.extend(e),
                         }
@@ -168,7 +203,7 @@ pub fn load_with(text: &str, sources: Sources<'_>) -> Result<Config, ConfigError
             errors.push(ConfigError::new(path, "must be a table"));
             continue;
         };
-        match observer::compile_observer(name, table, &path, &context) {
+        match observer::compile_observer(name, table, &path, &context, &mut warnings) {
             Ok(o) => observers.push(o),
             Err(e) => errors.extend(e),
         }
@@ -178,10 +213,63 @@ pub fn load_with(text: &str, sources: Sources<'_>) -> Result<Config, ConfigError
             database,
             runtime,
             observers,
+            warnings,
         })
     } else {
         Err(ConfigErrors(errors))
     }
+}
+
+/// Every key each table of the configuration accepts, by table (`observers.runtime`,
+/// `observers.NAME.retry`, `actions, type = "sms"`), asked of the parsers themselves: for
+/// documentation and the test that keeps the README complete. The design document's names
+/// ([`ALIASES`]) are not in it.
+pub fn keys() -> Vec<(String, &'static [&'static str])> {
+    use crate::actions::cache::RedisSettingsConfig;
+    use crate::actions::email::EmailSettingsConfig;
+    use crate::actions::{
+        CacheConfig, EmailConfig, PushConfig, SearchConfig, SlackConfig, SmsConfig, WebhookConfig,
+    };
+    use crate::fields::field_names;
+    let action = |kind: &str| format!("actions, type = \"{kind}\"");
+    vec![
+        ("database".into(), field_names::<RawDatabase>()),
+        (
+            "observers.runtime".into(),
+            field_names::<runtime::RawRuntime>(),
+        ),
+        (
+            "observers.runtime.email".into(),
+            field_names::<EmailSettingsConfig>(),
+        ),
+        (
+            "observers.runtime.redis".into(),
+            field_names::<RedisSettingsConfig>(),
+        ),
+        (
+            "observers.runtime.circuit_breaker".into(),
+            field_names::<runtime::RawBreaker>(),
+        ),
+        (
+            "observers.NAME".into(),
+            field_names::<observer::RawObserver>(),
+        ),
+        (
+            "observers.NAME.retry".into(),
+            field_names::<observer::RawRetry>(),
+        ),
+        (
+            "actions, every type".into(),
+            &["type", "max_in_flight", "rate_limit"],
+        ),
+        (action("webhook"), field_names::<WebhookConfig>()),
+        (action("slack"), field_names::<SlackConfig>()),
+        (action("email"), field_names::<EmailConfig>()),
+        (action("sms"), field_names::<SmsConfig>()),
+        (action("push"), field_names::<PushConfig>()),
+        (action("search"), field_names::<SearchConfig>()),
+        (action("cache"), field_names::<CacheConfig>()),
+    ]
 }
 
 #[derive(Deserialize)]
@@ -196,6 +284,7 @@ mod tests {
     use crate::delivery::schedule::BackoffStrategy;
     use crate::event::EventKind;
     use crate::listener::StartPosition;
+    use std::time::Duration;
 
     fn env(name: &str) -> Option<String> {
         match name {
@@ -324,6 +413,262 @@ mod tests {
                 "{expected} missing from {paths:?}"
             );
         }
+    }
+
+    /// Every secret a test configuration names: an APNs key for push, plausible values for the
+    /// rest.
+    fn any_env(name: &str) -> Option<String> {
+        use p256::pkcs8::EncodePrivateKey;
+        Some(match name {
+            "APNS_KEY" => p256::SecretKey::from_slice(&[7; 32])
+                .unwrap()
+                .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
+                .unwrap()
+                .to_string(),
+            "TWILIO_ACCOUNT_SID" => "AC0123456789abcdef0123456789abcdef".into(),
+            _ => format!("value-of-{name}"),
+        })
+    }
+
+    /// One observer with one action of `kind`, its keys written after `type`.
+    fn with_action(runtime: &str, kind: &str, keys: &str) -> String {
+        format!(
+            r#"
+            [observers.runtime]
+            {runtime}
+            [observers.runtime.redis]
+            url = "redis://127.0.0.1:6379/0"
+            [observers.runtime.email]
+            host = "smtp.example.com"
+            from = "shop@example.com"
+
+            [observers.o]
+            entity = "Order"
+            event_type = "UPDATE"
+
+            [[observers.o.actions]]
+            type = "{kind}"
+            {keys}
+            "#
+        )
+    }
+
+    const SMS: &str = r#"account_sid_env = "TWILIO_ACCOUNT_SID"
+            auth_token_env = "TWILIO_AUTH_TOKEN"
+            from = "+15005550006"
+            message_template = "paid""#;
+    const PUSH: &str = r#"provider = "apns"
+            title_template = "paid"
+            team_id = "TEAM123456"
+            key_id = "KEY1234567"
+            private_key_env = "APNS_KEY"
+            topic = "com.example.shop""#;
+
+    fn warning_paths(config: &Config) -> Vec<&str> {
+        config.warnings.iter().map(|w| w.path.as_str()).collect()
+    }
+
+    fn error_paths(text: &str) -> Vec<String> {
+        load(text, &any_env)
+            .unwrap_err()
+            .0
+            .into_iter()
+            .map(|e| e.path)
+            .collect()
+    }
+
+    #[test]
+    fn the_design_documents_runtime_keys_load_with_warnings() {
+        let config = load(
+            &with_action(
+                "max_concurrency = 8\nshutdown_timeout = \"5s\"",
+                "webhook",
+                "url = \"https://example.com/hook\"",
+            ),
+            &any_env,
+        )
+        .unwrap();
+        assert_eq!(config.runtime.concurrency, 8);
+        assert_eq!(config.runtime.shutdown_timeout, Duration::from_secs(5));
+        assert_eq!(
+            warning_paths(&config),
+            [
+                "observers.runtime.max_concurrency",
+                "observers.runtime.shutdown_timeout"
+            ]
+        );
+        assert!(config.warnings[0].message.contains("'concurrency'"));
+        assert!(config.warnings[1]
+            .message
+            .contains("shutdown_timeout_ms = 5000"));
+
+        let errors = error_paths(&with_action(
+            "max_concurrency = 8\nconcurrency = 4\nshutdown_timeout = \"5s\"\nshutdown_timeout_ms = 1",
+            "webhook",
+            "url = \"https://example.com/hook\"",
+        ));
+        assert_eq!(
+            errors,
+            [
+                "observers.runtime.max_concurrency",
+                "observers.runtime.shutdown_timeout"
+            ]
+        );
+        let errors = error_paths(&with_action(
+            "shutdown_timeout = 30",
+            "webhook",
+            "url = \"https://example.com/hook\"",
+        ));
+        assert_eq!(errors, ["observers.runtime.shutdown_timeout"]);
+    }
+
+    #[test]
+    fn start_tls_loads_with_a_warning() {
+        let text = with_action("", "webhook", "url = \"https://example.com/hook\"").replace(
+            "from = \"shop@example.com\"",
+            "from = \"shop@example.com\"\ntls = \"start_tls\"",
+        );
+        let config = load(&text, &any_env).unwrap();
+        assert_eq!(warning_paths(&config), ["observers.runtime.email.tls"]);
+        assert!(config.warnings[0].message.contains(r#"tls = "starttls""#));
+    }
+
+    #[test]
+    fn the_design_documents_sms_keys_load_with_warnings() {
+        for (alias, value) in [
+            ("phone", "+33612345678"),
+            ("phone_template", "{{ after.phone }}"),
+        ] {
+            let config = load(
+                &with_action("", "sms", &format!("{SMS}\n{alias} = \"{value}\"")),
+                &any_env,
+            )
+            .unwrap();
+            assert_eq!(
+                warning_paths(&config),
+                [format!("observers.o.actions[0].{alias}")]
+            );
+        }
+        let errors = error_paths(&with_action(
+            "",
+            "sms",
+            &format!("{SMS}\nphone = \"+33612345678\"\nto = \"+33612345678\""),
+        ));
+        assert_eq!(errors, ["observers.o.actions[0].phone"]);
+        let errors = error_paths(&with_action(
+            "",
+            "sms",
+            &format!("{SMS}\nphone_template = \"{{{{ after.phone }}}}\"\nto_template = \"x\""),
+        ));
+        assert_eq!(errors, ["observers.o.actions[0].phone_template"]);
+    }
+
+    #[test]
+    fn the_design_documents_push_key_loads_with_a_warning() {
+        let config = load(
+            &with_action(
+                "",
+                "push",
+                &format!("{PUSH}\ndevice_token = \"{{{{ after.token }}}}\""),
+            ),
+            &any_env,
+        )
+        .unwrap();
+        assert_eq!(
+            warning_paths(&config),
+            ["observers.o.actions[0].device_token"]
+        );
+        assert!(config.warnings[0].message.contains("'token_template'"));
+        let errors = error_paths(&with_action(
+            "",
+            "push",
+            &format!("{PUSH}\ndevice_token = \"abc\"\ntoken_template = \"abc\""),
+        ));
+        assert_eq!(errors, ["observers.o.actions[0].device_token"]);
+    }
+
+    #[test]
+    fn the_design_documents_cache_keys_load_with_warnings() {
+        let config = load(
+            &with_action(
+                "",
+                "cache",
+                "key_pattern = \"order:{{ data.id }}\"\naction = \"refresh\"",
+            ),
+            &any_env,
+        )
+        .unwrap();
+        assert_eq!(
+            warning_paths(&config),
+            [
+                "observers.o.actions[0].key_pattern",
+                "observers.o.actions[0].action"
+            ]
+        );
+        let errors = error_paths(&with_action(
+            "",
+            "cache",
+            "key_pattern = \"a\"\nkeys = [\"a\"]\naction = \"invalidate\"\noperation = \"invalidate\"",
+        ));
+        assert_eq!(
+            errors,
+            [
+                "observers.o.actions[0].key_pattern",
+                "observers.o.actions[0].action"
+            ]
+        );
+    }
+
+    #[test]
+    fn our_own_keys_give_no_warning() {
+        let config = load(
+            &with_action(
+                "concurrency = 8",
+                "sms",
+                &format!("{SMS}\nto = \"+33612345678\""),
+            ),
+            &any_env,
+        )
+        .unwrap();
+        assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    }
+
+    #[test]
+    fn on_failure_alert_is_refused_naming_what_to_use() {
+        let text = with_action("", "webhook", "url = \"https://example.com/hook\"").replace(
+            "event_type = \"UPDATE\"",
+            "event_type = \"UPDATE\"\non_failure = \"alert\"",
+        );
+        let errors = load(&text, &any_env).unwrap_err().0;
+        assert_eq!(errors[0].path, "observers.o.on_failure");
+        assert!(
+            errors[0].message.contains("on_failure = \"dlq\"")
+                && errors[0]
+                    .message
+                    .contains("fraiseql_observers_dead_lettered_total"),
+            "{errors:?}"
+        );
+        let text = text.replace("\"alert\"", "\"page\"");
+        let errors = load(&text, &any_env).unwrap_err().0;
+        assert!(
+            errors[0].message.contains("\"dlq\" or \"log\""),
+            "{errors:?}"
+        );
+        for (value, expected) in [("dlq", OnFailure::Dlq), ("log", OnFailure::Log)] {
+            let config =
+                load(&text.replace("\"page\"", &format!("\"{value}\"")), &any_env).unwrap();
+            assert_eq!(config.observers[0].on_failure, expected);
+        }
+    }
+
+    #[test]
+    fn keys_cover_every_action_kind() {
+        let tables: Vec<String> = keys().into_iter().map(|(t, _)| t).collect();
+        for kind in crate::actions::AVAILABLE {
+            let table = format!("actions, type = \"{kind}\"");
+            assert!(tables.contains(&table), "{table} missing from {tables:?}");
+        }
+        assert!(keys().iter().all(|(_, k)| !k.is_empty()));
     }
 
     #[test]

@@ -5,6 +5,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use uuid::Uuid;
 
+use super::aliases::{self, Scope};
+use super::ConfigWarning;
 use crate::actions::{ActionConfig, CompileContext, KINDS};
 use crate::condition::Condition;
 use crate::delivery::schedule::{BackoffStrategy, RetryPolicy};
@@ -22,14 +24,14 @@ enum OneOrMany {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawObserver {
+pub(super) struct RawObserver {
     entity: Option<String>,
     event_type: Option<OneOrMany>,
     condition: Option<String>,
     tenant: Option<String>,
     actions: Option<Vec<toml::Value>>,
     retry: Option<toml::Table>,
-    on_failure: Option<OnFailure>,
+    on_failure: Option<String>,
     ordered: Option<bool>,
     enabled: Option<bool>,
     coalesce_ms: Option<u64>,
@@ -38,7 +40,7 @@ struct RawObserver {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawRetry {
+pub(super) struct RawRetry {
     max_attempts: Option<u32>,
     initial_delay_ms: Option<u64>,
     max_delay_ms: Option<u64>,
@@ -51,6 +53,7 @@ pub(super) fn compile_observer(
     table: &toml::Table,
     path: &str,
     context: &CompileContext<'_>,
+    warnings: &mut Vec<ConfigWarning>,
 ) -> Result<Observer, Vec<ConfigError>> {
     let raw: RawObserver = parse_fields::<_, ConfigError>(table, path)?;
     let mut errors = Vec::new();
@@ -124,6 +127,28 @@ pub(super) fn compile_observer(
             })
             .ok()
     });
+    let on_failure = match raw.on_failure.as_deref() {
+        None | Some("dlq") => OnFailure::Dlq,
+        Some("log") => OnFailure::Log,
+        Some("alert") => {
+            errors.push(ConfigError::new(
+                format!("{path}.on_failure"),
+                format!(
+                    "\"alert\" is not supported: use on_failure = \"dlq\" and alert on the {} metric (per observer: {}{{outcome=\"dead_lettered\"}})",
+                    crate::metrics::DEAD_LETTERED,
+                    crate::metrics::ACTIONS
+                ),
+            ));
+            OnFailure::Dlq
+        }
+        Some(other) => {
+            errors.push(ConfigError::new(
+                format!("{path}.on_failure"),
+                format!("must be \"dlq\" or \"log\", not '{other}'"),
+            ));
+            OnFailure::Dlq
+        }
+    };
     let retry = match &raw.retry {
         None => RetryPolicy::default(),
         Some(t) => compile_retry(t, &format!("{path}.retry"), &mut errors),
@@ -145,7 +170,18 @@ pub(super) fn compile_observer(
                     errors.push(ConfigError::new(action_path, "must be a table"));
                     continue;
                 };
-                match ActionConfig::parse(t, &action_path)
+                let mut t = t.clone();
+                let kind = t.get("type").and_then(|v| v.as_str()).map(str::to_string);
+                if let Some(kind) = KINDS.iter().find(|k| Some(k.name) == kind.as_deref()) {
+                    aliases::rewrite(
+                        &mut t,
+                        Scope::Action(kind.name),
+                        &action_path,
+                        &mut errors,
+                        warnings,
+                    );
+                }
+                match ActionConfig::parse(&t, &action_path)
                     .and_then(|c| c.compile(&action_path, context))
                 {
                     Ok(a) => actions.push(a),
@@ -193,7 +229,7 @@ pub(super) fn compile_observer(
         tenant,
         actions,
         retry,
-        on_failure: raw.on_failure.unwrap_or_default(),
+        on_failure,
         ordered: raw.ordered.unwrap_or(true),
         enabled: raw.enabled.unwrap_or(true),
         description: raw.description,

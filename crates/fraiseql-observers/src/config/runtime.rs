@@ -199,7 +199,7 @@ impl RawRuntime {
 /// `circuit_breaker = { failures = 5, cool_down_ms = 10000 }`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawBreaker {
+pub(super) struct RawBreaker {
     failures: Option<u32>,
     cool_down_ms: Option<u64>,
 }

@@ -80,3 +80,77 @@ fn conditions_quoted_in_readme_tables_and_text_compile() {
         Condition::compile(source).unwrap_or_else(|e| panic!("`{source}`: {e}"));
     }
 }
+
+/// Whether the README names `key` as a key: in backticks (`` `key` ``, `` `key = ...` ``), or
+/// set in an example (`key = `), never as part of a longer name (`log_format` is not `format`).
+fn names_key(key: &str) -> bool {
+    let part_of_name = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    README.match_indices(key).any(|(at, _)| {
+        let before = README[..at].chars().next_back();
+        let after = &README[at + key.len()..];
+        !before.is_some_and(|c| part_of_name(c) || c == '.')
+            && !after.chars().next().is_some_and(part_of_name)
+            && (before == Some('`') || after.starts_with(" ="))
+    })
+}
+
+#[test]
+fn every_configuration_key_is_in_the_readme() {
+    let mut missing = Vec::new();
+    for (table, keys) in config::keys() {
+        for key in keys {
+            if !names_key(key) {
+                missing.push(format!("{table}: {key}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "configuration keys missing from README.md:\n{}",
+        missing.join("\n")
+    );
+}
+
+#[test]
+fn every_design_document_name_is_in_the_readmes_table() {
+    let section = README
+        .split("### Design-document names")
+        .nth(1)
+        .expect("a \"Design-document names\" section");
+    let rows: Vec<&str> = section.lines().filter(|l| l.starts_with('|')).collect();
+    for alias in config::ALIASES {
+        let (written, instead) = (alias.written(), alias.instead());
+        assert!(
+            rows.iter().any(|row| {
+                let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+                cells.contains(&format!("`{written}`").as_str())
+                    && cells.iter().any(|c| c.contains(&format!("`{instead}`")))
+            }),
+            "no row for `{written}` -> `{instead}` in the README's design-document names"
+        );
+    }
+}
+
+#[test]
+fn every_metric_is_in_the_readme() {
+    const METRICS: &str = include_str!("../../src/metrics.rs");
+    let names: Vec<&str> = METRICS
+        .split('"')
+        .filter(|s| s.starts_with("fraiseql_observers_"))
+        .collect();
+    assert!(names.len() >= 15, "{names:?}");
+    // The README may write a name in full or, after a full one, by its suffix (`_backlog`).
+    let missing: Vec<&&str> = names
+        .iter()
+        .filter(|name| {
+            let suffix = &name["fraiseql_observers".len()..];
+            !README.contains(*name)
+                && !README.contains(&format!("`{suffix}`"))
+                && !README.contains(&format!("`{suffix}{{"))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "metrics missing from README.md: {missing:?}"
+    );
+}
