@@ -20,6 +20,8 @@ fn subcommands(path: &[String]) -> Vec<String> {
     commands
         .lines()
         .take_while(|l| l.starts_with("  "))
+        // A command's line is indented by two; a wrapped description, by more.
+        .filter(|l| !l.starts_with("   "))
         .filter_map(|l| l.split_whitespace().next())
         .filter(|name| *name != "help")
         .map(str::to_string)

@@ -50,6 +50,15 @@ impl Watermark {
         last
     }
 
+    /// Positions held: dispatched (done or not) and passed, until the watermark moves past them.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
     /// Events dispatched and not yet done.
     pub fn in_flight(&self) -> usize {
         self.lock().values().filter(|done| !**done).count()

@@ -24,7 +24,7 @@ use crate::metrics as m;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 /// What the dispatcher hands a lane: an event, and its place among the events in flight.
@@ -37,12 +37,18 @@ pub(super) async fn dispatch(
     batch: Batch,
     lanes: &[mpsc::Sender<Dispatched>],
     outstanding: &Arc<Semaphore>,
+    held_limit: usize,
     watermark: &Watermark,
 ) {
     let n = batch.events.len() as u64;
     executor.status.events_read.fetch_add(n, Ordering::Relaxed);
     metrics::counter!(m::EVENTS_READ).increment(n);
     for event in batch.events {
+        // Everything after an event still in flight stays in the watermark until it is done:
+        // bounded too, so one stuck delivery backpressures the reader instead of growing it.
+        while watermark.len() >= held_limit {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         if executor.matcher().candidates(&event).is_empty() {
             watermark.passed(event.position);
             continue;

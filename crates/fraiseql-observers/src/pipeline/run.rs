@@ -32,6 +32,10 @@ use tokio::task::JoinSet;
 /// 16,384 events.
 const EVENTS_PER_LANE: usize = 256;
 
+/// Positions the watermark holds per lane, at most (done ones waiting behind one in flight
+/// included): with the default 64 lanes, 65,536.
+const POSITIONS_PER_LANE: usize = 1024;
+
 pub(super) async fn run(
     executor: Arc<ObserverExecutor>,
     listener: ChangeLogListener,
@@ -59,6 +63,7 @@ pub(super) async fn run(
 
     // Lanes, and the delivery chains they hand out to; at most this many events in flight.
     let outstanding = Arc::new(Semaphore::new(runtime.concurrency.max(1) * EVENTS_PER_LANE));
+    let held_limit = runtime.concurrency.max(1) * POSITIONS_PER_LANE;
     let chains = Arc::new(Chains::new(executor.clone(), fatal_tx.clone()));
     let _abort_chains = AbortChains(chains.clone());
     let mut lanes = Vec::with_capacity(runtime.concurrency);
@@ -149,7 +154,9 @@ pub(super) async fn run(
             e = first_failure(&mut checkpoint_task) => break Err(e),
             _ = &mut shutdown => break Ok(()),
             batch = batch_rx.recv() => match batch {
-                Some(batch) => lane::dispatch(&executor, batch, &lanes, &outstanding, &watermark).await,
+                Some(batch) => {
+                    lane::dispatch(&executor, batch, &lanes, &outstanding, held_limit, &watermark).await
+                }
                 // The reader ended: stopped (`Ok`), failed, or panicked.
                 None => break ended(reader.join_next().await),
             },
