@@ -9,6 +9,7 @@ pub mod quarantine;
 pub mod range;
 pub mod sizing;
 pub mod snapshot;
+mod statements;
 
 pub use change_log::{Batch, ChangeLogListener, ListenerConfig, ListenerStats, StopHandle};
 pub use checkpoint::{Checkpointer, StartPosition};

@@ -138,45 +138,27 @@ impl ObserverExecutor {
                 .await?;
                 false
             }
-            Some(Decision::DeadLetter(reason)) => {
+            Some(decision @ (Decision::DeadLetter(reason) | Decision::Drop(reason))) => {
+                let dropped = matches!(decision, Decision::Drop(_));
                 self.durably(|c| async move {
-                    retry_queue::dead_letter(
-                        &c,
-                        &self.consumer,
-                        self.epoch,
-                        id,
-                        attempt,
-                        reason,
-                        message,
-                    )
-                    .await
+                    if dropped {
+                        retry_queue::remove(&c, &self.consumer, self.epoch, id).await
+                    } else {
+                        retry_queue::dead_letter(
+                            &c,
+                            &self.consumer,
+                            self.epoch,
+                            id,
+                            attempt,
+                            reason,
+                            message,
+                        )
+                        .await
+                    }
                 })
                 .await?;
-                self.given_up(
-                    i,
-                    item.action_index,
-                    &item.event,
-                    attempt,
-                    reason,
-                    message,
-                    false,
-                );
-                true
-            }
-            Some(Decision::Drop(reason)) => {
-                self.durably(|c| async move {
-                    retry_queue::remove(&c, &self.consumer, self.epoch, id).await
-                })
-                .await?;
-                self.given_up(
-                    i,
-                    item.action_index,
-                    &item.event,
-                    attempt,
-                    reason,
-                    message,
-                    true,
-                );
+                let a = item.action_index;
+                self.given_up(i, a, &item.event, attempt, reason, message, dropped);
                 true
             }
         };

@@ -2,13 +2,12 @@
 //! deliveries; its circuit breaker opens; its deliveries wait durably and arrive, in order, once
 //! it answers again. A rate limit spaces requests out.
 
+use crate::items::{count, first_deliveries, schema, write};
 use fraiseql_observers::testing::{eventually, Answer, Request, TestDb, TestServer};
 use fraiseql_observers::{config, Pipeline};
-use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_postgres::Client;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -33,53 +32,6 @@ allow_private_networks = true
 "#,
         url = server.url(&format!("/{name}"))
     )
-}
-
-async fn schema(db: &TestDb) -> Client {
-    let client = db.client().await;
-    client
-        .batch_execute(
-            "CREATE TABLE tb_item (
-                 pk_item INTEGER PRIMARY KEY,
-                 id UUID DEFAULT gen_random_uuid() UNIQUE NOT NULL,
-                 version INTEGER NOT NULL,
-                 fk_customer_org UUID NOT NULL);
-             SELECT core.observer_enable_capture('tb_item', 'Item', 'fk_customer_org');",
-        )
-        .await
-        .unwrap();
-    client
-}
-
-async fn write(client: &Client, item: i32, version: i32) {
-    client
-        .execute(
-            "INSERT INTO tb_item (pk_item, version, fk_customer_org)
-             VALUES ($1, $2, '11111111-1111-1111-1111-111111111111')
-             ON CONFLICT (pk_item) DO UPDATE SET version = EXCLUDED.version",
-            &[&item, &version],
-        )
-        .await
-        .unwrap();
-}
-
-/// The versions each item was first delivered with (by delivery id), in arrival order.
-fn first_deliveries(requests: &[Request]) -> HashMap<String, Vec<i64>> {
-    let mut seen = HashSet::new();
-    let mut by_item: HashMap<String, Vec<i64>> = HashMap::new();
-    for r in requests {
-        if seen.insert(r.id()) {
-            by_item
-                .entry(r.entity())
-                .or_default()
-                .push(r.json()["data"]["after"]["version"].as_i64().unwrap());
-        }
-    }
-    by_item
-}
-
-fn count(by_item: &HashMap<String, Vec<i64>>) -> usize {
-    by_item.values().map(Vec::len).sum()
 }
 
 async fn run(

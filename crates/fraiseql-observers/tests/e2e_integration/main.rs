@@ -7,6 +7,7 @@ mod docs;
 mod email;
 mod engine;
 mod flow;
+mod items;
 mod leader;
 mod listener;
 mod migrations;

@@ -1,14 +1,13 @@
 //! The engine through failures of its own database: it keeps its place, waits, and recovers;
 //! the change log is the buffer.
 
+use crate::items::{first_deliveries, schema, write};
 use fraiseql_observers::pipeline::{self, Pipeline};
 use fraiseql_observers::testing::TestServer;
 use fraiseql_observers::testing::{connect, eventually, TestDb};
 use fraiseql_observers::{config, ListenerConfig};
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio_postgres::Client;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -59,49 +58,15 @@ async fn start(
     (pipeline, status)
 }
 
-/// Insert or update item `n` (of a few entities) through the capture trigger.
-async fn write(client: &Client, item: i32, version: i32) {
-    client
-        .execute(
-            "INSERT INTO tb_item (pk_item, version, fk_customer_org)
-             VALUES ($1, $2, '11111111-1111-1111-1111-111111111111')
-             ON CONFLICT (pk_item) DO UPDATE SET version = EXCLUDED.version",
-            &[&item, &version],
-        )
-        .await
-        .unwrap();
-}
-
-/// The versions each item was delivered with, first deliveries only, in arrival order.
-fn first_deliveries(receiver: &TestServer) -> HashMap<String, Vec<i64>> {
-    let mut seen = std::collections::HashSet::new();
-    let mut by_item: HashMap<String, Vec<i64>> = HashMap::new();
-    for hook in receiver.accepted_on("/items") {
-        if seen.insert(hook.id()) {
-            by_item
-                .entry(hook.entity())
-                .or_default()
-                .push(hook.json()["data"]["after"]["version"].as_i64().unwrap());
-        }
-    }
-    by_item
+/// First deliveries per item at the receiver's `/items`.
+fn delivered(receiver: &TestServer) -> std::collections::HashMap<String, Vec<i64>> {
+    first_deliveries(&receiver.accepted_on("/items"))
 }
 
 #[tokio::test]
 async fn test_graceful_degradation() {
     let db = TestDb::new().await;
-    let client = db.client().await;
-    client
-        .batch_execute(
-            "CREATE TABLE tb_item (
-                 pk_item INTEGER PRIMARY KEY,
-                 id UUID DEFAULT gen_random_uuid() UNIQUE NOT NULL,
-                 version INTEGER NOT NULL,
-                 fk_customer_org UUID NOT NULL);
-             SELECT core.observer_enable_capture('tb_item', 'Item', 'fk_customer_org');",
-        )
-        .await
-        .unwrap();
+    let client = schema(&db).await;
     let receiver = TestServer::start().await;
     let (pipeline, status) = start(&db, &receiver).await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -119,10 +84,7 @@ async fn test_graceful_degradation() {
         Duration::from_secs(20),
         "the first changes to arrive",
         || {
-            let n = first_deliveries(&receiver)
-                .values()
-                .map(Vec::len)
-                .sum::<usize>();
+            let n = delivered(&receiver).values().map(Vec::len).sum::<usize>();
             async move { (n == 20).then_some(()) }
         },
     )
@@ -164,10 +126,7 @@ async fn test_graceful_degradation() {
         !engine.is_finished(),
         "the engine keeps running while the database is away"
     );
-    let during = first_deliveries(&receiver)
-        .values()
-        .map(Vec::len)
-        .sum::<usize>();
+    let during = delivered(&receiver).values().map(Vec::len).sum::<usize>();
     assert_eq!(during, 20, "nothing can be read while the database is away");
 
     // Back: every change committed during the outage is delivered, in order per item.
@@ -182,15 +141,12 @@ async fn test_graceful_degradation() {
         Duration::from_secs(30),
         "the outage's changes to arrive",
         || {
-            let n = first_deliveries(&receiver)
-                .values()
-                .map(Vec::len)
-                .sum::<usize>();
+            let n = delivered(&receiver).values().map(Vec::len).sum::<usize>();
             async move { (n == 40).then_some(()) }
         },
     )
     .await;
-    let delivered = first_deliveries(&receiver);
+    let delivered = delivered(&receiver);
     assert_eq!(delivered.len(), items as usize);
     for versions in delivered.values() {
         assert_eq!(
