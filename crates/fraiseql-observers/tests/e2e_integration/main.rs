@@ -3,6 +3,7 @@ mod all_actions;
 mod cache;
 mod capture;
 mod catchup;
+mod conformance;
 mod docs;
 mod email;
 mod engine;
