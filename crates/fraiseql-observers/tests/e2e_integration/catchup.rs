@@ -2,9 +2,9 @@
 //! of sequences and chunks bounded by rows and bytes, a `statement_timeout` shrinks the read, a row
 //! the server fails to produce is quarantined, and a large batch resumes mid-batch after a stop.
 
+use crate::listener::{config, TENANT};
 use fraiseql_observers::listener::change_log::Batch;
 use fraiseql_observers::testing::TestDb;
-use crate::listener::{config, TENANT};
 use fraiseql_observers::{ChangeLogListener, EntityEvent};
 use std::time::Duration;
 use tokio_postgres::Client;
