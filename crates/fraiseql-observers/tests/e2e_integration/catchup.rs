@@ -2,26 +2,12 @@
 //! of sequences and chunks bounded by rows and bytes, a `statement_timeout` shrinks the read, a row
 //! the server fails to produce is quarantined, and a large batch resumes mid-batch after a stop.
 
+use crate::listener::{config, TENANT};
 use fraiseql_observers::listener::change_log::Batch;
 use fraiseql_observers::testing::TestDb;
-use fraiseql_observers::{ChangeLogListener, EntityEvent, ListenerConfig, StartPosition};
+use fraiseql_observers::{ChangeLogListener, EntityEvent};
 use std::time::Duration;
 use tokio_postgres::Client;
-
-const TENANT: &str = "11111111-1111-1111-1111-111111111111";
-
-fn config(db: &TestDb, consumer: &str) -> ListenerConfig {
-    ListenerConfig {
-        database_url: db.url.clone(),
-        consumer_id: consumer.to_string(),
-        start: StartPosition::Beginning,
-        poll_interval: Duration::from_millis(20),
-        min_poll_interval: Duration::from_millis(2),
-        retry_initial_delay: Duration::from_millis(10),
-        retry_max_delay: Duration::from_millis(100),
-        ..ListenerConfig::default()
-    }
-}
 
 /// Rows `from..=to` of a backlog, in transactions of at most 5,000 rows: envelope `{"op": "c",
 /// "after": {"n": g, "pad": ...}}` plus, for the rows in `marked`, a top-level `key` (read by

@@ -14,9 +14,10 @@ use std::time::Duration;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-const TENANT: &str = "11111111-1111-1111-1111-111111111111";
+pub const TENANT: &str = "11111111-1111-1111-1111-111111111111";
 
-fn config(db: &TestDb, consumer: &str) -> ListenerConfig {
+/// A listener that polls and reconnects fast, reading the log from the beginning.
+pub fn config(db: &TestDb, consumer: &str) -> ListenerConfig {
     ListenerConfig {
         database_url: db.url.clone(),
         consumer_id: consumer.to_string(),
