@@ -3,7 +3,7 @@
 //! the engine's success answer), and the same cases run over every row:
 //!
 //! * success: the engine's success answer is `Ok`, and the request arrived;
-//! * retryable: a 503 is transient; permanent: a 400 is not;
+//! * retryable: a 503 is transient; permanent: a 400 and a 422 are not;
 //! * timeout: an answer that never comes, with `timeout_ms = 200`, is transient;
 //! * `Retry-After: 7` on a 503 and on a 429 is a wait of 7 s;
 //! * SSRF: without `allow_private_networks = true` the loopback target is refused and nothing
@@ -307,13 +307,18 @@ async fn conforms(kind: Kind) {
     let err = bench.fails(&allowed, "503").await;
     assert!(err.kind == FailureKind::Transient, "{name}: 503: {err:?}");
 
-    // Permanent: a 400 is not transient.
-    bench.answer(|_| Answer::status(400));
-    let err = bench.fails(&allowed, "400").await;
-    assert!(err.kind != FailureKind::Transient, "{name}: 400: {err:?}");
+    // Permanent: a 400 and a 422 are not transient.
+    for status in [400, 422] {
+        bench.answer(move |_| Answer::status(status));
+        let err = bench.fails(&allowed, "a 4xx").await;
+        assert!(
+            err.kind != FailureKind::Transient,
+            "{name}: {status}: {err:?}"
+        );
+    }
     assert_eq!(
         bench.deliveries().len(),
-        3,
+        4,
         "{name}: one request per attempt"
     );
 
