@@ -298,25 +298,36 @@ pub async fn save(
 
 /// Forget where `consumer` stands and start again from `start` (for an operator, e.g. after the
 /// database was restored). Returns whether a checkpoint existed.
+///
+/// The row is updated in place and its epoch bumped, never deleted: epochs only grow, so an
+/// instance that claimed the consumer before the reset is fenced afterwards.
 pub async fn reset(client: &Client, consumer: &str, start: StartPosition) -> Result<bool> {
-    let existed = client
-        .execute(
-            "DELETE FROM core.observer_checkpoints WHERE consumer_id = $1",
-            &[&consumer],
-        )
-        .await?
-        > 0;
     let initial = match start {
         StartPosition::Now => None,
         StartPosition::Beginning => Some(Snapshot::beginning().to_string()),
     };
-    client
+    let existed = client
         .execute(
-            "INSERT INTO core.observer_checkpoints (consumer_id, snapshot)
-             VALUES ($1, COALESCE($2::text::pg_snapshot, pg_current_snapshot()))",
+            "UPDATE core.observer_checkpoints
+                SET snapshot = COALESCE($2::text::pg_snapshot, pg_current_snapshot()),
+                    batch_snapshot = NULL,
+                    batch_done_sequence = NULL,
+                    epoch = epoch + 1,
+                    updated_at = now()
+              WHERE consumer_id = $1",
             &[&consumer, &initial],
         )
-        .await?;
+        .await?
+        > 0;
+    if !existed {
+        client
+            .execute(
+                "INSERT INTO core.observer_checkpoints (consumer_id, snapshot)
+                 VALUES ($1, COALESCE($2::text::pg_snapshot, pg_current_snapshot()))",
+                &[&consumer, &initial],
+            )
+            .await?;
+    }
     Ok(existed)
 }
 

@@ -285,3 +285,42 @@ async fn the_operator_needs_no_epoch_and_claims_a_dead_letter_once() {
         .unwrap()
         .is_none());
 }
+
+#[tokio::test]
+async fn a_reset_keeps_epochs_growing_so_an_older_leader_stays_fenced() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let (_, first) = checkpoint::claim(&client, "orders", StartPosition::Now)
+        .await
+        .unwrap();
+    let (stale, second) = checkpoint::claim(&client, "orders", StartPosition::Now)
+        .await
+        .unwrap();
+    assert!(second > first);
+
+    let reset = operator::reset_checkpoint(&client, "orders", StartPosition::Beginning)
+        .await
+        .unwrap();
+    assert!(
+        matches!(reset, Reset::Done { existed: true, .. }),
+        "{reset:?}"
+    );
+    let after = checkpoint::list(&client, Some("orders")).await.unwrap()[0].epoch;
+    assert!(
+        after > second,
+        "epoch {after} after the reset, {second} before"
+    );
+
+    // Neither the last leader before the reset nor an older one can write the checkpoint.
+    for epoch in [first, second] {
+        let write = checkpoint::save(&client, "orders", epoch, &stale).await;
+        assert!(
+            matches!(write, Err(fraiseql_observers::Error::Fenced { .. })),
+            "epoch {epoch}: {write:?}"
+        );
+    }
+    let (_, next) = checkpoint::claim(&client, "orders", StartPosition::Now)
+        .await
+        .unwrap();
+    assert!(next > after);
+}
