@@ -104,21 +104,35 @@ pub async fn deliveries_of(client: &Client, event_id: Uuid) -> Result<EventDeliv
 /// The observers as configured now, for explaining, replaying and retrying dead letters. Needs
 /// no epoch: it never leads a consumer (see the module's invariants).
 pub struct Operator {
+    /// The consumer whose dead letters this operator retries (the configuration's
+    /// `consumer_id`): another consumer's observers may share a name with ours.
+    consumer: String,
     observers: Vec<Observer>,
     matcher: EventMatcher,
     client: Client,
 }
 
 impl Operator {
-    /// Connect to `database_url` (named `fraiseql-observers-operator` in `pg_stat_activity`).
-    pub async fn new(database_url: &str, observers: Vec<Observer>) -> Result<Operator> {
+    /// Connect to `database_url` (named `fraiseql-observers-operator` in `pg_stat_activity`) for
+    /// the observers of `consumer`.
+    pub async fn new(
+        database_url: &str,
+        consumer: &str,
+        observers: Vec<Observer>,
+    ) -> Result<Operator> {
         let client =
             db::connect(&db::parse_url(database_url)?, "fraiseql-observers-operator").await?;
         Ok(Operator {
+            consumer: consumer.to_string(),
             matcher: EventMatcher::new(&observers),
             observers,
             client,
         })
+    }
+
+    /// The consumer whose dead letters [`Operator::retry_dead_letter`] retries.
+    pub fn consumer(&self) -> &str {
+        &self.consumer
     }
 
     pub fn observers(&self) -> &[Observer] {
@@ -182,13 +196,16 @@ impl Operator {
         Ok(Some(results))
     }
 
-    /// Retry dead letter `id` once: claimed atomically, so two concurrent retries of one item
-    /// deliver once. `Ok(None)` when it is not pending.
+    /// Retry dead letter `id` of this operator's consumer once: claimed atomically, so two
+    /// concurrent retries of one item deliver once. `Ok(None)` when it is not pending or is
+    /// another consumer's (whose observers this configuration does not hold).
     pub async fn retry_dead_letter(
         &self,
         id: i64,
     ) -> Result<Option<std::result::Result<(), ActionError>>> {
-        let Some(item) = dead_letter::claim_for_retry(&self.client, id, RETRY_LEASE).await? else {
+        let Some(item) =
+            dead_letter::claim_for_retry(&self.client, &self.consumer, id, RETRY_LEASE).await?
+        else {
             return Ok(None);
         };
         let action = self

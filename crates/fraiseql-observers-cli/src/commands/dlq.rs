@@ -15,7 +15,8 @@ const DLQ_APP: &str = "fraiseql-observers-dlq";
 
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
-    /// List dead letters, newest first.
+    /// List dead letters, newest first: the configured consumer's with --config, else every
+    /// consumer's.
     List {
         #[arg(long, value_enum)]
         status: Option<Status>,
@@ -31,7 +32,8 @@ pub enum DlqCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Deliver dead letters again with the action as configured now (needs --config).
+    /// Deliver dead letters again with the action as configured now (needs --config; only the
+    /// configured consumer's).
     Retry(RetryArgs),
     /// Mark a pending dead letter as discarded (it is kept, with its history).
     Discard { id: i64 },
@@ -42,7 +44,7 @@ pub enum DlqCommand {
 pub struct RetryArgs {
     /// The dead letter to retry.
     id: Option<i64>,
-    /// Every pending dead letter, oldest first.
+    /// Every pending dead letter of the configured consumer, oldest first.
     #[arg(long)]
     all: bool,
 }
@@ -74,7 +76,14 @@ pub async fn execute(cli: &Cli, command: &DlqCommand) -> anyhow::Result<ExitCode
             json,
         } => {
             let client = super::connect_migrated(&super::database_url(cli, None)?, DLQ_APP).await?;
-            let items = dead_letter::list(&client, status.map(Status::as_str), *limit).await?;
+            let consumer = super::configured_consumer(cli)?;
+            let items = dead_letter::list(
+                &client,
+                consumer.as_deref(),
+                status.map(Status::as_str),
+                *limit,
+            )
+            .await?;
             if *json {
                 let all: Vec<_> = items.iter().map(item_json).collect();
                 println!("{}", serde_json::to_string_pretty(&all)?);
@@ -144,12 +153,19 @@ async fn retry(cli: &Cli, args: &RetryArgs) -> anyhow::Result<ExitCode> {
     let client = operator.client();
     let ids = match (args.id, args.all) {
         (Some(id), _) => {
-            if dead_letter::get(client, id).await?.is_none() {
+            let Some(item) = dead_letter::get(client, id).await? else {
                 bail!("no dead letter with id {id}");
+            };
+            if item.consumer_id != operator.consumer() {
+                bail!(
+                    "dead letter {id} belongs to consumer '{}', not '{}' (this configuration); nothing sent",
+                    item.consumer_id,
+                    operator.consumer()
+                );
             }
             vec![id]
         }
-        (None, _) => dead_letter::pending_ids(client).await?,
+        (None, _) => dead_letter::pending_ids(client, operator.consumer()).await?,
     };
     if ids.is_empty() {
         println!("no pending dead letters");

@@ -128,6 +128,29 @@ fn configured_url(path: &Path) -> anyhow::Result<Option<String>> {
         .map_err(|e| anyhow!("{}: database.url: {e}", path.display()))
 }
 
+/// The consumer a command is scoped to: `[observers.runtime] consumer_id` of the `--config`
+/// file (only that key is read, interpolated; the default when it is not set), or `None`
+/// without `--config`.
+pub fn configured_consumer(cli: &Cli) -> anyhow::Result<Option<String>> {
+    let Some(path) = cli.config.as_deref() else {
+        return Ok(None);
+    };
+    let text = read_file(path)?;
+    let root: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+    let Some(consumer) = root
+        .get("observers")
+        .and_then(|o| o.get("runtime"))
+        .and_then(|r| r.get("consumer_id"))
+        .and_then(|c| c.as_str())
+    else {
+        return Ok(Some(config::RuntimeConfig::default().consumer_id));
+    };
+    config::interpolate(consumer, &env_lookup)
+        .map(Some)
+        .map_err(|e| anyhow!("{}: observers.runtime.consumer_id: {e}", path.display()))
+}
+
 /// One connection for an operator command.
 pub async fn connect(url: &str, application: &str) -> anyhow::Result<Client> {
     let config = fraiseql_observers::db::parse_url(url)?;
@@ -156,7 +179,8 @@ pub async fn ensure_migrated(client: &Client) -> anyhow::Result<()> {
 pub async fn operator(cli: &Cli) -> anyhow::Result<Operator> {
     let config = load_config(config_path(cli)?)?;
     let url = database_url(cli, Some(&config))?;
-    let operator = match Operator::new(&url, config.observers).await {
+    let consumer = &config.runtime.consumer_id;
+    let operator = match Operator::new(&url, consumer, config.observers).await {
         Err(e @ fraiseql_observers::Error::DatabaseUrl(_)) => return Err(e.into()),
         other => other.context("cannot connect to the database")?,
     };

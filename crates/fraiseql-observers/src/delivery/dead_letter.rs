@@ -111,16 +111,23 @@ pub async fn insert(
     Ok(())
 }
 
-/// Dead letters, newest first; `status` filters (`pending`, `retrying`, `delivered`, `discarded`).
-pub async fn list(client: &Client, status: Option<&str>, limit: i64) -> Result<Vec<DlqItem>> {
+/// Dead letters of `consumer` (every consumer when `None`), newest first; `status` filters
+/// (`pending`, `retrying`, `delivered`, `discarded`).
+pub async fn list(
+    client: &Client,
+    consumer: Option<&str>,
+    status: Option<&str>,
+    limit: i64,
+) -> Result<Vec<DlqItem>> {
     client
         .query(
             &format!(
                 "SELECT {COLUMNS} FROM core.observer_dlq_items
-                  WHERE $1::text IS NULL OR status = $1
+                  WHERE ($1::text IS NULL OR status = $1)
+                    AND ($3::text IS NULL OR consumer_id = $3)
                   ORDER BY id DESC LIMIT $2"
             ),
-            &[&status, &limit],
+            &[&status, &limit, &consumer],
         )
         .await?
         .iter()
@@ -155,9 +162,14 @@ pub async fn for_event(client: &Client, event_id: Uuid) -> Result<Vec<DlqItem>> 
         .collect()
 }
 
-/// Claim item `id` for an operator retry: `None` when it is not pending (already delivered,
-/// discarded, or being retried by someone else right now).
-pub async fn claim_for_retry(client: &Client, id: i64, lease: Duration) -> Result<Option<DlqItem>> {
+/// Claim item `id` of `consumer` for an operator retry: `None` when it is not pending (already
+/// delivered, discarded, or being retried by someone else right now) or is another consumer's.
+pub async fn claim_for_retry(
+    client: &Client,
+    consumer: &str,
+    id: i64,
+    lease: Duration,
+) -> Result<Option<DlqItem>> {
     client
         .query_opt(
             &format!(
@@ -165,11 +177,11 @@ pub async fn claim_for_retry(client: &Client, id: i64, lease: Duration) -> Resul
                     SET status = 'retrying', claimed_until = now() + make_interval(secs => $2),
                         updated_at = now(),
                         history = history || jsonb_build_array(jsonb_build_object('retry_claimed', now()))
-                  WHERE id = $1
+                  WHERE id = $1 AND consumer_id = $3
                     AND (status = 'pending' OR (status = 'retrying' AND claimed_until < now()))
               RETURNING {COLUMNS}"
             ),
-            &[&id, &lease.as_secs_f64()],
+            &[&id, &lease.as_secs_f64(), &consumer],
         )
         .await?
         .as_ref()
@@ -177,12 +189,13 @@ pub async fn claim_for_retry(client: &Client, id: i64, lease: Duration) -> Resul
         .transpose()
 }
 
-/// Ids of every pending item (for `dlq retry --all`).
-pub async fn pending_ids(client: &Client) -> Result<Vec<i64>> {
+/// Ids of every pending item of `consumer`, oldest first (for `dlq retry --all`).
+pub async fn pending_ids(client: &Client, consumer: &str) -> Result<Vec<i64>> {
     Ok(client
         .query(
-            "SELECT id FROM core.observer_dlq_items WHERE status = 'pending' ORDER BY id",
-            &[],
+            "SELECT id FROM core.observer_dlq_items
+              WHERE consumer_id = $1 AND status = 'pending' ORDER BY id",
+            &[&consumer],
         )
         .await?
         .iter()
@@ -224,12 +237,13 @@ pub async fn discard(client: &Client, id: i64) -> Result<bool> {
         > 0)
 }
 
-/// Pending dead letters (for the metrics).
-pub async fn pending_count(client: &Client) -> Result<i64> {
+/// Pending dead letters of `consumer` (for the metrics).
+pub async fn pending_count(client: &Client, consumer: &str) -> Result<i64> {
     Ok(client
         .query_one(
-            "SELECT count(*) FROM core.observer_dlq_items WHERE status = 'pending'",
-            &[],
+            "SELECT count(*) FROM core.observer_dlq_items
+              WHERE consumer_id = $1 AND status = 'pending'",
+            &[&consumer],
         )
         .await?
         .get(0))

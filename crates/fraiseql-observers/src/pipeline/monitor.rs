@@ -85,7 +85,7 @@ impl Monitor {
         }
         let queued = retry_queue::len(&client, &self.consumer).await?;
         metrics::gauge!(m::RETRY_QUEUE).set(queued as f64);
-        let dlq = dead_letter::pending_count(&client).await?;
+        let dlq = dead_letter::pending_count(&client, &self.consumer).await?;
         metrics::gauge!(m::DLQ_PENDING).set(dlq as f64);
         Ok(())
     }

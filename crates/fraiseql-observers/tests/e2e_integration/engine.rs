@@ -658,7 +658,7 @@ async fn exhausted_and_permanent_failures_are_dead_lettered_and_can_be_retried_o
     let items = eventually(Duration::from_secs(10), "a dead letter", || {
         let client = &client;
         async move {
-            let items = dead_letter::list(client, Some("pending"), 10)
+            let items = dead_letter::list(client, None, Some("pending"), 10)
                 .await
                 .unwrap();
             (!items.is_empty()).then_some(items)
@@ -679,7 +679,7 @@ async fn exhausted_and_permanent_failures_are_dead_lettered_and_can_be_retried_o
     let exhausted = eventually(Duration::from_secs(10), "an exhausted dead letter", || {
         let client = &client;
         async move {
-            let items = dead_letter::list(client, Some("pending"), 10)
+            let items = dead_letter::list(client, None, Some("pending"), 10)
                 .await
                 .unwrap();
             items.into_iter().find(|i| i.reason == "exhausted")
@@ -692,7 +692,9 @@ async fn exhausted_and_permanent_failures_are_dead_lettered_and_can_be_retried_o
 
     // An operator retry delivers once, even when two run at the same time.
     let config = config::load(&format!("{RUNTIME}\n{observer}"), &env).unwrap();
-    let operator = Operator::new(&db.url, config.observers).await.unwrap();
+    let operator = Operator::new(&db.url, &config.runtime.consumer_id, config.observers)
+        .await
+        .unwrap();
     answer.store(200, Ordering::Relaxed);
     let id = items[0].id;
     let (first, second) = tokio::join!(
@@ -747,7 +749,7 @@ async fn a_condition_that_cannot_be_evaluated_is_recorded_not_skipped() {
         || {
             let client = &client;
             async move {
-                let items = dead_letter::list(client, None, 10).await.unwrap();
+                let items = dead_letter::list(client, None, None, 10).await.unwrap();
                 (!items.is_empty()).then_some(items)
             }
         },

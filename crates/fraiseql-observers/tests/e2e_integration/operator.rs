@@ -59,7 +59,7 @@ async fn dead_letter_of(
         .await
         .unwrap()
         .into_iter()
-        .find(|d| d.observer == observer)
+        .find(|d| d.observer == observer && d.consumer_id == consumer)
         .expect("the dead letter just inserted")
         .id
 }
@@ -245,7 +245,9 @@ async fn the_operator_needs_no_epoch_and_claims_a_dead_letter_once() {
         &|_| None,
     )
     .unwrap();
-    let operator = Operator::new(&db.url, config.observers).await.unwrap();
+    let operator = Operator::new(&db.url, "orders", config.observers)
+        .await
+        .unwrap();
 
     let event = order_event(EventKind::Created, None, Some(json!({"total": 10})));
     let verdicts = operator.explain(&event);
@@ -274,7 +276,7 @@ async fn the_operator_needs_no_epoch_and_claims_a_dead_letter_once() {
     assert_eq!((item.status.as_str(), item.attempts), ("pending", 4));
     assert!(item.last_error.contains("not in this configuration"));
 
-    dead_letter::claim_for_retry(&client, id, Duration::from_secs(60))
+    dead_letter::claim_for_retry(&client, "orders", id, Duration::from_secs(60))
         .await
         .unwrap()
         .expect("pending again");
@@ -323,4 +325,86 @@ async fn a_reset_keeps_epochs_growing_so_an_older_leader_stays_fenced() {
         .await
         .unwrap();
     assert!(next > after);
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_counted_and_retried_per_consumer() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let config = config::load(
+        r#"
+        [observers.paid]
+        entity = "Order"
+        event_type = "INSERT"
+        [[observers.paid.actions]]
+        type = "webhook"
+        url = "http://127.0.0.1:9/down"
+        "#,
+        &|_| None,
+    )
+    .unwrap();
+    // Two consumers, each with an observer named `paid` and a dead letter of it.
+    let (_, orders_epoch) = checkpoint::claim(&client, "orders", StartPosition::Now)
+        .await
+        .unwrap();
+    let (_, billing_epoch) = checkpoint::claim(&client, "billing", StartPosition::Now)
+        .await
+        .unwrap();
+    let ours_event = order_event(EventKind::Created, None, Some(json!({"total": 10})));
+    let theirs_event = order_event(EventKind::Created, None, Some(json!({"total": 20})));
+    let ours = dead_letter_of(&client, "orders", orders_epoch, &ours_event, "paid").await;
+    let theirs = dead_letter_of(&client, "billing", billing_epoch, &theirs_event, "paid").await;
+
+    let listed = |consumer| {
+        let client = &client;
+        async move {
+            dead_letter::list(client, consumer, Some("pending"), 10)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|d| d.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(listed(Some("orders")).await, [ours]);
+    assert_eq!(listed(Some("billing")).await, [theirs]);
+    assert_eq!(listed(None).await, [theirs, ours]);
+    assert_eq!(
+        dead_letter::pending_count(&client, "orders").await.unwrap(),
+        1
+    );
+    assert_eq!(
+        dead_letter::pending_count(&client, "billing")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        dead_letter::pending_ids(&client, "orders").await.unwrap(),
+        [ours]
+    );
+
+    // Retrying everything of `orders` never sends billing's dead letter to our `paid`.
+    let operator = Operator::new(&db.url, "orders", config.observers)
+        .await
+        .unwrap();
+    assert!(operator.retry_dead_letter(theirs).await.unwrap().is_none());
+    for id in dead_letter::pending_ids(&client, "orders").await.unwrap() {
+        assert!(operator.retry_dead_letter(id).await.unwrap().is_some());
+    }
+    let theirs_after = dead_letter::get(&client, theirs).await.unwrap().unwrap();
+    assert_eq!(
+        (theirs_after.status.as_str(), theirs_after.attempts),
+        ("pending", 3),
+        "billing's dead letter untouched"
+    );
+    assert_eq!(theirs_after.history.as_array().unwrap().len(), 1);
+    let ours_after = dead_letter::get(&client, ours).await.unwrap().unwrap();
+    assert_eq!(ours_after.attempts, 4, "ours retried once");
+    assert!(
+        dead_letter::claim_for_retry(&client, "orders", theirs, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
