@@ -1,6 +1,7 @@
 //! The dead letter queue through the CLI: an item dead-lettered by the daemon (receiver answering
 //! 400) is listed and shown; `dlq retry` delivers it once, even when two retries race;
-//! `dlq discard` keeps it from ever being sent; `dlq retry --all` takes only pending items.
+//! `dlq discard` keeps it from ever being sent; `dlq retry --all` takes only pending items; with
+//! a configuration, `list` and `retry` touch only its consumer's dead letters.
 
 use crate::harness::{cli, config, insert_change, ConfigFile, Daemon, Setup};
 use fraiseql_observers::testing::TestServer;
@@ -204,4 +205,91 @@ async fn dead_letters_are_listed_shown_retried_once_and_discarded() {
         .unwrap()
         .iter()
         .any(|h| h.get("retry_failed").is_some()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_commands_with_a_configuration_touch_only_its_consumers_dead_letters() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = TestServer::start().await;
+    receiver.respond(|_| (400, Duration::ZERO));
+    let hook = receiver.url("/hook");
+    let file = ConfigFile::new(&config(&Setup::new("ours", &hook)));
+    let url = db.url.as_str();
+
+    // One dead letter of ours; a copy of it belongs to consumer `theirs`, whose observer is
+    // also named `all`.
+    let mut daemon = Daemon::start(url, &file.path);
+    insert_change(&client, Uuid::new_v4(), "c", json!({"n": 1})).await;
+    let ours: i64 = eventually(Duration::from_secs(15), "a dead letter", || async {
+        client
+            .query_opt("SELECT id FROM core.observer_dlq_items", &[])
+            .await
+            .unwrap()
+            .map(|r| r.get(0))
+    })
+    .await;
+    daemon.signal("TERM");
+    assert_eq!(daemon.exit(Duration::from_secs(15)).await.code(), Some(0));
+    let theirs: i64 = client
+        .query_one(
+            "INSERT INTO core.observer_dlq_items
+                 (consumer_id, observer, action_index, action_type, entity_key, event_id,
+                  event_sequence, event, delivery_id, attempts, reason, last_error, history)
+             SELECT 'theirs', observer, action_index, action_type, entity_key, event_id,
+                    event_sequence, event, delivery_id, attempts, reason, last_error, history
+               FROM core.observer_dlq_items WHERE id = $1
+          RETURNING id",
+            &[&ours],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let answered = receiver.answered().len();
+
+    let listed = |out: &str| -> Vec<i64> {
+        let all: Value = serde_json::from_str(out).unwrap();
+        all.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_i64().unwrap())
+            .collect()
+    };
+    let scoped = cli(
+        Some(url),
+        &["dlq", "list", "--json", "--config", file.arg()],
+    )
+    .await;
+    assert_eq!(scoped.code, Some(0), "{}", scoped.all());
+    assert_eq!(listed(&scoped.stdout), [ours]);
+    let every = cli(Some(url), &["dlq", "list", "--json"]).await;
+    assert_eq!(listed(&every.stdout), [theirs, ours]);
+
+    receiver.respond(|_| (200, Duration::ZERO));
+    let refused = cli(
+        Some(url),
+        &["dlq", "retry", &theirs.to_string(), "--config", file.arg()],
+    )
+    .await;
+    assert_eq!(refused.code, Some(1), "{}", refused.all());
+    assert!(
+        refused.stderr.contains("consumer 'theirs'"),
+        "{}",
+        refused.all()
+    );
+    let all = cli(
+        Some(url),
+        &["dlq", "retry", "--all", "--config", file.arg()],
+    )
+    .await;
+    assert_eq!(all.code, Some(0), "{}", all.all());
+    assert!(
+        all.stdout
+            .contains("1 delivered, 0 failed again, 0 not pending"),
+        "{}",
+        all.all()
+    );
+    assert_eq!(receiver.answered().len(), answered + 1, "only ours sent");
+    assert_eq!(status(&client, ours).await, "delivered");
+    assert_eq!(status(&client, theirs).await, "pending");
 }
