@@ -5,11 +5,11 @@
 //! (`leader::TAKEOVER_BOUND`), nothing is lost, and the cut-off leader reports `reconnecting`.
 
 use crate::harness::{
-    check_at_least_once, config, free_port, healthz, ConfigFile, Daemon, Setup, Writer,
+    check_at_least_once, config, free_port, healthz, wait_all_delivered, ConfigFile, Daemon, Setup,
+    Writer,
 };
 use fraiseql_observers::leader::TAKEOVER_BOUND;
 use fraiseql_observers::testing::{eventually, TestDb, TestServer};
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -154,17 +154,7 @@ async fn the_standby_takes_over_when_the_leaders_network_goes_silent() {
 
     tokio::time::sleep(Duration::from_secs(1)).await;
     let committed = writer.finish().await;
-    let wanted: HashSet<i64> = committed.iter().map(|(s, _)| *s).collect();
-    eventually(
-        Duration::from_secs(20),
-        "every committed change delivered",
-        || {
-            let got: HashSet<i64> = receiver.accepted().iter().map(|h| h.sequence()).collect();
-            let done = wanted.is_subset(&got);
-            async move { done.then_some(()) }
-        },
-    )
-    .await;
+    wait_all_delivered(&receiver, &committed, Duration::from_secs(20)).await;
     check_at_least_once(&committed, &receiver.accepted());
     assert!(receiver
         .accepted()

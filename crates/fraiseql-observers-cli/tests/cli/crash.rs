@@ -3,13 +3,13 @@
 //! and a clean restart re-sends nothing old.
 
 use crate::harness::{
-    check_at_least_once, config, insert_change, ConfigFile, Daemon, Setup, Writer,
+    check_at_least_once, config, insert_change, wait_all_delivered, ConfigFile, Daemon, Setup,
+    Writer,
 };
 use fraiseql_observers::testing::TestServer;
 use fraiseql_observers::testing::{eventually, TestDb};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use std::collections::HashSet;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -63,17 +63,7 @@ async fn killed_at_random_moments_the_daemon_loses_nothing_and_keeps_ids_and_ord
 
     // A final run drains what is left, then stops cleanly.
     let mut daemon = Daemon::start(&db.url, &file.path);
-    let wanted: HashSet<i64> = committed.iter().map(|(s, _)| *s).collect();
-    eventually(
-        Duration::from_secs(30),
-        "every committed change delivered",
-        || {
-            let got: HashSet<i64> = receiver.accepted().iter().map(|h| h.sequence()).collect();
-            let done = wanted.is_subset(&got);
-            async move { done.then_some(()) }
-        },
-    )
-    .await;
+    wait_all_delivered(&receiver, &committed, Duration::from_secs(30)).await;
     daemon.signal("TERM");
     let status = daemon.exit(Duration::from_secs(15)).await;
     assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log());

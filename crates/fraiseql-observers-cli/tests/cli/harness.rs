@@ -328,6 +328,22 @@ pub struct Deliveries {
     pub duplicated: Vec<i64>,
 }
 
+/// Wait up to `within` until every row in `committed` has been accepted by `receiver`.
+pub async fn wait_all_delivered(
+    receiver: &fraiseql_observers::testing::TestServer,
+    committed: &[(i64, Uuid)],
+    within: Duration,
+) {
+    let wanted: std::collections::HashSet<i64> = committed.iter().map(|(s, _)| *s).collect();
+    fraiseql_observers::testing::eventually(within, "every committed change delivered", || {
+        let got: std::collections::HashSet<i64> =
+            receiver.accepted().iter().map(|h| h.sequence()).collect();
+        let done = wanted.is_subset(&got);
+        async move { done.then_some(()) }
+    })
+    .await;
+}
+
 /// Assert the delivery guarantees over `accepted` (the receiver's 2xx answers, in arrival
 /// order) for every row in `committed`: each delivered at least once; every delivery of one
 /// event carries the same `webhook-id`, and different events different ids; per entity, first

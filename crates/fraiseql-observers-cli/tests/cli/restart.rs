@@ -4,11 +4,11 @@
 //! no committed change is lost, and first deliveries arrive in commit order per entity.
 
 use crate::harness::{
-    check_at_least_once, config, free_port, healthz, ConfigFile, Daemon, Setup, TENANT,
+    check_at_least_once, config, free_port, healthz, wait_all_delivered, ConfigFile, Daemon, Setup,
+    TENANT,
 };
 use fraiseql_observers::testing::{eventually, TestServer};
 use serde_json::json;
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -297,17 +297,7 @@ async fn the_daemon_survives_postgresql_restarts_under_a_writer() {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let wanted: HashSet<i64> = committed.iter().map(|(s, _)| *s).collect();
-    eventually(
-        Duration::from_secs(20),
-        "every committed change delivered",
-        || {
-            let got: HashSet<i64> = receiver.accepted().iter().map(|h| h.sequence()).collect();
-            let done = wanted.is_subset(&got);
-            async move { done.then_some(()) }
-        },
-    )
-    .await;
+    wait_all_delivered(&receiver, &committed, Duration::from_secs(20)).await;
     let report = check_at_least_once(&committed, &receiver.accepted());
     assert!(daemon.try_exit().is_none(), "log:\n{}", daemon.log());
     assert!(

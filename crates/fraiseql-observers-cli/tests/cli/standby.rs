@@ -3,11 +3,11 @@
 //! lost, and only events in flight at the kill are delivered again, with the same ids.
 
 use crate::harness::{
-    check_at_least_once, config, free_port, healthz, ConfigFile, Daemon, Setup, Writer,
+    check_at_least_once, config, free_port, healthz, wait_all_delivered, ConfigFile, Daemon, Setup,
+    Writer,
 };
 use fraiseql_observers::testing::TestServer;
 use fraiseql_observers::testing::{eventually, TestDb};
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 async fn role(port: u16) -> Option<(u16, String)> {
@@ -68,17 +68,7 @@ async fn the_standby_takes_over_when_the_leader_is_killed() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let committed = writer.finish().await;
 
-    let wanted: HashSet<i64> = committed.iter().map(|(s, _)| *s).collect();
-    eventually(
-        Duration::from_secs(20),
-        "every committed change delivered",
-        || {
-            let got: HashSet<i64> = receiver.accepted().iter().map(|h| h.sequence()).collect();
-            let done = wanted.is_subset(&got);
-            async move { done.then_some(()) }
-        },
-    )
-    .await;
+    wait_all_delivered(&receiver, &committed, Duration::from_secs(20)).await;
     let accepted = receiver.accepted();
     let report = check_at_least_once(&committed, &accepted);
     assert!(accepted.iter().any(|h| h.header("x-instance") == "b"));
