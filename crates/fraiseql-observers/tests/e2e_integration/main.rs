@@ -12,6 +12,7 @@ mod items;
 mod leader;
 mod listener;
 mod migrations;
+mod nats;
 mod operator;
 mod parser;
 mod push;
