@@ -411,7 +411,7 @@ impl ActionConfig {
             Settings::Push(c) => push::compile(c, path, ctx).map(|a| Run::Push(Box::new(a))),
             Settings::Search(c) => search::compile(c, path, ctx).map(Run::Search),
             Settings::Cache(c) => cache::compile(c, path, ctx).map(Run::Cache),
-            Settings::Nats(c) => nats::compile(c, path, ctx).map(Run::Nats),
+            Settings::Nats(c) => nats::compile(c, path, ctx).map(|a| Run::Nats(Box::new(a))),
             Settings::RabbitMq(c) => rabbitmq::compile(c, path, ctx).map(Run::RabbitMq),
         }?;
         Ok(Action {
@@ -439,7 +439,7 @@ enum Run {
     Push(Box<Push>),
     Search(Search),
     Cache(Cache),
-    Nats(Nats),
+    Nats(Box<Nats>),
     RabbitMq(RabbitMq),
 }
 

@@ -399,7 +399,11 @@ impl RabbitMq {
                 .await?
                 .await
         };
-        let confirmation = within(self.timeout, publish, "publish failed").await?;
+        // Whatever fails here (a channel closed by the broker because the exchange is gone, a
+        // lost connection, no confirm in time) may succeed later.
+        let confirmation = within(self.timeout, publish, "publish failed")
+            .await
+            .map_err(|e| ActionError::transient(e.message))?;
         match confirmation {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(_)) => Err(ActionError::transient(format!(

@@ -16,6 +16,7 @@ mod nats;
 mod operator;
 mod parser;
 mod push;
+mod rabbitmq;
 mod resilience;
 mod retention;
 mod sample;

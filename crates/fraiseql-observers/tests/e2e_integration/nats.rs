@@ -275,7 +275,7 @@ subject = "{prefix}.{{{{ event.entity_type }}}}"
 "#
         )
     };
-    let error = start(&db, &observers("")).await.err().expect("no stream");
+    let error = start(&db, &observers("")).await.expect_err("no stream");
     let message = error.to_string();
     assert!(
         message.contains("observers.orders.actions[0]")
@@ -289,8 +289,7 @@ subject = "{prefix}.{{{{ event.entity_type }}}}"
         &observers(&format!("stream = {{ name = \"{stream}\" }}")),
     )
     .await
-    .err()
-    .expect("no such stream");
+    .expect_err("no such stream");
     assert!(
         error
             .to_string()
@@ -305,8 +304,7 @@ subject = "{prefix}.{{{{ event.entity_type }}}}"
         &observers(&format!("stream = {{ name = \"{stream}\" }}")),
     )
     .await
-    .err()
-    .expect("the stream does not capture the subject");
+    .expect_err("the stream does not capture the subject");
     assert!(
         error.to_string().contains("does not capture subject"),
         "{error}"
