@@ -18,9 +18,10 @@ pub async fn execute(
     let client =
         super::connect_migrated(&super::database_url(cli, None)?, "fraiseql-observers-prune")
             .await?;
-    let deleted = retention::prune(&client, retention_period, batch_size).await?;
-    println!("deleted {deleted} processed change-log rows older than {older_than}");
+    // The delivery log first: it does not depend on any consumer's progress.
     let deleted = log::prune(&client, log_period, batch_size).await?;
     println!("deleted {deleted} delivery-log rows older than {deliveries_older_than}");
+    let deleted = retention::prune(&client, retention_period, batch_size).await?;
+    println!("deleted {deleted} processed change-log rows older than {older_than}");
     Ok(ExitCode::SUCCESS)
 }
