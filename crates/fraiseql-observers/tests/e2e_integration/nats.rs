@@ -107,7 +107,20 @@ async fn start(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<fraiseql_observers::Result<()>>,
 )> {
-    let config = config::load(&format!("{RUNTIME}\n{observers}"), &env_of(&[]))
+    start_as(db, "nats-test", observers).await
+}
+
+/// [`start`] under another consumer id (a consumer with no checkpoint replays the whole log).
+async fn start_as(
+    db: &TestDb,
+    consumer: &str,
+    observers: &str,
+) -> fraiseql_observers::Result<(
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<fraiseql_observers::Result<()>>,
+)> {
+    let runtime = RUNTIME.replace("\"nats-test\"", &format!("\"{consumer}\""));
+    let config = config::load(&format!("{runtime}\n{observers}"), &env_of(&[]))
         .unwrap_or_else(|e| panic!("{e}"));
     let listener = fraiseql_observers::ListenerConfig {
         min_poll_interval: Duration::from_millis(2),
@@ -127,10 +140,8 @@ async fn changes_arrive_in_the_stream_with_subjects_headers_and_bodies_in_order(
     let db = TestDb::new().await;
     let client = schema(&db).await;
     // The pipeline creates the stream (`stream = { ... }`).
-    let (stop, engine) = start(
-        &db,
-        &format!(
-            r#"
+    let observers = format!(
+        r#"
 [observers.orders]
 entity = "Order"
 event_type = ["INSERT", "UPDATE"]
@@ -141,10 +152,8 @@ url = "{NATS_URL}"
 subject = "{prefix}.{{{{ event.entity_type }}}}.{{{{ event.kind }}}}"
 stream = {{ name = "{stream}", subjects = ["{prefix}.>"], storage = "memory", duplicate_window = "2m" }}
 "#
-        ),
-    )
-    .await
-    .unwrap();
+    );
+    let (stop, engine) = start(&db, &observers).await.unwrap();
     let id: uuid::Uuid = client
         .query_one(
             "INSERT INTO tb_order (status, total, fk_customer_org) VALUES ('new', 10, gen_random_uuid()) RETURNING id",
@@ -210,6 +219,39 @@ stream = {{ name = "{stream}", subjects = ["{prefix}.>"], storage = "memory", du
     }
     // One entity's changes are published in commit order.
     assert_eq!(statuses, ["new", "paid", "shipped"]);
+
+    // A replay (what a crash before the checkpoint causes; here a consumer with no checkpoint
+    // reading the whole log again) publishes the same delivery ids: the stream drops them. One
+    // new change of the same entity comes after the replayed ones (one entity's deliveries run
+    // in order), so once it is in, the replay is done.
+    let (stop, engine) = start_as(&db, "nats-test-replay", &observers).await.unwrap();
+    client
+        .execute(
+            "UPDATE tb_order SET status = 'returned' WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the new change in the stream",
+        || {
+            let js = js.clone();
+            let stream = stream.clone();
+            async move { (message_count(&js, &stream).await >= 4).then_some(()) }
+        },
+    )
+    .await;
+    let _ = stop.send(());
+    engine.await.unwrap().unwrap();
+    assert_eq!(
+        message_count(&js, &stream).await,
+        4,
+        "the replay was dropped"
+    );
+    let last = handle.get_raw_message(4).await.unwrap();
+    let body: Value = serde_json::from_slice(&last.payload).unwrap();
+    assert_eq!(body["data"]["after"]["status"], "returned");
     js.delete_stream(&stream).await.unwrap();
 }
 
@@ -403,5 +445,45 @@ timeout_ms = 2000
     .await;
     let _ = stop.send(());
     engine.await.unwrap().unwrap();
+    js.delete_stream(&stream).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_nack_and_a_missing_puback_are_retryable() {
+    let (stream, prefix) = names();
+    let js = js().await;
+    // A stream that takes one message and refuses the next (discard new).
+    js.create_stream(StreamConfig {
+        name: stream.clone(),
+        subjects: vec![format!("{prefix}.full")],
+        max_messages: 1,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let action = nats_action(&format!(r#"subject = "{prefix}.full""#));
+    action.prepare().await.unwrap();
+    let first = order_event(EventKind::Created, None, Some(json!({"id": 1})));
+    run(&action, &first, 1).await.unwrap();
+    let mut second = first.clone();
+    second.id = uuid::Uuid::new_v4();
+    let error = run(&action, &second, 1).await.unwrap_err();
+    assert_eq!(error.kind, FailureKind::Transient, "{error}");
+    assert!(error.message().contains("maximum messages"), "{error}");
+    assert_eq!(message_count(&js, &stream).await, 1);
+
+    // Something answers on the subject but never acknowledges (a plain subscriber, not a
+    // stream): the PubAck never comes, and the attempt fails retryably after `timeout_ms`.
+    let client = async_nats::connect(NATS_URL).await.unwrap();
+    let _silent = client.subscribe(format!("{prefix}.silent")).await.unwrap();
+    client.flush().await.unwrap();
+    let action = nats_action(&format!(
+        r#"subject = "{prefix}.silent"
+           timeout_ms = 300"#
+    ));
+    let error = run(&action, &first, 1).await.unwrap_err();
+    assert_eq!(error.kind, FailureKind::Transient, "{error}");
+    assert!(error.message().contains("timed out"), "{error}");
     js.delete_stream(&stream).await.unwrap();
 }
