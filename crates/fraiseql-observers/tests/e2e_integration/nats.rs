@@ -487,3 +487,87 @@ async fn a_nack_and_a_missing_puback_are_retryable() {
     assert!(error.message().contains("timed out"), "{error}");
     js.delete_stream(&stream).await.unwrap();
 }
+
+/// A nats-server of the test's own (JetStream, token auth) on a free port; killed on drop.
+struct TokenServer {
+    child: tokio::process::Child,
+    dir: std::path::PathBuf,
+    url: String,
+}
+
+impl TokenServer {
+    async fn start(token: &str) -> TokenServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("fo-test-nats-{}", rand::random::<u32>()));
+        let child = tokio::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(&dir)
+            .args(["--auth", token])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nats-server on the PATH");
+        eventually(
+            Duration::from_secs(10),
+            "the test's nats-server",
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+        TokenServer {
+            child,
+            dir,
+            url: format!("nats://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn a_token_from_the_environment_authenticates_and_a_wrong_one_is_permanent() {
+    let server = TokenServer::start("s3cret-token").await;
+    let (stream, prefix) = names();
+    let fields = format!(
+        r#"type = "nats"
+           url = "{}"
+           subject = "{prefix}.orders"
+           token_env = "NATS_TOKEN"
+           stream = {{ name = "{stream}", subjects = ["{prefix}.>"] }}"#,
+        server.url
+    );
+    let right = env_of(&[("NATS_TOKEN", "s3cret-token")]);
+    let action = compile(&fields, &right, None, None).unwrap();
+    action.prepare().await.unwrap();
+    let event = order_event(EventKind::Created, None, Some(json!({"id": 1})));
+    run(&action, &event, 1).await.unwrap();
+    let client = async_nats::ConnectOptions::with_token("s3cret-token".into())
+        .connect(server.url.as_str())
+        .await
+        .unwrap();
+    let js = jetstream::new(client);
+    assert_eq!(message_count(&js, &stream).await, 1);
+
+    let wrong = env_of(&[("NATS_TOKEN", "not-the-token")]);
+    let action = compile(&fields, &wrong, None, None).unwrap();
+    let error = action.prepare().await.unwrap_err();
+    assert_eq!(error.kind, FailureKind::Permanent, "{error}");
+    assert!(
+        !error.message().contains("not-the-token"),
+        "no secret in messages: {error}"
+    );
+}
