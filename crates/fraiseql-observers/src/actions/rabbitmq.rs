@@ -41,7 +41,7 @@ use std::time::Duration;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::uri::{AMQPScheme, AMQPUri};
+use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind};
 use serde::Deserialize;
 
@@ -313,20 +313,15 @@ pub fn compile(
     let timeout = timeout_setting(config.timeout_ms, path, &mut errors);
 
     match (errors.is_empty(), url, exchange, routing_key) {
-        (true, Some((url, uri)), Some(exchange), Some(routing_key)) => {
-            if uri.scheme == AMQPScheme::AMQPS {
-                tracing::debug!(exchange = %exchange, "rabbitmq over TLS");
-            }
-            Ok(RabbitMq {
-                server: ctx.brokers.amqp.server(&url, uri),
-                exchange,
-                exchange_type,
-                routing_key,
-                body,
-                mandatory: config.mandatory.unwrap_or(true),
-                timeout,
-            })
-        }
+        (true, Some((url, uri)), Some(exchange), Some(routing_key)) => Ok(RabbitMq {
+            server: ctx.brokers.amqp.server(&url, uri),
+            exchange,
+            exchange_type,
+            routing_key,
+            body,
+            mandatory: config.mandatory.unwrap_or(true),
+            timeout,
+        }),
         _ => Err(errors),
     }
 }
