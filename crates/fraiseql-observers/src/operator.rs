@@ -18,6 +18,7 @@ use crate::actions::{ActionError, DeliveryRequest};
 use crate::db;
 use crate::delivery::dead_letter::{self, DlqItem};
 use crate::delivery::delivery_id;
+use crate::delivery::policy::{self, Reason};
 use crate::delivery::retry_queue::{self, PendingRetry};
 use crate::delivery::RETRY_LEASE;
 use crate::error::{Error, Result};
@@ -197,7 +198,9 @@ impl Operator {
     }
 
     /// Retry dead letter `id` of this operator's consumer once: claimed atomically, so two
-    /// concurrent retries of one item deliver once. `Ok(None)` when it is not pending or is
+    /// concurrent retries of one item deliver once. Sent only when the observer, as configured
+    /// now, still accepts the event ([`policy::still_accepted`]); otherwise it stays a dead
+    /// letter, now with reason `not_accepted`, and the error says why. `Ok(None)` when it is not pending or is
     /// another consumer's (whose observers this configuration does not hold).
     pub async fn retry_dead_letter(
         &self,
@@ -208,25 +211,29 @@ impl Operator {
         else {
             return Ok(None);
         };
-        let action = self
-            .observers
-            .iter()
-            .find(|o| o.name == item.observer)
-            .and_then(|o| o.actions.get(item.action_index));
-        let result = match action {
-            None => Err(ActionError::permanent(format!(
-                "observer '{}' action {} is not in this configuration",
-                item.observer, item.action_index
-            ))),
-            Some(action) => {
-                let request = DeliveryRequest {
-                    event: &item.event,
-                    delivery_id: &item.delivery_id,
-                    attempt: item.attempts + 1,
-                };
-                action.execute(&request).await
+        let accepted = policy::still_accepted(
+            &self.matcher,
+            &self.observers,
+            &item.observer,
+            item.action_index,
+            &item.event,
+        );
+        let i = match accepted {
+            Ok(i) => i,
+            Err(why) => {
+                // Not sent: today's configuration would not deliver it.
+                dead_letter::refuse_retry(&self.client, id, Reason::NotAccepted, &why).await?;
+                return Ok(Some(Err(ActionError::permanent(format!("not sent: {why}")))));
             }
         };
+        let request = DeliveryRequest {
+            event: &item.event,
+            delivery_id: &item.delivery_id,
+            attempt: item.attempts + 1,
+        };
+        let result = self.observers[i].actions[item.action_index]
+            .execute(&request)
+            .await;
         dead_letter::finish_retry(&self.client, id, result.as_ref().err().map(|e| e.message()))
             .await?;
         Ok(Some(result))

@@ -4,6 +4,9 @@
 
 use crate::actions::{ActionError, FailureKind};
 use crate::delivery::schedule::RetryPolicy;
+use crate::event::EntityEvent;
+use crate::matcher::{EventMatcher, Verdict};
+use crate::observer::Observer;
 use serde::Deserialize;
 use std::time::Duration;
 
@@ -33,6 +36,10 @@ pub enum Reason {
     Permanent,
     /// The receiver said the endpoint no longer exists (HTTP 410, an unregistered device).
     Gone,
+    /// Not sent: the observer no longer accepts the event (a queued retry or an operator retry
+    /// found it disabled, scoped to another tenant, its entity, event type or condition changed,
+    /// or the observer or action removed from the configuration).
+    NotAccepted,
 }
 
 impl Reason {
@@ -41,6 +48,7 @@ impl Reason {
             Reason::Exhausted => "exhausted",
             Reason::Permanent => "permanent",
             Reason::Gone => "gone",
+            Reason::NotAccepted => "not_accepted",
         }
     }
 
@@ -102,6 +110,47 @@ pub fn give_up(reason: Reason, on_failure: OnFailure) -> Decision {
     match on_failure {
         OnFailure::Dlq => Decision::DeadLetter(reason),
         OnFailure::Log => Decision::Drop(reason),
+    }
+}
+
+/// Whether action `action_index` of observer `name` still accepts `event`, as configured now:
+/// the observer's index when it does, else why not (it is then dead-lettered as
+/// [`Reason::NotAccepted`] instead of sent). A queued retry and an operator retry ask this before
+/// sending: a delivery decided under an older configuration is sent only if today's would be.
+pub fn still_accepted(
+    matcher: &EventMatcher,
+    observers: &[Observer],
+    name: &str,
+    action_index: usize,
+    event: &EntityEvent,
+) -> Result<usize, String> {
+    let Some(i) = observers.iter().position(|o| o.name == name) else {
+        return Err(format!("observer '{name}' is no longer configured"));
+    };
+    if action_index >= observers[i].actions.len() {
+        return Err(format!(
+            "observer '{name}' has no action {action_index} any more"
+        ));
+    }
+    if !matcher.candidates(event).contains(&i) {
+        return Err(format!(
+            "observer '{name}' no longer watches {} {}",
+            event.entity_type,
+            event.kind.as_str()
+        ));
+    }
+    match crate::matcher::verdict(&observers[i], event) {
+        Verdict::Matched => Ok(i),
+        Verdict::Paused => Err(format!("observer '{name}' is disabled (enabled = false)")),
+        Verdict::OtherTenant => Err(format!(
+            "observer '{name}' is scoped to another tenant than the event's"
+        )),
+        Verdict::ConditionFalse => Err(format!(
+            "observer '{name}''s condition is false for this event"
+        )),
+        Verdict::ConditionError(e) => Err(format!(
+            "observer '{name}''s condition could not be evaluated: {e}"
+        )),
     }
 }
 
