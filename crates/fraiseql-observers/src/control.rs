@@ -202,7 +202,10 @@ mod tests {
         assert!(resumed.is_empty());
         assert!(p.contains("a") && p.contains("b") && !p.contains("c"));
         let (paused, resumed) = p.replace(HashSet::from(["b".to_string(), "c".to_string()]));
-        assert_eq!((paused, resumed), (vec!["c".to_string()], vec!["a".to_string()]));
+        assert_eq!(
+            (paused, resumed),
+            (vec!["c".to_string()], vec!["a".to_string()])
+        );
         assert!(!p.contains("a"));
     }
 }

@@ -223,7 +223,9 @@ impl Operator {
             Err(why) => {
                 // Not sent: today's configuration would not deliver it.
                 dead_letter::refuse_retry(&self.client, id, Reason::NotAccepted, &why).await?;
-                return Ok(Some(Err(ActionError::permanent(format!("not sent: {why}")))));
+                return Ok(Some(Err(ActionError::permanent(format!(
+                    "not sent: {why}"
+                )))));
             }
         };
         let request = DeliveryRequest {

@@ -200,8 +200,11 @@ async fn watch_paused(executor: Arc<ObserverExecutor>, database_url: String) -> 
     let publish = |executor: &ObserverExecutor| {
         for o in executor.observers() {
             let paused = executor.paused().contains(&o.name);
-            metrics::gauge!(m::OBSERVER_PAUSED, "observer" => o.name.clone())
-                .set(if paused { 1.0 } else { 0.0 });
+            metrics::gauge!(m::OBSERVER_PAUSED, "observer" => o.name.clone()).set(if paused {
+                1.0
+            } else {
+                0.0
+            });
         }
     };
     publish(&executor);

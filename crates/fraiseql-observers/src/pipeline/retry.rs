@@ -185,9 +185,15 @@ impl ObserverExecutor {
         .await?;
         let a = item.action_index;
         match i {
-            Some(i) if a < self.observers[i].actions.len() => {
-                self.given_up(i, a, &item.event, item.attempts, Reason::NotAccepted, why, dropped)
-            }
+            Some(i) if a < self.observers[i].actions.len() => self.given_up(
+                i,
+                a,
+                &item.event,
+                item.attempts,
+                Reason::NotAccepted,
+                why,
+                dropped,
+            ),
             _ => {
                 metrics::counter!(m::DEAD_LETTERED).increment(1);
                 tracing::warn!(observer = %item.observer, action = a, sequence = item.event.sequence,
