@@ -16,9 +16,8 @@ use std::process::ExitCode;
 
 const APP: &str = "fraiseql-observers-control-cli";
 
-/// The consumer of `--config`, and that `observer` is one of its observers (a typo would pause
-/// nothing).
-fn scope(cli: &Cli, observer: &str) -> anyhow::Result<String> {
+/// The consumer of `--config`, and whether `observer` is one of its observers.
+fn scope(cli: &Cli, observer: &str) -> anyhow::Result<(String, bool)> {
     let path = super::config_path(cli)?;
     let text = super::read_file(path)?;
     let root: toml::Table =
@@ -27,14 +26,20 @@ fn scope(cli: &Cli, observer: &str) -> anyhow::Result<String> {
         .get("observers")
         .and_then(|o| o.as_table())
         .is_some_and(|o| o.contains_key(observer) && observer != "runtime");
-    if !known {
-        bail!("no observer named '{observer}' in {}", path.display());
-    }
-    super::configured_consumer(cli)?.ok_or_else(|| anyhow!("this command needs --config FILE"))
+    let consumer = super::configured_consumer(cli)?
+        .ok_or_else(|| anyhow!("this command needs --config FILE"))?;
+    Ok((consumer, known))
 }
 
 pub async fn pause(cli: &Cli, observer: &str) -> anyhow::Result<ExitCode> {
-    let consumer = scope(cli, observer)?;
+    let (consumer, known) = scope(cli, observer)?;
+    if !known {
+        // A typo would pause nothing.
+        bail!(
+            "no observer named '{observer}' in {}",
+            super::config_path(cli)?.display()
+        );
+    }
     let client = super::connect_migrated(&super::database_url(cli, None)?, APP).await?;
     if control::pause(&client, &consumer, observer).await? {
         println!(
@@ -48,7 +53,9 @@ pub async fn pause(cli: &Cli, observer: &str) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn resume(cli: &Cli, observer: &str) -> anyhow::Result<ExitCode> {
-    let consumer = scope(cli, observer)?;
+    // An observer removed from the file while paused can still be resumed: what it held is
+    // then dead-lettered as `not_accepted`.
+    let (consumer, _) = scope(cli, observer)?;
     let client = super::connect_migrated(&super::database_url(cli, None)?, APP).await?;
     if control::resume(&client, &consumer, observer).await? {
         println!(

@@ -61,10 +61,15 @@ async fn sighup_and_reload_apply_an_added_observer_and_refuse_a_bad_file_under_a
 
     // SIGHUP with an added observer: applied at once, in the same process.
     std::fs::write(&file.path, format!("{base}{}", added(&server))).unwrap();
+    let signalled = std::time::Instant::now();
     daemon.signal("HUP");
     daemon
         .wait_for_log("configuration reloaded", Duration::from_secs(30))
         .await;
+    eprintln!(
+        "measured: SIGHUP to the new pipeline running in {:?}",
+        signalled.elapsed()
+    );
     grows(&server, "/added", "the added observer's deliveries").await;
 
     // A bad file is refused with every error logged; the running configuration keeps going.

@@ -124,6 +124,7 @@ async fn a_paused_observer_holds_its_events_in_order_across_a_restart_and_sends_
     wait_all(&held, (items * 3) as usize, "phase 1 at the held observer").await;
 
     // Pause under a steady writer: the free observer keeps receiving everything.
+    let paused_at = std::time::Instant::now();
     assert!(control::pause(&client, "control", "held").await.unwrap());
     assert!(!control::pause(&client, "control", "held").await.unwrap());
     let writer = {
@@ -138,6 +139,10 @@ async fn a_paused_observer_holds_its_events_in_order_across_a_restart_and_sends_
         }
     })
     .await;
+    eprintln!(
+        "measured: first event held {:?} after the pause",
+        paused_at.elapsed()
+    );
     writer.await.unwrap();
     wait_all(&free, (items * 10) as usize, "phase 2 at the free observer").await;
     let sent_while_paused = held.requests().len();
