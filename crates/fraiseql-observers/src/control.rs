@@ -11,7 +11,7 @@
 //! * A reload request is a generation number: a daemon reloads once per generation it has not
 //!   handled, and records the outcome for the `reload` command to print.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use std::collections::HashSet;
 use std::sync::RwLock;
 use std::time::Duration;
@@ -21,6 +21,19 @@ use tokio_postgres::Client;
 /// delivery in progress).
 pub const PAUSE_POLL: Duration = Duration::from_millis(250);
 
+/// A database without migration 0009 gets the hint to migrate, not a bare "relation does not
+/// exist".
+fn unmigrated(e: tokio_postgres::Error) -> Error {
+    if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
+        Error::Invalid(
+            "the runtime-control tables are missing (core.observer_paused): run `fraiseql-observers migrate`"
+                .to_string(),
+        )
+    } else {
+        Error::Database(e)
+    }
+}
+
 /// Pause `observer` of `consumer`. Returns false when it was paused already.
 pub async fn pause(client: &Client, consumer: &str, observer: &str) -> Result<bool> {
     Ok(client
@@ -29,7 +42,8 @@ pub async fn pause(client: &Client, consumer: &str, observer: &str) -> Result<bo
              ON CONFLICT DO NOTHING",
             &[&consumer, &observer],
         )
-        .await?
+        .await
+        .map_err(unmigrated)?
         > 0)
 }
 
@@ -40,7 +54,8 @@ pub async fn resume(client: &Client, consumer: &str, observer: &str) -> Result<b
             "DELETE FROM core.observer_paused WHERE consumer_id = $1 AND observer = $2",
             &[&consumer, &observer],
         )
-        .await?
+        .await
+        .map_err(unmigrated)?
         > 0)
 }
 
@@ -51,7 +66,8 @@ pub async fn paused(client: &Client, consumer: &str) -> Result<HashSet<String>> 
             "SELECT observer FROM core.observer_paused WHERE consumer_id = $1",
             &[&consumer],
         )
-        .await?
+        .await
+        .map_err(unmigrated)?
         .iter()
         .map(|r| r.get(0))
         .collect())
@@ -78,7 +94,8 @@ pub async fn paused_with_holds(client: &Client, consumer: &str) -> Result<Vec<Pa
               ORDER BY p.observer",
             &[&consumer],
         )
-        .await?
+        .await
+        .map_err(unmigrated)?
         .iter()
         .map(|r| PausedObserver {
             observer: r.get(0),
@@ -124,7 +141,8 @@ pub async fn request_reload(client: &Client, consumer: &str) -> Result<i64> {
              RETURNING requested",
             &[&consumer],
         )
-        .await?
+        .await
+        .map_err(unmigrated)?
         .get(0))
 }
 
@@ -135,7 +153,8 @@ pub async fn reload_requested(client: &Client, consumer: &str) -> Result<i64> {
             "SELECT requested FROM core.observer_reload_requests WHERE consumer_id = $1",
             &[&consumer],
         )
-        .await?
+        .await
+        .map_err(unmigrated)?
         .map_or(0, |r| r.get(0)))
 }
 
@@ -179,7 +198,8 @@ pub async fn reload_answer(client: &Client, consumer: &str) -> Result<Option<Rel
               WHERE consumer_id = $1 AND result IS NOT NULL",
             &[&consumer],
         )
-        .await?
+        .await
+        .map_err(unmigrated)?
         .map(|r| ReloadAnswer {
             generation: r.get(0),
             result: match r.get::<_, String>(1).as_str() {

@@ -298,4 +298,70 @@ mod tests {
         );
         assert_eq!(Reason::Exhausted.as_str(), "exhausted");
     }
+
+    fn order(kind: crate::event::EventKind, tenant: &str, status: &str) -> EntityEvent {
+        EntityEvent {
+            id: uuid::Uuid::nil(),
+            sequence: 1,
+            kind,
+            entity_type: "Order".into(),
+            entity_id: uuid::Uuid::nil(),
+            tenant: Some(tenant.parse().unwrap()),
+            author: None,
+            changes: None,
+            before: None,
+            after: Some(serde_json::json!({ "status": status })),
+            change_status: "new".into(),
+            extra_metadata: serde_json::json!({}),
+            source: None,
+            created_at: chrono::Utc::now(),
+            source_ts: None,
+            position: crate::event::Position {
+                batch: 1,
+                sequence: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn a_retry_is_accepted_only_by_the_observer_as_configured_now() {
+        use crate::event::EventKind::{Created, Updated};
+        const T1: &str = "aaaaaaaa-0000-0000-0000-000000000001";
+        const T2: &str = "aaaaaaaa-0000-0000-0000-000000000002";
+        let observers = crate::config::load(
+            &[
+                ("open", "enabled = true"),
+                ("off", "enabled = false"),
+                ("scoped", &*format!("tenant = \"{T1}\"")),
+                ("paid", "condition = \"status == 'paid'\""),
+            ]
+            .iter()
+            .map(|(name, extra)| {
+                format!(
+                    "[observers.{name}]\nentity = \"Order\"\nevent_type = \"INSERT\"\n{extra}\n\
+                     [[observers.{name}.actions]]\ntype = \"webhook\"\nurl = \"https://example.com/\"\n"
+                )
+            })
+            .collect::<String>(),
+            &|_| None,
+        )
+        .unwrap()
+        .observers;
+        let matcher = EventMatcher::new(&observers);
+        let check = |name: &str, action: usize, event: &EntityEvent| {
+            still_accepted(&matcher, &observers, name, action, event)
+        };
+        let paid = order(Created, T1, "paid");
+        assert_eq!(check("open", 0, &paid), Ok(0));
+        assert_eq!(check("scoped", 0, &paid), Ok(2));
+        assert_eq!(check("paid", 0, &paid), Ok(3));
+        let refused = |r: Result<usize, String>| r.unwrap_err();
+        assert!(refused(check("gone", 0, &paid)).contains("no longer configured"));
+        assert!(refused(check("open", 1, &paid)).contains("no action 1"));
+        assert!(refused(check("off", 0, &paid)).contains("disabled"));
+        assert!(refused(check("scoped", 0, &order(Created, T2, "paid"))).contains("tenant"));
+        assert!(refused(check("paid", 0, &order(Created, T1, "new"))).contains("condition"));
+        assert!(refused(check("open", 0, &order(Updated, T1, "paid"))).contains("Order UPDATE"));
+        assert_eq!(Reason::NotAccepted.as_str(), "not_accepted");
+    }
 }
