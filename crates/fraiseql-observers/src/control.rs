@@ -168,11 +168,13 @@ pub struct ReloadAnswer {
 }
 
 /// Record that generation `generation` of `consumer`'s reload requests was handled. Never moves
-/// the answered generation back.
+/// the answered generation back. The leader's answer (`leading`) replaces a standby's for the
+/// same generation; a standby answers only a generation nobody answered yet.
 pub async fn answer_reload(
     client: &Client,
     consumer: &str,
     generation: i64,
+    leading: bool,
     result: std::result::Result<(), &str>,
 ) -> Result<()> {
     let (outcome, errors) = match result {
@@ -183,8 +185,8 @@ pub async fn answer_reload(
         .execute(
             "UPDATE core.observer_reload_requests
                 SET answered = $2, answered_at = now(), result = $3, errors = $4
-              WHERE consumer_id = $1 AND answered <= $2",
-            &[&consumer, &generation, &outcome, &errors],
+              WHERE consumer_id = $1 AND (answered < $2 OR ($5 AND answered = $2))",
+            &[&consumer, &generation, &outcome, &errors, &leading],
         )
         .await?;
     Ok(())

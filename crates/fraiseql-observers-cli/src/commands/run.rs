@@ -82,7 +82,7 @@ pub async fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
     };
     // The observers are compiled again for each new lead and on each reload, from the last
     // text accepted (the file as read at start, or at the last reload that validated).
-    let reloader = Arc::new(Reloader::new(path, text, &config, &url));
+    let reloader = Arc::new(Reloader::new(path, text, &config, &url, health.clone()));
     let reloads = reloader.subscribe();
     reloader.listen_for_sighup()?;
     reloader.clone().watch_requests();
@@ -125,10 +125,12 @@ struct Reloader {
     generation: watch::Sender<u64>,
     /// One reload at a time.
     busy: tokio::sync::Mutex<()>,
+    /// Whether this instance leads (its answer to a `reload` request is the one printed).
+    health: Arc<Health>,
 }
 
 impl Reloader {
-    fn new(path: &Path, text: String, config: &Config, url: &str) -> Reloader {
+    fn new(path: &Path, text: String, config: &Config, url: &str, health: Arc<Health>) -> Reloader {
         Reloader {
             path: path.to_path_buf(),
             url: url.to_string(),
@@ -138,6 +140,7 @@ impl Reloader {
             accepted: Mutex::new(text),
             generation: watch::channel(0).0,
             busy: tokio::sync::Mutex::new(()),
+            health,
         }
     }
 
@@ -227,10 +230,12 @@ impl Reloader {
                     if requested > done {
                         handled = Some(requested);
                         let result = self.reload("reload command").await;
+                        let leading = self.health.role() == Role::Leader;
                         control::answer_reload(
                             &client,
                             &self.consumer,
                             requested,
+                            leading,
                             result.as_ref().map(|_| ()).map_err(|e| e.as_str()),
                         )
                         .await?;
