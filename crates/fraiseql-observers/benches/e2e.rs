@@ -24,6 +24,8 @@
 //! `<target>/bench-results/e2e.json`; a full run (every scenario, not `--quick`) also rewrites
 //! the generated tables of BENCHMARKS.md's `## End to end` section.
 
+#[path = "e2e/binary.rs"]
+mod binary;
 #[path = "e2e/data.rs"]
 mod data;
 #[path = "e2e/engine.rs"]
@@ -52,6 +54,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const SCENARIOS: &[&str] = &[
     "drain",
+    "drain-binary",
     "record-cost",
     "match-only",
     "fan-out",
@@ -60,7 +63,11 @@ const SCENARIOS: &[&str] = &[
     "writer-cost",
     "peer",
     "backlog",
+    "instructions",
 ];
+
+/// Scenarios a full run leaves out (run them by name).
+const ON_REQUEST: &[&str] = &["backlog", "instructions"];
 
 /// Unix time in nanoseconds (comparable across the bench's processes).
 pub fn unix_nanos() -> i64 {
@@ -96,6 +103,8 @@ struct Options {
     events: i64,
     peer: bool,
     backlog_events: i64,
+    binary: PathBuf,
+    instruction_events: i64,
     command: String,
 }
 
@@ -124,7 +133,7 @@ impl Options {
         if scenarios.is_empty() {
             scenarios = SCENARIOS
                 .iter()
-                .filter(|s| **s != "backlog")
+                .filter(|s| !ON_REQUEST.contains(s))
                 .map(|s| s.to_string())
                 .collect();
         }
@@ -149,6 +158,12 @@ impl Options {
             backlog_events: value("--backlog-events")
                 .map(|v| v.parse().expect("--backlog-events N"))
                 .unwrap_or(5_000_000),
+            binary: value("--binary")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| target_dir().join("release/fraiseql-observers")),
+            instruction_events: value("--instruction-events")
+                .map(|v| v.parse().expect("--instruction-events N"))
+                .unwrap_or(2_000),
             scenarios,
             command,
         }
@@ -167,7 +182,7 @@ impl Options {
     }
 
     fn full(&self) -> bool {
-        !self.quick && self.scenarios.len() == SCENARIOS.len() - 1 && self.peer
+        !self.quick && self.scenarios.len() == SCENARIOS.len() - ON_REQUEST.len() && self.peer
     }
 }
 
@@ -227,13 +242,19 @@ async fn run(options: Options) {
     let load_start = report::load_average();
     let mut scenarios = serde_json::Map::new();
 
-    let throughput = ["drain", "record-cost", "match-only", "fan-out"]
+    let throughput = ["drain", "drain-binary", "record-cost", "match-only", "fan-out"]
         .iter()
         .any(|s| options.wants(s));
     if throughput {
-        let db = ThroughputDb::create(options.events).await;
+        let db = ThroughputDb::create(THROUGHPUT_DB, options.events).await;
         if options.wants("drain") {
             scenarios.insert("drain".into(), drain(&options, &db, &receiver).await);
+        }
+        if options.wants("drain-binary") {
+            scenarios.insert(
+                "drain_binary".into(),
+                drain_binary(&options, &db, &receiver).await,
+            );
         }
         if options.wants("record-cost") {
             scenarios.insert(
@@ -250,7 +271,7 @@ async fn run(options: Options) {
         if options.wants("fan-out") {
             scenarios.insert("fan_out".into(), fan_out(&options, &db, &receiver).await);
         }
-        data::drop_database(THROUGHPUT_DB).await;
+        data::drop_database(db.name).await;
     }
     if options.wants("latency") {
         scenarios.insert("latency".into(), latency(&options, &receiver).await);
@@ -267,6 +288,12 @@ async fn run(options: Options) {
     }
     if options.wants("writer-cost") {
         scenarios.insert("writer_cost".into(), writer_cost(&options).await);
+    }
+    if options.wants("instructions") {
+        scenarios.insert(
+            "instructions".into(),
+            instructions(&options, &receiver).await,
+        );
     }
     add_ratios(&mut scenarios);
 
@@ -317,6 +344,7 @@ const THROUGHPUT_DB: &str = "fo_bench_e2e_throughput";
 /// A database with the backlog every throughput run reads (each run is a new consumer starting
 /// from the beginning of the log: the same committed changes, waiting).
 struct ThroughputDb {
+    name: &'static str,
     url: String,
     client: Client,
     events: i64,
@@ -324,8 +352,8 @@ struct ThroughputDb {
 }
 
 impl ThroughputDb {
-    async fn create(events: i64) -> ThroughputDb {
-        let url = data::recreate(THROUGHPUT_DB).await;
+    async fn create(name: &'static str, events: i64) -> ThroughputDb {
+        let url = data::recreate(name).await;
         let mut client = data::connect(&url).await;
         fraiseql_observers::migrate::run(&mut client)
             .await
@@ -350,6 +378,7 @@ impl ThroughputDb {
         );
         let last_txid = engine::last_txid(&client).await;
         ThroughputDb {
+            name,
             url,
             client,
             events,
@@ -365,7 +394,7 @@ impl ThroughputDb {
         observers: &str,
         receiver: &ReceiverProcess,
     ) -> (f64, Cpu) {
-        let before = Cpu::sample(&self.client, receiver.pid()).await;
+        let before = Cpu::sample(&self.client, "self", receiver.pid()).await;
         let started = Instant::now();
         let engine = Engine::start(&self.url, consumer, "", observers).await;
         loop {
@@ -380,7 +409,7 @@ impl ThroughputDb {
             );
         }
         let seconds = started.elapsed().as_secs_f64();
-        let cpu = Cpu::sample(&self.client, receiver.pid())
+        let cpu = Cpu::sample(&self.client, "self", receiver.pid())
             .await
             .minus(&before);
         let read = engine
@@ -396,6 +425,75 @@ impl ThroughputDb {
     }
 }
 
+impl ThroughputDb {
+    /// [`ThroughputDb::drain`] by the shipped daemon (`binary`, under `wrapper` if not empty) in
+    /// a process of its own, `/metrics` on or off. Returns the seconds until its checkpoint
+    /// passed the last change, the CPU time spent meanwhile (the engine's is the daemon's), and
+    /// the daemon's peak resident memory in KiB.
+    async fn drain_binary(
+        &self,
+        options: &Options,
+        wrapper: &[String],
+        consumer: &str,
+        observers: &str,
+        metrics: bool,
+        receiver: &ReceiverProcess,
+    ) -> (f64, Cpu, u64) {
+        assert!(
+            options.binary.is_file(),
+            "no daemon at {}: build it with `cargo build --release -p fraiseql-observers-cli` \
+             (same CARGO_TARGET_DIR) or pass --binary PATH",
+            options.binary.display()
+        );
+        let started = Instant::now();
+        let mut engine = binary::BinaryEngine::start(
+            &options.binary,
+            wrapper,
+            &self.url,
+            consumer,
+            observers,
+            metrics,
+        );
+        let pid = engine.pid().to_string();
+        // The daemon's CPU counts from its start: sampled right after the spawn, PostgreSQL's
+        // and the receiver's too (the daemon has no backend yet).
+        let before = Cpu::sample(&self.client, &pid, receiver.pid()).await;
+        let before = Cpu {
+            engine: 0.0,
+            ..before
+        };
+        loop {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if engine::checkpoint_covers(&self.client, consumer, &self.last_txid).await {
+                break;
+            }
+            assert!(
+                !engine.failed(),
+                "the daemon stopped during {consumer}; see {}",
+                engine.log.display()
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(1800),
+                "{consumer} did not finish in 30 minutes"
+            );
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let cpu = Cpu::sample(&self.client, &pid, receiver.pid())
+            .await
+            .minus(&before);
+        let peak = engine.peak_rss_kib();
+        if metrics {
+            let page = engine.scrape().await.unwrap_or_default();
+            assert!(
+                page.contains("fraiseql_observers_"),
+                "/metrics serves the engine's metrics"
+            );
+        }
+        engine.stop().await;
+        (seconds, cpu, peak)
+    }
+}
+
 /// CPU seconds used so far by the engine (this process), the receiver process, and the
 /// PostgreSQL backends connected to the bench database (the engine's connections and the
 /// harness's own, which only polls the checkpoint).
@@ -407,7 +505,8 @@ struct Cpu {
 }
 
 impl Cpu {
-    async fn sample(client: &Client, receiver_pid: u32) -> Cpu {
+    /// `engine`: the engine's pid, or `"self"` for the in-process engine.
+    async fn sample(client: &Client, engine: &str, receiver_pid: u32) -> Cpu {
         let pids: Vec<i32> = client
             .query(
                 "SELECT pid FROM pg_stat_activity WHERE datname = current_database()",
@@ -419,7 +518,7 @@ impl Cpu {
             .map(|r| r.get(0))
             .collect();
         Cpu {
-            engine: cpu_seconds("self"),
+            engine: cpu_seconds(engine),
             receiver: cpu_seconds(&receiver_pid.to_string()),
             postgres: pids
                 .into_iter()
@@ -445,13 +544,19 @@ impl Cpu {
         self.postgres.values().sum()
     }
 
-    /// Microseconds of CPU per event, by process.
+    /// Microseconds of CPU per event, by process, and the engine's over the others' (ratios
+    /// of work measured in the same run: they move much less with the machine than the times).
     fn per_event(&self, events: i64) -> Value {
         let us = |s: f64| (s * 1e6 / events as f64 * 10.0).round() / 10.0;
+        let ratio = |other: f64| {
+            (other > 0.0).then(|| (self.engine / other * 100.0).round() / 100.0)
+        };
         json!({
             "engine_us": us(self.engine),
             "postgres_us": us(self.postgres()),
             "receiver_us": us(self.receiver),
+            "engine_over_postgres": ratio(self.postgres()),
+            "engine_over_receiver": ratio(self.receiver),
         })
     }
 }
@@ -511,6 +616,134 @@ async fn drain(options: &Options, db: &ThroughputDb, receiver: &ReceiverProcess)
         cpus.push((cpu.engine, per_event));
     }
     json!({ "events": db.events, "events_per_s": Summary::of(&runs), "cpu_per_event": median_cpu(&cpus) })
+}
+
+/// The drain by the shipped daemon in a process of its own (`--binary PATH`, default the
+/// release `fraiseql-observers` of this target directory), with `/metrics` on and off in
+/// alternating order: events/s, CPU per event by process with the engine's ratios to
+/// PostgreSQL's and the receiver's, and the daemon's peak resident memory.
+async fn drain_binary(options: &Options, db: &ThroughputDb, receiver: &ReceiverProcess) -> Value {
+    let observer = engine::webhook_observer(
+        "everything",
+        "*",
+        engine::ALL_KINDS,
+        "",
+        &receiver.url("/drain"),
+    );
+    let mut modes: [(bool, Vec<f64>, Vec<(f64, Value)>, Vec<f64>); 2] = [
+        (true, Vec::new(), Vec::new(), Vec::new()),
+        (false, Vec::new(), Vec::new(), Vec::new()),
+    ];
+    for run in 1..=options.runs {
+        let order = if run % 2 == 1 { [0, 1] } else { [1, 0] };
+        for m in order {
+            let metrics = modes[m].0;
+            let name = if metrics { "on" } else { "off" };
+            receiver.reset().await;
+            let consumer = format!("binary_metrics_{name}_{run}");
+            let (seconds, cpu, peak) = db
+                .drain_binary(options, &[], &consumer, &observer, metrics, receiver)
+                .await;
+            check_deliveries(receiver, db.events, "drain-binary").await;
+            let eps = db.events as f64 / seconds;
+            let per_event = cpu.per_event(db.events);
+            eprintln!(
+                "drain (binary, /metrics {name}) run {run}: {seconds:.2} s, {eps:.0} events/s, \
+                 CPU per event {per_event}, peak RSS {:.1} MiB",
+                peak as f64 / 1024.0
+            );
+            let mode = &mut modes[m];
+            mode.1.push(eps);
+            mode.2.push((cpu.engine, per_event));
+            mode.3.push(peak as f64 / 1024.0);
+        }
+    }
+    let summary = |(_, eps, cpus, peaks): &(bool, Vec<f64>, Vec<(f64, Value)>, Vec<f64>)| {
+        let ratio = |key: &str| {
+            Summary::of(
+                &cpus
+                    .iter()
+                    .filter_map(|(_, v)| v[key].as_f64())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        json!({
+            "events_per_s": Summary::of(eps),
+            "cpu_per_event": median_cpu(cpus),
+            "engine_over_postgres": ratio("engine_over_postgres"),
+            "engine_over_receiver": ratio("engine_over_receiver"),
+            "peak_rss_mib": Summary::of(peaks),
+        })
+    };
+    json!({
+        "binary": options.binary.display().to_string(),
+        "events": db.events,
+        "metrics_on": summary(&modes[0]),
+        "metrics_off": summary(&modes[1]),
+    })
+}
+
+/// Instructions per event of the drain path, counted by valgrind (callgrind) around the shipped
+/// daemon: a drain of N and of 2N events (fresh backlogs of the same mix, `/metrics` on), in
+/// alternating order, `--runs` pairs; per event = (I(2N) - I(N)) / N, which removes the start-up
+/// and the shutdown. Instructions do not move with the machine's load or speed.
+async fn instructions(options: &Options, receiver: &ReceiverProcess) -> Value {
+    const DB: &str = "fo_bench_e2e_instructions";
+    let n = options.instruction_events;
+    let observer = engine::webhook_observer(
+        "everything",
+        "*",
+        engine::ALL_KINDS,
+        "",
+        &receiver.url("/drain"),
+    );
+    let dir = target_dir().join("bench-results/binary");
+    std::fs::create_dir_all(&dir).expect("results dir");
+    let mut per_event = Vec::new();
+    let mut startup = Vec::new();
+    let mut counted = Vec::new();
+    for run in 1..=options.runs {
+        let sizes = if run % 2 == 1 { [n, 2 * n] } else { [2 * n, n] };
+        let mut collected = std::collections::HashMap::new();
+        for size in sizes {
+            let db = ThroughputDb::create(DB, size).await;
+            receiver.reset().await;
+            let consumer = format!("instructions_{size}_{run}");
+            let log = dir.join(format!("{consumer}.callgrind.log"));
+            let wrapper = vec![
+                "valgrind".to_string(),
+                "--tool=callgrind".to_string(),
+                "--callgrind-out-file=/dev/null".to_string(),
+                format!("--log-file={}", log.display()),
+            ];
+            let (seconds, _, _) = db
+                .drain_binary(options, &wrapper, &consumer, &observer, true, receiver)
+                .await;
+            check_deliveries(receiver, db.events, "instructions").await;
+            let instructions = binary::callgrind_collected(&log);
+            eprintln!(
+                "instructions run {run}: {} events drained under callgrind in {seconds:.1} s, \
+                 {instructions} instructions",
+                db.events
+            );
+            collected.insert(size, (db.events, instructions));
+            counted.push(json!({"events": db.events, "instructions": instructions}));
+            drop(db);
+            data::drop_database(DB).await;
+        }
+        let (events_n, i_n) = collected[&n];
+        let (events_2n, i_2n) = collected[&(2 * n)];
+        let per = (i_2n as f64 - i_n as f64) / (events_2n - events_n) as f64;
+        per_event.push(per);
+        startup.push(i_n as f64 - per * events_n as f64);
+    }
+    json!({
+        "binary": options.binary.display().to_string(),
+        "events": [n, 2 * n],
+        "runs": counted,
+        "instructions_per_event": Summary::of(&per_event),
+        "instructions_outside_events": Summary::of(&startup),
+    })
 }
 
 /// A large backlog (issue 9): memory stays bounded and the rate steady while the engine drains

@@ -7,6 +7,10 @@
 //! ```
 //!
 //! No database, no network: these are the CPU costs the end-to-end figures are made of.
+//!
+//! `micro --repeat STAGE N` runs one stage N times without timing (`--repeat list` names the
+//! stages), for counting instructions under valgrind: `benches/instructions.sh` runs each stage
+//! with N and 2N and divides the difference by N, which removes the start-up and the setup.
 
 use fraiseql_observers::actions::webhook::{default_body, default_body_json, sign};
 use fraiseql_observers::condition::Condition;
@@ -16,7 +20,67 @@ use fraiseql_observers::{config, EntityEvent, EventMatcher, Position};
 use serde_json::{json, Value};
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--repeat") {
+        let stage = args.get(i + 1).map_or("list", String::as_str);
+        if stage == "list" {
+            println!("{}", STAGES.join("\n"));
+            return;
+        }
+        let n: u64 = args
+            .get(i + 2)
+            .and_then(|v| v.parse().ok())
+            .expect("--repeat STAGE N");
+        repeat(stage, n);
+        return;
+    }
     divan::main();
+}
+
+/// The stages `--repeat` runs: the per-event work of the drain path, one at a time and together.
+const STAGES: &[&str] = &[
+    "decode_create",
+    "decode_update",
+    "condition",
+    "match_ten_observers",
+    "body_create",
+    "body_update",
+    "body_template",
+    "signature",
+    "drain_event",
+];
+
+/// Run `stage` `n` times on the benches' inputs (built once, before the loop).
+fn repeat(stage: &str, n: u64) {
+    let (shape, create, update) = (shape(), row(false), row(true));
+    let (created, updated) = (event(false), event(true));
+    let condition = Condition::compile("status == 'paid' && total > 100").expect("compiles");
+    let (observers, matcher) = ten_observers();
+    let template = Template::compile(TEMPLATE, TemplateMode::Json).expect("compiles");
+    let keys = [vec![7u8; 24]];
+    let body = default_body_json(&updated);
+    let id = "6f1e0b9c-8a71-5d3c-9e2a-1b4f4c8e9a6d";
+    let bb = divan::black_box;
+    for _ in 0..n {
+        match stage {
+            "decode_create" => drop(bb(decode(&shape, bb(&create), POSITION).expect("decodes"))),
+            "decode_update" => drop(bb(decode(&shape, bb(&update), POSITION).expect("decodes"))),
+            "condition" => drop(bb(condition.evaluate(bb(&updated)).expect("evaluates"))),
+            "match_ten_observers" => drop(bb(matcher.evaluate(&observers, bb(&updated)))),
+            "body_create" => drop(bb(default_body_json(bb(&created)))),
+            "body_update" => drop(bb(default_body_json(bb(&updated)))),
+            "body_template" => drop(bb(template.render(bb(&updated)).expect("renders"))),
+            "signature" => drop(bb(sign(&keys, id, 1_767_607_872, bb(&body)))),
+            // What the drain scenario does per event outside I/O: decode an update, one
+            // observer's verdict (no condition), the default body, its signature.
+            "drain_event" => {
+                let event = decode(&shape, bb(&update), POSITION).expect("decodes");
+                let body = default_body_json(&event);
+                drop(bb(sign(&keys, id, 1_767_607_872, &body)));
+            }
+            other => panic!("unknown stage {other}; one of {STAGES:?}"),
+        }
+    }
 }
 
 fn order(g: u64, status: &str) -> Value {
@@ -119,9 +183,8 @@ fn condition(bencher: divan::Bencher, source: &str) {
     });
 }
 
-/// The fan-out scenario's ten observers matched against one update (verdicts for every candidate).
-#[divan::bench]
-fn match_ten_observers(bencher: divan::Bencher) {
+/// The fan-out scenario's ten observers and their matcher.
+fn ten_observers() -> (Vec<config::Observer>, EventMatcher) {
     let conditions = [
         "total > 500",
         "total <= 500",
@@ -143,6 +206,13 @@ fn match_ten_observers(bencher: divan::Bencher) {
     }
     let observers = config::load(&toml, &|_| None).expect("config").observers;
     let matcher = EventMatcher::new(&observers);
+    (observers, matcher)
+}
+
+/// The fan-out scenario's ten observers matched against one update (verdicts for every candidate).
+#[divan::bench]
+fn match_ten_observers(bencher: divan::Bencher) {
+    let (observers, matcher) = ten_observers();
     let event = event(true);
     bencher.bench(|| matcher.evaluate(&observers, divan::black_box(&event)));
 }
@@ -161,14 +231,12 @@ fn default_webhook_body_via_value(bencher: divan::Bencher, update: bool) {
     bencher.bench(|| default_body(divan::black_box(&event)).to_string());
 }
 
+const TEMPLATE: &str = r#"{"order": {{ after.order_number }}, "total": {{ after.total }}, "email": {{ after.customer_email }}, "tenant": {{ event.tenant }}, "status": {{ after.status }}}"#;
+
 /// A JSON-mode body template (escaped by construction, checked to parse).
 #[divan::bench]
 fn body_template(bencher: divan::Bencher) {
-    let template = Template::compile(
-        r#"{"order": {{ after.order_number }}, "total": {{ after.total }}, "email": {{ after.customer_email }}, "tenant": {{ event.tenant }}, "status": {{ after.status }}}"#,
-        TemplateMode::Json,
-    )
-    .expect("compiles");
+    let template = Template::compile(TEMPLATE, TemplateMode::Json).expect("compiles");
     let event = event(true);
     bencher.bench(|| template.render(divan::black_box(&event)).expect("renders"));
 }

@@ -196,6 +196,21 @@ fn ratio(v: &Value) -> String {
     }
 }
 
+/// A summary of small numbers: `5.12 (4.98-5.40)`.
+fn ratios(v: &Value) -> String {
+    let runs = v["runs"].as_array().map_or(0, Vec::len);
+    if runs > 1 {
+        format!(
+            "{} ({}-{})",
+            ratio(&v["median"]),
+            ratio(&v["min"]),
+            ratio(&v["max"])
+        )
+    } else {
+        ratio(&v["median"])
+    }
+}
+
 /// The generated part of the `## End to end` section.
 pub fn markdown(results: &Value) -> String {
     let mut md = String::new();
@@ -260,23 +275,59 @@ pub fn markdown(results: &Value) -> String {
         md.push('\n');
     }
 
-    let cpu_rows: Vec<(&str, &Value)> = [
-        ("drain", "drain"),
-        ("match-only", "match_only"),
-        ("fan-out", "fan_out"),
-    ]
-    .iter()
-    .filter_map(|(label, key)| s.get(*key).map(|v| (*label, &v["cpu_per_event"])))
-    .filter(|(_, v)| v.is_object())
-    .collect();
+    if let Some(i) = s.get("instructions") {
+        md.push_str(&format!(
+            "**Instructions per event** (valgrind callgrind around the daemon `{}`, `/metrics` on: a drain of {} and of {} events, (I(2N) - I(N)) / N; they do not move with the machine's load or speed): **{}** per event; {} outside the events (start-up, shutdown, idle polls).\n\n",
+            i["binary"].as_str().unwrap_or(""),
+            i["events"][0],
+            i["events"][1],
+            summary(&i["instructions_per_event"]),
+            summary(&i["instructions_outside_events"]),
+        ));
+    }
+
+    let mut cpu_rows: Vec<(&str, &Value)> = Vec::new();
+    if let Some(d) = s.get("drain") {
+        cpu_rows.push(("drain (engine in the bench process)", &d["cpu_per_event"]));
+    }
+    if let Some(d) = s.get("drain_binary") {
+        cpu_rows.push(("drain (daemon, `/metrics` on)", &d["metrics_on"]["cpu_per_event"]));
+        cpu_rows.push(("drain (daemon, `/metrics` off)", &d["metrics_off"]["cpu_per_event"]));
+    }
+    for (label, key) in [("match-only", "match_only"), ("fan-out", "fan_out")] {
+        if let Some(d) = s.get(key) {
+            cpu_rows.push((label, &d["cpu_per_event"]));
+        }
+    }
+    cpu_rows.retain(|(_, v)| v.is_object());
     if !cpu_rows.is_empty() {
-        md.push_str("**CPU per event** (microseconds, median run; the engine is the bench process, PostgreSQL the backends of the bench database):\n\n| scenario | engine | PostgreSQL | receiver |\n|---|---:|---:|---:|\n");
+        md.push_str("**CPU per event** (median run by engine CPU; the ratios are of work measured in the same run and travel from machine to machine better than the microseconds; the engine is the bench process or the daemon, PostgreSQL the backends of the bench database):\n\n| scenario | engine / PostgreSQL | engine / receiver | engine us | PostgreSQL us | receiver us |\n|---|---:|---:|---:|---:|---:|\n");
         for (label, v) in cpu_rows {
             md.push_str(&format!(
-                "| {label} | {:.1} | {:.1} | {:.1} |\n",
+                "| {label} | {} | {} | {:.1} | {:.1} | {:.1} |\n",
+                ratio(&v["engine_over_postgres"]),
+                ratio(&v["engine_over_receiver"]),
                 f(&v["engine_us"]),
                 f(&v["postgres_us"]),
                 f(&v["receiver_us"])
+            ));
+        }
+        md.push('\n');
+    }
+    if let Some(d) = s.get("drain_binary") {
+        md.push_str(&format!(
+            "**The daemon** (`{}`, a process of its own), drain of {} events, `/metrics` on and off in alternating runs:\n\n| `/metrics` | events/s | engine / PostgreSQL | engine / receiver | peak RSS MiB |\n|---|---:|---:|---:|---:|\n",
+            d["binary"].as_str().unwrap_or(""),
+            thousands(f(&d["events"]))
+        ));
+        for (label, key) in [("on", "metrics_on"), ("off", "metrics_off")] {
+            let m = &d[key];
+            md.push_str(&format!(
+                "| {label} | {} | {} | {} | {} |\n",
+                summary(&m["events_per_s"]),
+                ratios(&m["engine_over_postgres"]),
+                ratios(&m["engine_over_receiver"]),
+                ratios(&m["peak_rss_mib"]),
             ));
         }
         md.push('\n');
