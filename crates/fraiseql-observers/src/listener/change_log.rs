@@ -34,8 +34,8 @@ use super::parser::{self, ChangeLogRowRef, TableShape};
 use super::sizing::{ReadFailure, Sizing};
 use super::snapshot::Snapshot;
 use super::statements::{
-    batch_ids, batch_ids_in_range, current_snapshot, fetch_chunk, open, quarantine, row_bytes,
-    sample_row_bytes, Connection,
+    batch_ids, batch_ids_in_range, current_snapshot, fetch_chunk, open, poll, quarantine,
+    row_bytes, sample_row_bytes, Connection,
 };
 use crate::db;
 use crate::error::{Error, Result};
@@ -51,6 +51,7 @@ pub const UNHEALTHY_AFTER_FAILURES: u32 = 10;
 
 pub use super::statements::{
     batch_ids_page_sql, batch_ids_range_sql, batch_ids_sql, chunk_range_sql, chunk_rows_sql,
+    poll_sql,
 };
 
 /// How the listener reads. `Default` gives the documented defaults.
@@ -128,6 +129,7 @@ pub struct ListenerStats {
     reconnects: AtomicU64,
     polls: AtomicU64,
     batch_queries: AtomicU64,
+    pub(super) statements: AtomicU64,
     largest_id_page: AtomicU64,
     largest_chunk_rows: AtomicU64,
     largest_chunk_bytes: AtomicU64,
@@ -152,14 +154,20 @@ impl ListenerStats {
     pub fn reconnects(&self) -> u64 {
         self.reconnects.load(Ordering::Relaxed)
     }
-    /// Looks for a new batch (one `pg_current_snapshot()` query each; an idle poll is only that).
+    /// Looks for a new batch (one statement each: the current snapshot and the first page of the
+    /// batch up to it; an idle poll is only that).
     pub fn polls(&self) -> u64 {
         self.polls.load(Ordering::Relaxed)
     }
-    /// Polls that found a new snapshot and so ran the batch query (any transaction in the
+    /// Polls that found a new snapshot and so looked for the batch's rows (any transaction in the
     /// cluster that took an id moves the snapshot, whether it wrote to the change log or not).
     pub fn batch_queries(&self) -> u64 {
         self.batch_queries.load(Ordering::Relaxed)
+    }
+    /// Statements the reader sent while reading (each one round trip): polls, later id pages,
+    /// chunks of rows (prefetched ones included), quarantine copies. Not the checkpoint's.
+    pub fn statements(&self) -> u64 {
+        self.statements.load(Ordering::Relaxed)
     }
     /// The most sequences held in one id page so far.
     pub fn largest_id_page(&self) -> u64 {
@@ -301,10 +309,10 @@ impl ChangeLogListener {
         };
         if let Some(progress) = stored.batch {
             // Resume the batch that was in progress: its rows after the last one done.
-            let (ids, pages_up_to) = listener
+            let (_, ids, pages_up_to) = listener
                 .id_page(
                     &stored.snapshot,
-                    &progress.snapshot,
+                    Some(&progress.snapshot),
                     progress.done_sequence,
                     None,
                 )
@@ -436,15 +444,13 @@ impl ChangeLogListener {
             return Ok(Some(batch));
         }
 
-        let conn = self.conn.as_ref().expect("connected");
-        self.stats.polls.fetch_add(1, Ordering::Relaxed);
-        let current = current_snapshot(conn).await?;
+        // One statement: the current snapshot and the first page of the batch up to it.
+        let read = self.read.clone();
+        let (current, ids, pages_up_to) = self.id_page(&read, None, i64::MIN, None).await?;
         if current == self.read {
             return Ok(None);
         }
         self.stats.batch_queries.fetch_add(1, Ordering::Relaxed);
-        let read = self.read.clone();
-        let (ids, pages_up_to) = self.id_page(&read, &current, i64::MIN, None).await?;
         if ids.is_empty() {
             // Nothing of ours committed between the two snapshots: widen the newest batch (its
             // row set is unchanged) or, with none outstanding, the done checkpoint.
@@ -483,7 +489,9 @@ impl ChangeLogListener {
         let Some((no, lower, upper, after, up_to)) = due else {
             return Ok(());
         };
-        let (ids, pages_up_to) = self.id_page(&lower, &upper, after, Some(up_to)).await?;
+        let (_, ids, pages_up_to) = self
+            .id_page(&lower, Some(&upper), after, Some(up_to))
+            .await?;
         let mut progress = self.lock();
         if ids.is_empty() {
             progress.no_more_pages(no);
@@ -522,7 +530,10 @@ impl ChangeLogListener {
         };
         let fetched = match prefetched {
             Some(result) => result,
-            None => fetch_chunk(conn.client.clone(), conn.chunk.clone(), chunk.clone()).await,
+            None => {
+                self.stats.statements.fetch_add(1, Ordering::Relaxed);
+                fetch_chunk(conn.client.clone(), conn.chunk.clone(), chunk.clone()).await
+            }
         };
         let rows = match fetched {
             Ok(rows) => rows,
@@ -530,6 +541,7 @@ impl ChangeLogListener {
         };
         if !following.is_empty() {
             let following_end = end + following.len();
+            self.stats.statements.fetch_add(1, Ordering::Relaxed);
             let task = tokio::spawn(fetch_chunk(
                 conn.client.clone(),
                 conn.chunk.clone(),
@@ -659,28 +671,39 @@ impl ChangeLogListener {
     }
 
     /// The next page of sequences of the batch `(lower, upper)`, after `after`, ascending, with
-    /// the highest sequence later pages can hold when more may follow. Without `up_to`, the page
-    /// comes from the snapshot diff (index on `(txid, sequence)`); with it, from a range scan of
-    /// the sequence (its primary key), which reads each sequence of the range once over all pages.
+    /// the highest sequence later pages can hold when more may follow, and `upper`. Without
+    /// `upper` (a poll), `upper` is the current snapshot, taken by the same statement. Without
+    /// `up_to`, the page comes from the snapshot diff (index on `(txid, sequence)`); with it, from
+    /// a range scan of the sequence (its primary key), which reads each sequence of the range once
+    /// over all pages.
     async fn id_page(
         &mut self,
         lower: &Snapshot,
-        upper: &Snapshot,
+        upper: Option<&Snapshot>,
         after: i64,
         up_to: Option<i64>,
-    ) -> Result<(Vec<i64>, Option<i64>)> {
+    ) -> Result<(Snapshot, Vec<i64>, Option<i64>)> {
         loop {
             let conn = self.conn.as_ref().expect("connected");
             let limit = self.sizing.page_ids();
+            if upper.is_none() {
+                self.stats.polls.fetch_add(1, Ordering::Relaxed);
+            }
+            self.stats.statements.fetch_add(1, Ordering::Relaxed);
             // One sequence more than the page holds says whether another page follows (it is read
             // again as the first of that page), so a batch is known complete once handed out.
-            let page = match up_to {
-                None => batch_ids(conn, lower, upper, after, limit + 1).await,
-                Some(up_to) => {
-                    batch_ids_in_range(conn, lower, upper, after, up_to, limit + 1).await
+            let page = match (upper, up_to) {
+                (None, _) => poll(conn, lower, limit + 1).await,
+                (Some(upper), None) => batch_ids(conn, lower, upper, after, limit + 1)
+                    .await
+                    .map(|ids| (upper.clone(), ids)),
+                (Some(upper), Some(up_to)) => {
+                    batch_ids_in_range(conn, lower, upper, after, up_to, limit + 1)
+                        .await
+                        .map(|ids| (upper.clone(), ids))
                 }
             };
-            let mut ids = match page {
+            let (upper, mut ids) = match page {
                 Ok(ids) => ids,
                 Err(e) => {
                     if ReadFailure::of(&e) == Some(ReadFailure::Timeout)
@@ -703,18 +726,19 @@ impl ChangeLogListener {
                 .largest_id_page
                 .fetch_max(ids.len() as u64, Ordering::Relaxed);
             if !more {
-                return Ok((ids, None));
+                return Ok((upper, ids, None));
             }
             let up_to = match up_to {
                 Some(up_to) => up_to,
                 // Every row visible in `upper` was written before this query: none of the batch
                 // lies above the highest sequence it sees.
                 None => {
+                    self.stats.statements.fetch_add(1, Ordering::Relaxed);
                     let row = conn.client.query_one(&conn.max_sequence, &[]).await?;
                     row.get::<_, Option<i64>>(0).unwrap_or(i64::MAX)
                 }
             };
-            return Ok((ids, Some(up_to)));
+            return Ok((upper, ids, Some(up_to)));
         }
     }
 

@@ -19,6 +19,7 @@ pub(super) struct Connection {
     pub(super) client: Arc<Client>,
     pub(super) notifications: Option<mpsc::UnboundedReceiver<()>>,
     pub(super) snapshot: Statement,
+    pub(super) poll: Statement,
     pub(super) ids: Statement,
     pub(super) ids_range: Statement,
     pub(super) max_sequence: Statement,
@@ -76,6 +77,7 @@ pub(super) async fn open(
     let shape = TableShape::from_columns(&columns)?;
     let seq = shape.sequence_column();
     let snapshot = client.prepare("SELECT pg_current_snapshot()::text").await?;
+    let poll = client.prepare(&poll_sql(seq)).await?;
     let ids = client.prepare(&batch_ids_page_sql(seq)).await?;
     let ids_range = client.prepare(&batch_ids_range_sql(seq)).await?;
     let max_sequence = client
@@ -99,6 +101,7 @@ pub(super) async fn open(
             client: Arc::new(client),
             notifications,
             snapshot,
+            poll,
             ids,
             ids_range,
             max_sequence,
@@ -117,6 +120,7 @@ pub(super) async fn quarantine(
     sequence: i64,
     reason: &str,
 ) -> Result<()> {
+    stats.statements.fetch_add(1, Ordering::Relaxed);
     let copied = conn
         .client
         .execute(&conn.quarantine, &[&consumer, &sequence, &reason])
@@ -125,6 +129,7 @@ pub(super) async fn quarantine(
         Ok(_) => {}
         // The row cannot even be copied (the server fails on it): record it without the copy.
         Err(e) if ReadFailure::of_db(&e).is_some() => {
+            stats.statements.fetch_add(1, Ordering::Relaxed);
             conn.client
                 .execute(
                     "INSERT INTO core.observer_quarantine (consumer_id, sequence, reason)
@@ -161,6 +166,30 @@ pub fn batch_ids_sql(seq: &str) -> String {
          ) b
          WHERE pg_visible_in_snapshot(b.txid, $4::text::pg_snapshot) AND b.seq > $5
          ORDER BY b.seq"
+    )
+}
+
+/// One poll in one round trip: the current snapshot (as text) and the first page of the batch
+/// from the snapshot `$4` (whose xmax is `$1` and xip `$2`) to it: the sequences of the rows
+/// visible in the current snapshot and not in `$4`, at most `$3` of them, ascending (an empty
+/// array when the snapshot has not moved). The statement's own snapshot is the one it returns
+/// (`pg_current_snapshot()` is the active snapshot), so it sees every row of the transactions
+/// visible in it. The same two index-friendly halves as [`batch_ids_sql`]; `OFFSET 0` keeps the
+/// snapshot one value rather than a call per row.
+pub fn poll_sql(seq: &str) -> String {
+    format!(
+        "SELECT s.snap::text, ARRAY(
+             SELECT b.seq FROM (
+                 SELECT l.txid, l.{seq} AS seq FROM core.tb_entity_change_log l
+                  WHERE l.txid >= $1::text::xid8 AND l.txid < pg_snapshot_xmax(s.snap)
+               UNION ALL
+                 SELECT l.txid, l.{seq} AS seq FROM core.tb_entity_change_log l
+                  WHERE l.txid = ANY ($2::text[]::xid8[]) AND l.txid < $1::text::xid8
+             ) b
+             WHERE s.snap::text <> $4 AND pg_visible_in_snapshot(b.txid, s.snap)
+             ORDER BY b.seq
+             LIMIT $3)
+           FROM (SELECT pg_current_snapshot() AS snap OFFSET 0) s"
     )
 }
 
@@ -227,6 +256,30 @@ pub(super) async fn fetch_chunk(
 pub(super) async fn current_snapshot(conn: &Connection) -> Result<Snapshot> {
     let text: String = conn.client.query_one(&conn.snapshot, &[]).await?.get(0);
     text.parse()
+}
+
+/// The current snapshot and the sequences of the rows visible in it and not in `lower`,
+/// ascending, at most `limit` of them: one statement ([`poll_sql`]).
+pub(super) async fn poll(
+    conn: &Connection,
+    lower: &Snapshot,
+    limit: usize,
+) -> Result<(Snapshot, Vec<i64>)> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let row = conn
+        .client
+        .query_one(
+            &conn.poll,
+            &[
+                &lower.xmax.to_string(),
+                &lower.xip_text(),
+                &limit,
+                &lower.to_string(),
+            ],
+        )
+        .await?;
+    let text: String = row.get(0);
+    Ok((text.parse()?, row.get(1)))
 }
 
 /// Sequences of the rows visible in `upper` and not in `lower`, after `after`, ascending, at

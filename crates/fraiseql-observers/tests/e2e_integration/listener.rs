@@ -375,6 +375,39 @@ async fn poll_counters_count_idle_polls_and_batch_queries() {
     assert!(stats.polls() > polls);
 }
 
+/// An idle poll is one statement (one round trip), also while other transactions move the
+/// snapshot: the snapshot and the batch's first page come from the same statement.
+#[tokio::test]
+async fn an_idle_poll_is_one_round_trip_even_when_the_snapshot_moves() {
+    let db = TestDb::new().await;
+    let mut listener = ChangeLogListener::start(config(&db, "one_trip"))
+        .await
+        .unwrap();
+    let stats = listener.stats();
+    nothing_more(&mut listener).await;
+    let (polls, statements, batch_queries) =
+        (stats.polls(), stats.statements(), stats.batch_queries());
+    // Transactions that take an id, and so move the snapshot, without writing to the change log.
+    let mover = db.client().await;
+    let moving = tokio::spawn(async move {
+        loop {
+            mover.execute("SELECT pg_current_xact_id()", &[]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    nothing_more(&mut listener).await;
+    moving.abort();
+    assert!(
+        stats.batch_queries() > batch_queries,
+        "the snapshot moved during the idle polls"
+    );
+    assert_eq!(
+        stats.statements() - statements,
+        stats.polls() - polls,
+        "one statement per idle poll"
+    );
+}
+
 #[tokio::test]
 async fn test_resume_from_checkpoint() {
     let db = TestDb::new().await;
