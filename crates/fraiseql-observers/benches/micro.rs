@@ -60,7 +60,7 @@ fn repeat(stage: &str, n: u64) {
     let keys = [vec![7u8; 24]];
     let body = default_body_json(&updated);
     let id = "6f1e0b9c-8a71-5d3c-9e2a-1b4f4c8e9a6d";
-    let bb = divan::black_box;
+    use divan::black_box as bb;
     for _ in 0..n {
         match stage {
             "decode_create" => drop(bb(decode(&shape, bb(&create), POSITION).expect("decodes"))),
