@@ -242,9 +242,15 @@ async fn run(options: Options) {
     let load_start = report::load_average();
     let mut scenarios = serde_json::Map::new();
 
-    let throughput = ["drain", "drain-binary", "record-cost", "match-only", "fan-out"]
-        .iter()
-        .any(|s| options.wants(s));
+    let throughput = [
+        "drain",
+        "drain-binary",
+        "record-cost",
+        "match-only",
+        "fan-out",
+    ]
+    .iter()
+    .any(|s| options.wants(s));
     if throughput {
         let db = ThroughputDb::create(THROUGHPUT_DB, options.events).await;
         if options.wants("drain") {
@@ -548,9 +554,8 @@ impl Cpu {
     /// of work measured in the same run: they move much less with the machine than the times).
     fn per_event(&self, events: i64) -> Value {
         let us = |s: f64| (s * 1e6 / events as f64 * 10.0).round() / 10.0;
-        let ratio = |other: f64| {
-            (other > 0.0).then(|| (self.engine / other * 100.0).round() / 100.0)
-        };
+        let ratio =
+            |other: f64| (other > 0.0).then(|| (self.engine / other * 100.0).round() / 100.0);
         json!({
             "engine_us": us(self.engine),
             "postgres_us": us(self.postgres()),
@@ -713,7 +718,10 @@ async fn instructions(options: &Options, receiver: &ReceiverProcess) -> Value {
             let wrapper = vec![
                 "valgrind".to_string(),
                 "--tool=callgrind".to_string(),
-                "--callgrind-out-file=/dev/null".to_string(),
+                format!(
+                    "--callgrind-out-file={}",
+                    dir.join(format!("{consumer}.callgrind.out")).display()
+                ),
                 format!("--log-file={}", log.display()),
             ];
             let (seconds, _, _) = db
@@ -758,7 +766,12 @@ async fn backlog(options: &Options, receiver: &ReceiverProcess) -> Value {
     data::create_tables(&client).await;
     data::enable_capture(&client).await;
     let filling = Instant::now();
-    data::fill(&client, data::BacklogShape::of(options.backlog_events), 2000).await;
+    data::fill(
+        &client,
+        data::BacklogShape::of(options.backlog_events),
+        2000,
+    )
+    .await;
     let events: i64 = client
         .query_one("SELECT count(*) FROM core.tb_entity_change_log", &[])
         .await
@@ -843,17 +856,27 @@ async fn backlog(options: &Options, receiver: &ReceiverProcess) -> Value {
 /// alternating order, each run a fresh consumer over the same backlog.
 async fn record_cost(options: &Options, db: &ThroughputDb, receiver: &ReceiverProcess) -> Value {
     let observer = |record: &str| {
-        engine::webhook_observer("everything", "*", engine::ALL_KINDS, "", &receiver.url("/drain"))
-            .replacen(
-                "\n\n[[observers.",
-                &format!("\nrecord = \"{record}\"\n\n[[observers."),
-                1,
-            )
+        engine::webhook_observer(
+            "everything",
+            "*",
+            engine::ALL_KINDS,
+            "",
+            &receiver.url("/drain"),
+        )
+        .replacen(
+            "\n\n[[observers.",
+            &format!("\nrecord = \"{record}\"\n\n[[observers."),
+            1,
+        )
     };
     let (mut none, mut all) = (Vec::new(), Vec::new());
     let (mut none_cpu, mut all_cpu) = (Vec::new(), Vec::new());
     for run in 1..=options.runs {
-        let order = if run % 2 == 1 { ["none", "all"] } else { ["all", "none"] };
+        let order = if run % 2 == 1 {
+            ["none", "all"]
+        } else {
+            ["all", "none"]
+        };
         for record in order {
             receiver.reset().await;
             let consumer = format!("record_{record}_{run}");

@@ -291,8 +291,14 @@ pub fn markdown(results: &Value) -> String {
         cpu_rows.push(("drain (engine in the bench process)", &d["cpu_per_event"]));
     }
     if let Some(d) = s.get("drain_binary") {
-        cpu_rows.push(("drain (daemon, `/metrics` on)", &d["metrics_on"]["cpu_per_event"]));
-        cpu_rows.push(("drain (daemon, `/metrics` off)", &d["metrics_off"]["cpu_per_event"]));
+        cpu_rows.push((
+            "drain (daemon, `/metrics` on)",
+            &d["metrics_on"]["cpu_per_event"],
+        ));
+        cpu_rows.push((
+            "drain (daemon, `/metrics` off)",
+            &d["metrics_off"]["cpu_per_event"],
+        ));
     }
     for (label, key) in [("match-only", "match_only"), ("fan-out", "fan_out")] {
         if let Some(d) = s.get(key) {
@@ -327,7 +333,7 @@ pub fn markdown(results: &Value) -> String {
                 summary(&m["events_per_s"]),
                 ratios(&m["engine_over_postgres"]),
                 ratios(&m["engine_over_receiver"]),
-                ratios(&m["peak_rss_mib"]),
+                summary(&m["peak_rss_mib"]),
             ));
         }
         md.push('\n');

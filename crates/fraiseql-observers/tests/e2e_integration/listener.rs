@@ -391,7 +391,10 @@ async fn an_idle_poll_is_one_round_trip_even_when_the_snapshot_moves() {
     let mover = db.client().await;
     let moving = tokio::spawn(async move {
         loop {
-            mover.execute("SELECT pg_current_xact_id()", &[]).await.unwrap();
+            mover
+                .execute("SELECT pg_current_xact_id()", &[])
+                .await
+                .unwrap();
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     });
