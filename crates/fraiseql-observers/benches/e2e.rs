@@ -7,7 +7,12 @@
 //! cargo bench -p fraiseql-observers --bench e2e -- --scenario drain   # one scenario
 //! ```
 //!
-//! Scenarios: `drain`, `record-cost` (drain with the delivery log on and off, alternating),
+//! Scenarios: `drain`, `drain-binary` (the drain by the shipped daemon, `fraiseql-observers run
+//! --config FILE`, in a process of its own, `/metrics` on and off alternating; `--binary PATH`,
+//! default `<target>/release/fraiseql-observers`), `instructions` (the daemon's drain of
+//! `--instruction-events N` and 2N changes under valgrind's callgrind: instructions per event;
+//! not part of a full run; `benches/instructions.sh` runs it), `record-cost` (drain with the
+//! delivery log on and off, alternating),
 //! `backlog` (a 5 M-change backlog, `--backlog-events N`, drained to the webhook: peak RSS and
 //! the rate of each tenth; not part of a full run), `match-only`, `fan-out`, `latency`, `soak`, `writer-cost`, `peer`
 //! (`--scenario` may be repeated or comma-separated). Options: `--runs N` (throughput runs,
@@ -17,7 +22,8 @@
 //! `FRAISEQL_BENCH_ADMIN_URL`), allowed to create databases; the peer needs Node and npm.
 //!
 //! Invariants: every database is created fresh for the run (`fo_bench_e2e_*`) and dropped at the
-//! end; the engine runs in this process, the receiver and the paced writer in processes of their
+//! end; the engine runs in this process (except in `drain-binary` and `instructions`, which
+//! start the daemon), the receiver and the paced writer in processes of their
 //! own (this binary re-run with `--role receiver` / `--role writer`), so the engine's resident
 //! memory is this process's and the three never share a scheduler. A run that loses or
 //! duplicates a delivery panics: a figure is only written for a correct run. Results go to
