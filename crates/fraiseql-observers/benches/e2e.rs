@@ -641,14 +641,25 @@ async fn drain_binary(options: &Options, db: &ThroughputDb, receiver: &ReceiverP
         "",
         &receiver.url("/drain"),
     );
-    let mut modes: [(bool, Vec<f64>, Vec<(f64, Value)>, Vec<f64>); 2] = [
-        (true, Vec::new(), Vec::new(), Vec::new()),
-        (false, Vec::new(), Vec::new(), Vec::new()),
+    /// One `/metrics` setting's runs: events/s, (engine CPU, CPU per event), peak RSS MiB.
+    #[derive(Default)]
+    struct Mode {
+        metrics: bool,
+        eps: Vec<f64>,
+        cpus: Vec<(f64, Value)>,
+        peaks: Vec<f64>,
+    }
+    let mut modes = [
+        Mode {
+            metrics: true,
+            ..Mode::default()
+        },
+        Mode::default(),
     ];
     for run in 1..=options.runs {
         let order = if run % 2 == 1 { [0, 1] } else { [1, 0] };
         for m in order {
-            let metrics = modes[m].0;
+            let metrics = modes[m].metrics;
             let name = if metrics { "on" } else { "off" };
             receiver.reset().await;
             let consumer = format!("binary_metrics_{name}_{run}");
@@ -664,26 +675,27 @@ async fn drain_binary(options: &Options, db: &ThroughputDb, receiver: &ReceiverP
                 peak as f64 / 1024.0
             );
             let mode = &mut modes[m];
-            mode.1.push(eps);
-            mode.2.push((cpu.engine, per_event));
-            mode.3.push(peak as f64 / 1024.0);
+            mode.eps.push(eps);
+            mode.cpus.push((cpu.engine, per_event));
+            mode.peaks.push(peak as f64 / 1024.0);
         }
     }
-    let summary = |(_, eps, cpus, peaks): &(bool, Vec<f64>, Vec<(f64, Value)>, Vec<f64>)| {
+    let summary = |mode: &Mode| {
         let ratio = |key: &str| {
             Summary::of(
-                &cpus
+                &mode
+                    .cpus
                     .iter()
                     .filter_map(|(_, v)| v[key].as_f64())
                     .collect::<Vec<_>>(),
             )
         };
         json!({
-            "events_per_s": Summary::of(eps),
-            "cpu_per_event": median_cpu(cpus),
+            "events_per_s": Summary::of(&mode.eps),
+            "cpu_per_event": median_cpu(&mode.cpus),
             "engine_over_postgres": ratio("engine_over_postgres"),
             "engine_over_receiver": ratio("engine_over_receiver"),
-            "peak_rss_mib": Summary::of(peaks),
+            "peak_rss_mib": Summary::of(&mode.peaks),
         })
     };
     json!({
