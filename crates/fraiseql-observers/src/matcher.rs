@@ -2,7 +2,9 @@
 //!
 //! An index by (entity type, event kind) plus the wildcard observers of each kind narrows the
 //! candidates; then each candidate's tenant scope and condition decide. Candidates come out in
-//! configuration order, so the same event always matches in the same order.
+//! configuration order, so the same event always matches in the same order. Snapshot events
+//! (`SNAPSHOT`, written by `backfill`) reach only observers that list that event type, and only
+//! those named by the backfill when it named any (`source.observers`).
 
 use crate::event::{EntityEvent, EventKind};
 use crate::observer::Observer;
@@ -24,6 +26,9 @@ pub struct EventMatcher {
     /// entity type -> event kind -> observers (looked up by `&str`: no allocation per event).
     by_entity: HashMap<String, HashMap<EventKind, Vec<usize>>>,
     wildcard: HashMap<EventKind, Vec<usize>>,
+    /// Observer names by index: a snapshot event naming its observers (`backfill --observer`)
+    /// has only those as candidates.
+    names: Vec<String>,
 }
 
 impl EventMatcher {
@@ -46,11 +51,22 @@ impl EventMatcher {
         EventMatcher {
             by_entity,
             wildcard,
+            names: observers.iter().map(|o| o.name.clone()).collect(),
         }
     }
 
-    /// Observers whose entity and event type fit, in configuration order.
+    /// Observers whose entity and event type fit, in configuration order. A snapshot event that
+    /// names its observers (`source.observers`) has only those.
     pub fn candidates(&self, event: &EntityEvent) -> Vec<usize> {
+        let mut all = self.fitting(event);
+        if let Some(targets) = event.snapshot_targets() {
+            let targets: Vec<&str> = targets.collect();
+            all.retain(|&i| targets.contains(&self.names[i].as_str()));
+        }
+        all
+    }
+
+    fn fitting(&self, event: &EntityEvent) -> Vec<usize> {
         let specific = self
             .by_entity
             .get(event.entity_type.as_str())

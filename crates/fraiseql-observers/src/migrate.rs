@@ -35,6 +35,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(5, "0005_notify_hint"),
     migration!(6, "0006_delivery"),
     migration!(8, "0008_capture_invoker"),
+    migration!(10, "0010_backfill"),
 ];
 
 /// Arbitrary constant key for the migration advisory lock ("fqlobsmg").

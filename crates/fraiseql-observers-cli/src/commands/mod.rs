@@ -2,6 +2,7 @@
 //! return an exit code. Shared here: where the configuration and the database URL come from, and
 //! the tracing set-up.
 
+pub mod backfill;
 pub mod capture;
 pub mod checkpoint;
 pub mod dlq;
@@ -49,6 +50,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         } => prune::execute(&cli, older_than, *batch_size).await,
         Command::Capture(command) => capture::execute(&cli, command).await,
         Command::Notify(command) => capture::execute_notify(&cli, command).await,
+        Command::Backfill(args) => backfill::execute(&cli, args).await,
     }
 }
 

@@ -381,6 +381,7 @@ fn verb(kind: EventKind) -> &'static str {
         EventKind::Updated => "updated",
         EventKind::Deleted => "deleted",
         EventKind::Custom => "custom",
+        EventKind::Snapshot => "snapshot",
     }
 }
 
