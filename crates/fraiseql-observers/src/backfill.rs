@@ -216,9 +216,17 @@ async fn table_info(client: &Client, table: &str) -> Result<TableInfo> {
 /// `$1`/`$2` of the first page are the batch size and the source block.
 fn page_sql(info: &TableInfo, predicate: Option<&str>, tenant: Option<Uuid>) -> PageSql {
     let table = format!("{}.{}", ident(&info.schema), ident(&info.name));
-    let keys: Vec<String> = info.key.iter().map(|(c, _)| format!("t.{}", ident(c))).collect();
+    let keys: Vec<String> = info
+        .key
+        .iter()
+        .map(|(c, _)| format!("t.{}", ident(c)))
+        .collect();
     let key_list = keys.join(", ");
-    let p_keys: Vec<String> = info.key.iter().map(|(c, _)| format!("p.{}", ident(c))).collect();
+    let p_keys: Vec<String> = info
+        .key
+        .iter()
+        .map(|(c, _)| format!("p.{}", ident(c)))
+        .collect();
     let p_key_list = p_keys.join(", ");
     let last_key = format!(
         "ARRAY[{}]",
@@ -235,9 +243,7 @@ fn page_sql(info: &TableInfo, predicate: Option<&str>, tenant: Option<Uuid>) -> 
         .map(|(i, (_, ty))| format!("($1::text[])[{}]::{ty}", i + 1))
         .collect::<Vec<_>>()
         .join(", ");
-    let predicate = predicate
-        .map(|p| format!(" AND ({p})"))
-        .unwrap_or_default();
+    let predicate = predicate.map(|p| format!(" AND ({p})")).unwrap_or_default();
     let table_text = literal(&format!("{}.{}", ident(&info.schema), ident(&info.name)));
     let tenant_fallback = match tenant {
         Some(t) => format!("'{t}'::uuid"),
@@ -303,7 +309,9 @@ impl Backfill {
     /// backfill's lock on `client`'s session: fails when another process runs it.
     pub async fn start(client: &Client, spec: &BackfillSpec) -> Result<Backfill> {
         if spec.batch_size == 0 {
-            return Err(Error::Invalid("backfill: --batch must be at least 1".into()));
+            return Err(Error::Invalid(
+                "backfill: --batch must be at least 1".into(),
+            ));
         }
         if spec.rate == Some(0) {
             return Err(Error::Invalid("backfill: --rate must be at least 1".into()));
@@ -318,10 +326,7 @@ impl Backfill {
         if let Some(p) = predicate {
             let table = format!("{}.{}", ident(&info.schema), ident(&info.name));
             client
-                .execute(
-                    &format!("SELECT 1 FROM {table} t WHERE ({p}) LIMIT 0"),
-                    &[],
-                )
+                .execute(&format!("SELECT 1 FROM {table} t WHERE ({p}) LIMIT 0"), &[])
                 .await
                 .map_err(|e| {
                     Error::Invalid(format!(
@@ -502,7 +507,11 @@ impl Backfill {
 
 /// How many rows the backfill will copy: exact with a predicate, the planner's estimate without
 /// one (exact when the table was never analysed).
-async fn estimate(client: &Client, info: &TableInfo, predicate: Option<&str>) -> Result<Option<i64>> {
+async fn estimate(
+    client: &Client,
+    info: &TableInfo,
+    predicate: Option<&str>,
+) -> Result<Option<i64>> {
     let table = format!("{}.{}", ident(&info.schema), ident(&info.name));
     if predicate.is_none() {
         let reltuples: f32 = client

@@ -137,7 +137,10 @@ async fn start(cli: &Cli, args: &StartArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Outcome::Cancelled { rows } => {
-            println!("backfill {} of {table}: cancelled after {rows} rows", job.id);
+            println!(
+                "backfill {} of {table}: cancelled after {rows} rows",
+                job.id
+            );
             Ok(ExitCode::FAILURE)
         }
     }
@@ -218,7 +221,14 @@ async fn status(cli: &Cli) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let mut table = Table::new(&[
-        "id", "table", "state", "rows", "estimate", "observers", "where", "updated",
+        "id",
+        "table",
+        "state",
+        "rows",
+        "estimate",
+        "observers",
+        "where",
+        "updated",
     ]);
     for b in all {
         let state = match (b.state.as_str(), b.active) {

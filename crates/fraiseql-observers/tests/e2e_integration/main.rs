@@ -1,5 +1,6 @@
 mod actions;
 mod all_actions;
+mod backfill;
 mod cache;
 mod capture;
 mod catchup;
