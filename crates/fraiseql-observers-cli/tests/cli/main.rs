@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod backfill;
 mod blackhole;
 mod crash;
 mod dlq;
