@@ -198,6 +198,33 @@ mod tests {
     }
 
     #[test]
+    fn snapshots_reach_only_observers_asking_and_those_a_backfill_names() {
+        let mut toml = String::new();
+        for (name, entity, types) in [
+            ("sync", "Order", "[\"UPDATE\", \"SNAPSHOT\"]"),
+            ("any_snapshot", "*", "\"SNAPSHOT\""),
+            ("inserts", "Order", "\"INSERT\""),
+        ] {
+            toml.push_str(&format!(
+                "[observers.{name}]\nentity = \"{entity}\"\nevent_type = {types}\n\
+                 [[observers.{name}.actions]]\ntype = \"webhook\"\nurl = \"https://example.com/{name}\"\n\n"
+            ));
+        }
+        let observers = crate::config::load(&toml, &|_| None).unwrap().observers;
+        let matcher = EventMatcher::new(&observers);
+        let mut snapshot = event(EventKind::Snapshot, None, json!({"status": "new"}), false);
+        assert_eq!(matcher.candidates(&snapshot), [0, 1]);
+        snapshot.source = Some(json!({"snapshot": "incremental", "observers": ["any_snapshot"]}));
+        assert_eq!(matcher.candidates(&snapshot), [1]);
+        snapshot.source = Some(json!({"snapshot": "incremental", "observers": ["inserts"]}));
+        assert!(matcher.candidates(&snapshot).is_empty());
+        // Only snapshots are narrowed by `source.observers`.
+        let mut update = event(EventKind::Updated, None, json!({"status": "paid"}), true);
+        update.source = Some(json!({"observers": ["any_snapshot"]}));
+        assert_eq!(matcher.candidates(&update), [0]);
+    }
+
+    #[test]
     fn candidates_follow_entity_kind_and_wildcards_in_configuration_order() {
         let observers = observers();
         let matcher = EventMatcher::new(&observers);
