@@ -36,6 +36,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(6, "0006_delivery"),
     migration!(8, "0008_capture_invoker"),
     migration!(10, "0010_backfill"),
+    migration!(11, "0011_delivery_log"),
 ];
 
 /// Arbitrary constant key for the migration advisory lock ("fqlobsmg").
