@@ -128,25 +128,45 @@ async fn backfill_of_100k_rows_under_a_writer_ends_with_the_tables_state_in_orde
         let _ = stopped.await;
     }));
 
-    // A writer updates random rows for as long as the backfill runs.
+    // A writer, on a thread of its own, updates random rows for as long as the backfill runs:
+    // every other update lands just ahead of the backfill's position (the rows its current or
+    // next page reads), where a snapshot and a live change of the same row race.
     let writing = Arc::new(AtomicBool::new(true));
     let writer = {
         let writing = writing.clone();
-        let client = db.client().await;
-        tokio::spawn(async move {
-            let mut updates = 0u32;
-            while writing.load(Ordering::Relaxed) || updates < 200 {
-                let item: i32 = rand::rng().random_range(1..=ROWS);
-                client
-                    .execute(
-                        "UPDATE tb_item SET version = version + 1 WHERE pk_item = $1",
-                        &[&item],
-                    )
-                    .await
-                    .unwrap();
-                updates += 1;
-            }
-            updates
+        let url = db.url.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let client = fraiseql_observers::testing::connect(&url).await;
+                let mut updates = 0u32;
+                while writing.load(Ordering::Relaxed) || updates < 200 {
+                    let item: i32 = if updates % 2 == 0 {
+                        rand::rng().random_range(1..=ROWS)
+                    } else {
+                        let done: i64 = client
+                            .query_opt("SELECT rows_done FROM core.observer_backfill", &[])
+                            .await
+                            .unwrap()
+                            .map_or(0, |r| r.get(0));
+                        let near =
+                            i32::try_from(done).unwrap() + rand::rng().random_range(1..=4000);
+                        near.min(ROWS)
+                    };
+                    client
+                        .execute(
+                            "UPDATE tb_item SET version = version + 1 WHERE pk_item = $1",
+                            &[&item],
+                        )
+                        .await
+                        .unwrap();
+                    updates += 1;
+                }
+                updates
+            })
         })
     };
 
@@ -154,11 +174,13 @@ async fn backfill_of_100k_rows_under_a_writer_ends_with_the_tables_state_in_orde
     let mut spec = BackfillSpec::new("tb_item");
     spec.observers = vec!["item_sync".into()];
     spec.batch_size = 2000;
+    let started = std::time::Instant::now();
     let job = Backfill::start(&backfill_client, &spec).await.unwrap();
     let mut pages = 0;
     let outcome = job.run(&mut backfill_client, |_| pages += 1).await.unwrap();
     writing.store(false, Ordering::Relaxed);
-    let updates = writer.await.unwrap();
+    let updates = writer.join().unwrap();
+    let backfilled = started.elapsed();
     assert_eq!(
         outcome,
         Outcome::Done {
@@ -178,14 +200,22 @@ async fn backfill_of_100k_rows_under_a_writer_ends_with_the_tables_state_in_orde
         Duration::from_secs(600),
         "every change to reach item_sync",
         || {
-            let requests = receiver.accepted_on("/items");
+            let receiver = &receiver;
             async move {
+                // Copying 100k recorded requests is not free: look once a second.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let requests = receiver.accepted_on("/items");
                 let ids: HashSet<String> = requests.iter().map(Request::id).collect();
                 (ids.len() as i64 == expected).then(|| by_entity(&requests))
             }
         },
     )
     .await;
+
+    eprintln!(
+        "backfill of {ROWS} rows: {backfilled:?} ({updates} concurrent updates); all delivered after {:?}",
+        started.elapsed()
+    );
 
     // The receiver ends with exactly the table's state, and each entity's deliveries came in
     // change-log order, starting with its snapshot.
