@@ -343,3 +343,54 @@ async fn snapshots_go_to_every_observer_asking_and_backfills_resume_and_cancel()
     let _ = stop.send(());
     engine.await.unwrap().unwrap();
 }
+
+/// A cache action treats a snapshot as an upsert: the key gets the row's state (real Redis).
+#[tokio::test]
+async fn a_cache_refresh_stores_a_snapshot_like_an_upsert() {
+    use crate::sample::{compile, env_of, order_event, run};
+    let prefix = format!("fo-test-snapshot-{}:", rand::random::<u32>());
+    let table: toml::Table = toml::from_str(&format!(
+        "url = \"redis://127.0.0.1:6379\"\nkey_prefix = '{prefix}'"
+    ))
+    .unwrap();
+    let settings = fraiseql_observers::actions::RedisSettings::parse(
+        &table,
+        "observers.runtime.redis",
+        &env_of(&[]),
+    )
+    .unwrap();
+    let action = compile(
+        "type = \"cache\"\noperation = \"refresh\"\nkeys = [\"order:{{ data.id }}\"]",
+        &env_of(&[]),
+        None,
+        Some(&settings),
+    )
+    .unwrap();
+    let state = serde_json::json!({"id": 7, "status": "paid"});
+    let snapshot = order_event(
+        fraiseql_observers::EventKind::Snapshot,
+        None,
+        Some(state.clone()),
+    );
+    run(&action, &snapshot, 1).await.unwrap();
+    let mut conn = redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!("{prefix}order:7");
+    let value: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    redis::cmd("DEL")
+        .arg(&key)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&value).unwrap(),
+        state
+    );
+}
