@@ -35,6 +35,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(5, "0005_notify_hint"),
     migration!(6, "0006_delivery"),
     migration!(8, "0008_capture_invoker"),
+    migration!(9, "0009_control"),
     migration!(10, "0010_backfill"),
     migration!(11, "0011_delivery_log"),
 ];

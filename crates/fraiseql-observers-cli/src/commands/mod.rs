@@ -8,8 +8,10 @@ pub mod checkpoint;
 pub mod deliveries;
 pub mod dlq;
 pub mod migrate;
+pub mod pause;
 pub mod prune;
 pub mod quarantine;
+pub mod reload;
 pub mod replay;
 pub mod run;
 pub mod validate;
@@ -54,6 +56,10 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Capture(command) => capture::execute(&cli, command).await,
         Command::Notify(command) => capture::execute_notify(&cli, command).await,
         Command::Backfill(args) => backfill::execute(&cli, args).await,
+        Command::Pause { observer } => pause::pause(&cli, observer).await,
+        Command::Resume { observer } => pause::resume(&cli, observer).await,
+        Command::Status => pause::status(&cli).await,
+        Command::Reload { wait } => reload::execute(&cli, *wait).await,
     }
 }
 

@@ -5,6 +5,7 @@ mod harness;
 
 mod backfill;
 mod blackhole;
+mod control;
 mod crash;
 mod dlq;
 mod docs;

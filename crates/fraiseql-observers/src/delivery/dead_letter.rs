@@ -223,6 +223,23 @@ pub async fn finish_retry(client: &Client, id: i64, error: Option<&str>) -> Resu
     Ok(())
 }
 
+/// An operator retry claimed but not sent, because the observer no longer accepts the event:
+/// back to `pending` with `reason` and `error`, its attempts unchanged.
+pub async fn refuse_retry(client: &Client, id: i64, reason: Reason, error: &str) -> Result<()> {
+    client
+        .execute(
+            "UPDATE core.observer_dlq_items
+                SET status = 'pending', claimed_until = NULL, reason = $2, last_error = $3,
+                    updated_at = now(),
+                    history = history || jsonb_build_array(jsonb_build_object(
+                        'retry_refused', now(), 'error', $3::text))
+              WHERE id = $1 AND status = 'retrying'",
+            &[&id, &reason.as_str(), &error],
+        )
+        .await?;
+    Ok(())
+}
+
 /// Discard a pending item (kept, marked `discarded`). Returns false when it was not pending.
 pub async fn discard(client: &Client, id: i64) -> Result<bool> {
     Ok(client

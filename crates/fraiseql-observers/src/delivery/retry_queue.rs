@@ -7,6 +7,7 @@
 //!   observers are always heads.
 //! * A claim is a lease (`locked_until`): an item claimed by a process that died is claimed again
 //!   once its lease runs out, or at once when the next leader starts (`release_leases`).
+//! * Items of a paused observer are not claimed (`core.observer_paused`): they wait, in order.
 //! * Every write is fenced by the consumer's epoch: a deposed leader's writes match no row and
 //!   return `Error::Fenced`.
 
@@ -96,7 +97,7 @@ pub async fn enqueue(
     Ok(true)
 }
 
-/// Claim up to `limit` due heads for `lease`.
+/// Claim up to `limit` due heads for `lease`; items of a paused observer (`control::pause`) wait.
 pub async fn claim_due(
     client: &Client,
     consumer: &str,
@@ -114,6 +115,9 @@ pub async fn claim_due(
                          WHERE h.consumer_id = $1
                            AND h.next_attempt_at <= now()
                            AND (h.locked_until IS NULL OR h.locked_until < now())
+                           AND NOT EXISTS (
+                               SELECT 1 FROM core.observer_paused x
+                                WHERE x.consumer_id = h.consumer_id AND x.observer = h.observer)
                            AND NOT (h.ordered AND EXISTS (
                                SELECT 1 FROM core.observer_retry_queue p
                                 WHERE p.consumer_id = h.consumer_id AND p.observer = h.observer
