@@ -5,7 +5,7 @@
 //! with a lease), so two concurrent retries of one item fire once; a retry whose process died is
 //! claimable again when its lease runs out.
 
-use super::DeliveryItem;
+use super::{stored, DeliveryItem};
 use crate::error::{Error, Result};
 use crate::event::EntityEvent;
 use chrono::{DateTime, Utc};
@@ -35,26 +35,31 @@ pub struct DlqItem {
     pub updated_at: DateTime<Utc>,
 }
 
-const COLUMNS: &str = "id, consumer_id, observer, action_index, action_type, entity_key, event, \
-    delivery_id, attempts, reason, last_error, status, history, created_at, updated_at";
+/// `event` and `history` as text, parsed as deep as the parser decodes ([`stored`]): whatever
+/// was dead-lettered reads back.
+const COLUMNS: &str = "id, consumer_id, observer, action_index, action_type, entity_key, \
+    event::text, delivery_id, attempts, reason, last_error, status, history::text, created_at, \
+    updated_at";
 
 fn from_row(r: &Row) -> Result<DlqItem> {
-    let event: serde_json::Value = r.get(6);
+    let id: i64 = r.get(0);
+    let event: String = r.get(6);
+    let history: String = r.get(12);
+    let unreadable = |what: &str, e: String| Error::Invalid(format!("dead letter {id}: {what} {e}"));
     Ok(DlqItem {
-        id: r.get(0),
+        id,
         consumer_id: r.get(1),
         observer: r.get(2),
         action_index: r.get::<_, i32>(3) as usize,
         action_type: r.get(4),
         entity_key: r.get(5),
-        event: serde_json::from_value(event)
-            .map_err(|e| Error::Invalid(format!("dead letter {}: {e}", r.get::<_, i64>(0))))?,
+        event: stored::event(&event).map_err(|e| unreadable("event", e))?,
         delivery_id: r.get(7),
         attempts: r.get::<_, i32>(8) as u32,
         reason: r.get(9),
         last_error: r.get(10),
         status: r.get(11),
-        history: r.get(12),
+        history: stored::parse(&history).map_err(|e| unreadable("history", e))?,
         created_at: r.get(13),
         updated_at: r.get(14),
     })

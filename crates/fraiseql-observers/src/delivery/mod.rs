@@ -10,6 +10,7 @@ pub mod parking;
 pub mod policy;
 pub mod retry_queue;
 pub mod schedule;
+pub mod stored;
 
 use crate::event::EntityEvent;
 use std::time::Duration;

@@ -11,7 +11,7 @@
 //!   return `Error::Fenced`.
 
 use super::policy::Reason;
-use super::DeliveryItem;
+use super::{stored, DeliveryItem};
 use crate::error::{Error, Result};
 use crate::event::EntityEvent;
 use chrono::{DateTime, Utc};
@@ -123,7 +123,7 @@ pub async fn claim_due(
                          LIMIT $3
                            FOR UPDATE SKIP LOCKED)
                     AND {FENCE}
-              RETURNING q.id, q.observer, q.action_index, q.entity_key, q.ordered, q.event,
+              RETURNING q.id, q.observer, q.action_index, q.entity_key, q.ordered, q.event::text,
                         q.delivery_id, q.attempts, q.max_attempts"
             ),
             &[&consumer, &epoch, &limit, &lease.as_secs_f64()],
@@ -131,16 +131,17 @@ pub async fn claim_due(
         .await?;
     rows.iter()
         .map(|r| {
-            let event: serde_json::Value = r.get(5);
+            let id: i64 = r.get(0);
+            // As text, parsed as deep as the parser decodes: what was queued reads back.
+            let event: String = r.get(5);
             Ok(QueuedItem {
-                id: r.get(0),
+                id,
                 observer: r.get(1),
                 action_index: r.get::<_, i32>(2) as usize,
                 entity_key: r.get(3),
                 ordered: r.get(4),
-                event: serde_json::from_value(event).map_err(|e| {
-                    Error::Invalid(format!("queued event {}: {e}", r.get::<_, i64>(0)))
-                })?,
+                event: stored::event(&event)
+                    .map_err(|e| Error::Invalid(format!("queued event {id}: {e}")))?,
                 delivery_id: r.get(6),
                 attempts: r.get::<_, i32>(7) as u32,
                 max_attempts: r.get::<_, i32>(8) as u32,
