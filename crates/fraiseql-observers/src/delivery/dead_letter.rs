@@ -45,7 +45,8 @@ fn from_row(r: &Row) -> Result<DlqItem> {
     let id: i64 = r.get(0);
     let event: String = r.get(6);
     let history: String = r.get(12);
-    let unreadable = |what: &str, e: String| Error::Invalid(format!("dead letter {id}: {what} {e}"));
+    let unreadable =
+        |what: &str, e: String| Error::Invalid(format!("dead letter {id}: {what} {e}"));
     Ok(DlqItem {
         id,
         consumer_id: r.get(1),

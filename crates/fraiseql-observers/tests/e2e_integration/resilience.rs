@@ -2,11 +2,14 @@
 //! the change log is the buffer.
 
 use crate::items::{first_deliveries, schema, write};
+use fraiseql_observers::delivery::dead_letter;
+use fraiseql_observers::delivery::stored::{self, json_depth};
 use fraiseql_observers::pipeline::{self, Pipeline};
-use fraiseql_observers::testing::TestServer;
 use fraiseql_observers::testing::{connect, eventually, TestDb};
-use fraiseql_observers::{config, ListenerConfig};
-use std::sync::atomic::Ordering;
+use fraiseql_observers::testing::{Answer, Request, TestServer};
+use fraiseql_observers::{config, ListenerConfig, Operator};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -194,4 +197,159 @@ async fn test_graceful_degradation() {
     );
     let _ = stop.send(());
     engine.await.unwrap().unwrap();
+}
+
+/// A running engine from a whole configuration (runtime section included); stopped by sending
+/// on the returned channel.
+async fn run_engine(
+    db: &TestDb,
+    toml: &str,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<fraiseql_observers::Result<()>>,
+) {
+    let config = config::load(toml, &env).unwrap_or_else(|e| panic!("{e}"));
+    let listener = ListenerConfig {
+        min_poll_interval: Duration::from_millis(2),
+        retry_initial_delay: Duration::from_millis(20),
+        retry_max_delay: Duration::from_millis(200),
+        ..pipeline::listener_config(&db.url, &config.runtime)
+    };
+    let pipeline = Pipeline::start_with(listener, config.observers, config.runtime)
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let engine = tokio::spawn(pipeline.run(async {
+        let _ = stopped.await;
+    }));
+    (stop, engine)
+}
+
+/// A JSON value nesting `levels` objects.
+fn nested(levels: usize) -> serde_json::Value {
+    (0..levels).fold(
+        serde_json::json!("bottom"),
+        |inner, _| serde_json::json!({ "k": inner }),
+    )
+}
+
+/// The deepest row the parser decodes goes through the retry queue and the dead letter queue
+/// and is delivered from both: the stored event (one level deeper than the row, as `changes`
+/// holds `{field, old, new}`) reads back.
+#[tokio::test]
+async fn the_deepest_decodable_row_round_trips_through_the_retry_queue_and_the_dlq() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE tb_doc (pk_doc INTEGER PRIMARY KEY,
+                 id UUID DEFAULT gen_random_uuid() UNIQUE NOT NULL,
+                 doc JSONB NOT NULL, fk_customer_org UUID NOT NULL);
+             SELECT core.observer_enable_capture('tb_doc', 'Doc', 'fk_customer_org');",
+        )
+        .await
+        .unwrap();
+    // /retry fails once, then accepts; /dlq fails until told otherwise.
+    let dlq_failing = Arc::new(AtomicBool::new(true));
+    let retry_calls = Arc::new(AtomicUsize::new(0));
+    let receiver = {
+        let (dlq_failing, retry_calls) = (dlq_failing.clone(), retry_calls.clone());
+        TestServer::with(move |r: &Request| match r.path() {
+            "/retry" if retry_calls.fetch_add(1, Ordering::SeqCst) == 0 => Answer::status(503),
+            "/dlq" if dlq_failing.load(Ordering::SeqCst) => Answer::status(503),
+            _ => Answer::status(200),
+        })
+        .await
+    };
+    let toml = format!(
+        r#"
+[observers.runtime]
+consumer_id = "deep"
+start_position = "beginning"
+poll_interval_ms = 20
+checkpoint_interval_ms = 50
+retry_poll_interval_ms = 50
+
+[observers.deep_retry]
+entity = "Doc"
+event_type = "INSERT"
+retry = {{ max_attempts = 3, initial_delay_ms = 300, max_delay_ms = 300, backoff_strategy = "fixed", jitter = false }}
+[[observers.deep_retry.actions]]
+type = "webhook"
+url = "{}"
+allow_private_networks = true
+
+[observers.deep_dlq]
+entity = "Doc"
+event_type = "INSERT"
+retry = {{ max_attempts = 2, initial_delay_ms = 300, max_delay_ms = 300, backoff_strategy = "fixed", jitter = false }}
+[[observers.deep_dlq.actions]]
+type = "webhook"
+url = "{}"
+allow_private_networks = true
+"#,
+        receiver.url("/retry"),
+        receiver.url("/dlq")
+    );
+    let doc = nested(125);
+    client
+        .execute(
+            "INSERT INTO tb_doc VALUES (1, DEFAULT, $1, '11111111-1111-1111-1111-111111111111')",
+            &[&doc],
+        )
+        .await
+        .unwrap();
+    // The premise: the row nests as deep as the parser decodes.
+    let row_depth = json_depth(
+        &client
+            .query_one(
+                "SELECT object_data::text FROM core.tb_entity_change_log",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, String>(0),
+    );
+    assert_eq!(row_depth, stored::DECODE_DEPTH);
+
+    let (stop, engine) = run_engine(&db, &toml).await;
+    eventually(
+        Duration::from_secs(20),
+        "the retried delivery to arrive",
+        || {
+            let n = receiver.accepted_on("/retry").len();
+            async move { (n == 1).then_some(()) }
+        },
+    )
+    .await;
+    let dead = eventually(Duration::from_secs(20), "an exhausted dead letter", || {
+        let client = &client;
+        async move {
+            dead_letter::list(client, Some("deep"), Some("pending"), 10)
+                .await
+                .unwrap()
+                .pop()
+        }
+    })
+    .await;
+    assert!(!engine.is_finished(), "the engine runs on");
+    assert_eq!(dead.reason, "exhausted");
+    assert_eq!(dead.event.after.as_ref().unwrap()["doc"], doc);
+    let shown = dead_letter::get(&client, dead.id).await.unwrap().unwrap();
+    assert_eq!(shown.event.changes, dead.event.changes);
+
+    // An operator retry reads it back and delivers it.
+    dlq_failing.store(false, Ordering::SeqCst);
+    let config = config::load(&toml, &env).unwrap();
+    let operator = Operator::new(&db.url, "deep", config.observers)
+        .await
+        .unwrap();
+    let outcome = operator.retry_dead_letter(dead.id).await.unwrap();
+    assert!(matches!(outcome, Some(Ok(()))), "{outcome:?}");
+    let accepted = receiver.accepted_on("/dlq");
+    assert_eq!(accepted.len(), 1);
+    assert_eq!(accepted[0].id(), dead.delivery_id);
+
+    let _ = stop.send(());
+    engine.await.unwrap().expect("the engine ran without error");
 }
