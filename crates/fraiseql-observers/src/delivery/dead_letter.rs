@@ -5,6 +5,7 @@
 //! with a lease), so two concurrent retries of one item fire once; a retry whose process died is
 //! claimable again when its lease runs out.
 
+use super::retry_queue::FENCE;
 use super::{stored, DeliveryItem};
 use crate::error::{Error, Result};
 use crate::event::EntityEvent;
@@ -66,7 +67,8 @@ fn from_row(r: &Row) -> Result<DlqItem> {
     })
 }
 
-/// Dead-letter a delivery that failed in-line (never queued for retry). Fenced by the epoch. A
+/// Dead-letter a delivery that failed in-line (never queued for retry). Fenced by the epoch
+/// (`retry_queue::FENCE`). A
 /// replay of the same delivery updates the existing item instead of adding a second one.
 pub async fn insert(
     client: &Client,
@@ -80,17 +82,18 @@ pub async fn insert(
     let event = serde_json::to_value(item.event).map_err(|e| Error::Invalid(e.to_string()))?;
     let n = client
         .execute(
+            &format!(
             "INSERT INTO core.observer_dlq_items
                  (consumer_id, observer, action_index, action_type, entity_key, event_id,
                   event_sequence, event, delivery_id, attempts, reason, last_error, history)
              SELECT $1, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
                     jsonb_build_array(jsonb_build_object('attempt', $11::int, 'error', $13::text, 'at', now()))
-              WHERE EXISTS (SELECT 1 FROM core.observer_checkpoints c WHERE c.consumer_id = $1 AND c.epoch = $2)
+              WHERE {FENCE}
              ON CONFLICT (consumer_id, delivery_id) DO UPDATE
                 SET attempts = EXCLUDED.attempts, reason = EXCLUDED.reason,
                     last_error = EXCLUDED.last_error, status = 'pending', claimed_until = NULL,
                     history = core.observer_dlq_items.history || EXCLUDED.history,
-                    updated_at = now()",
+                    updated_at = now()"),
             &[
                 &consumer,
                 &epoch,

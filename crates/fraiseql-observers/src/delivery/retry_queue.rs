@@ -7,8 +7,9 @@
 //!   observers are always heads.
 //! * A claim is a lease (`locked_until`): an item claimed by a process that died is claimed again
 //!   once its lease runs out, or at once when the next leader starts (`release_leases`).
-//! * Every write is fenced by the consumer's epoch: a deposed leader's writes match no row and
-//!   return `Error::Fenced`.
+//! * Every write is fenced by the consumer's epoch ([`FENCE`], which locks the checkpoint row):
+//!   a deposed leader's writes match no row and return `Error::Fenced`, and none lands after the
+//!   next leader's claim.
 
 use super::policy::Reason;
 use super::{stored, DeliveryItem};
@@ -35,8 +36,14 @@ pub struct QueuedItem {
     pub max_attempts: u32,
 }
 
-const FENCE: &str =
-    "EXISTS (SELECT 1 FROM core.observer_checkpoints c WHERE c.consumer_id = $1 AND c.epoch = $2)";
+/// The epoch fence of every write here and in the dead letter queue: the consumer's checkpoint
+/// row still carries the writer's epoch, **locked** (`FOR SHARE`) until the write commits. A new
+/// leader's claim (`UPDATE ... SET epoch = epoch + 1`) waits for writes that passed the fence, so
+/// they land before its claim and it sees them; a write that reaches the row after the claim
+/// re-reads it, finds the new epoch, and matches nothing (`Error::Fenced`). A non-locking
+/// `EXISTS` would let a deposed write that started before the claim commit after it.
+pub(super) const FENCE: &str = "EXISTS (SELECT 1 FROM core.observer_checkpoints c \
+     WHERE c.consumer_id = $1 AND c.epoch = $2 FOR SHARE OF c)";
 
 /// Queue `item` for an attempt in `delay` (after `attempts` failed attempts; 0 for an item parked
 /// behind another). Returns false when it was queued already (a replay after a crash).

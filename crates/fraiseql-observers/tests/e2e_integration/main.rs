@@ -7,6 +7,7 @@ mod conformance;
 mod docs;
 mod email;
 mod engine;
+mod fencing;
 mod flow;
 mod items;
 mod leader;
