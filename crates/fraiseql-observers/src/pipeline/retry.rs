@@ -32,31 +32,33 @@ impl ObserverExecutor {
 
     async fn retry_item(&self, item: retry_queue::QueuedItem) -> Result<()> {
         let id = item.id;
-        let found = self
-            .observers
-            .iter()
-            .position(|o| o.name == item.observer)
-            .filter(|i| item.action_index < self.observers[*i].actions.len());
+        let observer_index = self.observers.iter().position(|o| o.name == item.observer);
+        let found = observer_index.filter(|i| item.action_index < self.observers[*i].actions.len());
         let Some(i) = found else {
             let error = format!(
                 "observer '{}' action {} is no longer configured",
                 item.observer, item.action_index
             );
             let error = &error;
-            return self
-                .durably(|c| async move {
-                    retry_queue::dead_letter(
-                        &c,
-                        &self.consumer,
-                        self.epoch,
-                        id,
-                        item.attempts,
-                        Reason::Permanent,
-                        error,
-                    )
-                    .await
-                })
-                .await;
+            self.durably(|c| async move {
+                retry_queue::dead_letter(
+                    &c,
+                    &self.consumer,
+                    self.epoch,
+                    id,
+                    item.attempts,
+                    Reason::Permanent,
+                    error,
+                )
+                .await
+            })
+            .await?;
+            // The item left the queue: its entity, parked behind it when the observer is still
+            // configured (with fewer actions), runs freely again.
+            if let (Some(i), true) = (observer_index, item.ordered) {
+                self.parking.release(i, &item.entity_key);
+            }
+            return Ok(());
         };
         let observer = &self.observers[i];
         let action = &observer.actions[item.action_index];

@@ -2,15 +2,20 @@
 //! the change log is the buffer.
 
 use crate::items::{first_deliveries, schema, write};
-use fraiseql_observers::delivery::dead_letter;
 use fraiseql_observers::delivery::stored::{self, json_depth};
+use fraiseql_observers::delivery::{
+    dead_letter, delivery_id, entity_key, retry_queue, DeliveryItem,
+};
+use fraiseql_observers::listener::checkpoint;
 use fraiseql_observers::pipeline::{self, Pipeline};
-use fraiseql_observers::testing::{connect, eventually, TestDb};
+use fraiseql_observers::testing::{connect, eventually, order_event, TestDb};
 use fraiseql_observers::testing::{Answer, Request, TestServer};
-use fraiseql_observers::{config, ListenerConfig, Operator};
+use fraiseql_observers::{config, EventKind, ListenerConfig, Operator, StartPosition};
+use serde_json::json;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use uuid::Uuid;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -350,6 +355,108 @@ allow_private_networks = true
     assert_eq!(accepted.len(), 1);
     assert_eq!(accepted[0].id(), dead.delivery_id);
 
+    let _ = stop.send(());
+    engine.await.unwrap().expect("the engine ran without error");
+}
+
+/// A queued retry whose action left the configuration (the observer now has fewer actions) is
+/// dead-lettered, and the entity parked behind it runs freely again: its next change is
+/// delivered at once, not parked behind nothing until a restart.
+#[tokio::test]
+async fn a_retry_whose_action_left_the_configuration_unparks_its_entity() {
+    let db = TestDb::new().await;
+    let client = schema(&db).await;
+    let receiver = TestServer::start().await;
+    let consumer = "unpark";
+    let (_, epoch) = checkpoint::claim(&client, consumer, StartPosition::Now)
+        .await
+        .unwrap();
+    let entity = Uuid::new_v4();
+    let mut event = order_event(EventKind::Created, None, Some(json!({"version": 0})));
+    event.entity_type = "Item".into();
+    event.entity_id = entity;
+    event.sequence = 0;
+    // Action 1 of `item_changed`, which now has only action 0.
+    let (key, id) = (entity_key(&event), delivery_id(event.id, "item_changed", 1));
+    let orphan = DeliveryItem {
+        observer: "item_changed",
+        action_index: 1,
+        action_type: "webhook",
+        entity_key: &key,
+        ordered: true,
+        event: &event,
+        delivery_id: &id,
+    };
+    retry_queue::enqueue(
+        &client,
+        consumer,
+        epoch,
+        &orphan,
+        1,
+        5,
+        Duration::ZERO,
+        Some("HTTP 503"),
+    )
+    .await
+    .unwrap();
+
+    // Retries are looked for at start, then not for an hour: a change parked behind the orphan
+    // would wait that long.
+    let toml = format!(
+        r#"
+[observers.runtime]
+consumer_id = "{consumer}"
+poll_interval_ms = 20
+checkpoint_interval_ms = 50
+retry_poll_interval_ms = 3600000
+
+[observers.item_changed]
+entity = "Item"
+event_type = ["INSERT", "UPDATE"]
+[[observers.item_changed.actions]]
+type = "webhook"
+url = "{}"
+allow_private_networks = true
+"#,
+        receiver.url("/items")
+    );
+    let (stop, engine) = run_engine(&db, &toml).await;
+    let dead = eventually(Duration::from_secs(20), "the orphan dead-lettered", || {
+        let client = &client;
+        async move {
+            dead_letter::list(client, Some(consumer), Some("pending"), 10)
+                .await
+                .unwrap()
+                .pop()
+        }
+    })
+    .await;
+    assert_eq!(dead.delivery_id, id);
+    assert!(
+        dead.last_error.contains("no longer configured"),
+        "{}",
+        dead.last_error
+    );
+    assert_eq!(retry_queue::len(&client, consumer).await.unwrap(), 0);
+
+    client
+        .execute(
+            "INSERT INTO tb_item (pk_item, id, version, fk_customer_org)
+             VALUES (1, $1, 1, '11111111-1111-1111-1111-111111111111')",
+            &[&entity],
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the entity's next change delivered, not parked",
+        || {
+            let n = receiver.accepted_on("/items").len();
+            async move { (n == 1).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(retry_queue::len(&client, consumer).await.unwrap(), 0);
     let _ = stop.send(());
     engine.await.unwrap().expect("the engine ran without error");
 }
