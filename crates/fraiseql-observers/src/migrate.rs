@@ -34,6 +34,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(4, "0004_capture"),
     migration!(5, "0005_notify_hint"),
     migration!(6, "0006_delivery"),
+    migration!(7, "0007_leases"),
 ];
 
 /// Arbitrary constant key for the migration advisory lock ("fqlobsmg").

@@ -19,7 +19,7 @@ use crate::db;
 use crate::delivery::dead_letter::{self, DlqItem};
 use crate::delivery::delivery_id;
 use crate::delivery::retry_queue::{self, PendingRetry};
-use crate::delivery::RETRY_LEASE;
+use crate::delivery::{bounded_attempt, RETRY_LEASE};
 use crate::error::{Error, Result};
 use crate::event::EntityEvent;
 use crate::leader;
@@ -224,11 +224,22 @@ impl Operator {
                     delivery_id: &item.delivery_id,
                     attempt: item.attempts + 1,
                 };
-                action.execute(&request).await
+                bounded_attempt(action.execute(&request)).await
             }
         };
-        dead_letter::finish_retry(&self.client, id, result.as_ref().err().map(|e| e.message()))
-            .await?;
+        let Some(token) = item.claim_token else {
+            return Err(Error::Invalid(format!(
+                "dead letter {id}: claimed without a token"
+            )));
+        };
+        let error = result.as_ref().err().map(|e| e.message());
+        if !dead_letter::finish_retry(&self.client, id, token, error).await? {
+            tracing::warn!(
+                dead_letter = id,
+                "the retry outlived its claim and another retry holds the item now; this \
+                 outcome is not recorded"
+            );
+        }
         Ok(Some(result))
     }
 }

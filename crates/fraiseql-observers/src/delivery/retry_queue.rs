@@ -11,6 +11,7 @@
 //!   a deposed leader's writes match no row and return `Error::Fenced`, and none lands after the
 //!   next leader's claim.
 
+use super::dead_letter::LIVE_CLAIM;
 use super::policy::Reason;
 use super::{stored, DeliveryItem};
 use crate::error::{Error, Result};
@@ -234,7 +235,10 @@ pub async fn dead_letter(
                    FROM moved
                  ON CONFLICT (consumer_id, delivery_id) DO UPDATE
                     SET attempts = EXCLUDED.attempts, reason = EXCLUDED.reason,
-                        last_error = EXCLUDED.last_error, status = 'pending', claimed_until = NULL,
+                        last_error = EXCLUDED.last_error,
+                        status = CASE WHEN {LIVE_CLAIM} THEN 'retrying' ELSE 'pending' END,
+                        claimed_until = CASE WHEN {LIVE_CLAIM} THEN core.observer_dlq_items.claimed_until END,
+                        claim_token = CASE WHEN {LIVE_CLAIM} THEN core.observer_dlq_items.claim_token END,
                         history = core.observer_dlq_items.history || EXCLUDED.history,
                         updated_at = now()"
             ),

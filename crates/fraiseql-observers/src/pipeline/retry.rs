@@ -9,7 +9,7 @@
 use super::executor::ObserverExecutor;
 use crate::actions::DeliveryRequest;
 use crate::delivery::policy::{self, Decision, Reason, Stage};
-use crate::delivery::{retry_queue, RETRY_LEASE};
+use crate::delivery::{bounded_attempt, retry_queue, RETRY_LEASE};
 use crate::error::Result;
 
 impl ObserverExecutor {
@@ -94,7 +94,7 @@ impl ObserverExecutor {
             delivery_id: &item.delivery_id,
             attempt,
         };
-        let result = action.execute(&request).await;
+        let result = bounded_attempt(action.execute(&request)).await;
         endpoint.record(result.as_ref().is_err_and(|e| e.is_retryable()));
         drop(pass);
         let (decision, error) = match result {

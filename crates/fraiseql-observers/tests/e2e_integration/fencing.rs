@@ -166,3 +166,89 @@ async fn a_deposed_leaders_write_never_lands_after_the_new_leaders_claim() {
             .unwrap();
     }
 }
+
+async fn status(client: &Client, id: i64) -> (String, Option<Uuid>) {
+    let item = dead_letter::get(client, id).await.unwrap().unwrap();
+    (item.status, item.claim_token)
+}
+
+/// Operator A's retry outlives its lease and operator B claims the item: A's failure neither
+/// flips it back to `pending` under B nor is recorded as B's outcome, and neither does the
+/// daemon dead-lettering the same delivery again. B's outcome is the one recorded.
+#[tokio::test]
+async fn only_the_claim_holder_finishes_a_dead_letter_retry() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let consumer = "orders";
+    let (_, epoch) = checkpoint::claim(&client, consumer, StartPosition::Now)
+        .await
+        .unwrap();
+    let event = order_event(EventKind::Created, None, Some(json!({"total": 1})));
+    fenced(&client, Write::DeadLetter, consumer, epoch, &event)
+        .await
+        .unwrap();
+    let id = dead_letter::list(&client, Some(consumer), Some("pending"), 1)
+        .await
+        .unwrap()[0]
+        .id;
+
+    let a = dead_letter::claim_for_retry(&client, consumer, id, Duration::from_millis(1))
+        .await
+        .unwrap()
+        .expect("A claims the pending item");
+    let b = eventually(
+        Duration::from_secs(10),
+        "B to claim the item once A's lease ran out",
+        || {
+            let client = &client;
+            async move {
+                dead_letter::claim_for_retry(client, consumer, id, Duration::from_secs(600))
+                    .await
+                    .unwrap()
+            }
+        },
+    )
+    .await;
+    assert_ne!(a.claim_token, b.claim_token);
+    let b_token = b.claim_token.unwrap();
+
+    // A's attempt failed: not recorded, the item stays B's.
+    let recorded = dead_letter::finish_retry(&client, id, a.claim_token.unwrap(), Some("HTTP 503"))
+        .await
+        .unwrap();
+    assert!(!recorded, "A no longer holds the item");
+    assert_eq!(
+        status(&client, id).await,
+        ("retrying".to_string(), Some(b_token))
+    );
+
+    // The daemon dead-letters the same delivery again (a replay): recorded in its history, but
+    // the item stays B's.
+    fenced(&client, Write::DeadLetter, consumer, epoch, &event)
+        .await
+        .unwrap();
+    let item = dead_letter::get(&client, id).await.unwrap().unwrap();
+    assert_eq!(
+        (item.status.as_str(), item.claim_token),
+        ("retrying", Some(b_token))
+    );
+    assert_eq!(
+        item.history.as_array().unwrap().len(),
+        4,
+        "{}",
+        item.history
+    );
+
+    // B's outcome is recorded.
+    assert!(dead_letter::finish_retry(&client, id, b_token, None)
+        .await
+        .unwrap());
+    assert_eq!(status(&client, id).await, ("delivered".to_string(), None));
+    // Finishing twice changes nothing.
+    assert!(
+        !dead_letter::finish_retry(&client, id, b_token, Some("late"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(status(&client, id).await.0, "delivered");
+}
