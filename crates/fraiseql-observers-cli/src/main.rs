@@ -52,14 +52,17 @@ pub enum Command {
     /// The dead letter queue: deliveries that will not succeed by retrying.
     #[command(subcommand)]
     Dlq(commands::dlq::DlqCommand),
+    /// The delivery log: every attempt, successes included, with its outcome.
+    #[command(subcommand)]
+    Deliveries(commands::deliveries::DeliveriesCommand),
     /// Where each consumer stands in the change log.
     #[command(subcommand)]
     Checkpoint(commands::checkpoint::CheckpointCommand),
     /// Change-log rows the reader could not decode.
     #[command(subcommand)]
     Quarantine(commands::quarantine::QuarantineCommand),
-    /// What one change did: which observers fired, why the others did not, its retries and dead
-    /// letters (needs --config).
+    /// What one change did: its recorded attempts, which observers fire for it today and why the
+    /// others do not, its retries and dead letters (needs --config).
     Explain {
         /// The change's sequence (`id` of the change log).
         #[arg(long)]
@@ -79,11 +82,15 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Delete change-log rows every consumer has processed, older than a retention period.
+    /// Delete change-log rows every consumer has processed, older than a retention period, and
+    /// delivery-log rows older than their own.
     Prune {
-        /// The retention period: 7d, 12h, 30m, 90s.
+        /// The change log's retention period: 7d, 12h, 30m, 90s.
         #[arg(long)]
         older_than: String,
+        /// The delivery log's retention period.
+        #[arg(long, default_value = "7d")]
+        deliveries_older_than: String,
         /// Rows deleted per statement (short transactions).
         #[arg(long, default_value_t = 10_000)]
         batch_size: i64,

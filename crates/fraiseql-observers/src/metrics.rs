@@ -30,6 +30,9 @@ pub const LEADER: &str = "fraiseql_observers_leader";
 /// Leads lost (lock connection gone, fenced, an engine task failed, the database restarting)
 /// and contended again in the same process.
 pub const LOST_LEADS: &str = "fraiseql_observers_lost_leads_total";
+/// Delivery-log rows that could not be written (the database refused them for a reason that is
+/// not transient, or stayed unreachable for a minute). The deliveries themselves are unaffected.
+pub const DELIVERY_LOG_LOST: &str = "fraiseql_observers_delivery_log_lost_total";
 
 /// One action's metric handles, resolved once when the pipeline starts (so recording costs no
 /// label lookup per event; the recorder must be installed before).

@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use crate::actions::Action;
 use crate::condition::Condition;
+pub use crate::delivery::log::Record;
 pub use crate::delivery::policy::OnFailure;
 use crate::delivery::schedule::RetryPolicy;
 use crate::event::EventKind;
@@ -33,5 +34,7 @@ pub struct Observer {
     /// Coalescing window (only for actions that [coalesce](Action::coalesces)): changes of one
     /// entity within it become one delivery of the latest state.
     pub coalesce: Option<Duration>,
+    /// Which attempts go to the delivery log (`record`, default all).
+    pub record: Record,
     pub description: Option<String>,
 }

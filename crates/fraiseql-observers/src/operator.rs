@@ -17,9 +17,10 @@
 use crate::actions::{ActionError, DeliveryRequest};
 use crate::db;
 use crate::delivery::dead_letter::{self, DlqItem};
-use crate::delivery::delivery_id;
+use crate::delivery::log::{self, Attempt, Delivered, Started};
 use crate::delivery::retry_queue::{self, PendingRetry};
 use crate::delivery::{bounded_attempt, RETRY_LEASE};
+use crate::delivery::{delivery_id, entity_key};
 use crate::error::{Error, Result};
 use crate::event::EntityEvent;
 use crate::leader;
@@ -191,9 +192,41 @@ impl Operator {
                 delivery_id: &delivery_id,
                 attempt: 1,
             };
-            results.push(action.execute(&request).await);
+            let started = Started::now();
+            let result = action.execute(&request).await;
+            self.log(i, a, event, &delivery_id, 1, started, &result)
+                .await?;
+            results.push(result);
         }
         Ok(Some(results))
+    }
+
+    /// Record an operator's attempt in the delivery log, when observer `i` records it.
+    #[allow(clippy::too_many_arguments)]
+    async fn log(
+        &self,
+        i: usize,
+        a: usize,
+        event: &EntityEvent,
+        delivery_id: &str,
+        attempt: u32,
+        started: Started,
+        result: &std::result::Result<(), ActionError>,
+    ) -> Result<()> {
+        let observer = &self.observers[i];
+        if !observer.record.wants(result.is_ok()) {
+            return Ok(());
+        }
+        let delivery = Delivered {
+            event,
+            entity_key: &entity_key(event),
+            observer: &observer.name,
+            action_index: a,
+            action_type: observer.actions[a].kind(),
+            delivery_id,
+        };
+        let attempt = Attempt::new(delivery, attempt, started, result.as_ref().map(|_| ()));
+        log::insert(&self.client, &self.consumer, &[attempt]).await
     }
 
     /// Retry dead letter `id` of this operator's consumer once: claimed atomically, so two
@@ -208,23 +241,37 @@ impl Operator {
         else {
             return Ok(None);
         };
-        let action = self
+        let found = self
             .observers
             .iter()
-            .find(|o| o.name == item.observer)
-            .and_then(|o| o.actions.get(item.action_index));
-        let result = match action {
+            .position(|o| o.name == item.observer)
+            .filter(|i| item.action_index < self.observers[*i].actions.len());
+        let result = match found {
             None => Err(ActionError::permanent(format!(
                 "observer '{}' action {} is not in this configuration",
                 item.observer, item.action_index
             ))),
-            Some(action) => {
+            Some(i) => {
+                let attempt = item.attempts + 1;
                 let request = DeliveryRequest {
                     event: &item.event,
                     delivery_id: &item.delivery_id,
-                    attempt: item.attempts + 1,
+                    attempt,
                 };
-                bounded_attempt(action.execute(&request)).await
+                let started = Started::now();
+                let a = item.action_index;
+                let result = bounded_attempt(self.observers[i].actions[a].execute(&request)).await;
+                self.log(
+                    i,
+                    a,
+                    &item.event,
+                    &item.delivery_id,
+                    attempt,
+                    started,
+                    &result,
+                )
+                .await?;
+                result
             }
         };
         let Some(token) = item.claim_token else {

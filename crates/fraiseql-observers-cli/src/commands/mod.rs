@@ -4,6 +4,7 @@
 
 pub mod capture;
 pub mod checkpoint;
+pub mod deliveries;
 pub mod dlq;
 pub mod migrate;
 pub mod prune;
@@ -34,6 +35,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Validate => validate::execute(&cli),
         Command::Run => run::execute(&cli).await,
         Command::Dlq(command) => dlq::execute(&cli, command).await,
+        Command::Deliveries(command) => deliveries::execute(&cli, command).await,
         Command::Checkpoint(command) => checkpoint::execute(&cli, command).await,
         Command::Quarantine(command) => quarantine::execute(&cli, command).await,
         Command::Explain { sequence } => replay::explain(&cli, *sequence).await,
@@ -45,8 +47,9 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         } => replay::replay(&cli, observer, *from, *to, *dry_run).await,
         Command::Prune {
             older_than,
+            deliveries_older_than,
             batch_size,
-        } => prune::execute(&cli, older_than, *batch_size).await,
+        } => prune::execute(&cli, older_than, deliveries_older_than, *batch_size).await,
         Command::Capture(command) => capture::execute(&cli, command).await,
         Command::Notify(command) => capture::execute_notify(&cli, command).await,
     }

@@ -6,6 +6,7 @@
 use crate::Cli;
 use anyhow::bail;
 use chrono::{DateTime, Timelike, Utc};
+use fraiseql_observers::delivery::log;
 use fraiseql_observers::listener::range;
 use fraiseql_observers::matcher::Verdict;
 use fraiseql_observers::operator;
@@ -53,6 +54,28 @@ pub async fn explain(cli: &Cli, sequence: i64) -> anyhow::Result<ExitCode> {
         event.change_status,
         event.created_at.to_rfc3339(),
     );
+    let attempts = log::list(
+        client,
+        &log::Filter {
+            consumer: Some(operator.consumer().to_string()),
+            sequence: Some(sequence),
+            limit: 1000,
+            ..log::Filter::default()
+        },
+    )
+    .await?;
+    if attempts.is_empty() {
+        println!("attempts: none recorded (see `record` in the README)");
+    } else {
+        println!("attempts (newest first):");
+        for line in super::deliveries::attempts_table(&attempts)
+            .to_string()
+            .lines()
+        {
+            println!("  {line}");
+        }
+    }
+    println!("today's configuration:");
     for (name, verdict) in operator.explain(&event) {
         println!("  {name}: {}", describe(&verdict));
     }

@@ -383,14 +383,22 @@ async fn prune_deletes_only_processed_old_rows_and_refuses_without_consumers() {
     .unwrap();
     let young = cli(Some(&db.url), &["prune", "--older-than", "60d"]).await;
     assert_eq!(young.code, Some(0), "{}", young.all());
-    assert!(young.stdout.contains("deleted 0 "), "{}", young.stdout);
+    assert!(
+        young.stdout.contains("deleted 0 processed"),
+        "{}",
+        young.stdout
+    );
     let pruned = cli(
         Some(&db.url),
         &["prune", "--older-than", "7d", "--batch-size", "2"],
     )
     .await;
     assert_eq!(pruned.code, Some(0), "{}", pruned.all());
-    assert!(pruned.stdout.contains("deleted 5 "), "{}", pruned.stdout);
+    assert!(
+        pruned.stdout.contains("deleted 5 processed"),
+        "{}",
+        pruned.stdout
+    );
     let left: i64 = client
         .query_one("SELECT count(*) FROM core.tb_entity_change_log", &[])
         .await
@@ -493,6 +501,124 @@ async fn explain_and_replay_a_range_for_one_observer() {
         .map(|h| h.json()["data"]["after"]["n"].as_i64().unwrap())
         .collect();
     assert_eq!(ns, [2, 3], "in sequence order, only what matches");
+
+    // The replay's attempts are in the delivery log: listed, filtered, and explained.
+    let listed = cli(
+        Some(&db.url),
+        &[
+            "--config",
+            file.arg(),
+            "deliveries",
+            "list",
+            "--observer",
+            "big",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(listed.code, Some(0), "{}", listed.all());
+    let attempts: serde_json::Value = serde_json::from_str(&listed.stdout).unwrap();
+    let attempts = attempts.as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{}", listed.stdout);
+    assert!(attempts.iter().all(|a| a["outcome"] == "ok"));
+    let mut ids: Vec<&str> = attempts
+        .iter()
+        .map(|a| a["delivery_id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    let mut seen: Vec<String> = hooks.iter().map(|h| h.id()).collect();
+    seen.sort_unstable();
+    assert_eq!(ids, seen, "the ids the receiver saw");
+    let failed = cli(
+        Some(&db.url),
+        &[
+            "--config",
+            file.arg(),
+            "deliveries",
+            "list",
+            "--status",
+            "failed",
+            "--since",
+            "1h",
+        ],
+    )
+    .await;
+    assert_eq!(failed.code, Some(0), "{}", failed.all());
+    assert!(
+        failed.stdout.contains("no attempts recorded"),
+        "{}",
+        failed.stdout
+    );
+    let explained = cli(
+        Some(&db.url),
+        &[
+            "--config",
+            file.arg(),
+            "explain",
+            "--sequence",
+            &sequences[2].to_string(),
+        ],
+    )
+    .await;
+    assert_eq!(explained.code, Some(0), "{}", explained.all());
+    let attempt_line = explained
+        .stdout
+        .lines()
+        .find(|l| l.contains("webhook[0]"))
+        .unwrap_or_else(|| panic!("{}", explained.stdout));
+    assert!(
+        attempt_line.contains("big") && attempt_line.contains(" ok "),
+        "{}",
+        explained.stdout
+    );
+    assert!(
+        explained.stdout.contains("big: FIRES"),
+        "{}",
+        explained.stdout
+    );
+
+    // Pruned by age: a day keeps them, zero seconds removes them.
+    fraiseql_observers::listener::checkpoint::claim(
+        &client,
+        "replay",
+        fraiseql_observers::StartPosition::Now,
+    )
+    .await
+    .unwrap();
+    let kept = cli(
+        Some(&db.url),
+        &[
+            "prune",
+            "--older-than",
+            "7d",
+            "--deliveries-older-than",
+            "1d",
+        ],
+    )
+    .await;
+    assert_eq!(kept.code, Some(0), "{}", kept.all());
+    assert!(
+        kept.stdout.contains("deleted 0 delivery-log rows"),
+        "{}",
+        kept.stdout
+    );
+    let pruned = cli(
+        Some(&db.url),
+        &[
+            "prune",
+            "--older-than",
+            "7d",
+            "--deliveries-older-than",
+            "0s",
+        ],
+    )
+    .await;
+    assert_eq!(pruned.code, Some(0), "{}", pruned.all());
+    assert!(
+        pruned.stdout.contains("deleted 2 delivery-log rows"),
+        "{}",
+        pruned.stdout
+    );
 }
 
 /// The README's main command: the demo, against this server (it creates and drops a database of

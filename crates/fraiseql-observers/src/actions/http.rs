@@ -307,19 +307,21 @@ pub fn classify(status: StatusCode, headers: &HeaderMap) -> Result<(), ActionErr
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, Utc::now()));
-        return Err(ActionError::transient_after(answered, retry_after));
+        return Err(ActionError::transient_after(answered, retry_after).with_status(code));
     }
     if code == 410 {
-        return Err(ActionError::gone(format!(
-            "{answered}: the endpoint no longer exists"
-        )));
+        return Err(
+            ActionError::gone(format!("{answered}: the endpoint no longer exists"))
+                .with_status(code),
+        );
     }
     if status.is_redirection() {
         return Err(ActionError::permanent(format!(
             "{answered}: redirects are not followed; configure the final URL"
-        )));
+        ))
+        .with_status(code));
     }
-    Err(ActionError::permanent(answered))
+    Err(ActionError::permanent(answered).with_status(code))
 }
 
 /// A `Retry-After` value (delay in seconds, or an HTTP date) as a wait, clamped to

@@ -205,7 +205,15 @@ pub struct ActionError {
     /// The receiver's own request (`Retry-After`), already clamped to [1 s, 10 min]; only ever
     /// set on a transient failure.
     pub retry_after: Option<Duration>,
+    /// The receiver's status code, when it answered (HTTP), for the delivery log.
+    pub status: Option<u16>,
+    /// The start of the receiver's answer (at most [`EXCERPT_CHARS`] characters, on one line),
+    /// for the delivery log; never shown in log lines.
+    pub excerpt: Option<String>,
 }
+
+/// The longest response excerpt an [`ActionError`] keeps.
+pub const EXCERPT_CHARS: usize = 256;
 
 impl ActionError {
     pub fn transient(message: impl Into<String>) -> ActionError {
@@ -213,6 +221,8 @@ impl ActionError {
             kind: FailureKind::Transient,
             message: message.into(),
             retry_after: None,
+            status: None,
+            excerpt: None,
         }
     }
 
@@ -232,6 +242,8 @@ impl ActionError {
             kind: FailureKind::Permanent,
             message: message.into(),
             retry_after: None,
+            status: None,
+            excerpt: None,
         }
     }
 
@@ -240,6 +252,8 @@ impl ActionError {
             kind: FailureKind::Gone,
             message: message.into(),
             retry_after: None,
+            status: None,
+            excerpt: None,
         }
     }
 
@@ -268,6 +282,26 @@ impl ActionError {
     pub fn context(self, context: &str) -> ActionError {
         let message = format!("{context}: {}", self.message);
         self.with_message(message)
+    }
+
+    /// The same error, with the receiver's status code.
+    pub fn with_status(self, status: u16) -> ActionError {
+        ActionError {
+            status: Some(status),
+            ..self
+        }
+    }
+
+    /// The same error, with the start of the receiver's answer (see [`EXCERPT_CHARS`]); unchanged
+    /// when `excerpt` is empty.
+    pub fn with_excerpt(self, excerpt: String) -> ActionError {
+        if excerpt.is_empty() {
+            return self;
+        }
+        ActionError {
+            excerpt: Some(excerpt.chars().take(EXCERPT_CHARS).collect()),
+            ..self
+        }
     }
 
     /// The same error with `detail` appended in parentheses ("... 404 Not Found (no_service)");

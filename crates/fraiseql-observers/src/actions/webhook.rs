@@ -285,7 +285,10 @@ impl Webhook {
             })
             .await
             .map_err(|e| e.context(&context))?;
-        let outcome = classify(response.status, &response.headers).map_err(|e| e.context(&context));
+        let outcome = classify(response.status, &response.headers).map_err(|e| {
+            e.context(&context)
+                .with_excerpt(response.body_snippet(super::EXCERPT_CHARS))
+        });
         tracing::debug!(
             action = "webhook",
             delivery_id = request.delivery_id,

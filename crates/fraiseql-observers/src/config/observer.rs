@@ -13,7 +13,7 @@ use crate::delivery::schedule::{BackoffStrategy, RetryPolicy};
 use crate::error::ConfigError;
 use crate::event::EventKind;
 use crate::fields::parse_fields;
-use crate::observer::{Observer, OnFailure};
+use crate::observer::{Observer, OnFailure, Record};
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -35,6 +35,7 @@ pub(super) struct RawObserver {
     ordered: Option<bool>,
     enabled: Option<bool>,
     coalesce_ms: Option<u64>,
+    record: Option<String>,
     description: Option<String>,
 }
 
@@ -217,11 +218,22 @@ pub(super) fn compile_observer(
             Some(Duration::from_millis(ms))
         }
     };
+    let record = match raw.record.as_deref() {
+        None => Record::All,
+        Some(text) => Record::parse(text).unwrap_or_else(|| {
+            errors.push(ConfigError::new(
+                format!("{path}.record"),
+                format!("'{text}' is not one of \"all\", \"failures\", \"none\""),
+            ));
+            Record::All
+        }),
+    };
     if !errors.is_empty() {
         return Err(errors);
     }
     Ok(Observer {
         coalesce,
+        record,
         name: name.to_string(),
         entity,
         event_types,

@@ -1,11 +1,12 @@
 //! Delivery: what one delivery is (its id, its entity key), the failure policy and retry
 //! schedule (pure), the watermark, lanes and coalescing (pure), parking behind failures, and the
-//! durable retry queue and dead letter queue. The pipeline runs deliveries; these modules decide
+//! durable retry queue and dead letter queue, and the log of every attempt. The pipeline runs deliveries; these modules decide
 //! what follows a failure, keep order and keep state durable.
 
 pub mod dead_letter;
 pub mod flow;
 pub mod lanes;
+pub mod log;
 pub mod parking;
 pub mod policy;
 pub mod retry_queue;

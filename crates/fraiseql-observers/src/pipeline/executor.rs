@@ -9,10 +9,11 @@
 //!   deliveries are parked behind them (durably) instead of running.
 //! * Every durable write is fenced by the consumer's epoch; `Error::Fenced` stops everything.
 
-use crate::actions::DeliveryRequest;
+use crate::actions::{ActionError, DeliveryRequest};
 use crate::config::{Observer, RuntimeConfig};
 use crate::db;
 use crate::delivery::flow::{self, Endpoint};
+use crate::delivery::log::{Attempt, Delivered, DeliveryLog, Started};
 use crate::delivery::parking::Parking;
 use crate::delivery::policy::{self, Decision, Reason, Stage};
 use crate::delivery::{dead_letter, delivery_id, entity_key, retry_queue, DeliveryItem};
@@ -47,6 +48,8 @@ pub struct ObserverExecutor {
     pub(super) parking: Parking,
     pub(super) retry_wake: Notify,
     pub(super) status: Arc<EngineStatus>,
+    /// Every attempt of the observers that record them (`record`).
+    pub(super) log: DeliveryLog,
 }
 
 impl ObserverExecutor {
@@ -60,8 +63,9 @@ impl ObserverExecutor {
         epoch: i64,
     ) -> Result<ObserverExecutor> {
         let consumer = runtime.consumer_id.as_str();
-        let store =
-            db::Reconnecting::new(db::parse_url(database_url)?, "fraiseql-observers-delivery");
+        let config = db::parse_url(database_url)?;
+        let log = DeliveryLog::start(config.clone(), consumer);
+        let store = db::Reconnecting::new(config, "fraiseql-observers-delivery");
         let client = store.client().await?;
         let released = retry_queue::release_leases(&client, consumer, epoch).await?;
         if released > 0 {
@@ -97,6 +101,7 @@ impl ObserverExecutor {
             parking,
             retry_wake: Notify::new(),
             status: Arc::new(EngineStatus::default()),
+            log,
         })
     }
 
@@ -201,9 +206,20 @@ impl ObserverExecutor {
                         .await;
                 }
             };
+            let started = Started::now();
             let result = action.execute(&request).await;
             endpoint.record(result.as_ref().is_err_and(|e| e.is_retryable()));
             drop(pass);
+            self.log_attempt(
+                i,
+                a,
+                event,
+                &item.delivery_id,
+                attempt,
+                started,
+                result.as_ref().err(),
+            )
+            .await;
             let Err(e) = result else {
                 self.delivered(i, a, event);
                 return Ok(());
@@ -238,6 +254,37 @@ impl ObserverExecutor {
             .num_microseconds()
             .unwrap_or(0);
         meters.latency.record(latency.max(0) as f64 / 1e6);
+    }
+
+    /// Record attempt `attempt` of action `a` of observer `i` in the delivery log, when the
+    /// observer records it (`failed`: the attempt's error, `None` when it succeeded).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn log_attempt(
+        &self,
+        i: usize,
+        a: usize,
+        event: &EntityEvent,
+        delivery_id: &str,
+        attempt: u32,
+        started: Started,
+        failed: Option<&ActionError>,
+    ) {
+        let observer = &self.observers[i];
+        if !observer.record.wants(failed.is_none()) {
+            return;
+        }
+        let delivery = Delivered {
+            event,
+            entity_key: &entity_key(event),
+            observer: &observer.name,
+            action_index: a,
+            action_type: observer.actions[a].kind(),
+            delivery_id,
+        };
+        let result = failed.map_or(Ok(()), Err);
+        self.log
+            .record(Attempt::new(delivery, attempt, started, result))
+            .await;
     }
 
     pub(super) fn is_parked(&self, i: usize, key: &str) -> bool {

@@ -17,6 +17,7 @@ use crate::actions::DeliveryRequest;
 use crate::delivery::delivery_id;
 use crate::delivery::entity_key;
 use crate::delivery::lanes::{lane_of, Coalescer, Group, Watermark};
+use crate::delivery::log::Started;
 use crate::error::Result;
 use crate::event::{EntityEvent, Position};
 use crate::listener::Batch;
@@ -165,10 +166,15 @@ async fn deliver_batches(executor: &ObserverExecutor, groups: &[Group]) -> HashS
                     attempt: 1,
                 })
                 .collect();
+            let started = Started::now();
             let Some(results) = action.execute_batch(&requests).await else {
                 continue;
             };
-            for (g, result) in members.iter().zip(results) {
+            for ((g, result), id) in members.iter().zip(results).zip(&ids) {
+                let event = &groups[*g].event;
+                executor
+                    .log_attempt(i, a, event, id, 1, started, result.as_ref().err())
+                    .await;
                 if result.is_ok() {
                     executor.delivered(i, a, &groups[*g].event);
                     delivered.insert((*g, a));

@@ -8,6 +8,7 @@
 
 use super::executor::ObserverExecutor;
 use crate::actions::DeliveryRequest;
+use crate::delivery::log::Started;
 use crate::delivery::policy::{self, Decision, Reason, Stage};
 use crate::delivery::{bounded_attempt, retry_queue, RETRY_LEASE};
 use crate::error::Result;
@@ -94,9 +95,21 @@ impl ObserverExecutor {
             delivery_id: &item.delivery_id,
             attempt,
         };
+        let started = Started::now();
         let result = bounded_attempt(action.execute(&request)).await;
         endpoint.record(result.as_ref().is_err_and(|e| e.is_retryable()));
         drop(pass);
+        let a = item.action_index;
+        self.log_attempt(
+            i,
+            a,
+            &item.event,
+            &item.delivery_id,
+            attempt,
+            started,
+            result.as_ref().err(),
+        )
+        .await;
         let (decision, error) = match result {
             Ok(()) => {
                 self.delivered(i, item.action_index, &item.event);

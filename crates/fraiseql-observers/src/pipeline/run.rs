@@ -189,6 +189,8 @@ pub(super) async fn run(
     tasks.abort_all();
     reader.abort_all();
     while tasks.join_next().await.is_some() {}
+    // The attempts made so far are in the delivery log before the run returns.
+    executor.log.flush().await;
     checkpoint_stop.send_replace(true);
     let stopped = ended(checkpoint_task.join_next().await);
     result?;

@@ -4,6 +4,7 @@ mod cache;
 mod capture;
 mod catchup;
 mod conformance;
+mod delivery_log;
 mod docs;
 mod email;
 mod engine;
