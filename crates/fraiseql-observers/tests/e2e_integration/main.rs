@@ -15,6 +15,7 @@ mod leader;
 mod listener;
 mod migrations;
 mod operator;
+mod parked;
 mod parser;
 mod push;
 mod resilience;
