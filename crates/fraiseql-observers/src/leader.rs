@@ -269,14 +269,16 @@ enum AfterLoss {
 
 /// Whether a lead that ended on `error` is contended again: a database that went away or
 /// restarted, a deposed lead (fenced), a failed engine task, and a database found read-only
-/// (a failover in progress) are passing states; anything else fails the same way every time.
+/// (a failover in progress), and a reader that reached another server than its lead started on
+/// are passing states; anything else fails the same way every time.
 fn after_loss(error: &Error) -> AfterLoss {
     match error {
         e if e.is_transient() => AfterLoss::Recontend,
         Error::Fenced { .. }
         | Error::TaskFailed(_)
         | Error::LostLead { .. }
-        | Error::ReadOnlyStandby => AfterLoss::Recontend,
+        | Error::ReadOnlyStandby
+        | Error::ServerChanged { .. } => AfterLoss::Recontend,
         _ => AfterLoss::Exit,
     }
 }
@@ -440,6 +442,12 @@ mod tests {
             AfterLoss::Recontend
         );
         assert_eq!(after_loss(&Error::ReadOnlyStandby), AfterLoss::Recontend);
+        let changed = Error::ServerChanged {
+            consumer: "c".into(),
+            before: "cluster 1, timeline 1".into(),
+            after: "cluster 1, timeline 2".into(),
+        };
+        assert_eq!(after_loss(&changed), AfterLoss::Recontend);
         assert_eq!(
             after_loss(&Error::ChangeLogShape("no txid".into())),
             AfterLoss::Exit

@@ -3,6 +3,7 @@ mod all_actions;
 mod cache;
 mod capture;
 mod catchup;
+mod cluster;
 mod conformance;
 mod delivery_log;
 mod docs;

@@ -1,16 +1,18 @@
 //! The engine through failures of its own database: it keeps its place, waits, and recovers;
 //! the change log is the buffer.
 
+use crate::cluster::Cluster;
 use crate::items::{first_deliveries, schema, write};
 use fraiseql_observers::delivery::stored::{self, json_depth};
 use fraiseql_observers::delivery::{
     dead_letter, delivery_id, entity_key, retry_queue, DeliveryItem,
 };
 use fraiseql_observers::listener::checkpoint;
+use fraiseql_observers::listener::ChangeLogListener;
 use fraiseql_observers::pipeline::{self, Pipeline};
 use fraiseql_observers::testing::{connect, eventually, order_event, TestDb};
 use fraiseql_observers::testing::{Answer, Request, TestServer};
-use fraiseql_observers::{config, EventKind, ListenerConfig, Operator, StartPosition};
+use fraiseql_observers::{config, Error, EventKind, ListenerConfig, Operator, StartPosition};
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -459,4 +461,59 @@ allow_private_networks = true
     assert_eq!(retry_queue::len(&client, consumer).await.unwrap(), 0);
     let _ = stop.send(());
     engine.await.unwrap().expect("the engine ran without error");
+}
+
+/// The reader loses its connection and, reconnecting, reaches another server (here the URL's
+/// second host, another cluster, because the first one refuses): it reads nothing there and
+/// ends the lead with `ServerChanged`, which is contended again with the start-up checks.
+#[tokio::test]
+async fn a_reader_that_reconnects_to_another_server_ends_the_lead() {
+    let db = TestDb::new().await;
+    let other = Cluster::start();
+    connect(&other.url("postgres"))
+        .await
+        .batch_execute(&format!("CREATE DATABASE {}", db.name))
+        .await
+        .unwrap();
+    let mut client = connect(&other.url(&db.name)).await;
+    fraiseql_observers::migrate::run(&mut client).await.unwrap();
+
+    let here = db.config();
+    let port = here.get_ports().first().copied().unwrap_or(5432);
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{port},127.0.0.1:{}/{}",
+        other.port, db.name
+    );
+    let mut listener = ChangeLogListener::start(ListenerConfig {
+        database_url: url,
+        consumer_id: "moved".into(),
+        start: StartPosition::Beginning,
+        poll_interval: Duration::from_millis(20),
+        min_poll_interval: Duration::from_millis(2),
+        retry_initial_delay: Duration::from_millis(10),
+        retry_max_delay: Duration::from_millis(100),
+        ..ListenerConfig::default()
+    })
+    .await
+    .unwrap();
+
+    // The first server turns the reader away: its reconnect reaches the other one.
+    let admin = connect(&fraiseql_observers::testing::admin_url()).await;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {name} ALLOW_CONNECTIONS false;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = '{name}' AND application_name LIKE 'fraiseql-observers-listener%'",
+            name = db.name
+        ))
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(30), listener.next_batch())
+        .await
+        .expect("the reader notices it reached another server");
+    match ended {
+        Err(Error::ServerChanged { consumer, .. }) => assert_eq!(consumer, "moved"),
+        Err(e) => panic!("expected ServerChanged, got {e}"),
+        Ok(_) => panic!("expected ServerChanged, got a batch or a stop"),
+    }
 }
