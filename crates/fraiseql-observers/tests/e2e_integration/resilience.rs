@@ -7,6 +7,7 @@ use fraiseql_observers::delivery::stored::{self, json_depth};
 use fraiseql_observers::delivery::{
     dead_letter, delivery_id, entity_key, retry_queue, DeliveryItem,
 };
+use fraiseql_observers::leader;
 use fraiseql_observers::listener::checkpoint;
 use fraiseql_observers::listener::ChangeLogListener;
 use fraiseql_observers::pipeline::{self, Pipeline};
@@ -516,4 +517,29 @@ async fn a_reader_that_reconnects_to_another_server_ends_the_lead() {
         Err(e) => panic!("expected ServerChanged, got {e}"),
         Ok(_) => panic!("expected ServerChanged, got a batch or a stop"),
     }
+}
+
+/// What refuses a transaction-pooling proxy (PgBouncer `pool_mode = transaction`): the leader
+/// lock must be held by the session the lock connection's statements run on, checked right
+/// after it is granted and at every heartbeat. Behind such a proxy, one client's consecutive
+/// transactions run on different server sessions; here two sessions stand in for them.
+#[tokio::test]
+async fn the_leader_lock_must_be_held_by_the_session_its_connection_runs_on() {
+    let db = TestDb::new().await;
+    let (session, next_session) = (db.client().await, db.client().await);
+    assert!(leader::try_lock(&session, "pooled").await.unwrap());
+    assert!(leader::holds_lock(&session, "pooled").await.unwrap());
+    assert!(
+        !leader::holds_lock(&next_session, "pooled").await.unwrap(),
+        "a statement that runs on another session does not find the lock"
+    );
+    assert!(!leader::holds_lock(&session, "other").await.unwrap());
+    leader::unlock(&session, "pooled").await.unwrap();
+    assert!(!leader::holds_lock(&session, "pooled").await.unwrap());
+
+    // A lead taken on a session of its own passes the check.
+    let lead = leader::Leadership::acquire(&db.url, "pooled", || {})
+        .await
+        .unwrap();
+    assert!(!lead.is_lost());
 }
