@@ -15,9 +15,9 @@
 //!   [`condition::Condition`] decide which observers an event concerns (pure).
 //! * [`Pipeline`] wires and runs every stage (one wiring path for the daemon, the demo, the
 //!   benches and the tests): lanes per entity, [`ObserverExecutor::process_event`] running
-//!   [`actions`] (webhook, slack, email, sms, push, search, cache), the failure policy, durable
-//!   retry queue and dead letters of [`delivery`], and the checkpoint at the low watermark of
-//!   done events.
+//!   [`actions`] (webhook, slack, email, sms, push, search, cache, nats, rabbitmq), the failure
+//!   policy, durable retry queue and dead letters of [`delivery`], and the checkpoint at the low
+//!   watermark of done events.
 //! * [`migrate`] installs the change log, the capture trigger ([`capture`]) and the observer's
 //!   own tables; [`leader`] elects one active instance per consumer.
 //!

@@ -1,8 +1,8 @@
 //! Actions: what an observer does with a matching event. One file (or folder) per action, one
 //! shape.
 //!
-//! Every action (`webhook.rs`, `slack.rs`, `email.rs`, `sms.rs`, `push/`, `search/`, `cache.rs`)
-//! has the same three parts, in the order data flows (parse -> compile -> run):
+//! Every action (`webhook.rs`, `slack.rs`, `email.rs`, `sms.rs`, `push/`, `search/`, `cache.rs`,
+//! `nats.rs`, `rabbitmq.rs`) has the same three parts, in the order data flows (parse -> compile -> run):
 //!
 //! 1. `FooConfig`: the action as written in TOML (`#[serde(deny_unknown_fields)]`). **Every field
 //!    is optional or has a default**: which fields are required, and which combinations are
@@ -36,6 +36,12 @@
 //! the [`HttpClient`], it connects lazily on first use, so compiling stays free of I/O. An action
 //! whose settings are absent fails at compile.
 //!
+//! Message brokers (`nats`, `rabbitmq`): the connection settings are the action's own, and every
+//! action compiled with the same settings shares one connection through [`Brokers`] (in the
+//! context; connected on first use). What a broker must hold before anything is published (a
+//! JetStream stream, a RabbitMQ exchange) is checked once when the pipeline starts,
+//! [`Action::prepare`], since compiling does no I/O.
+//!
 //! Delivery identity: [`crate::delivery::delivery_id`] derives one id per (event, observer,
 //! action) that is the same on every retry, crash replay and restart; receivers use it to
 //! deduplicate. An action receives it in its [`DeliveryRequest`].
@@ -44,7 +50,9 @@ pub mod cache;
 pub mod email;
 pub mod http;
 pub mod limits;
+pub mod nats;
 pub mod push;
+pub mod rabbitmq;
 pub mod search;
 pub mod slack;
 pub mod sms;
@@ -64,7 +72,9 @@ pub use cache::{Cache, CacheConfig, RedisSettings};
 pub use email::{Email, EmailConfig, EmailSettings};
 pub use http::HttpClient;
 pub use limits::{Limits, RateLimit};
+pub use nats::{Nats, NatsClients, NatsConfig};
 pub use push::{Push, PushConfig};
+pub use rabbitmq::{AmqpConnections, RabbitMq, RabbitMqConfig};
 pub use search::{Search, SearchConfig};
 pub use slack::{Slack, SlackConfig};
 pub use sms::{Sms, SmsConfig};
@@ -123,6 +133,16 @@ pub const KINDS: &[Kind] = &[
         coalesces: true,
         parse: |t, p| parse_fields(t, p).map(Settings::Cache),
     },
+    Kind {
+        name: "nats",
+        coalesces: false,
+        parse: |t, p| parse_fields(t, p).map(|c| Settings::Nats(Box::new(c))),
+    },
+    Kind {
+        name: "rabbitmq",
+        coalesces: false,
+        parse: |t, p| parse_fields(t, p).map(Settings::RabbitMq),
+    },
 ];
 
 /// The `type` names of [`KINDS`].
@@ -150,6 +170,16 @@ pub struct CompileContext<'a> {
     pub email: Option<&'a EmailSettings>,
     /// `[observers.runtime.redis]`, `None` when absent.
     pub redis: Option<&'a RedisSettings>,
+    /// The broker connections (NATS, RabbitMQ) shared by the actions of one configuration.
+    pub brokers: Brokers,
+}
+
+/// The message-broker connections of one configuration: one per connection settings, shared by
+/// every action compiled with them, connected on first use. Cloning shares them.
+#[derive(Debug, Clone, Default)]
+pub struct Brokers {
+    pub nats: NatsClients,
+    pub amqp: AmqpConnections,
 }
 
 impl<'a> CompileContext<'a> {
@@ -162,6 +192,7 @@ impl<'a> CompileContext<'a> {
             http: HttpClient::new(),
             email: None,
             redis: None,
+            brokers: Brokers::default(),
         }
     }
 }
@@ -343,6 +374,8 @@ pub(crate) enum Settings {
     Push(Box<PushConfig>),
     Search(SearchConfig),
     Cache(CacheConfig),
+    Nats(Box<NatsConfig>),
+    RabbitMq(RabbitMqConfig),
 }
 
 impl ActionConfig {
@@ -412,6 +445,8 @@ impl ActionConfig {
             Settings::Push(c) => push::compile(c, path, ctx).map(|a| Run::Push(Box::new(a))),
             Settings::Search(c) => search::compile(c, path, ctx).map(Run::Search),
             Settings::Cache(c) => cache::compile(c, path, ctx).map(Run::Cache),
+            Settings::Nats(c) => nats::compile(c, path, ctx).map(|a| Run::Nats(Box::new(a))),
+            Settings::RabbitMq(c) => rabbitmq::compile(c, path, ctx).map(Run::RabbitMq),
         }?;
         Ok(Action {
             kind: self.kind,
@@ -438,6 +473,8 @@ enum Run {
     Push(Box<Push>),
     Search(Search),
     Cache(Cache),
+    Nats(Box<Nats>),
+    RabbitMq(RabbitMq),
 }
 
 impl Action {
@@ -462,6 +499,8 @@ impl Action {
             Run::Push(a) => a.endpoint(),
             Run::Search(a) => a.endpoint(),
             Run::Cache(a) => a.endpoint(),
+            Run::Nats(a) => a.endpoint(),
+            Run::RabbitMq(a) => a.endpoint(),
         };
         format!("{}:{target}", self.kind.name)
     }
@@ -481,6 +520,20 @@ impl Action {
             Run::Push(a) => a.execute(request).await,
             Run::Search(a) => a.execute(request).await,
             Run::Cache(a) => a.execute(request).await,
+            Run::Nats(a) => a.execute(request).await,
+            Run::RabbitMq(a) => a.execute(request).await,
+        }
+    }
+
+    /// What the action needs to exist before it runs, checked (or created) once when the
+    /// pipeline starts: a JetStream stream, a RabbitMQ exchange. A permanent error is a
+    /// configuration mistake; a transient one means the server could not be asked. Actions with
+    /// nothing to check return `Ok` without I/O.
+    pub async fn prepare(&self) -> Result<(), ActionError> {
+        match &self.run {
+            Run::Nats(a) => a.prepare().await,
+            Run::RabbitMq(a) => a.prepare().await,
+            _ => Ok(()),
         }
     }
 
@@ -638,6 +691,7 @@ pub(crate) mod tests {
         fn execute_future_is_send(a: &Action, r: &[DeliveryRequest<'_>]) {
             send(a.execute(&r[0]));
             send(a.execute_batch(r));
+            send(a.prepare());
         }
     }
 
@@ -680,7 +734,7 @@ pub(crate) mod tests {
         assert!(
             err[0]
                 .message
-                .contains("webhook, slack, email, sms, push, search, cache"),
+                .contains("webhook, slack, email, sms, push, search, cache, nats, rabbitmq"),
             "{err:?}"
         );
         let err = ActionConfig::parse(&table("url = 'x'"), "a").unwrap_err();
@@ -691,7 +745,7 @@ pub(crate) mod tests {
     fn kinds_are_listed_once() {
         assert_eq!(
             AVAILABLE,
-            ["webhook", "slack", "email", "sms", "push", "search", "cache"]
+            ["webhook", "slack", "email", "sms", "push", "search", "cache", "nats", "rabbitmq"]
         );
         let coalescing: Vec<_> = KINDS
             .iter()

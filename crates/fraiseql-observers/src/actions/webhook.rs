@@ -364,6 +364,12 @@ impl Serialize for BodyData<'_> {
     }
 }
 
+/// The event's type as the default body's `type` says it: `order.created` (the message sinks
+/// send it as a header too).
+pub(crate) fn event_type(event: &EntityEvent) -> String {
+    format!("{}.{}", event.entity_type.to_lowercase(), verb(event.kind))
+}
+
 /// `order.created`: the lowercased entity type and the verb.
 struct EventType<'a>(&'a EntityEvent);
 

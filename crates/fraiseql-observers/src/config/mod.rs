@@ -39,7 +39,7 @@ mod runtime;
 
 use serde::Deserialize;
 
-use crate::actions::{CompileContext, EmailSettings, HttpClient, RedisSettings};
+use crate::actions::{Brokers, CompileContext, EmailSettings, HttpClient, RedisSettings};
 use crate::error::ConfigError;
 use crate::fields::parse_fields;
 
@@ -193,6 +193,7 @@ pub fn load_with(text: &str, sources: Sources<'_>) -> Result<Config, ConfigError
         http: HttpClient::new(),
         email: email.as_ref(),
         redis: redis.as_ref(),
+        brokers: Brokers::default(),
     };
     for (name, value) in observer_tables
         .iter()
@@ -227,8 +228,10 @@ pub fn load_with(text: &str, sources: Sources<'_>) -> Result<Config, ConfigError
 pub fn keys() -> Vec<(String, &'static [&'static str])> {
     use crate::actions::cache::RedisSettingsConfig;
     use crate::actions::email::EmailSettingsConfig;
+    use crate::actions::nats::StreamConfig;
     use crate::actions::{
-        CacheConfig, EmailConfig, PushConfig, SearchConfig, SlackConfig, SmsConfig, WebhookConfig,
+        CacheConfig, EmailConfig, NatsConfig, PushConfig, RabbitMqConfig, SearchConfig,
+        SlackConfig, SmsConfig, WebhookConfig,
     };
     use crate::fields::field_names;
     let action = |kind: &str| format!("actions, type = \"{kind}\"");
@@ -269,6 +272,12 @@ pub fn keys() -> Vec<(String, &'static [&'static str])> {
         (action("push"), field_names::<PushConfig>()),
         (action("search"), field_names::<SearchConfig>()),
         (action("cache"), field_names::<CacheConfig>()),
+        (action("nats"), field_names::<NatsConfig>()),
+        (
+            "actions, type = \"nats\", stream".into(),
+            field_names::<StreamConfig>(),
+        ),
+        (action("rabbitmq"), field_names::<RabbitMqConfig>()),
     ]
 }
 

@@ -9,7 +9,9 @@
 //! monitor: health, backlog, lag, queue sizes
 //! ```
 //!
-//! * [`Pipeline::start`] maps the runtime settings to the listener's (the one place that does),
+//! * [`Pipeline::start`] checks what the actions need from their brokers (a JetStream stream, a
+//!   RabbitMQ exchange: [`crate::actions::Action::prepare`]; a missing one is an error before the
+//!   consumer is claimed), maps the runtime settings to the listener's (the one place that does),
 //!   claims the consumer and builds the executor; [`Pipeline::run`] runs until shutdown.
 //! * `executor.rs`: one event through the observers and the one failure path; `lane.rs`:
 //!   dispatch, lanes (routing), coalescing; `chains.rs`: each (observer, entity)'s deliveries
@@ -33,7 +35,7 @@ pub use executor::{Held, ObserverExecutor, Routed};
 pub use monitor::EngineStatus;
 
 use crate::config::{Config, Observer, RuntimeConfig};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::listener::{ChangeLogListener, ListenerConfig};
 use std::future::Future;
 use std::sync::Arc;
@@ -48,6 +50,36 @@ pub fn listener_config(database_url: &str, runtime: &RuntimeConfig) -> ListenerC
         start: runtime.start_position,
         notify: runtime.notify,
         ..ListenerConfig::default()
+    }
+}
+
+/// Check (or create) what every action needs from its broker, all at once. A permanent failure
+/// (no stream captures a subject, no such exchange, refused credentials) is a configuration
+/// mistake: an error naming the action. A transient one (the broker cannot be reached now) is
+/// logged: the action's deliveries retry until it answers.
+async fn prepare_actions(observers: &[Observer]) -> Result<()> {
+    let checks = observers.iter().flat_map(|o| {
+        o.actions.iter().enumerate().map(move |(i, action)| async move {
+            match action.prepare().await {
+                Ok(()) => Ok(()),
+                Err(e) if e.is_retryable() => {
+                    tracing::warn!(observer = %o.name, action = i, endpoint = %action.endpoint(),
+                        error = %e, "cannot check the action's broker now; its deliveries retry until it answers");
+                    Ok(())
+                }
+                Err(e) => Err(format!("observers.{}.actions[{i}]: {e}", o.name)),
+            }
+        })
+    });
+    let failed: Vec<String> = futures::future::join_all(checks)
+        .await
+        .into_iter()
+        .filter_map(|r| r.err())
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Invalid(failed.join("\n")))
     }
 }
 
@@ -74,6 +106,7 @@ impl Pipeline {
         observers: Vec<Observer>,
         runtime: RuntimeConfig,
     ) -> Result<Pipeline> {
+        prepare_actions(&observers).await?;
         let url = listener.database_url.clone();
         let listener = ChangeLogListener::start(listener).await?;
         let executor = ObserverExecutor::new(observers, &url, &runtime, listener.epoch()).await?;

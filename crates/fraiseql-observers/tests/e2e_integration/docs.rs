@@ -26,6 +26,10 @@ fn env(name: &str) -> Option<String> {
         crate::push::service_account_json("https://oauth2.googleapis.com/token")
     } else if name == "REDIS_URL" {
         "redis://127.0.0.1:6379/0".to_string()
+    } else if name == "NATS_URL" {
+        "nats://127.0.0.1:4222".to_string()
+    } else if name == "RABBITMQ_URL" {
+        "amqp://guest:guest@127.0.0.1:5672/%2f".to_string()
     } else if name == "TWILIO_ACCOUNT_SID" {
         "AC0123456789abcdef0123456789abcdef".to_string()
     } else if name.ends_with("SECRET") {
