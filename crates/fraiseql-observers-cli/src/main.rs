@@ -101,6 +101,25 @@ pub enum Command {
     /// The NOTIFY wake-up hint sent on captured commits.
     #[command(subcommand)]
     Notify(commands::capture::NotifyCommand),
+    /// Pause one observer of the configured consumer: the running daemon holds its deliveries,
+    /// in order, until `resume` (durable; honoured within a second).
+    Pause {
+        #[arg(long)]
+        observer: String,
+    },
+    /// Resume a paused observer: what it held is sent, in order.
+    Resume {
+        #[arg(long)]
+        observer: String,
+    },
+    /// The configured consumer: its leader, queues, and paused observers with the events each holds.
+    Status,
+    /// Ask the running daemon to re-read its configuration file (as SIGHUP does) and print its answer.
+    Reload {
+        /// Seconds to wait for the daemon's answer.
+        #[arg(long, default_value_t = 10)]
+        wait: u64,
+    },
 }
 
 fn main() -> ExitCode {

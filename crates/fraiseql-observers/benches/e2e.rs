@@ -7,7 +7,9 @@
 //! cargo bench -p fraiseql-observers --bench e2e -- --scenario drain   # one scenario
 //! ```
 //!
-//! Scenarios: `drain`, `match-only`, `fan-out`, `latency`, `soak`, `writer-cost`, `peer`
+//! Scenarios: `drain`, `record-cost` (drain with the delivery log on and off, alternating),
+//! `backlog` (a 5 M-change backlog, `--backlog-events N`, drained to the webhook: peak RSS and
+//! the rate of each tenth; not part of a full run), `match-only`, `fan-out`, `latency`, `soak`, `writer-cost`, `peer`
 //! (`--scenario` may be repeated or comma-separated). Options: `--runs N` (throughput runs,
 //! default 3, 1 with `--quick`), `--events N` (backlog size, default 100,000, 10,000 with
 //! `--quick`), `--no-peer`, `--report-only` (rewrite BENCHMARKS.md's tables from the last full
@@ -50,12 +52,14 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const SCENARIOS: &[&str] = &[
     "drain",
+    "record-cost",
     "match-only",
     "fan-out",
     "latency",
     "soak",
     "writer-cost",
     "peer",
+    "backlog",
 ];
 
 /// Unix time in nanoseconds (comparable across the bench's processes).
@@ -91,6 +95,7 @@ struct Options {
     runs: usize,
     events: i64,
     peer: bool,
+    backlog_events: i64,
     command: String,
 }
 
@@ -117,7 +122,11 @@ impl Options {
             );
         }
         if scenarios.is_empty() {
-            scenarios = SCENARIOS.iter().map(|s| s.to_string()).collect();
+            scenarios = SCENARIOS
+                .iter()
+                .filter(|s| **s != "backlog")
+                .map(|s| s.to_string())
+                .collect();
         }
         let mut command = "cargo bench -p fraiseql-observers --bench e2e".to_string();
         let passed: Vec<&String> = args.iter().filter(|a| *a != "--bench").collect();
@@ -137,6 +146,9 @@ impl Options {
                 .map(|v| v.parse().expect("--events N"))
                 .unwrap_or(if quick { 10_000 } else { 100_000 }),
             peer: !args.iter().any(|a| a == "--no-peer"),
+            backlog_events: value("--backlog-events")
+                .map(|v| v.parse().expect("--backlog-events N"))
+                .unwrap_or(5_000_000),
             scenarios,
             command,
         }
@@ -155,7 +167,7 @@ impl Options {
     }
 
     fn full(&self) -> bool {
-        !self.quick && self.scenarios.len() == SCENARIOS.len() && self.peer
+        !self.quick && self.scenarios.len() == SCENARIOS.len() - 1 && self.peer
     }
 }
 
@@ -215,13 +227,19 @@ async fn run(options: Options) {
     let load_start = report::load_average();
     let mut scenarios = serde_json::Map::new();
 
-    let throughput = ["drain", "match-only", "fan-out"]
+    let throughput = ["drain", "record-cost", "match-only", "fan-out"]
         .iter()
         .any(|s| options.wants(s));
     if throughput {
         let db = ThroughputDb::create(options.events).await;
         if options.wants("drain") {
             scenarios.insert("drain".into(), drain(&options, &db, &receiver).await);
+        }
+        if options.wants("record-cost") {
+            scenarios.insert(
+                "record_cost".into(),
+                record_cost(&options, &db, &receiver).await,
+            );
         }
         if options.wants("match-only") {
             scenarios.insert(
@@ -243,6 +261,9 @@ async fn run(options: Options) {
     }
     if options.wants("soak") {
         scenarios.insert("soak".into(), soak(&options, &receiver).await);
+    }
+    if options.wants("backlog") {
+        scenarios.insert("backlog".into(), backlog(&options, &receiver).await);
     }
     if options.wants("writer-cost") {
         scenarios.insert("writer_cost".into(), writer_cost(&options).await);
@@ -490,6 +511,157 @@ async fn drain(options: &Options, db: &ThroughputDb, receiver: &ReceiverProcess)
         cpus.push((cpu.engine, per_event));
     }
     json!({ "events": db.events, "events_per_s": Summary::of(&runs), "cpu_per_event": median_cpu(&cpus) })
+}
+
+/// A large backlog (issue 9): memory stays bounded and the rate steady while the engine drains
+/// it to the webhook. Peak RSS is the process's `VmHWM`, reset when the drain starts.
+async fn backlog(options: &Options, receiver: &ReceiverProcess) -> Value {
+    const BACKLOG_DB: &str = "fo_bench_e2e_backlog";
+    let url = data::recreate(BACKLOG_DB).await;
+    let mut client = data::connect(&url).await;
+    fraiseql_observers::migrate::run(&mut client)
+        .await
+        .expect("migrations");
+    data::create_tables(&client).await;
+    data::enable_capture(&client).await;
+    let filling = Instant::now();
+    data::fill(
+        &client,
+        data::BacklogShape::of(options.backlog_events),
+        2000,
+    )
+    .await;
+    let events: i64 = client
+        .query_one("SELECT count(*) FROM core.tb_entity_change_log", &[])
+        .await
+        .expect("count")
+        .get(0);
+    client
+        .batch_execute("VACUUM ANALYZE core.tb_entity_change_log")
+        .await
+        .expect("vacuum");
+    eprintln!(
+        "backlog: {events} changes written in {:.0} s",
+        filling.elapsed().as_secs_f64()
+    );
+    let last_txid = engine::last_txid(&client).await;
+    let observer = engine::webhook_observer(
+        "everything",
+        "*",
+        engine::ALL_KINDS,
+        "",
+        &receiver.url("/backlog"),
+    );
+    receiver.reset().await;
+    let rss_before = engine::rss_kib();
+    std::fs::write("/proc/self/clear_refs", "5").expect("reset the peak RSS");
+    let started = Instant::now();
+    let engine = Engine::start(&url, "backlog", "", &observer).await;
+    let mut samples: Vec<(f64, u64)> = Vec::new();
+    let mut max_rss = 0;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let read = engine
+            .status
+            .events_read
+            .load(std::sync::atomic::Ordering::Relaxed);
+        samples.push((started.elapsed().as_secs_f64(), read));
+        max_rss = max_rss.max(engine::rss_kib());
+        if engine::checkpoint_covers(&client, "backlog", &last_txid).await {
+            break;
+        }
+        assert!(!engine.failed(), "the engine stopped during the backlog");
+        assert!(
+            started.elapsed() < Duration::from_secs(3600),
+            "the backlog was not drained in an hour"
+        );
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let peak_kib = engine::peak_rss_kib();
+    engine.stop().await;
+    check_deliveries(receiver, events, "backlog").await;
+    // The rate of each tenth of the backlog, from the per-second samples of events read.
+    let mut tenths = Vec::new();
+    let (mut t0, mut r0) = (0.0, 0u64);
+    for k in 1..=10u64 {
+        let goal = events as u64 * k / 10;
+        if let Some(&(t, r)) = samples.iter().find(|(_, r)| *r >= goal) {
+            if t > t0 {
+                tenths.push((r - r0) as f64 / (t - t0));
+            }
+            (t0, r0) = (t, r);
+        }
+    }
+    eprintln!(
+        "backlog: {events} events in {seconds:.0} s ({:.0}/s), peak RSS {:.1} MiB (before {:.1}), tenths {:?}",
+        events as f64 / seconds,
+        peak_kib as f64 / 1024.0,
+        rss_before as f64 / 1024.0,
+        tenths.iter().map(|r| r.round()).collect::<Vec<_>>()
+    );
+    data::drop_database(BACKLOG_DB).await;
+    json!({
+        "events": events,
+        "seconds": seconds,
+        "events_per_s": events as f64 / seconds,
+        "peak_rss_mib": peak_kib as f64 / 1024.0,
+        "max_sampled_rss_mib": max_rss as f64 / 1024.0,
+        "rss_before_mib": rss_before as f64 / 1024.0,
+        "tenths_events_per_s": Summary::of(&tenths),
+    })
+}
+
+/// The delivery log's cost: the drain with `record = "none"` and with `record = "all"`, in
+/// alternating order, each run a fresh consumer over the same backlog.
+async fn record_cost(options: &Options, db: &ThroughputDb, receiver: &ReceiverProcess) -> Value {
+    let observer = |record: &str| {
+        engine::webhook_observer(
+            "everything",
+            "*",
+            engine::ALL_KINDS,
+            "",
+            &receiver.url("/drain"),
+        )
+        .replacen(
+            "\n\n[[observers.",
+            &format!("\nrecord = \"{record}\"\n\n[[observers."),
+            1,
+        )
+    };
+    let (mut none, mut all) = (Vec::new(), Vec::new());
+    let (mut none_cpu, mut all_cpu) = (Vec::new(), Vec::new());
+    for run in 1..=options.runs {
+        let order = if run % 2 == 1 {
+            ["none", "all"]
+        } else {
+            ["all", "none"]
+        };
+        for record in order {
+            receiver.reset().await;
+            let consumer = format!("record_{record}_{run}");
+            let (seconds, cpu) = db.drain(&consumer, &observer(record), receiver).await;
+            check_deliveries(receiver, db.events, "record-cost").await;
+            let eps = db.events as f64 / seconds;
+            let per_event = cpu.per_event(db.events);
+            eprintln!("record = {record} run {run}: {seconds:.2} s, {eps:.0} events/s, CPU per event {per_event}");
+            if record == "none" {
+                none.push(eps);
+                none_cpu.push((cpu.engine, per_event));
+            } else {
+                all.push(eps);
+                all_cpu.push((cpu.engine, per_event));
+            }
+        }
+    }
+    let ratios: Vec<f64> = all.iter().zip(&none).map(|(a, n)| a / n).collect();
+    json!({
+        "events": db.events,
+        "none_events_per_s": Summary::of(&none),
+        "all_events_per_s": Summary::of(&all),
+        "all_over_none": Summary::of(&ratios),
+        "none_cpu_per_event": median_cpu(&none_cpu),
+        "all_cpu_per_event": median_cpu(&all_cpu),
+    })
 }
 
 async fn match_only(options: &Options, db: &ThroughputDb, receiver: &ReceiverProcess) -> Value {

@@ -350,6 +350,9 @@ impl Backoff {
 /// run it. When the lead is lost (the lock connection failed, the run was fenced, an engine task
 /// failed, the database restarted) dispatching stops at once and the consumer is contended again
 /// after a capped, jittered backoff; `recompile` builds the observers again for the new run.
+/// Each change of `reloads` applies the configuration `recompile` builds then, at once
+/// ([`Pipeline::run_reloading`]: drain, then run the new observers in the same lead); a
+/// change while standing by applies when the lead is taken.
 ///
 /// Returns `Ok` after a shutdown (a graceful one saves the checkpoint). Returns an error for a
 /// mistake that contending again would repeat (see [`after_loss`]), and for any lost lead when
@@ -360,6 +363,7 @@ pub async fn lead(
     recompile: impl Fn() -> Result<Config, ConfigErrors>,
     report: impl Fn(LeadState),
     shutdown: impl Future<Output = ()>,
+    mut reloads: watch::Receiver<u64>,
 ) -> Result<()> {
     let consumer = config.runtime.consumer_id.clone();
     let exit_on_lost_lead = config.runtime.exit_on_lost_lead;
@@ -367,9 +371,12 @@ pub async fn lead(
     let mut next = Some(config);
     let mut backoff = Backoff::new();
     loop {
+        // A reload accepted while standing by or reconnecting applies to the next lead.
+        let reloaded = reloads.has_changed().unwrap_or(false);
+        reloads.borrow_and_update();
         let config = match next.take() {
-            Some(config) => config,
-            None => recompile().map_err(|e| Error::Invalid(e.to_string()))?,
+            Some(config) if !reloaded => config,
+            _ => recompile().map_err(|e| Error::Invalid(e.to_string()))?,
         };
         let ended = lead_once(
             database_url,
@@ -377,6 +384,7 @@ pub async fn lead(
             &report,
             shutdown.clone(),
             &mut backoff,
+            (&mut reloads, &recompile),
         );
         let error = match ended.await {
             Ok(()) => return Ok(()),
@@ -406,6 +414,10 @@ async fn lead_once(
     report: &impl Fn(LeadState),
     shutdown: impl Future<Output = ()> + Clone,
     backoff: &mut Backoff,
+    (reloads, recompile): (
+        &mut watch::Receiver<u64>,
+        &impl Fn() -> Result<Config, ConfigErrors>,
+    ),
 ) -> Result<()> {
     let consumer = config.runtime.consumer_id.clone();
     let leadership = tokio::select! {
@@ -438,7 +450,7 @@ async fn lead_once(
     let result = tokio::select! {
         biased;
         e = lost() => Err(e),
-        result = pipeline.run(shutdown) => result,
+        result = pipeline.run_reloading(shutdown, reloads, recompile) => result,
     };
     if let Err(Error::Fenced { .. }) = &result {
         tracing::error!(consumer = %consumer, epoch,

@@ -48,6 +48,7 @@ pub mod actions;
 pub mod capture;
 pub mod condition;
 pub mod config;
+pub mod control;
 pub mod db;
 pub mod delivery;
 pub mod error;

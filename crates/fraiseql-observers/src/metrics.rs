@@ -6,7 +6,7 @@ pub const ROWS_QUARANTINED: &str = "fraiseql_observers_rows_quarantined_total";
 pub const EVENTS_READ: &str = "fraiseql_observers_events_read_total";
 pub const EVENTS_MATCHED: &str = "fraiseql_observers_events_matched_total";
 pub const CONDITION_ERRORS: &str = "fraiseql_observers_condition_errors_total";
-/// Labelled `observer`, `action` and `outcome` = ok | failed | retried | parked | throttled | dead_lettered | dropped.
+/// Labelled `observer`, `action` and `outcome` = ok | failed | retried | parked | throttled | paused | dead_lettered | dropped.
 pub const ACTIONS: &str = "fraiseql_observers_actions_total";
 pub const DEAD_LETTERED: &str = "fraiseql_observers_dead_lettered_total";
 /// Seconds from the change's commit (its `created_at`) to a successful delivery, per observer.
@@ -34,6 +34,11 @@ pub const LOST_LEADS: &str = "fraiseql_observers_lost_leads_total";
 /// not transient, or stayed unreachable for a minute). The deliveries themselves are unaffected.
 pub const DELIVERY_LOG_LOST: &str = "fraiseql_observers_delivery_log_lost_total";
 
+/// 1 while an operator has paused the observer (labelled `observer`), else 0.
+pub const OBSERVER_PAUSED: &str = "fraiseql_observers_observer_paused";
+/// Configuration reloads (SIGHUP or `reload`), labelled `result` = ok | error.
+pub const CONFIG_RELOADS: &str = "fraiseql_observers_config_reloads_total";
+
 /// One action's metric handles, resolved once when the pipeline starts (so recording costs no
 /// label lookup per event; the recorder must be installed before).
 #[derive(Clone)]
@@ -42,6 +47,8 @@ pub struct ActionMeters {
     pub retried: metrics::Counter,
     pub parked: metrics::Counter,
     pub throttled: metrics::Counter,
+    /// Held in the retry queue because the observer is paused.
+    pub paused: metrics::Counter,
     pub dead_lettered: metrics::Counter,
     pub dropped: metrics::Counter,
     /// [`DELIVERY_LATENCY`] of the observer.
@@ -56,6 +63,7 @@ impl ActionMeters {
             retried: outcome("retried"),
             parked: outcome("parked"),
             throttled: outcome("throttled"),
+            paused: outcome("paused"),
             dead_lettered: outcome("dead_lettered"),
             dropped: outcome("dropped"),
             latency: metrics::histogram!(DELIVERY_LATENCY, "observer" => observer.to_string()),

@@ -35,6 +35,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(5, "0005_notify_hint"),
     migration!(6, "0006_delivery"),
     migration!(7, "0007_leases"),
+    migration!(9, "0009_control"),
     migration!(11, "0011_delivery_log"),
 ];
 

@@ -18,6 +18,7 @@ use crate::actions::{ActionError, DeliveryRequest};
 use crate::db;
 use crate::delivery::dead_letter::{self, DlqItem};
 use crate::delivery::log::{self, Attempt, Delivered, Started};
+use crate::delivery::policy::{self, Reason};
 use crate::delivery::retry_queue::{self, PendingRetry};
 use crate::delivery::{bounded_attempt, RETRY_LEASE};
 use crate::delivery::{delivery_id, entity_key};
@@ -230,7 +231,9 @@ impl Operator {
     }
 
     /// Retry dead letter `id` of this operator's consumer once: claimed atomically, so two
-    /// concurrent retries of one item deliver once. `Ok(None)` when it is not pending or is
+    /// concurrent retries of one item deliver once. Sent only when the observer, as configured
+    /// now, still accepts the event ([`policy::still_accepted`]); otherwise it stays a dead
+    /// letter, now with reason `not_accepted`, and the error says why. `Ok(None)` when it is not pending or is
     /// another consumer's (whose observers this configuration does not hold).
     pub async fn retry_dead_letter(
         &self,
@@ -241,44 +244,48 @@ impl Operator {
         else {
             return Ok(None);
         };
-        let found = self
-            .observers
-            .iter()
-            .position(|o| o.name == item.observer)
-            .filter(|i| item.action_index < self.observers[*i].actions.len());
-        let result = match found {
-            None => Err(ActionError::permanent(format!(
-                "observer '{}' action {} is not in this configuration",
-                item.observer, item.action_index
-            ))),
-            Some(i) => {
-                let attempt = item.attempts + 1;
-                let request = DeliveryRequest {
-                    event: &item.event,
-                    delivery_id: &item.delivery_id,
-                    attempt,
-                };
-                let started = Started::now();
-                let a = item.action_index;
-                let result = bounded_attempt(self.observers[i].actions[a].execute(&request)).await;
-                self.log(
-                    i,
-                    a,
-                    &item.event,
-                    &item.delivery_id,
-                    attempt,
-                    started,
-                    &result,
-                )
-                .await?;
-                result
-            }
-        };
         let Some(token) = item.claim_token else {
             return Err(Error::Invalid(format!(
                 "dead letter {id}: claimed without a token"
             )));
         };
+        let accepted = policy::still_accepted(
+            &self.matcher,
+            &self.observers,
+            &item.observer,
+            item.action_index,
+            &item.event,
+        );
+        let i = match accepted {
+            Ok(i) => i,
+            Err(why) => {
+                // Not sent: today's configuration would not deliver it.
+                dead_letter::refuse_retry(&self.client, id, token, Reason::NotAccepted, &why)
+                    .await?;
+                return Ok(Some(Err(ActionError::permanent(format!(
+                    "not sent: {why}"
+                )))));
+            }
+        };
+        let attempt = item.attempts + 1;
+        let request = DeliveryRequest {
+            event: &item.event,
+            delivery_id: &item.delivery_id,
+            attempt,
+        };
+        let started = Started::now();
+        let a = item.action_index;
+        let result = bounded_attempt(self.observers[i].actions[a].execute(&request)).await;
+        self.log(
+            i,
+            a,
+            &item.event,
+            &item.delivery_id,
+            attempt,
+            started,
+            &result,
+        )
+        .await?;
         let error = result.as_ref().err().map(|e| e.message());
         if !dead_letter::finish_retry(&self.client, id, token, error).await? {
             tracing::warn!(

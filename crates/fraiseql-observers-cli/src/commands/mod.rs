@@ -7,8 +7,10 @@ pub mod checkpoint;
 pub mod deliveries;
 pub mod dlq;
 pub mod migrate;
+pub mod pause;
 pub mod prune;
 pub mod quarantine;
+pub mod reload;
 pub mod replay;
 pub mod run;
 pub mod validate;
@@ -52,6 +54,10 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         } => prune::execute(&cli, older_than, deliveries_older_than, *batch_size).await,
         Command::Capture(command) => capture::execute(&cli, command).await,
         Command::Notify(command) => capture::execute_notify(&cli, command).await,
+        Command::Pause { observer } => pause::pause(&cli, observer).await,
+        Command::Resume { observer } => pause::resume(&cli, observer).await,
+        Command::Status => pause::status(&cli).await,
+        Command::Reload { wait } => reload::execute(&cli, *wait).await,
     }
 }
 

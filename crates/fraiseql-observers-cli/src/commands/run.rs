@@ -3,6 +3,7 @@
 //! ```text
 //! config -> tracing, Prometheus recorder, /metrics + /healthz
 //!        -> leader::lead (stand by, lead, run; contend again when the lead is lost) until SIGINT/SIGTERM
+//!        <- Reloader (SIGHUP, `reload` requests): validated configurations, applied at once
 //! ```
 //!
 //! Invariants:
@@ -14,19 +15,26 @@
 //!   with `exit_on_lost_lead = true` it exits 1 instead.
 //! * It exits 1 on a mistake that contending again would repeat (configuration, schema, a
 //!   checkpoint ahead of the database).
+//! * SIGHUP, or a `reload` request, re-reads the file: a valid one is applied at once (the
+//!   running pipeline drains and the new observers run from its checkpoint, in the same lead),
+//!   an invalid one is refused with every error logged and the running configuration stays.
+//!   The restart-only settings (`config::keep_restart_only`) keep their running values.
 //! * The first SIGINT/SIGTERM stops reading, lets in-flight deliveries finish (up to the
 //!   shutdown timeout), saves the checkpoint and exits 0; a second one exits at once (130).
 
 use crate::server::{self, Health, Role};
 use crate::Cli;
 use anyhow::{anyhow, Context as _};
-use fraiseql_observers::config::{self, LogFormat};
+use fraiseql_observers::config::{self, Config, DatabaseConfig, LogFormat, RuntimeConfig};
+use fraiseql_observers::control;
+use fraiseql_observers::db::Reconnecting;
 use fraiseql_observers::leader::{self, LeadState};
 use fraiseql_observers::metrics as m;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
@@ -72,9 +80,23 @@ pub async fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
         LeadState::Leading(status) => health.lead(status),
         LeadState::Reconnecting => health.set_role(Role::Reconnecting),
     };
-    // The observers are compiled again for each new lead (from the text read at start).
-    let recompile = || config::load(&text, &super::env_lookup);
-    match leader::lead(&url, config, recompile, report, shutdown.requested()).await {
+    // The observers are compiled again for each new lead and on each reload, from the last
+    // text accepted (the file as read at start, or at the last reload that validated).
+    let reloader = Arc::new(Reloader::new(path, text, &config, &url, health.clone()));
+    let reloads = reloader.subscribe();
+    reloader.listen_for_sighup()?;
+    reloader.clone().watch_requests();
+    let recompile = || reloader.compile();
+    match leader::lead(
+        &url,
+        config,
+        recompile,
+        report,
+        shutdown.requested(),
+        reloads,
+    )
+    .await
+    {
         Ok(()) => {
             tracing::info!(consumer = %consumer, "stopped");
             Ok(ExitCode::SUCCESS)
@@ -84,6 +106,154 @@ pub async fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
         )),
         Err(e @ fraiseql_observers::Error::LostLead { .. }) => Err(anyhow!(e)),
         Err(e) => Err(anyhow!(e).context("the daemon stopped on an error")),
+    }
+}
+
+/// Reloading the configuration (SIGHUP, or a `reload` request in the database): re-read the
+/// file, validate it, and hand it to the running lead, or refuse it with every error logged
+/// (the running configuration stays).
+struct Reloader {
+    path: PathBuf,
+    url: String,
+    consumer: String,
+    /// The settings that need a restart, as running.
+    database: DatabaseConfig,
+    runtime: RuntimeConfig,
+    /// The last text accepted.
+    accepted: Mutex<String>,
+    /// Bumped for each configuration accepted; the lead applies it.
+    generation: watch::Sender<u64>,
+    /// One reload at a time.
+    busy: tokio::sync::Mutex<()>,
+    /// Whether this instance leads (its answer to a `reload` request is the one printed).
+    health: Arc<Health>,
+}
+
+impl Reloader {
+    fn new(path: &Path, text: String, config: &Config, url: &str, health: Arc<Health>) -> Reloader {
+        Reloader {
+            path: path.to_path_buf(),
+            url: url.to_string(),
+            consumer: config.runtime.consumer_id.clone(),
+            database: config.database.clone(),
+            runtime: config.runtime.clone(),
+            accepted: Mutex::new(text),
+            generation: watch::channel(0).0,
+            busy: tokio::sync::Mutex::new(()),
+            health,
+        }
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// The last accepted configuration, compiled, with the running restart-only settings.
+    fn compile(&self) -> Result<Config, fraiseql_observers::ConfigErrors> {
+        let text = self.accepted.lock().expect("reload lock poisoned").clone();
+        let mut config = config::load(&text, &super::env_lookup)?;
+        config::keep_restart_only(&self.database, &self.runtime, &mut config);
+        Ok(config)
+    }
+
+    /// Re-read and validate the file; accept it (the lead applies it at once) or refuse it.
+    /// `Err` holds every error, one per line.
+    async fn reload(&self, trigger: &'static str) -> Result<(), String> {
+        let _one = self.busy.lock().await;
+        let path = self.path.display().to_string();
+        tracing::info!(trigger, path = %path, "reloading the configuration");
+        let refused = |errors: Vec<String>| {
+            for error in &errors {
+                tracing::error!(trigger, path = %path, error = %error,
+                    "configuration reload refused; the running configuration stays");
+            }
+            metrics::counter!(m::CONFIG_RELOADS, "result" => "error").increment(1);
+            Err(errors.join("\n"))
+        };
+        let text = match super::read_file(&self.path) {
+            Ok(text) => text,
+            Err(e) => return refused(vec![format!("{e:#}")]),
+        };
+        let mut new = match config::load(&text, &super::env_lookup) {
+            Ok(config) => config,
+            Err(errors) => return refused(errors.0.iter().map(|e| e.to_string()).collect()),
+        };
+        for key in config::keep_restart_only(&self.database, &self.runtime, &mut new) {
+            tracing::warn!(
+                key,
+                "this setting cannot change without a restart; keeping the running value"
+            );
+        }
+        for w in &new.warnings {
+            tracing::warn!(path = %w.path, "deprecated configuration key: {}", w.message);
+        }
+        *self.accepted.lock().expect("reload lock poisoned") = text;
+        self.generation.send_modify(|g| *g += 1);
+        metrics::counter!(m::CONFIG_RELOADS, "result" => "ok").increment(1);
+        tracing::info!(
+            trigger,
+            observers = new.observers.len(),
+            "configuration accepted; applying it now"
+        );
+        Ok(())
+    }
+
+    fn listen_for_sighup(self: &Arc<Self>) -> anyhow::Result<()> {
+        let mut hangup =
+            signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+        let reloader = self.clone();
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                let _ = reloader.reload("SIGHUP").await;
+            }
+        });
+        Ok(())
+    }
+
+    /// Answer `fraiseql-observers reload` requests (rows in the database) made after start.
+    fn watch_requests(self: Arc<Self>) {
+        tokio::spawn(async move {
+            let Ok(db) = fraiseql_observers::db::parse_url(&self.url) else {
+                return;
+            };
+            let db = Reconnecting::new(db, "fraiseql-observers-reload");
+            let mut handled: Option<i64> = None;
+            let mut failing = false;
+            loop {
+                let step = async {
+                    let client = db.client().await?;
+                    let requested = control::reload_requested(&client, &self.consumer).await?;
+                    let Some(done) = handled else {
+                        handled = Some(requested);
+                        return Ok(());
+                    };
+                    if requested > done {
+                        handled = Some(requested);
+                        let result = self.reload("reload command").await;
+                        let leading = self.health.role() == Role::Leader;
+                        control::answer_reload(
+                            &client,
+                            &self.consumer,
+                            requested,
+                            leading,
+                            result.as_ref().map(|_| ()).map_err(|e| e.as_str()),
+                        )
+                        .await?;
+                    }
+                    Ok::<(), fraiseql_observers::Error>(())
+                };
+                match step.await {
+                    Ok(()) => failing = false,
+                    Err(e) => {
+                        if !failing {
+                            tracing::warn!(error = %e, "cannot read reload requests; retrying");
+                        }
+                        failing = true;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
     }
 }
 

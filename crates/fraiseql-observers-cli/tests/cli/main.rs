@@ -4,6 +4,7 @@
 mod harness;
 
 mod blackhole;
+mod control;
 mod crash;
 mod dlq;
 mod docs;

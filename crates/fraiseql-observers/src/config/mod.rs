@@ -287,6 +287,41 @@ struct RawDatabase {
     url: Option<String>,
 }
 
+/// The settings a running daemon keeps until it restarts: `database.url`,
+/// `observers.runtime.consumer_id`, `metrics_address`, `log_format` and `exit_on_lost_lead`.
+/// Every other setting, and every observer, applies on a reload. Puts the running values
+/// (`database`, `runtime`) back into `new` and returns the paths of those that differed, for the
+/// caller to warn about.
+pub fn keep_restart_only(
+    database: &DatabaseConfig,
+    runtime: &RuntimeConfig,
+    new: &mut Config,
+) -> Vec<&'static str> {
+    let mut kept = Vec::new();
+    if new.database != *database {
+        kept.push("database.url");
+        new.database = database.clone();
+    }
+    let r = &mut new.runtime;
+    if r.consumer_id != runtime.consumer_id {
+        kept.push("observers.runtime.consumer_id");
+        r.consumer_id = runtime.consumer_id.clone();
+    }
+    if r.metrics_address != runtime.metrics_address {
+        kept.push("observers.runtime.metrics_address");
+        r.metrics_address = runtime.metrics_address.clone();
+    }
+    if r.log_format != runtime.log_format {
+        kept.push("observers.runtime.log_format");
+        r.log_format = runtime.log_format;
+    }
+    if r.exit_on_lost_lead != runtime.exit_on_lost_lead {
+        kept.push("observers.runtime.exit_on_lost_lead");
+        r.exit_on_lost_lead = runtime.exit_on_lost_lead;
+    }
+    kept
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,6 +337,34 @@ mod tests {
             "DATABASE_URL" => Some("postgres://localhost/app".into()),
             _ => None,
         }
+    }
+
+    #[test]
+    fn a_reload_keeps_the_settings_that_need_a_restart() {
+        let running = load(
+            "[database]\nurl = \"postgres://a/app\"\n[observers.runtime]\nconsumer_id = \"c1\"\nbatch_size = 10\n",
+            &env,
+        )
+        .unwrap();
+        let mut new = load(
+            "[database]\nurl = \"postgres://b/app\"\n[observers.runtime]\nconsumer_id = \"c2\"\nbatch_size = 20\nmetrics_address = \"127.0.0.1:1\"\n",
+            &env,
+        )
+        .unwrap();
+        let kept = keep_restart_only(&running.database, &running.runtime, &mut new);
+        assert_eq!(
+            kept,
+            [
+                "database.url",
+                "observers.runtime.consumer_id",
+                "observers.runtime.metrics_address"
+            ]
+        );
+        assert_eq!(new.database, running.database);
+        assert_eq!(new.runtime.consumer_id, "c1");
+        assert_eq!(new.runtime.metrics_address, None);
+        assert_eq!(new.runtime.batch_size, 20, "the rest applies");
+        assert!(keep_restart_only(&running.database, &running.runtime, &mut new).is_empty());
     }
 
     #[test]

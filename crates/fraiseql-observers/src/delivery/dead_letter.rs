@@ -258,6 +258,31 @@ pub async fn finish_retry(
     Ok(n > 0)
 }
 
+/// An operator retry claimed with `claim_token` but not sent, because the observer no longer
+/// accepts the event: back to `pending` with `reason` and `error`, its attempts unchanged.
+/// Returns false, changing nothing, when that claim is no longer the item's (see
+/// [`finish_retry`]).
+pub async fn refuse_retry(
+    client: &Client,
+    id: i64,
+    claim_token: Uuid,
+    reason: Reason,
+    error: &str,
+) -> Result<bool> {
+    let n = client
+        .execute(
+            "UPDATE core.observer_dlq_items
+                SET status = 'pending', claimed_until = NULL, claim_token = NULL, reason = $2,
+                    last_error = $3, updated_at = now(),
+                    history = history || jsonb_build_array(jsonb_build_object(
+                        'retry_refused', now(), 'error', $3::text))
+              WHERE id = $1 AND status = 'retrying' AND claim_token = $4",
+            &[&id, &reason.as_str(), &error, &claim_token],
+        )
+        .await?;
+    Ok(n > 0)
+}
+
 /// Discard a pending item (kept, marked `discarded`). Returns false when it was not pending.
 pub async fn discard(client: &Client, id: i64) -> Result<bool> {
     Ok(client

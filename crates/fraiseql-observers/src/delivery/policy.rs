@@ -4,6 +4,9 @@
 
 use crate::actions::{ActionError, FailureKind};
 use crate::delivery::schedule::RetryPolicy;
+use crate::event::EntityEvent;
+use crate::matcher::{EventMatcher, Verdict};
+use crate::observer::Observer;
 use serde::Deserialize;
 use std::time::Duration;
 
@@ -33,6 +36,10 @@ pub enum Reason {
     Permanent,
     /// The receiver said the endpoint no longer exists (HTTP 410, an unregistered device).
     Gone,
+    /// Not sent: the observer no longer accepts the event (a queued retry or an operator retry
+    /// found it disabled, scoped to another tenant, its entity, event type or condition changed,
+    /// or the observer or action removed from the configuration).
+    NotAccepted,
 }
 
 impl Reason {
@@ -41,6 +48,7 @@ impl Reason {
             Reason::Exhausted => "exhausted",
             Reason::Permanent => "permanent",
             Reason::Gone => "gone",
+            Reason::NotAccepted => "not_accepted",
         }
     }
 
@@ -102,6 +110,47 @@ pub fn give_up(reason: Reason, on_failure: OnFailure) -> Decision {
     match on_failure {
         OnFailure::Dlq => Decision::DeadLetter(reason),
         OnFailure::Log => Decision::Drop(reason),
+    }
+}
+
+/// Whether action `action_index` of observer `name` still accepts `event`, as configured now:
+/// the observer's index when it does, else why not (it is then dead-lettered as
+/// [`Reason::NotAccepted`] instead of sent). A queued retry and an operator retry ask this before
+/// sending: a delivery decided under an older configuration is sent only if today's would be.
+pub fn still_accepted(
+    matcher: &EventMatcher,
+    observers: &[Observer],
+    name: &str,
+    action_index: usize,
+    event: &EntityEvent,
+) -> Result<usize, String> {
+    let Some(i) = observers.iter().position(|o| o.name == name) else {
+        return Err(format!("observer '{name}' is no longer configured"));
+    };
+    if action_index >= observers[i].actions.len() {
+        return Err(format!(
+            "observer '{name}' has no action {action_index} any more"
+        ));
+    }
+    if !matcher.candidates(event).contains(&i) {
+        return Err(format!(
+            "observer '{name}' no longer watches {} {}",
+            event.entity_type,
+            event.kind.as_str()
+        ));
+    }
+    match crate::matcher::verdict(&observers[i], event) {
+        Verdict::Matched => Ok(i),
+        Verdict::Paused => Err(format!("observer '{name}' is disabled (enabled = false)")),
+        Verdict::OtherTenant => Err(format!(
+            "observer '{name}' is scoped to another tenant than the event's"
+        )),
+        Verdict::ConditionFalse => Err(format!(
+            "observer '{name}''s condition is false for this event"
+        )),
+        Verdict::ConditionError(e) => Err(format!(
+            "observer '{name}''s condition could not be evaluated: {e}"
+        )),
     }
 }
 
@@ -248,5 +297,71 @@ mod tests {
             Decision::Drop(Reason::Permanent)
         );
         assert_eq!(Reason::Exhausted.as_str(), "exhausted");
+    }
+
+    fn order(kind: crate::event::EventKind, tenant: &str, status: &str) -> EntityEvent {
+        EntityEvent {
+            id: uuid::Uuid::nil(),
+            sequence: 1,
+            kind,
+            entity_type: "Order".into(),
+            entity_id: uuid::Uuid::nil(),
+            tenant: Some(tenant.parse().unwrap()),
+            author: None,
+            changes: None,
+            before: None,
+            after: Some(serde_json::json!({ "status": status })),
+            change_status: "new".into(),
+            extra_metadata: serde_json::json!({}),
+            source: None,
+            created_at: chrono::Utc::now(),
+            source_ts: None,
+            position: crate::event::Position {
+                batch: 1,
+                sequence: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn a_retry_is_accepted_only_by_the_observer_as_configured_now() {
+        use crate::event::EventKind::{Created, Updated};
+        const T1: &str = "aaaaaaaa-0000-0000-0000-000000000001";
+        const T2: &str = "aaaaaaaa-0000-0000-0000-000000000002";
+        let observers = crate::config::load(
+            &[
+                ("open", "enabled = true"),
+                ("off", "enabled = false"),
+                ("scoped", &*format!("tenant = \"{T1}\"")),
+                ("paid", "condition = \"status == 'paid'\""),
+            ]
+            .iter()
+            .map(|(name, extra)| {
+                format!(
+                    "[observers.{name}]\nentity = \"Order\"\nevent_type = \"INSERT\"\n{extra}\n\
+                     [[observers.{name}.actions]]\ntype = \"webhook\"\nurl = \"https://example.com/\"\n"
+                )
+            })
+            .collect::<String>(),
+            &|_| None,
+        )
+        .unwrap()
+        .observers;
+        let matcher = EventMatcher::new(&observers);
+        let check = |name: &str, action: usize, event: &EntityEvent| {
+            still_accepted(&matcher, &observers, name, action, event)
+        };
+        let paid = order(Created, T1, "paid");
+        assert_eq!(check("open", 0, &paid), Ok(0));
+        assert_eq!(check("scoped", 0, &paid), Ok(2));
+        assert_eq!(check("paid", 0, &paid), Ok(3));
+        let refused = |r: Result<usize, String>| r.unwrap_err();
+        assert!(refused(check("gone", 0, &paid)).contains("no longer configured"));
+        assert!(refused(check("open", 1, &paid)).contains("no action 1"));
+        assert!(refused(check("off", 0, &paid)).contains("disabled"));
+        assert!(refused(check("scoped", 0, &order(Created, T2, "paid"))).contains("tenant"));
+        assert!(refused(check("paid", 0, &order(Created, T1, "new"))).contains("condition"));
+        assert!(refused(check("open", 0, &order(Updated, T1, "paid"))).contains("Order UPDATE"));
+        assert_eq!(Reason::NotAccepted.as_str(), "not_accepted");
     }
 }

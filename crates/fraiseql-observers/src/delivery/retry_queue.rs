@@ -10,6 +10,7 @@
 //!   leader wakes them all ([`claim_due`]).
 //! * A claim is a lease (`locked_until`): an item claimed by a process that died is claimed again
 //!   once its lease runs out, or at once when the next leader starts (`release_leases`).
+//! * Items of a paused observer are not claimed (`core.observer_paused`): they wait, in order.
 //! * Every write is fenced by the consumer's epoch ([`FENCE`], which locks the checkpoint row):
 //!   a deposed leader's writes match no row and return `Error::Fenced`, and none lands after the
 //!   next leader's claim.
@@ -121,7 +122,7 @@ const WAKE_SUCCESSOR: &str = "woken AS (
             ORDER BY n.event_sequence, n.action_index
             LIMIT 1))";
 
-/// Claim up to `limit` due heads for `lease`.
+/// Claim up to `limit` due heads for `lease`; items of a paused observer (`control::pause`) wait.
 ///
 /// Parked items are due (they wait for their head, not for a time), so a claim that had to skip
 /// them would cost one probe per parked item, every poll (1.5 s with 100,000 parked). Instead,
@@ -165,6 +166,9 @@ pub async fn claim_due(
                          WHERE h.consumer_id = $1 AND NOT h.dormant
                            AND h.next_attempt_at <= now()
                            AND (h.locked_until IS NULL OR h.locked_until < now())
+                           AND NOT EXISTS (
+                               SELECT 1 FROM core.observer_paused x
+                                WHERE x.consumer_id = h.consumer_id AND x.observer = h.observer)
                            AND NOT (h.ordered AND EXISTS (
                                SELECT 1 FROM core.observer_retry_queue p
                                 WHERE p.consumer_id = h.consumer_id AND p.observer = h.observer

@@ -7,10 +7,14 @@
 //!   durably (a committed retry-queue or dead-letter row, or a log line for `on_failure = "log"`).
 //! * For an ordered observer, while an (observer, entity) has items in the retry queue, its new
 //!   deliveries are parked behind them (durably) instead of running.
+//! * A paused observer (`control`) sends nothing: each of its deliveries, before any attempt,
+//!   is queued in the retry queue with its attempts unchanged (parked in order), to run after
+//!   the resume.
 //! * Every durable write is fenced by the consumer's epoch; `Error::Fenced` stops everything.
 
 use crate::actions::{ActionError, DeliveryRequest};
 use crate::config::{Observer, RuntimeConfig};
+use crate::control::{self, Paused};
 use crate::db;
 use crate::delivery::flow::{self, Endpoint};
 use crate::delivery::log::{Attempt, Delivered, DeliveryLog, Started};
@@ -46,6 +50,8 @@ pub struct ObserverExecutor {
     pub(super) consumer: String,
     pub(super) epoch: i64,
     pub(super) parking: Parking,
+    /// The observers paused by an operator (kept current by the pipeline's pause watcher).
+    pub(super) paused: Arc<Paused>,
     pub(super) retry_wake: Notify,
     pub(super) status: Arc<EngineStatus>,
     /// Every attempt of the observers that record them (`record`).
@@ -54,8 +60,9 @@ pub struct ObserverExecutor {
 
 impl ObserverExecutor {
     /// Build the executor for `runtime.consumer_id` led at `epoch` (from
-    /// `ChangeLogListener::epoch`): loads which entities are parked, releases the leases a dead
-    /// predecessor held, and sets up each endpoint's flow control.
+    /// `ChangeLogListener::epoch`): loads which entities are parked and which observers are
+    /// paused, releases the leases a dead predecessor held, and sets up each endpoint's flow
+    /// control.
     pub async fn new(
         observers: Vec<Observer>,
         database_url: &str,
@@ -75,6 +82,8 @@ impl ObserverExecutor {
                 "released retry leases of a previous leader"
             );
         }
+        let paused = Arc::new(Paused::default());
+        paused.replace(control::paused(&client, consumer).await?);
         let counts = retry_queue::blocked_keys(&client, consumer).await?;
         let parking = Parking::from_counts(counts.into_iter().filter_map(|((name, key), n)| {
             let i = observers.iter().position(|o| o.name == name)?;
@@ -99,6 +108,7 @@ impl ObserverExecutor {
             consumer: consumer.to_string(),
             epoch,
             parking,
+            paused,
             retry_wake: Notify::new(),
             status: Arc::new(EngineStatus::default()),
             log,
@@ -191,6 +201,13 @@ impl ObserverExecutor {
         let endpoint = &self.endpoints[i][a];
         let mut attempt = 1;
         loop {
+            if self.paused.contains(&observer.name) {
+                // Held, not skipped: it waits in the queue (not claimed while paused).
+                self.meters[i].actions[a].paused.increment(1);
+                return self
+                    .record_fresh(&item, attempt - 1, Decision::Queue(Duration::ZERO), "")
+                    .await;
+            }
             let request = DeliveryRequest {
                 event,
                 delivery_id: &item.delivery_id,
@@ -289,6 +306,16 @@ impl ObserverExecutor {
 
     pub(super) fn is_parked(&self, i: usize, key: &str) -> bool {
         self.observers[i].ordered && self.parking.is_parked(i, key)
+    }
+
+    /// Whether observer `i` is paused by an operator.
+    pub(super) fn is_paused(&self, i: usize) -> bool {
+        self.paused.contains(&self.observers[i].name)
+    }
+
+    /// The paused observers, for the pipeline's pause watcher.
+    pub(super) fn paused(&self) -> &Paused {
+        &self.paused
     }
 
     fn item<'a>(&'a self, i: usize, a: usize, event: &'a EntityEvent) -> Fresh<'a> {

@@ -143,7 +143,9 @@ async fn deliver_batches(executor: &ObserverExecutor, groups: &[Group]) -> HashS
     let mut delivered = HashSet::new();
     let mut by_observer: HashMap<usize, Vec<usize>> = HashMap::new();
     for (g, group) in groups.iter().enumerate() {
-        if !executor.is_parked(group.observer, &entity_key(&group.event)) {
+        if !executor.is_parked(group.observer, &entity_key(&group.event))
+            && !executor.is_paused(group.observer)
+        {
             by_observer.entry(group.observer).or_default().push(g);
         }
     }

@@ -17,6 +17,8 @@
 //!   dispatch, lanes (routing), coalescing; `chains.rs`: each (observer, entity)'s deliveries
 //!   in order, off the lanes; `retry.rs`: the retry worker's step; `monitor.rs`: live
 //!   figures; `run.rs`: the tasks and shutdown.
+//! * [`Pipeline::run`] also watches the paused observers (`control`); [`Pipeline::run_reloading`]
+//!   swaps the whole pipeline for a new configuration (drain, then start again) on a reload.
 //!
 //! Invariants:
 //! * The checkpoint moves only to the low watermark of done events: a crash replays at most what
@@ -35,10 +37,14 @@ pub use executor::{Held, ObserverExecutor, Routed};
 pub use monitor::EngineStatus;
 
 use crate::config::{Config, Observer, RuntimeConfig};
-use crate::error::{Error, Result};
+use crate::control;
+use crate::db;
+use crate::error::{ConfigErrors, Error, Result};
 use crate::listener::{ChangeLogListener, ListenerConfig};
+use crate::metrics as m;
 use std::future::Future;
 use std::sync::Arc;
+use tokio::sync::watch;
 
 /// The listener settings that `runtime` asks for, reading `database_url`.
 pub fn listener_config(database_url: &str, runtime: &RuntimeConfig) -> ListenerConfig {
@@ -137,13 +143,134 @@ impl Pipeline {
     /// when the listener fails for a reason that is not transient. Dropping the future (a lost
     /// lead) aborts every task it started: no draining, no checkpoint.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        run::run(
-            self.executor,
-            self.listener,
-            &self.database_url,
-            &self.runtime,
-            shutdown,
-        )
-        .await
+        let watcher = watch_paused(self.executor.clone(), self.database_url.clone());
+        tokio::select! {
+            result = run::run(
+                self.executor.clone(),
+                self.listener,
+                &self.database_url,
+                &self.runtime,
+                shutdown,
+            ) => result,
+            e = watcher => Err(e),
+        }
+    }
+
+    /// [`run`](Self::run), applying each new configuration on the way: whenever `reloads`
+    /// changes, `recompile` builds the new configuration (one that fails is logged and the
+    /// running one stays); then this pipeline is drained as on a shutdown (in-flight deliveries
+    /// finish or are handed to the retry queue, the checkpoint is saved) and a new one starts
+    /// from that checkpoint with the new observers and runtime settings, in the same lead
+    /// (a new epoch, taken while the consumer's lock is still held). `/healthz` figures carry
+    /// over. Returns when `shutdown` resolves, or on the first error.
+    pub async fn run_reloading(
+        self,
+        shutdown: impl Future<Output = ()> + Clone,
+        reloads: &mut watch::Receiver<u64>,
+        recompile: impl Fn() -> std::result::Result<Config, ConfigErrors>,
+    ) -> Result<()> {
+        let mut pipeline = self;
+        loop {
+            let consumer = pipeline.runtime.consumer_id.clone();
+            let (url, status) = (pipeline.database_url.clone(), pipeline.status());
+            let mut next: Option<Config> = None;
+            let stop = async {
+                tokio::select! {
+                    _ = shutdown.clone() => {}
+                    config = next_config(reloads, &recompile) => next = Some(config),
+                }
+            };
+            pipeline.run(stop).await?;
+            let Some(config) = next else {
+                return Ok(());
+            };
+            let observers = config.observers.len();
+            let listener = listener_config(&url, &config.runtime);
+            pipeline = tokio::select! {
+                biased;
+                _ = shutdown.clone() => return Ok(()),
+                started = Pipeline::start_with(listener, config.observers, config.runtime) => started?,
+            };
+            if let Some(executor) = Arc::get_mut(&mut pipeline.executor) {
+                executor.status = status;
+            }
+            tracing::info!(consumer = %consumer, observers, epoch = pipeline.epoch(),
+                "configuration reloaded: running the new observers from the saved checkpoint");
+        }
+    }
+}
+
+/// The next configuration to run: waits for `reloads` to change and compiles it; a
+/// configuration that does not compile is logged (every error) and waited past. Never resolves
+/// when nobody can ask for a reload (the sender is gone).
+async fn next_config(
+    reloads: &mut watch::Receiver<u64>,
+    recompile: &impl Fn() -> std::result::Result<Config, ConfigErrors>,
+) -> Config {
+    loop {
+        if reloads.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        reloads.borrow_and_update();
+        match recompile() {
+            Ok(config) => return config,
+            Err(errors) => {
+                for e in &errors.0 {
+                    tracing::error!(error = %e, "reload refused; the running configuration stays");
+                }
+            }
+        }
+    }
+}
+
+/// Keep the executor's paused observers current (every [`control::PAUSE_POLL`]), on a
+/// connection of its own. Ends only on an error that is not transient.
+async fn watch_paused(executor: Arc<ObserverExecutor>, database_url: String) -> Error {
+    let connection = match db::parse_url(&database_url) {
+        Ok(config) => db::Reconnecting::new(config, "fraiseql-observers-control"),
+        Err(e) => return e,
+    };
+    let publish = |executor: &ObserverExecutor| {
+        for o in executor.observers() {
+            let paused = executor.paused().contains(&o.name);
+            metrics::gauge!(m::OBSERVER_PAUSED, "observer" => o.name.clone()).set(if paused {
+                1.0
+            } else {
+                0.0
+            });
+        }
+    };
+    publish(&executor);
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(control::PAUSE_POLL).await;
+        let read = match connection.client().await {
+            Ok(client) => control::paused(&client, executor.consumer()).await,
+            Err(e) => Err(e),
+        };
+        match read {
+            Ok(now) => {
+                failing = false;
+                let (paused, resumed) = executor.paused().replace(now);
+                for observer in &paused {
+                    tracing::info!(consumer = %executor.consumer(), observer = %observer,
+                        "observer paused: its deliveries wait in the retry queue");
+                }
+                for observer in &resumed {
+                    tracing::info!(consumer = %executor.consumer(), observer = %observer,
+                        "observer resumed: its held deliveries are due now, in order");
+                }
+                if !paused.is_empty() || !resumed.is_empty() {
+                    publish(&executor);
+                }
+            }
+            Err(e) if e.is_transient() => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot read the paused observers; retrying");
+                }
+                failing = true;
+            }
+            Err(e) => return e,
+        }
     }
 }

@@ -4,7 +4,10 @@
 //!
 //! Invariants: only heads run (for an ordered observer, no earlier item of the same (observer,
 //! entity) is queued); a claim is a lease, so a dead leader's items are taken over; an item
-//! leaves the queue only by success, dead letter or drop, and then releases its entity.
+//! leaves the queue only by success, dead letter or drop, and then releases its entity; an item
+//! is sent only if its observer, as configured now, still accepts its event
+//! ([`policy::still_accepted`]: enabled, tenant scope, entity, event type, condition, the action
+//! itself), else it is given up as `not_accepted`.
 
 use super::executor::ObserverExecutor;
 use crate::actions::DeliveryRequest;
@@ -12,6 +15,7 @@ use crate::delivery::log::Started;
 use crate::delivery::policy::{self, Decision, Reason, Stage};
 use crate::delivery::{bounded_attempt, retry_queue, RETRY_LEASE};
 use crate::error::Result;
+use crate::metrics as m;
 
 impl ObserverExecutor {
     /// Attempt the due heads of the retry queue once. Returns how many items were attempted.
@@ -33,33 +37,16 @@ impl ObserverExecutor {
 
     async fn retry_item(&self, item: retry_queue::QueuedItem) -> Result<()> {
         let id = item.id;
-        let observer_index = self.observers.iter().position(|o| o.name == item.observer);
-        let found = observer_index.filter(|i| item.action_index < self.observers[*i].actions.len());
-        let Some(i) = found else {
-            let error = format!(
-                "observer '{}' action {} is no longer configured",
-                item.observer, item.action_index
-            );
-            let error = &error;
-            self.durably(|c| async move {
-                retry_queue::dead_letter(
-                    &c,
-                    &self.consumer,
-                    self.epoch,
-                    id,
-                    item.attempts,
-                    Reason::Permanent,
-                    error,
-                )
-                .await
-            })
-            .await?;
-            // The item left the queue: its entity, parked behind it when the observer is still
-            // configured (with fewer actions), runs freely again.
-            if let (Some(i), true) = (observer_index, item.ordered) {
-                self.parking.release(i, &item.entity_key);
-            }
-            return Ok(());
+        let accepted = policy::still_accepted(
+            self.matcher(),
+            &self.observers,
+            &item.observer,
+            item.action_index,
+            &item.event,
+        );
+        let i = match accepted {
+            Ok(i) => i,
+            Err(why) => return self.refuse(item, &why).await,
         };
         let observer = &self.observers[i];
         let action = &observer.actions[item.action_index];
@@ -178,6 +165,56 @@ impl ObserverExecutor {
             }
         };
         if finished && item.ordered {
+            self.parking.release(i, &item.entity_key);
+        }
+        Ok(())
+    }
+
+    /// A queued item whose observer no longer accepts its event (`why`): not sent, given up as
+    /// [`Reason::NotAccepted`] (dead-lettered, or dropped under `on_failure = "log"`), and its
+    /// entity released.
+    async fn refuse(&self, item: retry_queue::QueuedItem, why: &str) -> Result<()> {
+        let id = item.id;
+        let i = self.observers.iter().position(|o| o.name == item.observer);
+        let on_failure = i.map(|i| self.observers[i].on_failure).unwrap_or_default();
+        let decision = policy::give_up(Reason::NotAccepted, on_failure);
+        let dropped = matches!(decision, Decision::Drop(_));
+        self.durably(|c| async move {
+            if dropped {
+                retry_queue::remove(&c, &self.consumer, self.epoch, id).await
+            } else {
+                retry_queue::dead_letter(
+                    &c,
+                    &self.consumer,
+                    self.epoch,
+                    id,
+                    item.attempts,
+                    Reason::NotAccepted,
+                    why,
+                )
+                .await
+            }
+        })
+        .await?;
+        let a = item.action_index;
+        match i {
+            Some(i) if a < self.observers[i].actions.len() => self.given_up(
+                i,
+                a,
+                &item.event,
+                item.attempts,
+                Reason::NotAccepted,
+                why,
+                dropped,
+            ),
+            _ => {
+                metrics::counter!(m::DEAD_LETTERED).increment(1);
+                tracing::warn!(observer = %item.observer, action = a, sequence = item.event.sequence,
+                    event_id = %item.event.id, attempts = item.attempts,
+                    reason = Reason::NotAccepted.as_str(), error = why, "delivery dead-lettered");
+            }
+        }
+        if let Some(i) = i.filter(|_| item.ordered) {
             self.parking.release(i, &item.entity_key);
         }
         Ok(())

@@ -5,6 +5,7 @@ mod capture;
 mod catchup;
 mod cluster;
 mod conformance;
+mod control;
 mod delivery_log;
 mod docs;
 mod email;

@@ -261,8 +261,9 @@ async fn the_operator_needs_no_epoch_and_claims_a_dead_letter_once() {
     assert!(operator.replay("big", &event).await.unwrap().is_none());
     assert!(operator.replay("nope", &event).await.is_err());
 
-    // A dead letter of an observer no longer configured: claimed, fails permanently, pending
-    // again with one more attempt. One claimed by someone else is not sent.
+    // A dead letter of an observer no longer configured: claimed, not sent (a permanent
+    // failure), pending again with its attempts unchanged and reason `not_accepted`. One claimed
+    // by someone else is not sent.
     let (_, epoch) = checkpoint::claim(&client, "orders", StartPosition::Now)
         .await
         .unwrap();
@@ -273,8 +274,11 @@ async fn the_operator_needs_no_epoch_and_claims_a_dead_letter_once() {
         "{result:?}"
     );
     let item = dead_letter::get(&client, id).await.unwrap().unwrap();
-    assert_eq!((item.status.as_str(), item.attempts), ("pending", 4));
-    assert!(item.last_error.contains("not in this configuration"));
+    assert_eq!(
+        (item.status.as_str(), item.attempts, item.reason.as_str()),
+        ("pending", 3, "not_accepted")
+    );
+    assert!(item.last_error.contains("no longer configured"));
 
     dead_letter::claim_for_retry(&client, "orders", id, Duration::from_secs(60))
         .await

@@ -436,7 +436,7 @@ allow_private_networks = true
     .await;
     assert_eq!(dead.delivery_id, id);
     assert!(
-        dead.last_error.contains("no longer configured"),
+        dead.last_error.contains("has no action 1"),
         "{}",
         dead.last_error
     );
