@@ -271,7 +271,8 @@ async fn run(options: Options) {
         scenarios.insert(
             "flow".into(),
             json!({
-                "hung_endpoint": flow::hung_endpoint(&receiver, 500, secs).await,
+                "control": flow::hung_endpoint(&receiver, 500, secs, false).await,
+                "hung_endpoint": flow::hung_endpoint(&receiver, 500, secs, true).await,
                 "rate_limit": flow::rate_limit(&receiver, 50, 20).await,
             }),
         );
@@ -539,7 +540,12 @@ async fn backlog(options: &Options, receiver: &ReceiverProcess) -> Value {
     data::create_tables(&client).await;
     data::enable_capture(&client).await;
     let filling = Instant::now();
-    data::fill(&client, data::BacklogShape::of(options.backlog_events), 2000).await;
+    data::fill(
+        &client,
+        data::BacklogShape::of(options.backlog_events),
+        2000,
+    )
+    .await;
     let events: i64 = client
         .query_one("SELECT count(*) FROM core.tb_entity_change_log", &[])
         .await
@@ -624,17 +630,27 @@ async fn backlog(options: &Options, receiver: &ReceiverProcess) -> Value {
 /// alternating order, each run a fresh consumer over the same backlog.
 async fn record_cost(options: &Options, db: &ThroughputDb, receiver: &ReceiverProcess) -> Value {
     let observer = |record: &str| {
-        engine::webhook_observer("everything", "*", engine::ALL_KINDS, "", &receiver.url("/drain"))
-            .replacen(
-                "\n\n[[observers.",
-                &format!("\nrecord = \"{record}\"\n\n[[observers."),
-                1,
-            )
+        engine::webhook_observer(
+            "everything",
+            "*",
+            engine::ALL_KINDS,
+            "",
+            &receiver.url("/drain"),
+        )
+        .replacen(
+            "\n\n[[observers.",
+            &format!("\nrecord = \"{record}\"\n\n[[observers."),
+            1,
+        )
     };
     let (mut none, mut all) = (Vec::new(), Vec::new());
     let (mut none_cpu, mut all_cpu) = (Vec::new(), Vec::new());
     for run in 1..=options.runs {
-        let order = if run % 2 == 1 { ["none", "all"] } else { ["all", "none"] };
+        let order = if run % 2 == 1 {
+            ["none", "all"]
+        } else {
+            ["all", "none"]
+        };
         for record in order {
             receiver.reset().await;
             let consumer = format!("record_{record}_{run}");

@@ -23,20 +23,35 @@ async fn black_hole() -> String {
 }
 
 /// The healthy observer's commit-to-arrival latency at `rate` changes/s while another
-/// observer's endpoint hangs (default 10 s timeout, default breaker).
-pub async fn hung_endpoint(receiver: &ReceiverProcess, rate: u64, secs: u64) -> Value {
+/// observer's endpoint hangs (default 10 s timeout, default breaker); with `hung` false, the
+/// other observer's endpoint is a second healthy receiver (the same work, nothing hangs: the
+/// control run).
+pub async fn hung_endpoint(receiver: &ReceiverProcess, rate: u64, secs: u64, hung: bool) -> Value {
     const DB: &str = "fo_bench_e2e_hung";
     let (url, _client) = fresh_captured_db(DB).await;
+    // The control's other receiver is a process of its own, so the healthy receiver's
+    // arrivals are the healthy observer's only.
+    let second = (!hung).then(ReceiverProcess::start);
+    let other = match &second {
+        None => black_hole().await,
+        Some(r) => r.url("/other"),
+    };
     let observers = format!(
         "{}{}",
-        engine::webhook_observer("healthy", "Order", r#""INSERT""#, "", &receiver.url("/healthy")),
-        engine::webhook_observer("stuck", "Order", r#""INSERT""#, "", &black_hole().await),
+        engine::webhook_observer(
+            "healthy",
+            "Order",
+            r#""INSERT""#,
+            "",
+            &receiver.url("/healthy")
+        ),
+        engine::webhook_observer("stuck", "Order", r#""INSERT""#, "", &other),
     );
     let engine = Engine::start(&url, "hung", "start_position = \"now\"", &observers).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let result = steady_run(&url, receiver, rate, secs).await;
     engine.stop().await;
-    eprintln!("healthy observer at {rate}/s beside a hung endpoint: {result:?}");
+    eprintln!("healthy observer at {rate}/s, other endpoint hung: {hung}: {result:?}");
     assert_eq!(result.missing, 0, "every healthy delivery arrives");
     data::drop_database(DB).await;
     serde_json::to_value(&result).expect("json")
@@ -56,7 +71,9 @@ pub async fn rate_limit(receiver: &ReceiverProcess, limit: u64, secs: u64) -> Va
     )
     .replace(
         "allow_private_networks = true\n",
-        &format!("allow_private_networks = true\nrate_limit = {{ per_second = {limit}, burst = 1 }}\n"),
+        &format!(
+            "allow_private_networks = true\nrate_limit = {{ per_second = {limit}, burst = 1 }}\n"
+        ),
     );
     let engine = Engine::start(
         &url,
@@ -93,9 +110,7 @@ pub async fn rate_limit(receiver: &ReceiverProcess, limit: u64, secs: u64) -> Va
     }
     let total: u64 = per_second.iter().sum();
     let average = total as f64 / secs as f64;
-    eprintln!(
-        "rate limit {limit}/s: {average:.1}/s over {secs} s, per second {per_second:?}"
-    );
+    eprintln!("rate limit {limit}/s: {average:.1}/s over {secs} s, per second {per_second:?}");
     json!({
         "limit_per_s": limit,
         "offered_per_s": limit * 2,
