@@ -101,6 +101,9 @@ pub enum Command {
     /// The NOTIFY wake-up hint sent on captured commits.
     #[command(subcommand)]
     Notify(commands::capture::NotifyCommand),
+    /// Copy a captured table's existing rows into the change log as SNAPSHOT events
+    /// (resumable, throttled); `backfill status`, `backfill cancel`.
+    Backfill(commands::backfill::BackfillArgs),
     /// Pause one observer of the configured consumer: the running daemon holds its deliveries,
     /// in order, until `resume` (durable; honoured within a second).
     Pause {

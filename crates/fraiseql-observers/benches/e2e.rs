@@ -14,7 +14,8 @@
 //! not part of a full run; `benches/instructions.sh` runs it), `record-cost` (drain with the
 //! delivery log on and off, alternating),
 //! `backlog` (a 5 M-change backlog, `--backlog-events N`, drained to the webhook: peak RSS and
-//! the rate of each tenth; not part of a full run), `match-only`, `fan-out`, `latency`, `soak`, `writer-cost`, `peer`
+//! the rate of each tenth; not part of a full run), `flow` (a healthy observer's latency at
+//! 500/s beside a hung endpoint, and a 50/s rate limit over 20 s), `match-only`, `fan-out`, `latency`, `soak`, `writer-cost`, `peer`
 //! (`--scenario` may be repeated or comma-separated). Options: `--runs N` (throughput runs,
 //! default 3, 1 with `--quick`), `--events N` (backlog size, default 100,000, 10,000 with
 //! `--quick`), `--no-peer`, `--report-only` (rewrite BENCHMARKS.md's tables from the last full
@@ -36,6 +37,8 @@ mod binary;
 mod data;
 #[path = "e2e/engine.rs"]
 mod engine;
+#[path = "e2e/flow.rs"]
+mod flow;
 #[path = "e2e/peer.rs"]
 mod peer;
 #[path = "e2e/receiver.rs"]
@@ -68,6 +71,7 @@ const SCENARIOS: &[&str] = &[
     "soak",
     "writer-cost",
     "peer",
+    "flow",
     "backlog",
     "instructions",
 ];
@@ -294,6 +298,17 @@ async fn run(options: Options) {
     }
     if options.wants("soak") {
         scenarios.insert("soak".into(), soak(&options, &receiver).await);
+    }
+    if options.wants("flow") {
+        let secs = if options.quick { 10 } else { 30 };
+        scenarios.insert(
+            "flow".into(),
+            json!({
+                "control": flow::hung_endpoint(&receiver, 500, secs, false).await,
+                "hung_endpoint": flow::hung_endpoint(&receiver, 500, secs, true).await,
+                "rate_limit": flow::rate_limit(&receiver, 50, 20).await,
+            }),
+        );
     }
     if options.wants("backlog") {
         scenarios.insert("backlog".into(), backlog(&options, &receiver).await);

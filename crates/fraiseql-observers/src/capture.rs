@@ -7,6 +7,10 @@
 //! behaviour. Validation errors come back as [`Error::Database`] carrying the server's message
 //! (which names the table and column).
 //!
+//! Rights: the generated trigger function is SECURITY INVOKER (migration 0008): rows are serialised
+//! as the writer, and only `fraiseql_capture.write` (SECURITY DEFINER, plain values) inserts into
+//! the log, so writers need no rights on it.
+//!
 //! What a captured table produces: one `core.tb_entity_change_log` row per inserted, updated or
 //! deleted row, in the writer's transaction, written by an AFTER statement-level trigger. No-op
 //! updates log nothing; an update that only changes an excluded column is logged with equal

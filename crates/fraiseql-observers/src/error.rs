@@ -46,6 +46,17 @@ pub enum Error {
     )]
     ReadOnlyStandby,
 
+    /// The reader reconnected to another server than the one its lead started on: another
+    /// cluster (`system_identifier`), or the same one on another timeline (a standby promoted
+    /// since). What was read may not be there: the lead ends and is contended again, with the
+    /// start-up checks (lock, epoch, checkpoint not ahead of the database).
+    #[error("consumer '{consumer}': the database server changed under the lead (was {before}, now {after}); stopped reading, contending again")]
+    ServerChanged {
+        consumer: String,
+        before: String,
+        after: String,
+    },
+
     /// The database could not be reached again after a lost connection (any cause: it may be
     /// restarting, refusing connections for a while, or failing over). Retried.
     #[error("cannot reconnect to the database: {0}")]

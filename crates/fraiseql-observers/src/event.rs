@@ -17,6 +17,10 @@ pub enum EventKind {
     /// Debezium `r` (a read of the current state with no change: FraiseQL's `NOOP` rows and
     /// `CUSTOM`/`READ` rows of the later table shape).
     Custom,
+    /// Debezium `r` with `source.snapshot` set: a copy of a row that already existed, written by
+    /// `backfill` (see [`crate::backfill`]). Observers receive it only when they list
+    /// `"SNAPSHOT"`; search and cache actions treat it as an upsert.
+    Snapshot,
 }
 
 impl EventKind {
@@ -27,6 +31,7 @@ impl EventKind {
             EventKind::Updated => "UPDATE",
             EventKind::Deleted => "DELETE",
             EventKind::Custom => "CUSTOM",
+            EventKind::Snapshot => "SNAPSHOT",
         }
     }
 
@@ -36,7 +41,7 @@ impl EventKind {
             EventKind::Created => "c",
             EventKind::Updated => "u",
             EventKind::Deleted => "d",
-            EventKind::Custom => "r",
+            EventKind::Custom | EventKind::Snapshot => "r",
         }
     }
 }
@@ -109,6 +114,17 @@ pub struct EntityEvent {
 }
 
 impl EntityEvent {
+    /// The observers a snapshot event is for (`source.observers`, written by `backfill
+    /// --observer`); `None` for every other event and for a snapshot meant for every observer
+    /// that asks for snapshots.
+    pub fn snapshot_targets(&self) -> Option<impl Iterator<Item = &str>> {
+        if self.kind != EventKind::Snapshot {
+            return None;
+        }
+        let targets = self.source.as_ref()?.get("observers")?.as_array()?;
+        Some(targets.iter().filter_map(Value::as_str))
+    }
+
     /// The entity's current state: `after`, or `before` for a delete; `Null` when neither exists.
     pub fn data(&self) -> &Value {
         static NULL: Value = Value::Null;

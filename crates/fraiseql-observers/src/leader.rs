@@ -9,6 +9,9 @@
 //! Invariants:
 //! * [`Leadership`] exists only while the lock was granted on its connection; dropping it closes
 //!   that connection, which releases the lock.
+//! * The lock connection is a session of its own: right after the lock is granted, and then at
+//!   every probe, the session its statements run on must hold the lock ([`holds_lock`]); a
+//!   transaction-pooling proxy is refused.
 //! * The lock connection is probed every [`HEARTBEAT_INTERVAL`]; when a probe fails or times out,
 //!   [`Leadership::lost`] resolves and never un-resolves. The holder must stop at once: another
 //!   instance may lead already. (The lock alone cannot rule out two leaders for a moment, e.g. a
@@ -110,6 +113,30 @@ pub async fn unlock(client: &Client, consumer: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether the session that `client`'s next statement runs on holds `consumer`'s leader lock.
+/// False on the lock connection means its statements do not all run on one session: it goes
+/// through a transaction-pooling proxy (PgBouncer `pool_mode = transaction`), where a session
+/// lock guards nothing.
+pub async fn holds_lock(client: &Client, consumer: &str) -> Result<bool> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks
+                             WHERE locktype = 'advisory' AND granted AND objsubid = 1
+                               AND pid = pg_backend_pid()
+                               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                               AND ((classid::bigint << 32) | objid::bigint) = $1)",
+            &[&lock_key(consumer)],
+        )
+        .await?
+        .get(0))
+}
+
+/// Why a lead cannot be trusted on this connection (see [`holds_lock`]).
+const NOT_A_SESSION: &str = "the leader lock is not held by the session the lock connection's \
+    statements run on: is the daemon connected through a transaction-pooling proxy (PgBouncer \
+    pool_mode = transaction)? The leader lock needs a session of its own: connect directly or \
+    through session pooling";
+
 /// The backend (pid) holding `consumer`'s leader lock in `client`'s database, other than
 /// `client`'s own session: the running leader, if any.
 pub async fn holder(client: &Client, consumer: &str) -> Result<Option<i32>> {
@@ -168,7 +195,16 @@ impl Leadership {
                 ))),
             };
             match attempt {
-                Ok((c, true)) => break c,
+                Ok((c, true)) => {
+                    // Two more transactions on the lock connection must run on the session
+                    // holding the lock: a transaction pooler is refused at once.
+                    for _ in 0..2 {
+                        if !holds_lock(&c, consumer_id).await? {
+                            return Err(Error::Invalid(NOT_A_SESSION.into()));
+                        }
+                    }
+                    break c;
+                }
                 Ok((c, false)) => {
                     client = Some(c);
                     failure_delay = Duration::from_millis(100);
@@ -228,17 +264,18 @@ impl Drop for Leadership {
     }
 }
 
-/// Probe the lock connection until a probe fails; then report the loss and end (dropping the
-/// connection).
+/// Probe the lock connection until a probe fails or finds the lock not held by the session it
+/// ran on ([`holds_lock`]); then report the loss and end (dropping the connection).
 async fn heartbeat(client: Client, consumer: String, lost: watch::Sender<bool>) {
     loop {
         tokio::time::sleep(HEARTBEAT_INTERVAL).await;
-        let failure =
-            match tokio::time::timeout(HEARTBEAT_TIMEOUT, client.simple_query("SELECT 1")).await {
-                Ok(Ok(_)) => continue,
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no answer within {HEARTBEAT_TIMEOUT:?}"),
-            };
+        let probe = holds_lock(&client, &consumer);
+        let failure = match tokio::time::timeout(HEARTBEAT_TIMEOUT, probe).await {
+            Ok(Ok(true)) => continue,
+            Ok(Ok(false)) => NOT_A_SESSION.to_string(),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {HEARTBEAT_TIMEOUT:?}"),
+        };
         tracing::error!(consumer = %consumer, error = %failure,
             "leadership lost: the lock connection failed; another instance may lead now");
         lost.send_replace(true);
@@ -269,14 +306,16 @@ enum AfterLoss {
 
 /// Whether a lead that ended on `error` is contended again: a database that went away or
 /// restarted, a deposed lead (fenced), a failed engine task, and a database found read-only
-/// (a failover in progress) are passing states; anything else fails the same way every time.
+/// (a failover in progress), and a reader that reached another server than its lead started on
+/// are passing states; anything else fails the same way every time.
 fn after_loss(error: &Error) -> AfterLoss {
     match error {
         e if e.is_transient() => AfterLoss::Recontend,
         Error::Fenced { .. }
         | Error::TaskFailed(_)
         | Error::LostLead { .. }
-        | Error::ReadOnlyStandby => AfterLoss::Recontend,
+        | Error::ReadOnlyStandby
+        | Error::ServerChanged { .. } => AfterLoss::Recontend,
         _ => AfterLoss::Exit,
     }
 }
@@ -452,6 +491,12 @@ mod tests {
             AfterLoss::Recontend
         );
         assert_eq!(after_loss(&Error::ReadOnlyStandby), AfterLoss::Recontend);
+        let changed = Error::ServerChanged {
+            consumer: "c".into(),
+            before: "cluster 1, timeline 1".into(),
+            after: "cluster 1, timeline 2".into(),
+        };
+        assert_eq!(after_loss(&changed), AfterLoss::Recontend);
         assert_eq!(
             after_loss(&Error::ChangeLogShape("no txid".into())),
             AfterLoss::Exit

@@ -45,6 +45,7 @@
 //! The library reads no environment variables and installs no global state.
 
 pub mod actions;
+pub mod backfill;
 pub mod capture;
 pub mod condition;
 pub mod config;

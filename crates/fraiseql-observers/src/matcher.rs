@@ -2,7 +2,9 @@
 //!
 //! An index by (entity type, event kind) plus the wildcard observers of each kind narrows the
 //! candidates; then each candidate's tenant scope and condition decide. Candidates come out in
-//! configuration order, so the same event always matches in the same order.
+//! configuration order, so the same event always matches in the same order. Snapshot events
+//! (`SNAPSHOT`, written by `backfill`) reach only observers that list that event type, and only
+//! those named by the backfill when it named any (`source.observers`).
 
 use crate::event::{EntityEvent, EventKind};
 use crate::observer::Observer;
@@ -24,6 +26,9 @@ pub struct EventMatcher {
     /// entity type -> event kind -> observers (looked up by `&str`: no allocation per event).
     by_entity: HashMap<String, HashMap<EventKind, Vec<usize>>>,
     wildcard: HashMap<EventKind, Vec<usize>>,
+    /// Observer names by index: a snapshot event naming its observers (`backfill --observer`)
+    /// has only those as candidates.
+    names: Vec<String>,
 }
 
 impl EventMatcher {
@@ -46,11 +51,22 @@ impl EventMatcher {
         EventMatcher {
             by_entity,
             wildcard,
+            names: observers.iter().map(|o| o.name.clone()).collect(),
         }
     }
 
-    /// Observers whose entity and event type fit, in configuration order.
+    /// Observers whose entity and event type fit, in configuration order. A snapshot event that
+    /// names its observers (`source.observers`) has only those.
     pub fn candidates(&self, event: &EntityEvent) -> Vec<usize> {
+        let mut all = self.fitting(event);
+        if let Some(targets) = event.snapshot_targets() {
+            let targets: Vec<&str> = targets.collect();
+            all.retain(|&i| targets.contains(&self.names[i].as_str()));
+        }
+        all
+    }
+
+    fn fitting(&self, event: &EntityEvent) -> Vec<usize> {
         let specific = self
             .by_entity
             .get(event.entity_type.as_str())
@@ -179,6 +195,33 @@ mod tests {
             .iter()
             .map(|(i, v)| (observers[*i].name.clone(), v.clone()))
             .collect()
+    }
+
+    #[test]
+    fn snapshots_reach_only_observers_asking_and_those_a_backfill_names() {
+        let mut toml = String::new();
+        for (name, entity, types) in [
+            ("sync", "Order", "[\"UPDATE\", \"SNAPSHOT\"]"),
+            ("any_snapshot", "*", "\"SNAPSHOT\""),
+            ("inserts", "Order", "\"INSERT\""),
+        ] {
+            toml.push_str(&format!(
+                "[observers.{name}]\nentity = \"{entity}\"\nevent_type = {types}\n\
+                 [[observers.{name}.actions]]\ntype = \"webhook\"\nurl = \"https://example.com/{name}\"\n\n"
+            ));
+        }
+        let observers = crate::config::load(&toml, &|_| None).unwrap().observers;
+        let matcher = EventMatcher::new(&observers);
+        let mut snapshot = event(EventKind::Snapshot, None, json!({"status": "new"}), false);
+        assert_eq!(matcher.candidates(&snapshot), [0, 1]);
+        snapshot.source = Some(json!({"snapshot": "incremental", "observers": ["any_snapshot"]}));
+        assert_eq!(matcher.candidates(&snapshot), [1]);
+        snapshot.source = Some(json!({"snapshot": "incremental", "observers": ["inserts"]}));
+        assert!(matcher.candidates(&snapshot).is_empty());
+        // Only snapshots are narrowed by `source.observers`.
+        let mut update = event(EventKind::Updated, None, json!({"status": "paid"}), true);
+        update.source = Some(json!({"observers": ["any_snapshot"]}));
+        assert_eq!(matcher.candidates(&update), [0]);
     }
 
     #[test]

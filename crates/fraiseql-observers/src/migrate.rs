@@ -34,7 +34,10 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(4, "0004_capture"),
     migration!(5, "0005_notify_hint"),
     migration!(6, "0006_delivery"),
+    migration!(7, "0007_leases"),
+    migration!(8, "0008_capture_invoker"),
     migration!(9, "0009_control"),
+    migration!(10, "0010_backfill"),
     migration!(11, "0011_delivery_log"),
 ];
 

@@ -20,7 +20,7 @@ use crate::delivery::dead_letter::{self, DlqItem};
 use crate::delivery::log::{self, Attempt, Delivered, Started};
 use crate::delivery::policy::{self, Reason};
 use crate::delivery::retry_queue::{self, PendingRetry};
-use crate::delivery::RETRY_LEASE;
+use crate::delivery::{bounded_attempt, RETRY_LEASE};
 use crate::delivery::{delivery_id, entity_key};
 use crate::error::{Error, Result};
 use crate::event::EntityEvent;
@@ -244,6 +244,11 @@ impl Operator {
         else {
             return Ok(None);
         };
+        let Some(token) = item.claim_token else {
+            return Err(Error::Invalid(format!(
+                "dead letter {id}: claimed without a token"
+            )));
+        };
         let accepted = policy::still_accepted(
             &self.matcher,
             &self.observers,
@@ -255,7 +260,8 @@ impl Operator {
             Ok(i) => i,
             Err(why) => {
                 // Not sent: today's configuration would not deliver it.
-                dead_letter::refuse_retry(&self.client, id, Reason::NotAccepted, &why).await?;
+                dead_letter::refuse_retry(&self.client, id, token, Reason::NotAccepted, &why)
+                    .await?;
                 return Ok(Some(Err(ActionError::permanent(format!(
                     "not sent: {why}"
                 )))));
@@ -269,7 +275,7 @@ impl Operator {
         };
         let started = Started::now();
         let a = item.action_index;
-        let result = self.observers[i].actions[a].execute(&request).await;
+        let result = bounded_attempt(self.observers[i].actions[a].execute(&request)).await;
         self.log(
             i,
             a,
@@ -280,8 +286,14 @@ impl Operator {
             &result,
         )
         .await?;
-        dead_letter::finish_retry(&self.client, id, result.as_ref().err().map(|e| e.message()))
-            .await?;
+        let error = result.as_ref().err().map(|e| e.message());
+        if !dead_letter::finish_retry(&self.client, id, token, error).await? {
+            tracing::warn!(
+                dead_letter = id,
+                "the retry outlived its claim and another retry holds the item now; this \
+                 outcome is not recorded"
+            );
+        }
         Ok(Some(result))
     }
 }

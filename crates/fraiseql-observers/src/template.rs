@@ -26,6 +26,9 @@
 //! * [`TemplateMode::Glob`] is key mode for Redis glob patterns: every printed value has the
 //!   glob metacharacters `* ? [ ] \` backslash-escaped (see [`escape_glob`]), so only the
 //!   template's own literal text can be a wildcard and no event value can widen a pattern.
+//! * [`TemplateMode::Slack`] is text mode for Slack messages: every printed value has `&`, `<`
+//!   and `>` escaped (see [`escape_slack`]), so event data cannot mention `<!channel>` or add a
+//!   link; `| safe` opts out.
 //! * Rendering reads only the event: no I/O, no clock, no environment.
 
 use std::collections::BTreeSet;
@@ -82,6 +85,10 @@ pub enum TemplateMode {
     /// has its glob metacharacters escaped, so only the literal text of the template is a
     /// wildcard.
     Glob,
+    /// Slack message text: text mode, and every printed value has `&`, `<` and `>` escaped as
+    /// Slack asks (see [`escape_slack`]), so event data cannot add mentions (`<!channel>`) or
+    /// links (`<https://x|y>`); `| safe` opts out for a value known to be Slack markup.
+    Slack,
 }
 
 #[derive(Debug, Error)]
@@ -121,6 +128,18 @@ impl Template {
                     }
                     let text = value.to_string();
                     let text = if glob { escape_glob(&text) } else { text };
+                    out.write_str(&text).map_err(minijinja::Error::from)
+                });
+            }
+            TemplateMode::Slack => {
+                env.set_auto_escape_callback(|_| AutoEscape::None);
+                env.set_formatter(|out, _state, value| {
+                    let text = value.to_string();
+                    let text = if value.is_safe() {
+                        text
+                    } else {
+                        escape_slack(&text)
+                    };
                     out.write_str(&text).map_err(minijinja::Error::from)
                 });
             }
@@ -367,6 +386,21 @@ pub fn changes_json(event: &EntityEvent) -> Json {
                 .collect::<Map<_, _>>(),
         ),
     }
+}
+
+/// Slack's escaping of message text: `&` -> `&amp;`, `<` -> `&lt;`, `>` -> `&gt;` (the three
+/// characters Slack's formatting reads as control characters).
+pub fn escape_slack(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// `text` with the Redis glob metacharacters `* ? [ ] \` backslash-escaped: as a `SCAN MATCH`

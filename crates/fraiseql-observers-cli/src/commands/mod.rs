@@ -2,6 +2,7 @@
 //! return an exit code. Shared here: where the configuration and the database URL come from, and
 //! the tracing set-up.
 
+pub mod backfill;
 pub mod capture;
 pub mod checkpoint;
 pub mod deliveries;
@@ -54,6 +55,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         } => prune::execute(&cli, older_than, deliveries_older_than, *batch_size).await,
         Command::Capture(command) => capture::execute(&cli, command).await,
         Command::Notify(command) => capture::execute_notify(&cli, command).await,
+        Command::Backfill(args) => backfill::execute(&cli, args).await,
         Command::Pause { observer } => pause::pause(&cli, observer).await,
         Command::Resume { observer } => pause::resume(&cli, observer).await,
         Command::Status => pause::status(&cli).await,

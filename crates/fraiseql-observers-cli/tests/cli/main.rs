@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod backfill;
 mod blackhole;
 mod control;
 mod crash;

@@ -39,7 +39,10 @@
 //!   subject template that spans lines is a formatting accident rather than an attack on the
 //!   recipient. Fixed addresses are checked at compile.
 //! * Recipients: `to`/`to_template` are comma-separated lists (`"Name" <a@x>, b@x`); every
-//!   address must parse completely (trailing text is an error, not dropped). Empty items are
+//!   address must parse completely (trailing text is an error, not dropped). The list is the
+//!   template's own: `to_template` is split at the commas of its literal text and each item
+//!   must render to at most one address, so a value from the event containing commas or several
+//!   addresses is a permanent error, never extra recipients. Empty items are
 //!   skipped; no recipient at all is a permanent error. The envelope goes to `to`, `cc` and
 //!   `bcc`; the `Bcc` header is not sent.
 //! * `Message-ID` is `<delivery id@from domain>`: the same on every retry, so receivers and
@@ -380,7 +383,9 @@ pub struct EmailConfig {
 /// [`Action`]: super::Action
 enum Recipients {
     Fixed(Vec<Mailbox>),
-    Template(Box<Template>),
+    /// One template per comma-separated item of `to_template`'s own text; each renders to at
+    /// most one address.
+    Template(Vec<Template>),
 }
 
 enum Subject {
@@ -439,10 +444,7 @@ pub fn compile(
             let list = fixed_addresses(Some(list), "to", path, &mut errors);
             (!list.is_empty()).then_some(Recipients::Fixed(list))
         }
-        (None, Some(source)) => {
-            template(source, TemplateMode::Text, "to_template", path, &mut errors)
-                .map(|t| Recipients::Template(Box::new(t)))
-        }
+        (None, Some(source)) => recipient_templates(source, path, &mut errors),
     };
 
     let subject = match (&config.subject, &config.subject_template) {
@@ -565,6 +567,94 @@ fn fixed_addresses(
     out
 }
 
+/// `to_template` compiled item by item: its source is split at the commas of its own text
+/// (outside quotes, `<...>` and `{{ }}`, `{% %}`, `{# #}` blocks), and each item is a template of
+/// its own whose rendering must be at most one address. So the recipients are the ones the
+/// template lists: a value from the event (`"a@x, evil@y"`) can never add one.
+fn recipient_templates(
+    source: &str,
+    path: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Recipients> {
+    let key = format!("{path}.to_template");
+    if let Err(e) = Template::compile(source, TemplateMode::Text) {
+        errors.push(ConfigError::new(key, e.to_string()));
+        return None;
+    }
+    let mut items = Vec::new();
+    for item in split_recipient_template(source) {
+        match Template::compile(item, TemplateMode::Text) {
+            Ok(t) => items.push(t),
+            Err(e) => {
+                errors.push(ConfigError::new(
+                    key,
+                    format!(
+                        "each comma-separated recipient is rendered on its own, and '{}' is not a \
+                         template by itself ({e}); a block cannot produce several recipients",
+                        item.trim()
+                    ),
+                ));
+                return None;
+            }
+        }
+    }
+    if items.is_empty() {
+        errors.push(ConfigError::new(
+            key,
+            "is empty; give at least one recipient",
+        ));
+        return None;
+    }
+    Some(Recipients::Template(items))
+}
+
+/// The comma-separated items of a recipient template's own text (empty items dropped).
+fn split_recipient_template(source: &str) -> Vec<&str> {
+    let bytes = source.as_bytes();
+    let mut items = Vec::new();
+    let (mut start, mut i) = (0, 0);
+    let (mut close, mut quoted, mut escaped, mut angle): (Option<&[u8]>, bool, bool, bool) =
+        (None, false, false, false);
+    while i < bytes.len() {
+        if let Some(end) = close {
+            if bytes[i..].starts_with(end) {
+                close = None;
+                i += end.len();
+            } else {
+                i += 1;
+            }
+            continue;
+        }
+        let open = match &bytes[i..] {
+            [b'{', b'{', ..] => Some(b"}}".as_slice()),
+            [b'{', b'%', ..] => Some(b"%}".as_slice()),
+            [b'{', b'#', ..] => Some(b"#}".as_slice()),
+            _ => None,
+        };
+        if open.is_some() {
+            close = open;
+            i += 2;
+            continue;
+        }
+        match bytes[i] {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b'<' if !quoted => angle = true,
+            b'>' if !quoted => angle = false,
+            b',' if !quoted && !angle => {
+                items.push(&source[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    items.push(&source[start..]);
+    items.retain(|item| !item.trim().is_empty());
+    items
+}
+
 /// A comma-separated address list (`"Doe, J" <j@x>, b@x`). Every item must parse completely;
 /// empty items are skipped. Line breaks and other control characters are refused.
 pub fn parse_address_list(raw: &str) -> Result<Vec<Mailbox>, String> {
@@ -671,13 +761,27 @@ impl Email {
         };
         let to = match &self.to {
             Recipients::Fixed(list) => list.clone(),
-            Recipients::Template(t) => {
-                let rendered = render("to_template", t)?;
-                let list = parse_address_list(&rendered).map_err(|e| {
-                    ActionError::permanent(format!(
-                        "to_template rendered a recipient list that {e}"
-                    ))
-                })?;
+            Recipients::Template(items) => {
+                let mut list = Vec::with_capacity(items.len());
+                for (n, t) in items.iter().enumerate() {
+                    let rendered = render("to_template", t)?;
+                    let mut one = parse_address_list(&rendered).map_err(|e| {
+                        ActionError::permanent(format!(
+                            "to_template recipient #{} rendered a value that {e}",
+                            n + 1
+                        ))
+                    })?;
+                    if one.len() > 1 {
+                        return Err(ActionError::permanent(format!(
+                            "to_template recipient #{} rendered {} addresses; a value from the \
+                             event is one recipient at most (list recipients in the template's \
+                             own text)",
+                            n + 1,
+                            one.len()
+                        )));
+                    }
+                    list.append(&mut one);
+                }
                 if list.is_empty() {
                     return Err(ActionError::permanent(
                         "to_template rendered no recipient for this event",
@@ -874,6 +978,33 @@ mod tests {
         .unwrap_err();
         assert_eq!(errors[0].path, "e.username_env");
         assert!(errors[0].message.contains("'NOPE' is not set"));
+    }
+
+    #[test]
+    fn a_recipient_template_is_split_at_its_own_commas_only() {
+        assert_eq!(
+            split_recipient_template(r#""Buyer, Jane" <{{ after.email }}>, ops@x.example,"#),
+            [r#""Buyer, Jane" <{{ after.email }}>"#, " ops@x.example"]
+        );
+        assert_eq!(
+            split_recipient_template(r#"{{ after.emails | join(", ") }}, {# a, b #}x@y.example"#),
+            [
+                r#"{{ after.emails | join(", ") }}"#,
+                r#" {# a, b #}x@y.example"#
+            ]
+        );
+        let mut errors = Vec::new();
+        assert!(recipient_templates(
+            "{% for e in after.emails %}{{ e }}, {% endfor %}",
+            "p",
+            &mut errors
+        )
+        .is_none());
+        assert_eq!(errors[0].path, "p.to_template");
+        assert!(
+            errors[0].message.contains("rendered on its own"),
+            "{errors:#?}"
+        );
     }
 
     #[test]

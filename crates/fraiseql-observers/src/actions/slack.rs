@@ -5,7 +5,7 @@
 //! type = "slack"
 //! webhook_url_env = "SLACK_ORDERS_URL"       # the incoming-webhook URL is a secret
 //! channel = "#orders"                        # optional override
-//! message_template = "Order {{ after.id }} paid: {{ after.total }} EUR"   # text mode
+//! message_template = "Order {{ after.id }} paid: {{ after.total }} EUR"   # values escaped
 //! username = "orders-bot"                    # optional
 //! icon_emoji = ":moneybag:"                  # optional
 //! timeout_ms = 10000                         # default 10 s
@@ -20,6 +20,11 @@
 //!   scheme and host.
 //! * The request is `POST` of `{"text", "channel"?, "username"?, "icon_emoji"?}` as JSON; the
 //!   text is the rendered `message_template` (default: `"<entity_type> <entity_id> <kind>"`).
+//! * Event data cannot format the message: every value `message_template` prints has `&`, `<`
+//!   and `>` escaped as Slack's docs ask (`&amp;`, `&lt;`, `&gt;`), so a value such as
+//!   `<!channel>` or `<https://evil|invoice>` is shown as text, never a mention or a link. The
+//!   template's own literal text is Slack markup (`<{{ after.url }}|open>` is a link whose target
+//!   is escaped); `{{ value | safe }}` prints a value known to be Slack markup as it is.
 //! * Outcomes: 2xx ok; 404 `no_service`/`no_team` (the webhook was removed) and any 410 gone;
 //!   other 4xx (`invalid_payload`, 404 `channel_not_found`, 403 `action_prohibited`...)
 //!   permanent; 429 and 5xx transient (see [`super::http::classify`]). Slack's short error code
@@ -126,7 +131,7 @@ pub fn compile(
         .message_template
         .as_deref()
         .unwrap_or(DEFAULT_MESSAGE);
-    let message = Template::compile(source, TemplateMode::Text)
+    let message = Template::compile(source, TemplateMode::Slack)
         .map_err(|e| {
             errors.push(ConfigError::new(
                 format!("{path}.message_template"),

@@ -390,6 +390,7 @@ fn verb(kind: EventKind) -> &'static str {
         EventKind::Updated => "updated",
         EventKind::Deleted => "deleted",
         EventKind::Custom => "custom",
+        EventKind::Snapshot => "snapshot",
     }
 }
 

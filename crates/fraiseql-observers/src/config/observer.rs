@@ -84,7 +84,7 @@ pub(super) fn compile_observer(
         None => {
             errors.push(ConfigError::new(
                 format!("{path}.event_type"),
-                "missing; one or a list of INSERT, UPDATE, DELETE, CUSTOM",
+                "missing; one or a list of INSERT, UPDATE, DELETE, CUSTOM, SNAPSHOT",
             ));
             Vec::new()
         }
@@ -106,7 +106,7 @@ pub(super) fn compile_observer(
                     Some(_) => {}
                     None => errors.push(ConfigError::new(
                         format!("{path}.event_type"),
-                        format!("unknown event type '{n}'; one of INSERT, UPDATE, DELETE, CUSTOM"),
+                        format!("unknown event type '{n}'; one of INSERT, UPDATE, DELETE, CUSTOM, SNAPSHOT"),
                     )),
                 }
             }
@@ -254,6 +254,7 @@ fn parse_kind(name: &str) -> Option<EventKind> {
         "UPDATE" => Some(EventKind::Updated),
         "DELETE" => Some(EventKind::Deleted),
         "CUSTOM" => Some(EventKind::Custom),
+        "SNAPSHOT" => Some(EventKind::Snapshot),
         _ => None,
     }
 }

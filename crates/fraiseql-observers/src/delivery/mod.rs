@@ -11,14 +11,46 @@ pub mod parking;
 pub mod policy;
 pub mod retry_queue;
 pub mod schedule;
+pub mod stored;
 
+use crate::actions::ActionError;
 use crate::event::EntityEvent;
 use std::time::Duration;
 use uuid::Uuid;
 
+/// The longest one attempt made under a lease (a queued retry, an operator's dead-letter retry)
+/// may take: it is abandoned after that ([`bounded_attempt`]) and counts as a retryable failure.
+/// Above any attempt a valid configuration allows: action timeouts are at most 5 minutes
+/// (`timeout_ms`, checked when the configuration loads), and a cache action may spend that on
+/// connecting and again on its command.
+pub const ATTEMPT_BOUND: Duration = Duration::from_secs(11 * 60);
+
 /// How long a claimed retry (or an operator's dead-letter retry) is reserved for the process
-/// that claimed it.
-pub const RETRY_LEASE: Duration = Duration::from_secs(300);
+/// that claimed it: longer than any attempt ([`ATTEMPT_BOUND`]), so a live attempt never loses
+/// its claim to a second one.
+pub const RETRY_LEASE: Duration = Duration::from_secs(15 * 60);
+
+/// Run one attempt made under a lease, abandoning it after [`ATTEMPT_BOUND`] (a retryable
+/// failure), so it ends before its lease does.
+pub async fn bounded_attempt(
+    attempt: impl std::future::Future<Output = Result<(), ActionError>>,
+) -> Result<(), ActionError> {
+    attempt_within(ATTEMPT_BOUND, attempt).await
+}
+
+async fn attempt_within(
+    bound: Duration,
+    attempt: impl std::future::Future<Output = Result<(), ActionError>>,
+) -> Result<(), ActionError> {
+    tokio::time::timeout(bound, attempt)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ActionError::transient(format!(
+                "the attempt did not end within {} ms",
+                bound.as_millis()
+            )))
+        })
+}
 
 /// One delivery: one event through one action of one observer.
 #[derive(Debug, Clone, Copy)]
@@ -56,6 +88,28 @@ pub fn delivery_id(event_id: Uuid, observer: &str, action_index: usize) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lease_outlasts_any_attempt() {
+        // The longest a valid configuration allows: a cache action's connect and command
+        // timeouts, 5 minutes each.
+        let longest_configured = Duration::from_secs(2 * 300);
+        assert!(ATTEMPT_BOUND > longest_configured);
+        assert!(RETRY_LEASE > ATTEMPT_BOUND + Duration::from_secs(60));
+    }
+
+    #[tokio::test]
+    async fn an_attempt_past_its_bound_is_abandoned_as_a_retryable_failure() {
+        let bound = Duration::from_millis(20);
+        let e = attempt_within(bound, std::future::pending())
+            .await
+            .unwrap_err();
+        assert!(e.is_retryable(), "{e:?}");
+        assert!(e.message().contains("did not end within 20 ms"), "{e:?}");
+        assert!(attempt_within(bound, async { Ok(()) }).await.is_ok());
+        let permanent = attempt_within(bound, async { Err(ActionError::permanent("HTTP 400")) });
+        assert!(!permanent.await.unwrap_err().is_retryable());
+    }
 
     #[test]
     fn delivery_id_is_deterministic_and_distinct() {

@@ -5,14 +5,19 @@
 //! * Only heads are claimed: for an ordered observer, an item is attempted only when no item of
 //!   the same (observer, entity) has a lower `(event_sequence, action_index)`. Items of unordered
 //!   observers are always heads.
+//! * Items parked behind another may sleep (`dormant`, skipped by claims) only while an earlier
+//!   item of their (observer, entity) is queued: removing a head wakes its successor, and a new
+//!   leader wakes them all ([`claim_due`]).
 //! * A claim is a lease (`locked_until`): an item claimed by a process that died is claimed again
 //!   once its lease runs out, or at once when the next leader starts (`release_leases`).
 //! * Items of a paused observer are not claimed (`core.observer_paused`): they wait, in order.
-//! * Every write is fenced by the consumer's epoch: a deposed leader's writes match no row and
-//!   return `Error::Fenced`.
+//! * Every write is fenced by the consumer's epoch ([`FENCE`], which locks the checkpoint row):
+//!   a deposed leader's writes match no row and return `Error::Fenced`, and none lands after the
+//!   next leader's claim.
 
+use super::dead_letter::LIVE_CLAIM;
 use super::policy::Reason;
-use super::DeliveryItem;
+use super::{stored, DeliveryItem};
 use crate::error::{Error, Result};
 use crate::event::EntityEvent;
 use chrono::{DateTime, Utc};
@@ -36,8 +41,14 @@ pub struct QueuedItem {
     pub max_attempts: u32,
 }
 
-const FENCE: &str =
-    "EXISTS (SELECT 1 FROM core.observer_checkpoints c WHERE c.consumer_id = $1 AND c.epoch = $2)";
+/// The epoch fence of every write here and in the dead letter queue: the consumer's checkpoint
+/// row still carries the writer's epoch, **locked** (`FOR SHARE`) until the write commits. A new
+/// leader's claim (`UPDATE ... SET epoch = epoch + 1`) waits for writes that passed the fence, so
+/// they land before its claim and it sees them; a write that reaches the row after the claim
+/// re-reads it, finds the new epoch, and matches nothing (`Error::Fenced`). A non-locking
+/// `EXISTS` would let a deposed write that started before the claim commit after it.
+pub(super) const FENCE: &str = "EXISTS (SELECT 1 FROM core.observer_checkpoints c \
+     WHERE c.consumer_id = $1 AND c.epoch = $2 FOR SHARE OF c)";
 
 /// Queue `item` for an attempt in `delay` (after `attempts` failed attempts; 0 for an item parked
 /// behind another). Returns false when it was queued already (a replay after a crash).
@@ -97,7 +108,28 @@ pub async fn enqueue(
     Ok(true)
 }
 
+/// How many parked items [`claim_due`] puts to sleep at most per call.
+const DORMANT_BATCH: i64 = 10_000;
+
+/// Wakes the new head of the (observer, entity) of the item deleted by the CTE `gone` (`id,
+/// observer, entity_key, ordered`): the first item left behind it, if it was put to sleep.
+const WAKE_SUCCESSOR: &str = "woken AS (
+    UPDATE core.observer_retry_queue w SET dormant = false
+     WHERE w.dormant AND w.id = (
+           SELECT n.id FROM core.observer_retry_queue n, gone g
+            WHERE g.ordered AND n.consumer_id = $1 AND n.observer = g.observer
+              AND n.entity_key = g.entity_key AND n.ordered AND n.id <> g.id
+            ORDER BY n.event_sequence, n.action_index
+            LIMIT 1))";
+
 /// Claim up to `limit` due heads for `lease`; items of a paused observer (`control::pause`) wait.
+///
+/// Parked items are due (they wait for their head, not for a time), so a claim that had to skip
+/// them would cost one probe per parked item, every poll (1.5 s with 100,000 parked). Instead,
+/// due items found parked behind an earlier one are put to sleep (`dormant`) once, and a
+/// sleeping item is woken when the item ahead of it leaves ([`remove`], [`dead_letter`]), or when
+/// a new leader starts ([`release_leases`]). Only the retry worker claims and removes, one after
+/// the other, so an item never sleeps after the item it waited for left.
 pub async fn claim_due(
     client: &Client,
     consumer: &str,
@@ -105,6 +137,25 @@ pub async fn claim_due(
     limit: i64,
     lease: Duration,
 ) -> Result<Vec<QueuedItem>> {
+    client
+        .execute(
+            &format!(
+                "UPDATE core.observer_retry_queue q SET dormant = true
+                  WHERE q.id IN (
+                        SELECT h.id FROM core.observer_retry_queue h
+                         WHERE h.consumer_id = $1 AND NOT h.dormant AND h.ordered
+                           AND h.next_attempt_at <= now()
+                           AND EXISTS (
+                               SELECT 1 FROM core.observer_retry_queue p
+                                WHERE p.consumer_id = h.consumer_id AND p.observer = h.observer
+                                  AND p.entity_key = h.entity_key AND p.ordered
+                                  AND (p.event_sequence, p.action_index) < (h.event_sequence, h.action_index))
+                         LIMIT $3)
+                    AND {FENCE}"
+            ),
+            &[&consumer, &epoch, &DORMANT_BATCH],
+        )
+        .await?;
     let rows = client
         .query(
             &format!(
@@ -112,7 +163,7 @@ pub async fn claim_due(
                     SET locked_until = now() + make_interval(secs => $4)
                   WHERE q.id IN (
                         SELECT h.id FROM core.observer_retry_queue h
-                         WHERE h.consumer_id = $1
+                         WHERE h.consumer_id = $1 AND NOT h.dormant
                            AND h.next_attempt_at <= now()
                            AND (h.locked_until IS NULL OR h.locked_until < now())
                            AND NOT EXISTS (
@@ -127,7 +178,7 @@ pub async fn claim_due(
                          LIMIT $3
                            FOR UPDATE SKIP LOCKED)
                     AND {FENCE}
-              RETURNING q.id, q.observer, q.action_index, q.entity_key, q.ordered, q.event,
+              RETURNING q.id, q.observer, q.action_index, q.entity_key, q.ordered, q.event::text,
                         q.delivery_id, q.attempts, q.max_attempts"
             ),
             &[&consumer, &epoch, &limit, &lease.as_secs_f64()],
@@ -135,16 +186,17 @@ pub async fn claim_due(
         .await?;
     rows.iter()
         .map(|r| {
-            let event: serde_json::Value = r.get(5);
+            let id: i64 = r.get(0);
+            // As text, parsed as deep as the parser decodes: what was queued reads back.
+            let event: String = r.get(5);
             Ok(QueuedItem {
-                id: r.get(0),
+                id,
                 observer: r.get(1),
                 action_index: r.get::<_, i32>(2) as usize,
                 entity_key: r.get(3),
                 ordered: r.get(4),
-                event: serde_json::from_value(event).map_err(|e| {
-                    Error::Invalid(format!("queued event {}: {e}", r.get::<_, i64>(0)))
-                })?,
+                event: stored::event(&event)
+                    .map_err(|e| Error::Invalid(format!("queued event {id}: {e}")))?,
                 delivery_id: r.get(6),
                 attempts: r.get::<_, i32>(7) as u32,
                 max_attempts: r.get::<_, i32>(8) as u32,
@@ -153,14 +205,22 @@ pub async fn claim_due(
         .collect()
 }
 
-/// The item was delivered: remove it (its successor becomes the head).
+/// The item was delivered: remove it (its successor becomes the head, and is woken).
 pub async fn remove(client: &Client, consumer: &str, epoch: i64, id: i64) -> Result<()> {
-    let n = client
-        .execute(
-            &format!("DELETE FROM core.observer_retry_queue WHERE id = $3 AND consumer_id = $1 AND {FENCE}"),
+    let n: i64 = client
+        .query_one(
+            &format!(
+                "WITH gone AS (
+                     DELETE FROM core.observer_retry_queue
+                      WHERE id = $3 AND consumer_id = $1 AND {FENCE}
+                  RETURNING id, observer, entity_key, ordered),
+                 {WAKE_SUCCESSOR}
+                 SELECT count(*) FROM gone"
+            ),
             &[&consumer, &epoch, &id],
         )
-        .await?;
+        .await?
+        .get(0);
     if n == 0 {
         ensure_leader(client, consumer, epoch).await?;
     }
@@ -204,7 +264,7 @@ pub async fn reschedule(
 }
 
 /// Move the item to the dead letter queue, atomically (one statement); its successor becomes
-/// the head.
+/// the head, and is woken.
 pub async fn dead_letter(
     client: &Client,
     consumer: &str,
@@ -220,7 +280,9 @@ pub async fn dead_letter(
                 "WITH moved AS (
                      DELETE FROM core.observer_retry_queue
                       WHERE id = $3 AND consumer_id = $1 AND {FENCE}
-                  RETURNING *)
+                  RETURNING *),
+                 gone AS (SELECT id, observer, entity_key, ordered FROM moved),
+                 {WAKE_SUCCESSOR}
                  INSERT INTO core.observer_dlq_items
                      (consumer_id, observer, action_index, action_type, entity_key, event_id,
                       event_sequence, event, delivery_id, attempts, reason, last_error, history)
@@ -230,7 +292,10 @@ pub async fn dead_letter(
                    FROM moved
                  ON CONFLICT (consumer_id, delivery_id) DO UPDATE
                     SET attempts = EXCLUDED.attempts, reason = EXCLUDED.reason,
-                        last_error = EXCLUDED.last_error, status = 'pending', claimed_until = NULL,
+                        last_error = EXCLUDED.last_error,
+                        status = CASE WHEN {LIVE_CLAIM} THEN 'retrying' ELSE 'pending' END,
+                        claimed_until = CASE WHEN {LIVE_CLAIM} THEN core.observer_dlq_items.claimed_until END,
+                        claim_token = CASE WHEN {LIVE_CLAIM} THEN core.observer_dlq_items.claim_token END,
                         history = core.observer_dlq_items.history || EXCLUDED.history,
                         updated_at = now()"
             ),
@@ -243,8 +308,15 @@ pub async fn dead_letter(
     Ok(())
 }
 
-/// Release the leases of `consumer`'s items: called by a new leader, whose predecessor is gone.
+/// Release the leases of `consumer`'s items, and wake its sleeping ones (see [`claim_due`]):
+/// called by a new leader, whose predecessor is gone. Returns how many leases were released.
 pub async fn release_leases(client: &Client, consumer: &str, epoch: i64) -> Result<u64> {
+    client
+        .execute(
+            &format!("UPDATE core.observer_retry_queue SET dormant = false WHERE consumer_id = $1 AND dormant AND {FENCE}"),
+            &[&consumer, &epoch],
+        )
+        .await?;
     Ok(client
         .execute(
             &format!("UPDATE core.observer_retry_queue SET locked_until = NULL WHERE consumer_id = $1 AND locked_until IS NOT NULL AND {FENCE}"),

@@ -247,6 +247,39 @@ pub struct ChangeLogListener {
     stop_tx: Arc<watch::Sender<bool>>,
     stop_rx: watch::Receiver<bool>,
     stats: Arc<ListenerStats>,
+    /// The server the lead started on; a reconnect must reach the same one.
+    server: ServerIdentity,
+}
+
+/// Which server a connection reached: its cluster (`system_identifier`, shared by a primary and
+/// its physical standbys) and its timeline (a standby promoted to primary starts a new one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ServerIdentity {
+    system: String,
+    timeline: String,
+}
+
+impl std::fmt::Display for ServerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cluster {}, timeline {}", self.system, self.timeline)
+    }
+}
+
+/// The identity of the server `client` is connected to (a primary: the caller checked).
+async fn server_identity(client: &tokio_postgres::Client) -> Result<ServerIdentity> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT system_identifier::text FROM pg_control_system()),
+                    substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)",
+            &[],
+        )
+        .await?;
+    let timeline = u32::from_str_radix(row.get::<_, &str>(1), 16)
+        .map_err(|e| Error::Invalid(format!("the server's timeline: {e}")))?;
+    Ok(ServerIdentity {
+        system: row.get(0),
+        timeline: timeline.to_string(),
+    })
 }
 
 impl ChangeLogListener {
@@ -264,6 +297,7 @@ impl ChangeLogListener {
         let db_config = db::parse_url(&config.database_url)?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let (conn, shape) = open(&db_config, &config).await?;
+        let server = server_identity(&conn.client).await?;
         let (stored, epoch) =
             checkpoint::claim(&conn.client, &config.consumer_id, config.start).await?;
 
@@ -306,6 +340,7 @@ impl ChangeLogListener {
             stop_tx: Arc::new(stop_tx),
             stop_rx,
             stats: Arc::new(ListenerStats::default()),
+            server,
         };
         if let Some(progress) = stored.batch {
             // Resume the batch that was in progress: its rows after the last one done.
@@ -768,10 +803,25 @@ impl ChangeLogListener {
     /// Reopen the connection after a loss. Every failure here counts as transient: the daemon
     /// keeps retrying (and reports itself unhealthy) rather than exiting while the database is
     /// away, whatever it answers meanwhile.
+    ///
+    /// The server reached must be the one the lead started on (same cluster, same timeline):
+    /// otherwise `Error::ServerChanged` ends the lead before anything is read from it.
     async fn reconnect(&mut self) -> Result<()> {
         let (conn, shape) = open(&self.db_config, &self.config)
             .await
             .map_err(|e| Error::Reconnect(e.to_string()))?;
+        let server = server_identity(&conn.client)
+            .await
+            .map_err(|e| Error::Reconnect(e.to_string()))?;
+        if server != self.server {
+            tracing::error!(consumer = %self.config.consumer_id, before = %self.server, after = %server,
+                "the change-log listener reconnected to another database server; ending the lead");
+            return Err(Error::ServerChanged {
+                consumer: self.config.consumer_id.clone(),
+                before: self.server.to_string(),
+                after: server.to_string(),
+            });
+        }
         self.prefetch = None;
         self.conn = Some(conn);
         self.shape = shape;

@@ -13,7 +13,7 @@ use super::executor::ObserverExecutor;
 use crate::actions::DeliveryRequest;
 use crate::delivery::log::Started;
 use crate::delivery::policy::{self, Decision, Reason, Stage};
-use crate::delivery::{retry_queue, RETRY_LEASE};
+use crate::delivery::{bounded_attempt, retry_queue, RETRY_LEASE};
 use crate::error::Result;
 use crate::metrics as m;
 
@@ -83,7 +83,7 @@ impl ObserverExecutor {
             attempt,
         };
         let started = Started::now();
-        let result = action.execute(&request).await;
+        let result = bounded_attempt(action.execute(&request)).await;
         endpoint.record(result.as_ref().is_err_and(|e| e.is_retryable()));
         drop(pass);
         let a = item.action_index;

@@ -9,7 +9,8 @@
 //!   `Error::TaskFailed` ([`supervised`], [`first_failure`]).
 //! * The checkpoint writer is stopped between two writes, never in the middle of one, and does
 //!   not outlive a dropped run.
-//! * A graceful shutdown saves the checkpoint last, after the lanes finished (or the timeout).
+//! * A graceful shutdown saves the checkpoint last, after the lanes finished (or the timeout),
+//!   and logs whether it was saved: "checkpoint saved" only when the write succeeded.
 
 use super::chains::Chains;
 use super::executor::ObserverExecutor;
@@ -19,6 +20,7 @@ use crate::config::RuntimeConfig;
 use crate::db;
 use crate::delivery::lanes::Watermark;
 use crate::error::{Error, Result};
+use crate::listener::checkpoint::Checkpoint;
 use crate::listener::{Batch, ChangeLogListener, Checkpointer};
 use futures::FutureExt as _;
 use std::future::Future;
@@ -193,9 +195,47 @@ pub(super) async fn run(
     let stopped = ended(checkpoint_task.join_next().await);
     result?;
     stopped?;
-    checkpoint(&watermark, &mut checkpointer).await?;
-    tracing::info!(consumer = %executor.consumer(), "stopped; checkpoint saved");
-    Ok(())
+    final_checkpoint(&watermark, &mut checkpointer, executor.consumer()).await
+}
+
+/// The last checkpoint write, at a graceful shutdown. There is no next tick to retry it: a
+/// transient failure is reported as one (the events since the last saved checkpoint will be
+/// delivered again on restart), not as saved; a fence is returned.
+async fn final_checkpoint(
+    watermark: &Watermark,
+    checkpointer: &mut Checkpointer,
+    consumer: &str,
+) -> Result<()> {
+    if let Some(position) = watermark.advance() {
+        checkpointer.mark_done(position);
+    }
+    let result = checkpointer.save().await;
+    report_final_save(
+        consumer,
+        checkpointer.epoch(),
+        &checkpointer.done(),
+        &result,
+    );
+    match result {
+        Err(e) if e.is_transient() => Ok(()),
+        other => other,
+    }
+}
+
+/// Log what became of the last checkpoint write: saved, or not (with the error).
+fn report_final_save(consumer: &str, epoch: i64, checkpoint: &Checkpoint, result: &Result<()>) {
+    let snapshot = checkpoint.snapshot.to_string();
+    match result {
+        Ok(()) => tracing::info!(consumer, epoch, snapshot, "stopped; checkpoint saved"),
+        Err(e) => tracing::error!(
+            consumer,
+            epoch,
+            snapshot,
+            error = %e,
+            "stopped; checkpoint NOT saved: the events since the last saved checkpoint will be \
+             delivered again on restart"
+        ),
+    }
 }
 
 /// Move the checkpoint to the watermark and write it. Transient failures wait for the next tick.
@@ -282,6 +322,60 @@ async fn first_failure(tasks: &mut JoinSet<Result<()>>) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::listener::snapshot::Snapshot;
+    use std::sync::Mutex;
+
+    /// What `report_final_save` logs for `result`.
+    fn final_save_log(result: &Result<()>) -> String {
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let checkpoint = Checkpoint {
+            snapshot: Snapshot::beginning(),
+            batch: None,
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            report_final_save("orders", 7, &checkpoint, result)
+        });
+        let bytes = buffer.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn the_last_checkpoint_write_is_logged_as_saved_only_when_it_was() {
+        let saved = final_save_log(&Ok(()));
+        assert!(
+            saved.contains("INFO") && saved.contains("stopped; checkpoint saved"),
+            "{saved}"
+        );
+        assert!(
+            saved.contains("consumer=\"orders\"") && saved.contains("epoch=7"),
+            "{saved}"
+        );
+
+        let failed = final_save_log(&Err(Error::Reconnect("connection refused".into())));
+        assert!(failed.contains("ERROR"), "{failed}");
+        assert!(failed.contains("checkpoint NOT saved"), "{failed}");
+        assert!(!failed.contains("checkpoint saved"), "{failed}");
+        assert!(
+            failed.contains("connection refused") && failed.contains("epoch=7"),
+            "{failed}"
+        );
+    }
 
     #[tokio::test]
     async fn a_panicking_task_ends_the_run_with_its_name() {

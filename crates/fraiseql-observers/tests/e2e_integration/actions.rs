@@ -485,6 +485,30 @@ async fn slack_message_is_posted_with_channel_and_rendered_text() {
     );
 }
 
+/// Issue 9, 5g: a value from the event cannot mention the channel or add a link; the template's
+/// own markup and values marked `safe` pass as they are.
+#[tokio::test]
+async fn slack_escapes_event_values_but_not_the_templates_markup_or_safe_values() {
+    let rx = receiver().await;
+    let slack = action(
+        r##"type = "slack"
+           webhook_url_env = "SLACK_URL"
+           message_template = "<https://shop.example/o/{{ after.id }}|Order {{ after.id }}> for {{ after.email }} ({{ after.status | safe }})"
+           allow_private_networks = true"##,
+        &[("SLACK_URL", &rx.url("/services/T000/B000/XXXX"))],
+    )
+    .unwrap();
+    let mut event = order_event("<!channel> <https://evil.example|invoice> & co");
+    event.after.as_mut().unwrap()["status"] = json!("<@U123> paid");
+    run(&slack, &event, 1).await.unwrap();
+    let got = rx.requests();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].json()["text"],
+        "<https://shop.example/o/7|Order 7> for &lt;!channel&gt; &lt;https://evil.example|invoice&gt; &amp; co (<@U123> paid)"
+    );
+}
+
 #[tokio::test]
 async fn slack_default_message_and_error_answers() {
     let rx = receiver().await;

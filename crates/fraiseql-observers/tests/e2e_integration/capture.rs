@@ -1015,7 +1015,8 @@ async fn columns_named_like_the_triggers_own_identifiers_are_captured() {
 
 #[tokio::test]
 async fn a_writer_without_rights_on_the_change_log_is_captured_and_cannot_forge_rows() {
-    // The generated trigger function runs with the rights of whoever enabled capture.
+    // Only the final insert into the log runs with the rights of whoever installed the
+    // migrations (fraiseql_capture.write); the writer needs none on the log.
     let db = TestDb::new().await;
     let admin = db.client().await;
     let role = format!("{}_writer", db.name);
@@ -1101,5 +1102,146 @@ async fn a_dropped_table_is_forgotten_by_the_next_enable() {
         .await,
         1,
         "the dropped table's generated function is gone"
+    );
+}
+
+/// Issue 9, 5b: serialising a row runs the writer's code (a cast of a column type to `json`), and
+/// that code must run with the writer's rights, never with those of whoever enabled capture.
+#[tokio::test]
+async fn a_cast_in_a_captured_row_runs_as_the_writer_not_as_the_capture_owner() {
+    let db = TestDb::new().await;
+    let admin = db.client().await;
+    let role = format!("{}_caster", db.name);
+    admin
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {role};
+             CREATE ROLE {role} LOGIN;
+             GRANT CREATE ON SCHEMA public TO {role};"
+        ))
+        .await
+        .unwrap();
+    let writer =
+        fraiseql_observers::testing::connect(&db.url.replacen("postgres@", &format!("{role}@"), 1))
+            .await;
+    // Everything below belongs to the writer: a type, a cast of it to json that records who runs
+    // it, and a table using the type.
+    writer
+        .batch_execute(
+            "CREATE TYPE mood AS ENUM ('ok', 'sad');
+             CREATE TABLE cast_runs (who TEXT NOT NULL);
+             CREATE FUNCTION mood_json(m mood) RETURNS json LANGUAGE sql VOLATILE AS $f$
+                 INSERT INTO public.cast_runs (who) VALUES (current_user) RETURNING pg_catalog.to_json(m::text || '!')
+             $f$;
+             CREATE CAST (mood AS json) WITH FUNCTION mood_json(mood);
+             CREATE TABLE tb_mood (id UUID PRIMARY KEY DEFAULT gen_random_uuid(), org UUID NOT NULL, m mood);",
+        )
+        .await
+        .unwrap();
+    // A superuser enables capture on it (as an operator would).
+    let mut spec = CaptureSpec::new("tb_mood", "Mood");
+    spec.tenant_column = Some("org".into());
+    capture::enable(&admin, &spec).await.unwrap();
+
+    writer
+        .execute(
+            "INSERT INTO tb_mood (org, m) VALUES ($1, 'sad')",
+            &[&TENANT],
+        )
+        .await
+        .unwrap();
+    let direct = writer
+        .execute(
+            "SELECT fraiseql_capture.write('tb_mood'::regclass, ARRAY[ROW('c', gen_random_uuid(), $1::uuid, NULL, '{}')::fraiseql_capture.change])",
+            &[&TENANT],
+        )
+        .await;
+    drop(writer);
+    let has_insert: bool = admin
+        .query_one(
+            "SELECT has_table_privilege($1, 'core.tb_entity_change_log', 'INSERT')",
+            &[&role],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    let runs: Vec<String> = admin
+        .query("SELECT who FROM cast_runs", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let rows = log_rows(&admin).await;
+    admin
+        .batch_execute(&format!("DROP OWNED BY {role} CASCADE; DROP ROLE {role};"))
+        .await
+        .unwrap();
+    assert!(!has_insert, "the writer has no INSERT on the change log");
+    assert!(!runs.is_empty(), "the cast ran");
+    assert!(
+        runs.iter().all(|who| *who == role),
+        "the cast ran as {runs:?}, not as the writer {role}"
+    );
+    assert!(
+        direct.is_err(),
+        "the log writer is not callable outside a capture trigger"
+    );
+    assert_eq!(rows.len(), 1, "the change landed in the log");
+    assert_eq!(rows[0].object_type, "Mood");
+    assert_eq!(rows[0].object_data["after"]["m"], "sad!");
+}
+
+/// Tables captured before migration 0008 get the SECURITY INVOKER trigger function from the
+/// migration itself, with their settings and `enabled_at` kept.
+#[tokio::test]
+async fn migration_0008_regenerates_the_trigger_of_tables_captured_before_it() {
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    // Back to the state before 0008: 0004's definitions (re-runnable), no fraiseql_capture.
+    let m0004 = fraiseql_observers::migrate::MIGRATIONS
+        .iter()
+        .find(|m| m.version == 4)
+        .unwrap();
+    client
+        .batch_execute(&format!(
+            "DROP SCHEMA fraiseql_capture CASCADE;
+             DELETE FROM core.observer_schema_migrations WHERE version = 8;
+             {}",
+            m0004.sql
+        ))
+        .await
+        .unwrap();
+    client.batch_execute(TB_USER).await.unwrap();
+    capture::enable(&client, &user_spec()).await.unwrap();
+    let definer = "SELECT p.prosecdef FROM pg_proc p
+                    WHERE p.oid = format('core.observer_capture_%s', 'tb_user'::regclass::oid)::regproc";
+    let before: bool = client.query_one(definer, &[]).await.unwrap().get(0);
+    let enabled_at = "SELECT enabled_at::text FROM core.observer_capture";
+    let enabled_before: String = client.query_one(enabled_at, &[]).await.unwrap().get(0);
+    assert!(before, "0004 generated a SECURITY DEFINER function");
+
+    let report = fraiseql_observers::migrate::run(&mut client).await.unwrap();
+    assert_eq!(report.applied, [8]);
+    let after: bool = client.query_one(definer, &[]).await.unwrap().get(0);
+    let enabled_after: String = client.query_one(enabled_at, &[]).await.unwrap().get(0);
+    assert!(!after, "0008 regenerated it as SECURITY INVOKER");
+    assert_eq!(enabled_after, enabled_before);
+    assert_eq!(
+        capture::list(&client).await.unwrap(),
+        [CaptureInfo {
+            table: "public.tb_user".into(),
+            entity: "User".into(),
+            id_column: "id".into(),
+            tenant_column: Some("fk_customer_org".into()),
+            exclude_columns: vec!["password_hash".into()],
+        }]
+    );
+    insert_alice(&client).await;
+    let rows = log_rows(&client).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0].object_data["after"],
+        alice_image("alice@example.com")
     );
 }

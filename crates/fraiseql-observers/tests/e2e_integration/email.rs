@@ -442,3 +442,66 @@ fn config_errors_are_caught_at_load() {
         "observers.runtime.email.password_env: environment variable 'SMTP_PASS' is not set"
     );
 }
+
+/// Issue 9, 5g: a value from the event is one recipient at most. Commas or several addresses in
+/// it are a permanent error (nothing is sent), while the template's own list still works.
+#[tokio::test]
+async fn a_value_from_the_event_can_never_add_recipients() {
+    let server = SmtpServer::start().await;
+    let settings = settings(server.port, "");
+    let action = email_action(
+        &settings,
+        r#"to_template = '"{{ after.note }}" <{{ after.email }}>, ops@shop.example'
+           subject = "s"
+           body_template = "b""#,
+    );
+    for (email, note) in [
+        ("victim@y.example, evil@attacker.example", "Jane"),
+        ("victim@y.example>, <evil@attacker.example", "Jane"),
+        ("victim@y.example", r#"Jane" <evil@attacker.example>, "x"#),
+        ("evil@attacker.example,", "Jane"),
+    ] {
+        let err = run(&action, &paid(email, note), 1).await.unwrap_err();
+        assert!(err.kind == FailureKind::Permanent, "{email}: {err:?}");
+        assert!(err.message().contains("recipient #1"), "{err}");
+    }
+    let plain = email_action(
+        &settings,
+        r#"to_template = "{{ after.email }}"
+           subject = "s"
+           body_template = "b""#,
+    );
+    let err = run(
+        &plain,
+        &paid("victim@y.example, evil@attacker.example", ""),
+        1,
+    )
+    .await
+    .unwrap_err();
+    assert!(err.kind == FailureKind::Permanent, "{err:?}");
+    assert!(err.message().contains("2 addresses"), "{err}");
+    assert!(
+        server.commands().iter().all(|c| !c.contains("RCPT")),
+        "nothing was sent: {:?}",
+        server.commands()
+    );
+
+    // The same template with honest values: both of its own recipients.
+    run(&action, &paid("jane@buyer.example", "Doe, Jane"), 1)
+        .await
+        .expect("delivered");
+    let accepted = server.accepted();
+    assert_eq!(accepted.len(), 1);
+    assert_eq!(
+        accepted[0].rcpt_to.iter().cloned().collect::<BTreeSet<_>>(),
+        BTreeSet::from([
+            "jane@buyer.example".to_string(),
+            "ops@shop.example".to_string()
+        ])
+    );
+    let message = MessageParser::default().parse(&accepted[0].data).unwrap();
+    assert_eq!(
+        message.to().unwrap().first().unwrap().name(),
+        Some("Doe, Jane")
+    );
+}

@@ -108,7 +108,9 @@ pub fn decode<'a>(
 
     let empty = Value::Object(Map::new());
     let changes = match (kind, &before, &after) {
-        (EventKind::Created, _, Some(after)) => Some(diff_fields(&empty, after)),
+        (EventKind::Created | EventKind::Snapshot, _, Some(after)) => {
+            Some(diff_fields(&empty, after))
+        }
         (EventKind::Deleted, Some(before), _) => Some(diff_fields(before, &empty)),
         (EventKind::Updated | EventKind::Custom, Some(before), Some(after)) => {
             Some(diff_fields(before, after))
@@ -218,6 +220,13 @@ fn envelope_images(
         Some(source) => source_timestamp(source)?,
         None => None,
     };
+    // A Debezium snapshot read (`op` 'r' with `source.snapshot`, as `backfill` writes) is a
+    // Snapshot; FraiseQL's own 'r' rows (NOOP/CUSTOM/READ without it) stay Custom.
+    let kind = if kind == EventKind::Custom && op == "r" && is_snapshot(source.as_ref()) {
+        EventKind::Snapshot
+    } else {
+        kind
+    };
     Ok(Images {
         kind,
         before,
@@ -243,6 +252,16 @@ fn split_images(
         source: None,
         source_ts: row.commit_time,
     })
+}
+
+/// Whether an envelope's `source` marks a snapshot read: `snapshot` is `true` or a string other
+/// than `"false"` (Debezium writes `"true"`, `"first"`, `"last"`, `"incremental"`...).
+fn is_snapshot(source: Option<&Value>) -> bool {
+    match source.and_then(|s| s.get("snapshot")) {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::String(s)) => !s.is_empty() && s != "false",
+        _ => false,
+    }
 }
 
 /// `modification_type` (case-insensitive) as the kind it implies.

@@ -201,6 +201,41 @@ fn op_disagreeing_with_modification_type_is_an_error() {
 }
 
 #[test]
+fn a_snapshot_read_is_snapshot_and_other_r_rows_stay_custom() {
+    let snapshot = |value: Value| {
+        row(
+            "NOOP",
+            json!({"op": "r", "before": null, "after": {"a": 1}, "source": {"snapshot": value}}),
+        )
+    };
+    for value in [
+        json!("incremental"),
+        json!("true"),
+        json!("last"),
+        json!(true),
+    ] {
+        let event = decode_envelope(&snapshot(value.clone())).unwrap();
+        assert_eq!(event.kind, EventKind::Snapshot, "{value}");
+        assert_eq!(event.kind.op(), "r");
+        assert_eq!(
+            event.changes.as_ref().map(Vec::len),
+            Some(1),
+            "every field is new"
+        );
+    }
+    for value in [json!("false"), json!(false), json!(""), Value::Null] {
+        let event = decode_envelope(&snapshot(value.clone())).unwrap();
+        assert_eq!(event.kind, EventKind::Custom, "{value}");
+    }
+    // A create that carries a snapshot flag is still a create.
+    let r = row(
+        "INSERT",
+        json!({"op": "c", "after": {"a": 1}, "source": {"snapshot": "true"}}),
+    );
+    assert_eq!(decode_envelope(&r).unwrap().kind, EventKind::Created);
+}
+
+#[test]
 fn noop_is_custom_whatever_the_op() {
     for op in ["c", "u", "d", "r"] {
         let r = row(
