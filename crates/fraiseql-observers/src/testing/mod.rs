@@ -5,15 +5,18 @@
 //!   request and answers as scripted: a responder, a queue of answers taken first, delays, hangs,
 //!   any header (`Retry-After`).
 //! * [`TestDb`]: a fresh PostgreSQL database per test, migrated, dropped with the value.
+//! * [`Cluster`]: a private PostgreSQL cluster to restart or to reach as a second server.
 //! * [`order_event`]: a sample event; [`eventually`]: poll until a check holds.
 //!
 //! Unlike the library, this module reads environment variables (`FRAISEQL_TEST_ADMIN_URL`,
 //! `RUST_LOG`) and may install a logger: it only ever runs in tests.
 
+mod cluster;
 mod db;
 mod events;
 mod server;
 
+pub use cluster::Cluster;
 pub use db::{admin_url, connect, init_logs, TestDb};
 pub use events::order_event;
 pub use server::{Answer, Request, TestServer};

@@ -4,7 +4,6 @@ mod backfill;
 mod cache;
 mod capture;
 mod catchup;
-mod cluster;
 mod conformance;
 mod control;
 mod delivery_log;

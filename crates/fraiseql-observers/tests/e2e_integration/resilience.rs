@@ -1,7 +1,6 @@
 //! The engine through failures of its own database: it keeps its place, waits, and recovers;
 //! the change log is the buffer.
 
-use crate::cluster::Cluster;
 use crate::items::{first_deliveries, schema, write};
 use fraiseql_observers::delivery::stored::{self, json_depth};
 use fraiseql_observers::delivery::{
@@ -12,7 +11,7 @@ use fraiseql_observers::listener::checkpoint;
 use fraiseql_observers::listener::ChangeLogListener;
 use fraiseql_observers::pipeline::{self, Pipeline};
 use fraiseql_observers::testing::{connect, eventually, order_event, TestDb};
-use fraiseql_observers::testing::{Answer, Request, TestServer};
+use fraiseql_observers::testing::{Answer, Cluster, Request, TestServer};
 use fraiseql_observers::{config, Error, EventKind, ListenerConfig, Operator, StartPosition};
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -1,10 +1,11 @@
-//! A private throwaway PostgreSQL cluster (initdb + pg_ctl on a free port in a temp dir),
-//! stopped and removed when dropped: a second server, for tests where the engine must notice
-//! that it reached another one. (The CLI tests have the same helper for restarts.)
+//! A private throwaway PostgreSQL cluster (initdb + pg_ctl on a free port in a temp dir), stopped
+//! and removed when dropped: for tests that restart the server under a running daemon, or need a
+//! second server.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// A throwaway cluster, stopped and removed when dropped.
 pub struct Cluster {
     dir: PathBuf,
     bin: PathBuf,
@@ -12,6 +13,8 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// initdb and start a cluster of its own on a free port (as the `postgres` user when run as
+    /// root: initdb refuses root).
     pub fn start() -> Cluster {
         let bin = postgres_bin().expect(
             "PostgreSQL server binaries (initdb, pg_ctl) on PATH or in /usr/lib/postgresql/*/bin",
@@ -31,17 +34,32 @@ impl Cluster {
                 .unwrap()
                 .success());
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let cluster = Cluster { dir, bin, port };
+        let cluster = Cluster {
+            dir,
+            bin,
+            port: std::net::TcpListener::bind("127.0.0.1:0")
+                .expect("a free port")
+                .local_addr()
+                .expect("its address")
+                .port(),
+        };
         let data = cluster.data();
-        let init = ["-D", &data, "-U", "postgres", "--auth=trust", "--no-sync"];
-        cluster.run("initdb", &init);
+        cluster.run(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        );
         let options = format!(
-            "-p {port} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
+            cluster.port,
             cluster.dir.display()
         );
         let log = cluster.dir.join("log").to_string_lossy().into_owned();
@@ -57,27 +75,31 @@ impl Cluster {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
+    /// `pg_ctl restart -m <mode>`, waiting until the server accepts connections again.
+    pub fn restart(&self, mode: &str) {
+        let data = self.data();
+        // The log again: the new server would otherwise write to (and hold open) our pipe.
+        let log = self.dir.join("log").to_string_lossy().into_owned();
+        self.run(
+            "pg_ctl",
+            &["-D", &data, "-l", &log, "-m", mode, "-w", "restart"],
+        );
+    }
+
     fn data(&self) -> String {
         self.dir.join("data").to_string_lossy().into_owned()
     }
 
-    fn command(&self, tool: &str) -> Command {
+    fn run(&self, tool: &str, args: &[&str]) {
         let program = self.bin.join(tool);
-        if is_root() {
+        let mut command = if is_root() {
             let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(program);
+            c.args(["-u", "postgres", "--"]).arg(&program);
             c
         } else {
-            Command::new(program)
-        }
-    }
-
-    fn run(&self, tool: &str, args: &[&str]) {
-        let output = self
-            .command(tool)
-            .args(args)
-            .output()
-            .expect("run a PostgreSQL tool");
+            Command::new(&program)
+        };
+        let output = command.args(args).output().expect("run a PostgreSQL tool");
         assert!(
             output.status.success(),
             "{tool} {args:?} failed: {}{}",
@@ -90,10 +112,17 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let data = self.data();
-        let _ = self
-            .command("pg_ctl")
-            .args(["-D", &data, "-m", "immediate", "-w", "stop"])
-            .output();
+        let program = self.bin.join("pg_ctl");
+        let args = ["-D", &data, "-m", "immediate", "-w", "stop"];
+        let _ = if is_root() {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&program)
+                .args(args)
+                .output()
+        } else {
+            Command::new(&program).args(args).output()
+        };
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
