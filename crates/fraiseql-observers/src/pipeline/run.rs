@@ -31,8 +31,10 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
 /// Events in flight per lane (routed, or waiting in a chain), at most: with the default 64 lanes,
-/// 16,384 events.
-const EVENTS_PER_LANE: usize = 256;
+/// 1,024 events. Decoded events are what a catch-up holds in memory (an order update with its
+/// before, after and changed fields is ~20 KB): 256 per lane held 456 MiB at peak through a 5 M
+/// backlog, 16 holds 127 MiB, with the same drain rate (BENCHMARKS.md).
+const EVENTS_PER_LANE: usize = 16;
 
 /// Positions the watermark holds per lane, at most (done ones waiting behind one in flight
 /// included): with the default 64 lanes, 65,536.
@@ -80,7 +82,7 @@ pub(super) async fn run(
     }
 
     // The reader: it ends (`Ok`) only when stopped.
-    let (batch_tx, mut batch_rx) = mpsc::channel::<Batch>(2);
+    let (batch_tx, mut batch_rx) = mpsc::channel::<Batch>(1);
     let mut reader = JoinSet::new();
     reader.spawn(supervised("the reader", Lifetime::MayEnd, async move {
         let mut listener = listener;
