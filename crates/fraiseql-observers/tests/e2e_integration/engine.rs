@@ -977,6 +977,9 @@ allow_private_networks = true
     let engine = Engine::start(&db, &observers).await;
     let order = insert_order(&client, "new", 1.0).await;
     let other = insert_order(&client, "new", 2.0).await;
+    // Ten changes (ten change-log rows) committed together, so they fall in one window however
+    // slowly a loaded machine runs the statements.
+    client.batch_execute("BEGIN").await.unwrap();
     for i in 0..10 {
         client
             .execute(
@@ -986,6 +989,7 @@ allow_private_networks = true
             .await
             .unwrap();
     }
+    client.batch_execute("COMMIT").await.unwrap();
     let (order_id, other_id) = (order.to_string(), other.to_string());
     eventually(Duration::from_secs(10), "the coalesced updates", || {
         let hooks = receiver.answered();
