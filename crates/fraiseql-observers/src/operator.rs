@@ -17,11 +17,11 @@
 use crate::actions::{ActionError, DeliveryRequest};
 use crate::db;
 use crate::delivery::dead_letter::{self, DlqItem};
-use crate::delivery::log::{self, Attempt, Delivered, Started};
+use crate::delivery::log::{self, Attempt, Started};
 use crate::delivery::policy::{self, Reason};
 use crate::delivery::retry_queue::{self, PendingRetry};
 use crate::delivery::{bounded_attempt, RETRY_LEASE};
-use crate::delivery::{delivery_id, entity_key};
+use crate::delivery::{delivery_id, entity_key, DeliveryItem};
 use crate::error::{Error, Result};
 use crate::event::EntityEvent;
 use crate::leader;
@@ -218,12 +218,13 @@ impl Operator {
         if !observer.record.wants(result.is_ok()) {
             return Ok(());
         }
-        let delivery = Delivered {
-            event,
-            entity_key: &entity_key(event),
+        let delivery = DeliveryItem {
             observer: &observer.name,
             action_index: a,
             action_type: observer.actions[a].kind(),
+            entity_key: &entity_key(event),
+            ordered: observer.ordered,
+            event,
             delivery_id,
         };
         let attempt = Attempt::new(delivery, attempt, started, result.as_ref().map(|_| ()));

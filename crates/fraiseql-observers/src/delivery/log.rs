@@ -11,10 +11,10 @@
 //! * Rows are not fenced: a deposed leader's attempts were made too. A crash loses at most the
 //!   attempts not yet written (the last batch); the deliveries themselves are unaffected.
 
+use super::DeliveryItem;
 use crate::actions::{ActionError, FailureKind};
 use crate::db;
 use crate::error::{Error, Result};
-use crate::event::EntityEvent;
 use chrono::{DateTime, Utc};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -77,17 +77,6 @@ pub struct Attempt {
     pub response_excerpt: Option<String>,
 }
 
-/// What a delivery was, for [`Attempt::new`].
-#[derive(Debug, Clone, Copy)]
-pub struct Delivered<'a> {
-    pub event: &'a EntityEvent,
-    pub entity_key: &'a str,
-    pub observer: &'a str,
-    pub action_index: usize,
-    pub action_type: &'a str,
-    pub delivery_id: &'a str,
-}
-
 /// When an attempt started: the wall clock for the log, a monotonic clock for its duration.
 #[derive(Debug, Clone, Copy)]
 pub struct Started {
@@ -107,7 +96,7 @@ impl Started {
 impl Attempt {
     /// The attempt number `attempt` of `delivery`, `started` then and ending now with `result`.
     pub fn new(
-        delivery: Delivered<'_>,
+        delivery: DeliveryItem<'_>,
         attempt: u32,
         started: Started,
         result: Result<(), &ActionError>,

@@ -17,7 +17,7 @@ use crate::config::{Observer, RuntimeConfig};
 use crate::control::{self, Paused};
 use crate::db;
 use crate::delivery::flow::{self, Endpoint};
-use crate::delivery::log::{Attempt, Delivered, DeliveryLog, Started};
+use crate::delivery::log::{Attempt, DeliveryLog, Started};
 use crate::delivery::parking::Parking;
 use crate::delivery::policy::{self, Decision, Reason, Stage};
 use crate::delivery::{dead_letter, delivery_id, entity_key, retry_queue, DeliveryItem};
@@ -290,12 +290,13 @@ impl ObserverExecutor {
         if !observer.record.wants(failed.is_none()) {
             return;
         }
-        let delivery = Delivered {
-            event,
-            entity_key: &entity_key(event),
+        let delivery = DeliveryItem {
             observer: &observer.name,
             action_index: a,
             action_type: observer.actions[a].kind(),
+            entity_key: &entity_key(event),
+            ordered: observer.ordered,
+            event,
             delivery_id,
         };
         let result = failed.map_or(Ok(()), Err);
