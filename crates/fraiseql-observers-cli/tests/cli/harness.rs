@@ -301,7 +301,7 @@ impl Writer {
             while !*stopped.borrow() {
                 let entity = ids[rng.random_range(0..ids.len())];
                 n += 1;
-                let op = if n % 3 == 0 { "u" } else { "c" };
+                let op = if n.is_multiple_of(3) { "u" } else { "c" };
                 let sequence = insert_change(&client, entity, op, json!({"n": n})).await;
                 committed.push((sequence, entity));
                 tokio::select! {

@@ -144,7 +144,7 @@ async fn backfill_of_100k_rows_under_a_writer_ends_with_the_tables_state_in_orde
                 let client = fraiseql_observers::testing::connect(&url).await;
                 let mut updates = 0u32;
                 while writing.load(Ordering::Relaxed) || updates < 200 {
-                    let item: i32 = if updates % 2 == 0 {
+                    let item: i32 = if updates.is_multiple_of(2) {
                         rand::rng().random_range(1..=ROWS)
                     } else {
                         let done: i64 = client
