@@ -14,7 +14,8 @@ use std::collections::HashMap;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Matched,
-    Paused,
+    /// The observer is switched off in the configuration (`enabled = false`).
+    Disabled,
     OtherTenant,
     ConditionFalse,
     /// The condition could not be evaluated (e.g. `field_changed` on an update without a
@@ -98,7 +99,7 @@ impl EventMatcher {
 /// Whether `observer` fires for `event` (entity and kind already fit).
 pub fn verdict(observer: &Observer, event: &EntityEvent) -> Verdict {
     if !observer.enabled {
-        return Verdict::Paused;
+        return Verdict::Disabled;
     }
     if let Some(tenant) = observer.tenant {
         if event.tenant != Some(tenant) {
@@ -240,7 +241,7 @@ mod tests {
             [
                 ("orders".to_string(), Verdict::Matched),
                 ("tenant_only".to_string(), Verdict::Matched),
-                ("paused".to_string(), Verdict::Paused),
+                ("paused".to_string(), Verdict::Disabled),
                 ("every_insert".to_string(), Verdict::Matched),
             ]
         );

@@ -15,6 +15,7 @@
 //! * A replay sends with the same delivery ids as the daemon, so receivers can deduplicate.
 
 use crate::actions::{ActionError, DeliveryRequest};
+use crate::control;
 use crate::db;
 use crate::delivery::dead_letter::{self, DlqItem};
 use crate::delivery::log::{self, Attempt, Started};
@@ -161,14 +162,36 @@ impl Operator {
             .collect()
     }
 
+    /// Whether an operator paused observer `name` of this consumer (`control::pause`).
+    pub async fn is_paused(&self, name: &str) -> Result<bool> {
+        Ok(control::paused(&self.client, &self.consumer)
+            .await?
+            .contains(name))
+    }
+
+    /// An error when observer `name` is paused: an operator's send would break the promise that
+    /// a paused observer sends nothing.
+    async fn refuse_if_paused(&self, name: &str) -> Result<()> {
+        if self.is_paused(name).await? {
+            return Err(Error::Invalid(format!(
+                "observer '{name}' of consumer '{}' is paused: nothing sent (resume it first: \
+                 `fraiseql-observers resume --observer {name}`)",
+                self.consumer
+            )));
+        }
+        Ok(())
+    }
+
     /// Send `event` again through every action of observer `name`, once each, when it matches
     /// (same delivery ids as the daemon; failures are returned, not queued). `Ok(None)` when the
-    /// observer does not fire for this event.
+    /// observer does not fire for this event. An error, with nothing sent, when the observer is
+    /// paused.
     pub async fn replay(
         &self,
         name: &str,
         event: &EntityEvent,
     ) -> Result<Option<Vec<std::result::Result<(), ActionError>>>> {
+        self.refuse_if_paused(name).await?;
         let i = self
             .observers
             .iter()
@@ -235,11 +258,15 @@ impl Operator {
     /// concurrent retries of one item deliver once. Sent only when the observer, as configured
     /// now, still accepts the event ([`policy::still_accepted`]); otherwise it stays a dead
     /// letter, now with reason `not_accepted`, and the error says why. `Ok(None)` when it is not pending or is
-    /// another consumer's (whose observers this configuration does not hold).
+    /// another consumer's (whose observers this configuration does not hold). An error, with
+    /// the item left pending and nothing sent, when its observer is paused.
     pub async fn retry_dead_letter(
         &self,
         id: i64,
     ) -> Result<Option<std::result::Result<(), ActionError>>> {
+        if let Some(item) = dead_letter::get(&self.client, id).await? {
+            self.refuse_if_paused(&item.observer).await?;
+        }
         let Some(item) =
             dead_letter::claim_for_retry(&self.client, &self.consumer, id, RETRY_LEASE).await?
         else {

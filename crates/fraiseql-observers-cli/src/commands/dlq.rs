@@ -171,8 +171,19 @@ async fn retry(cli: &Cli, args: &RetryArgs) -> anyhow::Result<ExitCode> {
         println!("no pending dead letters");
         return Ok(ExitCode::SUCCESS);
     }
-    let (mut delivered, mut failed, mut skipped) = (0, 0, 0);
+    let (mut delivered, mut failed, mut skipped, mut held) = (0, 0, 0, 0);
     for id in ids {
+        // A paused observer sends nothing, operators' retries included: its items stay pending.
+        if let Some(item) = dead_letter::get(client, id).await? {
+            if operator.is_paused(&item.observer).await? {
+                held += 1;
+                println!(
+                    "dead letter {id}: observer '{}' is paused; not sent (resume it first)",
+                    item.observer
+                );
+                continue;
+            }
+        }
         match operator.retry_dead_letter(id).await? {
             Some(Ok(())) => {
                 delivered += 1;
@@ -192,9 +203,11 @@ async fn retry(cli: &Cli, args: &RetryArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if args.all {
-        println!("{delivered} delivered, {failed} failed again, {skipped} not pending");
+        println!(
+            "{delivered} delivered, {failed} failed again, {skipped} not pending, {held} held (observer paused)"
+        );
     }
-    Ok(if failed == 0 && skipped == 0 {
+    Ok(if failed == 0 && skipped == 0 && held == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -16,7 +16,7 @@ fn describe(verdict: &Option<Verdict>) -> String {
     match verdict {
         None => "not for this entity or event type".into(),
         Some(Verdict::Matched) => "FIRES".into(),
-        Some(Verdict::Paused) => "paused (enabled = false)".into(),
+        Some(Verdict::Disabled) => "disabled (enabled = false)".into(),
         Some(Verdict::OtherTenant) => "another tenant".into(),
         Some(Verdict::ConditionFalse) => "condition is false".into(),
         Some(Verdict::ConditionError(e)) => format!("condition error: {e}"),
@@ -77,7 +77,13 @@ pub async fn explain(cli: &Cli, sequence: i64) -> anyhow::Result<ExitCode> {
     }
     println!("today's configuration:");
     for (name, verdict) in operator.explain(&event) {
-        println!("  {name}: {}", describe(&verdict));
+        let held = verdict == Some(Verdict::Matched) && operator.is_paused(name).await?;
+        let note = if held {
+            " (paused by an operator: held until `resume`)"
+        } else {
+            ""
+        };
+        println!("  {name}: {}{note}", describe(&verdict));
     }
     let deliveries = operator::deliveries_of(client, event.id).await?;
     for r in &deliveries.retries {
@@ -122,6 +128,13 @@ pub async fn replay(
     let client = operator.client();
     if !operator.observers().iter().any(|o| o.name == observer) {
         bail!("no observer named '{observer}' in this configuration");
+    }
+    if !dry_run && operator.is_paused(observer).await? {
+        bail!(
+            "observer '{observer}' of consumer '{}' is paused: nothing sent (resume it first: \
+             `fraiseql-observers resume --observer {observer}`)",
+            operator.consumer()
+        );
     }
     let shape = range::discover(client).await?;
     let (mut sent, mut failed, mut skipped) = (0, 0, 0);

@@ -1,7 +1,8 @@
 //! The dead letter queue through the CLI: an item dead-lettered by the daemon (receiver answering
 //! 400) is listed and shown; `dlq retry` delivers it once, even when two retries race;
-//! `dlq discard` keeps it from ever being sent; `dlq retry --all` takes only pending items; with
-//! a configuration, `list` and `retry` touch only its consumer's dead letters.
+//! `dlq discard` keeps it from ever being sent; `dlq retry --all` takes only pending items; a
+//! paused observer's items stay pending (and `replay` through it is refused); with a
+//! configuration, `list` and `retry` touch only its consumer's dead letters.
 
 use crate::harness::{cli, config, insert_change, ConfigFile, Daemon, Setup};
 use fraiseql_observers::testing::TestServer;
@@ -150,8 +151,72 @@ async fn dead_letters_are_listed_shown_retried_once_and_discarded() {
         .lines()
         .any(|l| l.starts_with(&format!("{retried} "))));
 
-    // --all retries only what is pending: the third item.
+    // A paused observer sends nothing, operators' retries and replays included: the item stays
+    // pending, the receiver hears nothing.
     receiver.respond(|_| (200, Duration::ZERO));
+    let before = receiver.answered().len();
+    let pause = cli(
+        Some(url),
+        &["pause", "--observer", "all", "--config", file.arg()],
+    )
+    .await;
+    assert_eq!(pause.code, Some(0), "{}", pause.all());
+    let held = cli(
+        Some(url),
+        &["dlq", "retry", "--all", "--config", file.arg()],
+    )
+    .await;
+    assert_eq!(held.code, Some(1), "{}", held.all());
+    assert!(
+        held.stdout
+            .contains("0 delivered, 0 failed again, 0 not pending, 1 held"),
+        "{}",
+        held.all()
+    );
+    let from = sequences[2].to_string();
+    let replay = cli(
+        Some(url),
+        &[
+            "replay",
+            "--observer",
+            "all",
+            "--from",
+            &from,
+            "--to",
+            &from,
+            "--config",
+            file.arg(),
+        ],
+    )
+    .await;
+    assert_eq!(replay.code, Some(1), "{}", replay.all());
+    assert!(
+        replay.stderr.contains("is paused: nothing sent"),
+        "{}",
+        replay.all()
+    );
+    let explained = cli(
+        Some(url),
+        &["explain", "--sequence", &from, "--config", file.arg()],
+    )
+    .await;
+    assert!(
+        explained
+            .stdout
+            .contains("all: FIRES (paused by an operator: held until `resume`)"),
+        "{}",
+        explained.all()
+    );
+    assert_eq!(receiver.answered().len(), before, "sent while paused");
+    assert_eq!(status(&client, remaining).await, "pending");
+    let resume = cli(
+        Some(url),
+        &["resume", "--observer", "all", "--config", file.arg()],
+    )
+    .await;
+    assert_eq!(resume.code, Some(0), "{}", resume.all());
+
+    // --all retries only what is pending: the third item.
     let all = cli(
         Some(url),
         &["dlq", "retry", "--all", "--config", file.arg()],

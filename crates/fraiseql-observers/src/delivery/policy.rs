@@ -141,7 +141,7 @@ pub fn still_accepted(
     }
     match crate::matcher::verdict(&observers[i], event) {
         Verdict::Matched => Ok(i),
-        Verdict::Paused => Err(format!("observer '{name}' is disabled (enabled = false)")),
+        Verdict::Disabled => Err(format!("observer '{name}' is disabled (enabled = false)")),
         Verdict::OtherTenant => Err(format!(
             "observer '{name}' is scoped to another tenant than the event's"
         )),
