@@ -280,7 +280,7 @@ mod tests {
     #[test]
     fn work_items_round_trip() {
         let event = order_event(
-            crate::EventKind::Update,
+            crate::EventKind::Updated,
             Some(serde_json::json!({"id": 7, "status": "new"})),
             Some(serde_json::json!({"id": 7, "status": "paid"})),
         );
