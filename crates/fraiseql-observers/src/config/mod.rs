@@ -270,7 +270,10 @@ pub fn keys() -> Vec<(String, &'static [&'static str])> {
     let action = |kind: &str| format!("actions, type = \"{kind}\"");
     vec![
         ("database".into(), field_names::<RawDatabase>()),
-        ("distributed".into(), crate::distributed::DistributedConfig::keys()),
+        (
+            "distributed".into(),
+            crate::distributed::DistributedConfig::keys(),
+        ),
         (
             "observers.runtime".into(),
             field_names::<runtime::RawRuntime>(),

@@ -264,8 +264,13 @@ mod tests {
     #[test]
     fn partitions_are_stable_and_spread() {
         // Pinned: changing the hash would reorder a running deployment's deliveries.
-        assert_eq!(partition_of("order_paid", "Order:1", 64), partition_of("order_paid", "Order:1", 64));
-        let pinned: Vec<u32> = (0..4).map(|i| partition_of("o", &format!("E:{i}"), 64)).collect();
+        assert_eq!(
+            partition_of("order_paid", "Order:1", 64),
+            partition_of("order_paid", "Order:1", 64)
+        );
+        let pinned: Vec<u32> = (0..4)
+            .map(|i| partition_of("o", &format!("E:{i}"), 64))
+            .collect();
         let digest = Sha256::digest(b"o\nE:0");
         let expected = u64::from_be_bytes(digest[..8].try_into().unwrap()) % 64;
         assert_eq!(pinned[0] as u64, expected);

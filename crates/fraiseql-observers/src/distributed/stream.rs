@@ -149,7 +149,10 @@ impl WorkStream {
             .get_consumer(&durable_name(p))
             .await
             .map_err(|e| broker("get consumer", e))?;
-        let info = consumer.info().await.map_err(|e| broker("consumer info", e))?;
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| broker("consumer info", e))?;
         Ok(info.num_pending + info.num_ack_pending as u64)
     }
 

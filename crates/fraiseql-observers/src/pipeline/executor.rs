@@ -223,7 +223,8 @@ impl ObserverExecutor {
     /// partition is that of (observer, entity); the message id makes a republish a duplicate.
     async fn publish(&self, stream: &WorkStream, i: usize, event: &EntityEvent) {
         let name = &self.observers[i].name;
-        let partition = distributed::partition_of(name, &entity_key(event), stream.config().partitions);
+        let partition =
+            distributed::partition_of(name, &entity_key(event), stream.config().partitions);
         let id = distributed::work_msg_id(event.id, name);
         let body = distributed::WorkItem::encode(name, event);
         let mut delay = Duration::from_millis(50);
@@ -534,7 +535,10 @@ impl ObserverExecutor {
 }
 
 /// The endpoints (flow control) of every action of `observers`: `[observer][action]`.
-pub(super) fn endpoints(observers: &[Observer], runtime: &RuntimeConfig) -> Vec<Vec<Arc<Endpoint>>> {
+pub(super) fn endpoints(
+    observers: &[Observer],
+    runtime: &RuntimeConfig,
+) -> Vec<Vec<Arc<Endpoint>>> {
     flow::endpoints(
         observers.iter().map(|o| o.actions.as_slice()),
         flow::Limits {

@@ -39,8 +39,8 @@ pub use monitor::EngineStatus;
 
 use crate::config::{Config, Observer, RuntimeConfig};
 use crate::control;
-use crate::distributed::{DistributedConfig, Role, WorkStream};
 use crate::db;
+use crate::distributed::{DistributedConfig, Role, WorkStream};
 use crate::error::{ConfigErrors, Error, Result};
 use crate::listener::{ChangeLogListener, ListenerConfig};
 use crate::metrics as m;

@@ -135,7 +135,12 @@ pub async fn run(
         if !error.is_transient() && !matches!(error, Error::Invalid(_) | Error::TaskFailed(_)) {
             return Err(error);
         }
-        shared.status.partitions.lock().expect("status lock").clear();
+        shared
+            .status
+            .partitions
+            .lock()
+            .expect("status lock")
+            .clear();
         metrics::gauge!(m::PARTITIONS_OWNED).set(0.0);
         tracing::warn!(consumer = %shared.consumer, worker, error = %error,
             retry_in_ms = backoff.as_millis() as u64,
@@ -282,8 +287,11 @@ async fn stop(shared: &Shared, locks: &PartitionLocks, mut owned: AbortAll) -> R
         let _ = locks.release(p).await;
     }
     drop(owned);
-    let client = db::connect(&db::parse_url(&shared.database_url)?, "fraiseql-observers-worker")
-        .await?;
+    let client = db::connect(
+        &db::parse_url(&shared.database_url)?,
+        "fraiseql-observers-worker",
+    )
+    .await?;
     remove_worker(&client, &shared.consumer, &shared.worker).await?;
     tracing::info!(worker = %shared.worker, "worker stopped; partitions given back");
     Ok(())

@@ -147,9 +147,8 @@ async fn start_reader(db: &TestDb, text: &str) -> Running {
 
 fn start_worker(db: &TestDb, text: &str, name: &str) -> (Running, Arc<WorkerStatus>) {
     let text = text.to_string();
-    let compile: worker::Compile = Arc::new(move || {
-        config::load(&text, &env_of(&[])).and_then(|c| c.with_role(Role::Worker))
-    });
+    let compile: worker::Compile =
+        Arc::new(move || config::load(&text, &env_of(&[])).and_then(|c| c.with_role(Role::Worker)));
     let status = Arc::new(WorkerStatus::default());
     let (stop, stopped) = oneshot::channel::<()>();
     let (url, name, s) = (db.url.clone(), name.to_string(), status.clone());
@@ -300,10 +299,14 @@ async fn partitions_rebalance_when_workers_join_and_leave_and_a_dead_workers_are
     // takes everything back.
     second.task.abort();
     let _ = second.task.await;
-    eventually(Duration::from_secs(20), "the dead worker's partitions taken over", || {
-        let n = owned(&first_status);
-        async move { (n == 8).then_some(()) }
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the dead worker's partitions taken over",
+        || {
+            let n = owned(&first_status);
+            async move { (n == 8).then_some(()) }
+        },
+    )
     .await;
     write(&client, 10, 1).await;
     let expected = 3 * 10 * 2;
