@@ -8,6 +8,7 @@ mod blackhole;
 mod control;
 mod crash;
 mod dlq;
+mod distributed;
 mod docs;
 mod endpoints;
 mod operator;
