@@ -8,8 +8,8 @@
 //! deleted at the end.
 
 use crate::harness::{
-    check_at_least_once, config, free_port, healthz, wait_all_delivered, ConfigFile, Daemon,
-    Setup, Writer,
+    check_at_least_once, config, free_port, healthz, wait_all_delivered, ConfigFile, Daemon, Setup,
+    Writer,
 };
 use fraiseql_observers::testing::{eventually, TestDb, TestServer};
 use std::time::{Duration, Instant};
@@ -18,7 +18,13 @@ const PARTITIONS: u32 = 12;
 
 /// The harness configuration (observer `all` on `Item`) with a `[distributed]` section of its own
 /// stream on `nats_url`, and `/healthz` on `port`.
-fn distributed_config(consumer: &str, hook: &str, nats_url: &str, stream: &str, port: u16) -> String {
+fn distributed_config(
+    consumer: &str,
+    hook: &str,
+    nats_url: &str,
+    stream: &str,
+    port: u16,
+) -> String {
     let mut setup = Setup::new(consumer, hook);
     setup.metrics_port = Some(port);
     format!(
@@ -90,24 +96,30 @@ async fn partitions(port: u16) -> Option<Vec<u32>> {
 
 /// Wait until `workers` together own every partition, each at least one.
 async fn wait_spread(workers: &[&Process], within: Duration) {
-    eventually(within, "every partition owned by the live workers", || async {
-        let mut all = Vec::new();
-        for w in workers {
-            let owned = partitions(w.port).await?;
-            if owned.is_empty() {
-                return None;
+    eventually(
+        within,
+        "every partition owned by the live workers",
+        || async {
+            let mut all = Vec::new();
+            for w in workers {
+                let owned = partitions(w.port).await?;
+                if owned.is_empty() {
+                    return None;
+                }
+                all.extend(owned);
             }
-            all.extend(owned);
-        }
-        all.sort();
-        (all == (0..PARTITIONS).collect::<Vec<_>>()).then_some(())
-    })
+            all.sort();
+            (all == (0..PARTITIONS).collect::<Vec<_>>()).then_some(())
+        },
+    )
     .await;
 }
 
 async fn delete_stream(nats_url: &str, stream: &str) {
     if let Ok(client) = async_nats::connect(nats_url).await {
-        let _ = async_nats::jetstream::new(client).delete_stream(stream).await;
+        let _ = async_nats::jetstream::new(client)
+            .delete_stream(stream)
+            .await;
     }
 }
 
@@ -150,7 +162,11 @@ async fn a_killed_worker_loses_nothing_and_its_partitions_are_taken_over() {
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let committed = writer.finish().await;
-    assert!(committed.len() > 200, "only {} rows written", committed.len());
+    assert!(
+        committed.len() > 200,
+        "only {} rows written",
+        committed.len()
+    );
     wait_all_delivered(&receiver, &committed, Duration::from_secs(60)).await;
     let accepted = receiver.accepted();
     let report = check_at_least_once(&committed, &accepted);
@@ -160,7 +176,11 @@ async fn a_killed_worker_loses_nothing_and_its_partitions_are_taken_over() {
         accepted.len(),
         report.duplicated.len()
     );
-    assert!(reader.daemon.log().contains("leading consumer"), "{}", reader.daemon.log());
+    assert!(
+        reader.daemon.log().contains("leading consumer"),
+        "{}",
+        reader.daemon.log()
+    );
     drop(workers);
     drop(reader);
     delete_stream(&cluster.nats_url, &stream).await;
@@ -238,7 +258,14 @@ impl OwnNats {
 
     fn spawn(&mut self) {
         let child = tokio::process::Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
             .arg(&self.store)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
