@@ -160,6 +160,15 @@ struct Owned {
     task: JoinHandle<Result<()>>,
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Aborts every partition task when the session ends or is dropped.
 struct AbortAll(BTreeMap<u32, Owned>);
 
@@ -184,7 +193,8 @@ async fn session(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Where this worker starts looking for free partitions: spread over the workers.
     let offset = distributed::partition_of("worker", &shared.worker, partitions);
-    let mut lag_due = Instant::now();
+    let lag = tokio::spawn(watch_lag(shared.clone()));
+    let _stop_lag = AbortOnDrop(lag);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -255,33 +265,47 @@ async fn session(
             .status
             .live_workers
             .store(live as u64, Ordering::Relaxed);
-        *shared.status.partitions.lock().expect("status lock") = list.clone();
-        if Instant::now() >= lag_due {
-            lag_due = Instant::now() + Duration::from_secs(5);
-            let mut lag = 0;
-            for p in list {
-                lag += shared.stream.pending(p).await.unwrap_or(0);
-            }
-            shared.status.lag.store(lag, Ordering::Relaxed);
-            metrics::gauge!(m::PARTITION_LAG).set(lag as f64);
+        *shared.status.partitions.lock().expect("status lock") = list;
+    }
+}
+
+/// Every 5 s, the lag of the owned partitions (JetStream `num_pending` + in flight), off the
+/// beat: a slow or absent NATS server never delays a heartbeat.
+async fn watch_lag(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let list = shared.status.partitions.lock().expect("status lock").clone();
+        let mut lag = 0;
+        for p in list {
+            lag += shared.stream.pending(p).await.unwrap_or(0);
         }
+        shared.status.lag.store(lag, Ordering::Relaxed);
+        metrics::gauge!(m::PARTITION_LAG).set(lag as f64);
     }
 }
 
 /// A graceful stop: drain every partition (up to the shutdown timeout), give them back, leave
 /// the registry.
-async fn stop(shared: &Shared, locks: &PartitionLocks, mut owned: AbortAll) -> Result<()> {
+async fn stop(shared: &Shared, locks: &PartitionLocks, owned: AbortAll) -> Result<()> {
     for o in owned.0.values() {
         o.drain.send_replace(true);
     }
-    let drained = tokio::time::timeout(shared.shutdown_timeout, async {
-        for o in owned.0.values_mut() {
-            let _ = (&mut o.task).await;
+    // Keep beating while draining: the leases must outlive the deliveries in flight.
+    let deadline = Instant::now() + shared.shutdown_timeout;
+    let mut beat = Instant::now();
+    while !owned.0.values().all(|o| o.task.is_finished()) {
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                "shutdown timeout reached; unacknowledged messages go to the next owner"
+            );
+            break;
         }
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("shutdown timeout reached; unacknowledged messages go to the next owner");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if beat.elapsed() >= TICK {
+            beat = Instant::now();
+            let list: Vec<u32> = owned.0.keys().copied().collect();
+            locks.heartbeat(&shared.worker, &list).await?;
+        }
     }
     for p in owned.0.keys().copied().collect::<Vec<_>>() {
         let _ = locks.release(p).await;
