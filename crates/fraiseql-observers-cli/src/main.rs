@@ -38,6 +38,14 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// What `run` does (`--role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunRole {
+    Single,
+    Reader,
+    Worker,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Watch database changes become signed webhooks, with nothing to set up (a throwaway
@@ -48,7 +56,16 @@ pub enum Command {
     /// Check a configuration and print the compiled observers, or every error (exit code 1).
     Validate,
     /// Run the daemon: read the change log, deliver, checkpoint, until SIGINT or SIGTERM.
-    Run,
+    /// `--role reader` reads and matches and publishes to the `[distributed]` work stream;
+    /// `--role worker` delivers the work stream's partitions it owns.
+    Run {
+        /// single (default: read and deliver here), reader, or worker.
+        #[arg(long, value_enum, default_value_t = RunRole::Single)]
+        role: RunRole,
+        /// A worker's name in the registry (`status`); default: host name and process id.
+        #[arg(long)]
+        worker_id: Option<String>,
+    },
     /// The dead letter queue: deliveries that will not succeed by retrying.
     #[command(subcommand)]
     Dlq(commands::dlq::DlqCommand),
@@ -115,7 +132,8 @@ pub enum Command {
         #[arg(long)]
         observer: String,
     },
-    /// The configured consumer: its leader, queues, and paused observers with the events each holds.
+    /// The configured consumer: its leader, queues, distributed workers and their partitions, and
+    /// paused observers with the events each holds.
     Status,
     /// Ask the running daemon to re-read its configuration file (as SIGHUP does) and print its answer.
     Reload {

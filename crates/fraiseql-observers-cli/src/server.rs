@@ -8,6 +8,8 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use fraiseql_observers::distributed::Role as DistributedRole;
+use fraiseql_observers::pipeline::worker::WorkerStatus;
 use fraiseql_observers::pipeline::EngineStatus;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
@@ -25,6 +27,8 @@ pub enum Role {
     Leader = 2,
     /// The lead was lost: reconnecting to contend again.
     Reconnecting = 3,
+    /// A distributed worker (`run --role worker`): delivers the partitions it owns.
+    Worker = 4,
 }
 
 impl Role {
@@ -34,6 +38,7 @@ impl Role {
             Role::Standby => "standby",
             Role::Leader => "leader",
             Role::Reconnecting => "reconnecting",
+            Role::Worker => "worker",
         }
     }
 }
@@ -45,6 +50,10 @@ pub struct Health {
     role: AtomicU8,
     /// The running engine's figures; replaced on every new lead.
     engine: Mutex<Option<Arc<EngineStatus>>>,
+    /// `run --role`: single, reader or worker.
+    mode: Mutex<DistributedRole>,
+    /// A worker's partitions, live workers and lag.
+    worker: Mutex<Option<(String, Arc<WorkerStatus>)>>,
 }
 
 impl Health {
@@ -53,7 +62,21 @@ impl Health {
             consumer: consumer.to_string(),
             role: AtomicU8::new(Role::Starting as u8),
             engine: Mutex::new(None),
+            mode: Mutex::new(DistributedRole::Single),
+            worker: Mutex::new(None),
         }
+    }
+
+    /// What `run --role` asked for (reported as `mode`).
+    pub fn set_mode(&self, mode: DistributedRole) {
+        *self.mode.lock().expect("health lock poisoned") = mode;
+    }
+
+    /// A distributed worker named `id`, reporting `status`.
+    pub fn work(&self, id: &str, status: Arc<WorkerStatus>) {
+        self.set_mode(DistributedRole::Worker);
+        *self.worker.lock().expect("health lock poisoned") = Some((id.to_string(), status));
+        self.set_role(Role::Worker);
     }
 
     pub fn set_role(&self, role: Role) {
@@ -70,6 +93,7 @@ impl Health {
             1 => Role::Standby,
             2 => Role::Leader,
             3 => Role::Reconnecting,
+            4 => Role::Worker,
             _ => Role::Starting,
         }
     }
@@ -97,7 +121,7 @@ impl Health {
             .filter(|_| role == Role::Leader);
         let engine = engine.as_deref();
         let (code, status) = match (role, engine) {
-            (Role::Standby, _) => (StatusCode::OK, "ok"),
+            (Role::Standby | Role::Worker, _) => (StatusCode::OK, "ok"),
             (Role::Leader, Some(e)) if e.listener_healthy.load(Ordering::Relaxed) => {
                 (StatusCode::OK, "ok")
             }
@@ -108,9 +132,11 @@ impl Health {
         let figure = |f: &dyn Fn(&EngineStatus) -> serde_json::Value| {
             engine.map_or(serde_json::Value::Null, f)
         };
-        let body = json!({
+        let mode = *self.mode.lock().expect("health lock poisoned");
+        let mut body = json!({
             "status": status,
             "role": role.as_str(),
+            "mode": mode.as_str(),
             "consumer": self.consumer,
             "listener_healthy": figure(&|e| json!(e.listener_healthy.load(Ordering::Relaxed))),
             "backlog": figure(&|e| json!(e.backlog.load(Ordering::Relaxed))),
@@ -120,6 +146,13 @@ impl Health {
             "events_read": figure(&|e| json!(e.events_read.load(Ordering::Relaxed))),
             "events_matched": figure(&|e| json!(e.events_matched.load(Ordering::Relaxed))),
         });
+        if let Some((id, w)) = self.worker.lock().expect("health lock poisoned").as_ref() {
+            body["worker"] = json!(id);
+            body["partitions"] = json!(*w.partitions.lock().expect("status lock poisoned"));
+            body["live_workers"] = json!(w.live_workers.load(Ordering::Relaxed));
+            body["partition_lag"] = json!(w.lag.load(Ordering::Relaxed));
+            body["partitions_taken"] = json!(w.taken.load(Ordering::Relaxed));
+        }
         (code, body)
     }
 }
@@ -219,5 +252,18 @@ mod tests {
         assert_eq!(code, StatusCode::OK);
         assert_eq!(body["role"], "leader");
         assert_eq!(body["backlog"], 0);
+        assert_eq!(body["mode"], "single");
+
+        // A worker: 200, its partitions and lag.
+        let status = Arc::new(WorkerStatus::default());
+        *status.partitions.lock().unwrap() = vec![1, 5];
+        status.lag.store(9, Ordering::Relaxed);
+        health.work("w1", status);
+        let (code, body) = health.report();
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(body["role"], "worker");
+        assert_eq!(body["mode"], "worker");
+        assert_eq!(body["partitions"], json!([1, 5]));
+        assert_eq!(body["partition_lag"], 9);
     }
 }

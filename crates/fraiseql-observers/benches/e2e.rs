@@ -15,7 +15,10 @@
 //! delivery log on and off, alternating),
 //! `backlog` (a 5 M-change backlog, `--backlog-events N`, drained to the webhook: peak RSS and
 //! the rate of each tenth; not part of a full run), `flow` (a healthy observer's latency at
-//! 500/s beside a hung endpoint, and a 50/s rate limit over 20 s), `match-only`, `fan-out`, `latency`, `soak`, `writer-cost`, `peer`
+//! 500/s beside a hung endpoint, and a 50/s rate limit over 20 s), `distributed` (a reader and
+//! 1, 2, 4 worker processes over JetStream to a receiver taking 20 ms per request, the reader's
+//! publish rate, the CPU of the extra hop; needs nats-server on 4222; not part of a full run),
+//! `match-only`, `fan-out`, `latency`, `soak`, `writer-cost`, `peer`
 //! (`--scenario` may be repeated or comma-separated). Options: `--runs N` (throughput runs,
 //! default 3, 1 with `--quick`), `--events N` (backlog size, default 100,000, 10,000 with
 //! `--quick`), `--no-peer`, `--report-only` (rewrite BENCHMARKS.md's tables from the last full
@@ -35,6 +38,8 @@
 mod binary;
 #[path = "e2e/data.rs"]
 mod data;
+#[path = "e2e/distributed.rs"]
+mod distributed;
 #[path = "e2e/engine.rs"]
 mod engine;
 #[path = "e2e/flow.rs"]
@@ -74,10 +79,11 @@ const SCENARIOS: &[&str] = &[
     "flow",
     "backlog",
     "instructions",
+    "distributed",
 ];
 
 /// Scenarios a full run leaves out (run them by name).
-const ON_REQUEST: &[&str] = &["backlog", "instructions"];
+const ON_REQUEST: &[&str] = &["backlog", "instructions", "distributed"];
 
 /// Unix time in nanoseconds (comparable across the bench's processes).
 pub fn unix_nanos() -> i64 {
@@ -312,6 +318,14 @@ async fn run(options: Options) {
     }
     if options.wants("backlog") {
         scenarios.insert("backlog".into(), backlog(&options, &receiver).await);
+    }
+    if options.wants("distributed") {
+        let db = ThroughputDb::create("fo_bench_e2e_distributed", options.events).await;
+        scenarios.insert(
+            "distributed".into(),
+            distributed::scenario(&options, &db, &receiver).await,
+        );
+        data::drop_database(db.name).await;
     }
     if options.wants("writer-cost") {
         scenarios.insert("writer_cost".into(), writer_cost(&options).await);

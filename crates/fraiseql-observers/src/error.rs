@@ -76,6 +76,11 @@ pub enum Error {
     #[error("lost the lead of consumer '{consumer}' (the lock connection failed); stopped at once, without draining: another instance may lead now")]
     LostLead { consumer: String },
 
+    /// The work stream of distributed delivery (JetStream) cannot be reached or refused an
+    /// operation for now (a publish without PubAck, a lost connection). Retried.
+    #[error("work stream: {0}")]
+    WorkStream(String),
+
     /// An engine task ended abnormally (a panic): the run stops rather than go on without it.
     #[error("an engine task failed: {0}")]
     TaskFailed(String),
@@ -88,7 +93,7 @@ impl Error {
         match self {
             Error::Database(e) => is_transient_db(e),
             Error::Migration { source, .. } => is_transient_db(source),
-            Error::Reconnect(_) => true,
+            Error::Reconnect(_) | Error::WorkStream(_) => true,
             _ => false,
         }
     }

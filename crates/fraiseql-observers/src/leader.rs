@@ -75,7 +75,10 @@ fn lock_session_settings(server_version: i32) -> String {
 }
 
 /// Open the lock connection, with [`lock_session_settings`].
-async fn connect_lock(config: &tokio_postgres::Config, application: &str) -> Result<Client> {
+pub(crate) async fn connect_lock(
+    config: &tokio_postgres::Config,
+    application: &str,
+) -> Result<Client> {
     let client = db::connect(config, application).await?;
     let version: i32 = client
         .query_one("SELECT current_setting('server_version_num')::int", &[])

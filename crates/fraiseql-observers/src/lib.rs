@@ -52,6 +52,7 @@ pub mod config;
 pub mod control;
 pub mod db;
 pub mod delivery;
+pub mod distributed;
 pub mod error;
 pub mod event;
 pub mod fields;

@@ -34,6 +34,15 @@ pub const LOST_LEADS: &str = "fraiseql_observers_lost_leads_total";
 /// not transient, or stayed unreachable for a minute). The deliveries themselves are unaffected.
 pub const DELIVERY_LOG_LOST: &str = "fraiseql_observers_delivery_log_lost_total";
 
+/// Distributed reader: deliveries (one per event and observer) published to the work stream and
+/// acknowledged by it.
+pub const WORK_PUBLISHED: &str = "fraiseql_observers_work_published_total";
+/// Distributed worker: partitions of the work stream this worker owns.
+pub const PARTITIONS_OWNED: &str = "fraiseql_observers_partitions_owned";
+/// Distributed worker: messages of its partitions not yet acknowledged (JetStream `num_pending`
+/// plus those in flight), the consumer lag.
+pub const PARTITION_LAG: &str = "fraiseql_observers_partition_lag";
+
 /// 1 while an operator has paused the observer (labelled `observer`), else 0.
 pub const OBSERVER_PAUSED: &str = "fraiseql_observers_observer_paused";
 /// Configuration reloads (SIGHUP or `reload`), labelled `result` = ok | error.

@@ -39,6 +39,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(9, "0009_control"),
     migration!(10, "0010_backfill"),
     migration!(11, "0011_delivery_log"),
+    migration!(12, "0012_distributed"),
 ];
 
 /// Arbitrary constant key for the migration advisory lock ("fqlobsmg").

@@ -4,7 +4,8 @@
 //! transaction is visible in every consumer's stored checkpoint (so every consumer has handled
 //! it; rows of a batch in progress are not visible in the checkpoint's snapshot and are kept).
 //! With no consumer at all nothing is known to be processed, and pruning refuses. Pending retries
-//! and dead letters hold their own copy of the event, so pruning never breaks them.
+//! and dead letters hold their own copy of the event, so pruning never breaks them. A distributed
+//! worker's partition rows (`partition_of` set) hold a fencing epoch, not a position: ignored.
 
 use crate::error::{Error, Result};
 use std::time::Duration;
@@ -17,7 +18,10 @@ pub async fn prune(client: &Client, older_than: Duration, batch_size: i64) -> Re
         return Err(Error::Invalid("batch size must be at least 1".into()));
     }
     let consumers: i64 = client
-        .query_one("SELECT count(*) FROM core.observer_checkpoints", &[])
+        .query_one(
+            "SELECT count(*) FROM core.observer_checkpoints WHERE partition_of IS NULL",
+            &[],
+        )
         .await?
         .get(0);
     if consumers == 0 {
@@ -33,7 +37,8 @@ pub async fn prune(client: &Client, older_than: Duration, batch_size: i64) -> Re
                   WHERE l.created_at < now() - make_interval(secs => $1)
                     AND NOT EXISTS (
                         SELECT 1 FROM core.observer_checkpoints c
-                         WHERE NOT pg_visible_in_snapshot(l.txid, c.snapshot))
+                         WHERE c.partition_of IS NULL
+                           AND NOT pg_visible_in_snapshot(l.txid, c.snapshot))
                   LIMIT $2)
              DELETE FROM core.tb_entity_change_log l USING doomed WHERE l.ctid = doomed.ctid",
         )

@@ -25,7 +25,7 @@ use std::process::ExitCode;
 use tokio_postgres::Client;
 
 pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
-    if !matches!(cli.command, Command::Run) {
+    if !matches!(cli.command, Command::Run { .. }) {
         // `run` sets tracing up itself, once it knows the configured log format.
         init_tracing(LogFormat::Text, "warn");
     }
@@ -36,7 +36,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Migrate => migrate::execute(&cli).await,
         Command::Validate => validate::execute(&cli),
-        Command::Run => run::execute(&cli).await,
+        Command::Run { role, worker_id } => run::execute(&cli, *role, worker_id.as_deref()).await,
         Command::Dlq(command) => dlq::execute(&cli, command).await,
         Command::Deliveries(command) => deliveries::execute(&cli, command).await,
         Command::Checkpoint(command) => checkpoint::execute(&cli, command).await,

@@ -11,6 +11,7 @@ use crate::Cli;
 use anyhow::{anyhow, bail, Context as _};
 use fraiseql_observers::control;
 use fraiseql_observers::delivery::{dead_letter, retry_queue};
+use fraiseql_observers::distributed;
 use fraiseql_observers::operator;
 use std::process::ExitCode;
 
@@ -92,6 +93,23 @@ pub async fn status(cli: &Cli) -> anyhow::Result<ExitCode> {
         "dead letters: {} pending",
         dead_letter::pending_count(&client, &consumer).await?
     );
+    let workers = distributed::workers(&client, &consumer, None).await?;
+    if !workers.is_empty() {
+        println!("workers:");
+        let mut t = Table::new(&["WORKER", "STATE", "PARTITIONS", "HEARTBEAT"]);
+        let live = distributed::live_workers(&client, &consumer).await?;
+        for w in workers {
+            let alive = live.iter().any(|l| l.worker == w.worker);
+            let partitions: Vec<String> = w.partitions.iter().map(u32::to_string).collect();
+            t.row(vec![
+                w.worker,
+                if alive { "live" } else { "gone" }.to_string(),
+                format!("{} [{}]", partitions.len(), partitions.join(",")),
+                format!("{:.1}s ago", w.heartbeat_age.as_secs_f64()),
+            ]);
+        }
+        print!("{t}");
+    }
     let paused = control::paused_with_holds(&client, &consumer).await?;
     if paused.is_empty() {
         println!("paused:       none");

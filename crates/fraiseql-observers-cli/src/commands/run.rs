@@ -23,13 +23,15 @@
 //!   shutdown timeout), saves the checkpoint and exits 0; a second one exits at once (130).
 
 use crate::server::{self, Health, Role};
-use crate::Cli;
+use crate::{Cli, RunRole};
 use anyhow::{anyhow, Context as _};
 use fraiseql_observers::config::{self, Config, DatabaseConfig, LogFormat, RuntimeConfig};
 use fraiseql_observers::control;
 use fraiseql_observers::db::Reconnecting;
+use fraiseql_observers::distributed::Role as DistributedRole;
 use fraiseql_observers::leader::{self, LeadState};
 use fraiseql_observers::metrics as m;
+use fraiseql_observers::pipeline::worker::{self, WorkerStatus};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -39,13 +41,23 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
-pub async fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
+pub async fn execute(
+    cli: &Cli,
+    role: RunRole,
+    worker_id: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let role = match role {
+        RunRole::Single => DistributedRole::Single,
+        RunRole::Reader => DistributedRole::Reader,
+        RunRole::Worker => DistributedRole::Worker,
+    };
     // Signals first: one arriving while the daemon starts must stop it cleanly, not kill it.
     let shutdown = Shutdown::install()?;
     let path = super::config_path(cli)?;
     let text = super::read_file(path);
     let compile = |text: &str| {
         config::load(text, &super::env_lookup)
+            .and_then(|c| c.with_role(role))
             .map_err(|errors| anyhow!("{}: {errors}", path.display()))
     };
     let config = match text
@@ -73,7 +85,25 @@ pub async fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
     if let Some(address) = &runtime.metrics_address {
         server::start(address, health.clone(), prometheus).await?;
     }
-    tracing::info!(consumer = %consumer, observers = config.observers.len(), "starting");
+    health.set_mode(role);
+    tracing::info!(consumer = %consumer, observers = config.observers.len(), role = role.as_str(), "starting");
+
+    if role == DistributedRole::Worker {
+        // A worker compiles its configuration (as read at start) for each partition it takes.
+        let worker_id = worker_id.map_or_else(default_worker_id, str::to_string);
+        let status = Arc::new(WorkerStatus::default());
+        health.work(&worker_id, status.clone());
+        let compile: worker::Compile = Arc::new(move || {
+            config::load(&text, &super::env_lookup).and_then(|c| c.with_role(role))
+        });
+        return match worker::run(&url, compile, &worker_id, status, shutdown.requested()).await {
+            Ok(()) => {
+                tracing::info!(consumer = %consumer, worker = %worker_id, "stopped");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => Err(anyhow!(e).context("the worker stopped on an error")),
+        };
+    }
 
     let report = |state: LeadState| match state {
         LeadState::Standby => health.set_role(Role::Standby),
@@ -82,7 +112,14 @@ pub async fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
     };
     // The observers are compiled again for each new lead and on each reload, from the last
     // text accepted (the file as read at start, or at the last reload that validated).
-    let reloader = Arc::new(Reloader::new(path, text, &config, &url, health.clone()));
+    let reloader = Arc::new(Reloader::new(
+        path,
+        text,
+        &config,
+        &url,
+        health.clone(),
+        role,
+    ));
     let reloads = reloader.subscribe();
     reloader.listen_for_sighup()?;
     reloader.clone().watch_requests();
@@ -127,10 +164,19 @@ struct Reloader {
     busy: tokio::sync::Mutex<()>,
     /// Whether this instance leads (its answer to a `reload` request is the one printed).
     health: Arc<Health>,
+    /// `run --role`: every configuration is compiled for it.
+    role: DistributedRole,
 }
 
 impl Reloader {
-    fn new(path: &Path, text: String, config: &Config, url: &str, health: Arc<Health>) -> Reloader {
+    fn new(
+        path: &Path,
+        text: String,
+        config: &Config,
+        url: &str,
+        health: Arc<Health>,
+        role: DistributedRole,
+    ) -> Reloader {
         Reloader {
             path: path.to_path_buf(),
             url: url.to_string(),
@@ -141,6 +187,7 @@ impl Reloader {
             generation: watch::channel(0).0,
             busy: tokio::sync::Mutex::new(()),
             health,
+            role,
         }
     }
 
@@ -151,7 +198,7 @@ impl Reloader {
     /// The last accepted configuration, compiled, with the running restart-only settings.
     fn compile(&self) -> Result<Config, fraiseql_observers::ConfigErrors> {
         let text = self.accepted.lock().expect("reload lock poisoned").clone();
-        let mut config = config::load(&text, &super::env_lookup)?;
+        let mut config = config::load(&text, &super::env_lookup)?.with_role(self.role)?;
         config::keep_restart_only(&self.database, &self.runtime, &mut config);
         Ok(config)
     }
@@ -174,10 +221,11 @@ impl Reloader {
             Ok(text) => text,
             Err(e) => return refused(vec![format!("{e:#}")]),
         };
-        let mut new = match config::load(&text, &super::env_lookup) {
-            Ok(config) => config,
-            Err(errors) => return refused(errors.0.iter().map(|e| e.to_string()).collect()),
-        };
+        let mut new =
+            match config::load(&text, &super::env_lookup).and_then(|c| c.with_role(self.role)) {
+                Ok(config) => config,
+                Err(errors) => return refused(errors.0.iter().map(|e| e.to_string()).collect()),
+            };
         for key in config::keep_restart_only(&self.database, &self.runtime, &mut new) {
             tracing::warn!(
                 key,
@@ -255,6 +303,14 @@ impl Reloader {
             }
         });
     }
+}
+
+/// A worker's default name: the host name and the process id.
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "worker".to_string());
+    format!("{host}-{}", std::process::id())
 }
 
 /// SIGINT / SIGTERM, as a future any part of the daemon can wait for.

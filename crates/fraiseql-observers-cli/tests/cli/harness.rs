@@ -156,8 +156,14 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(database_url: &str, config: &Path) -> Daemon {
+        Daemon::start_with(database_url, config, &[])
+    }
+
+    /// [`start`](Self::start) with more arguments to `run` (`--role worker`).
+    pub fn start_with(database_url: &str, config: &Path, args: &[&str]) -> Daemon {
         let mut child = tokio::process::Command::new(BIN)
             .arg("run")
+            .args(args)
             .arg("--config")
             .arg(config)
             .arg("--database-url")

@@ -7,6 +7,7 @@ mod backfill;
 mod blackhole;
 mod control;
 mod crash;
+mod distributed;
 mod dlq;
 mod docs;
 mod endpoints;

@@ -7,6 +7,8 @@
 //! (the `"entity_id":"<uuid>"` of the body, found with a byte search: no JSON parsing). A delivery
 //! id seen before counts as a duplicate.
 //!
+//! A path starting with `/slow/` is answered after 20 ms (a slow receiver).
+//!
 //! Control endpoints (paths starting with `/_`): `GET /_stats` (counts as JSON), `POST /_reset`
 //! (forget everything), `GET /_arrivals` (one `entity arrival_ns` line per first delivery).
 
@@ -61,11 +63,15 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> axum::response::Response {
-    let now = unix_nanos();
     let path = uri.path();
     if let Some(control) = path.strip_prefix("/_") {
         return control_request(&shared, control);
     }
+    if path.starts_with("/slow/") {
+        // A receiver that takes 20 ms per request (the distributed scenario).
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let now = unix_nanos();
     let id = headers
         .get("webhook-id")
         .and_then(|v| v.to_str().ok())

@@ -56,6 +56,11 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// In file order.
     pub observers: Vec<Observer>,
+    /// `[distributed]`: the work stream of `run --role reader|worker`, when set.
+    pub distributed: Option<crate::distributed::DistributedConfig>,
+    /// What this process does with the configuration (not a key of the file: `run --role`
+    /// sets it). A reader or worker role needs `[distributed]` ([`Config::with_role`]).
+    pub role: crate::distributed::Role,
     /// What loaded but should be written otherwise (the design document's key names), in file
     /// order. The library prints nothing: `validate` prints these, `run` logs them.
     pub warnings: Vec<ConfigWarning>,
@@ -136,6 +141,7 @@ pub fn load_with(text: &str, sources: Sources<'_>) -> Result<Config, ConfigError
     let mut observers = Vec::new();
     let mut email = None;
     let mut redis = None;
+    let mut distributed = None;
     let empty = toml::Table::new();
     let observer_tables = match root.get("observers") {
         Some(toml::Value::Table(t)) => t,
@@ -149,11 +155,19 @@ pub fn load_with(text: &str, sources: Sources<'_>) -> Result<Config, ConfigError
                     Err(e) => errors.extend(e),
                 }
             }
+            ("distributed", toml::Value::Table(t)) => {
+                match crate::distributed::DistributedConfig::parse(t, "distributed") {
+                    Ok(d) => distributed = Some(d),
+                    Err(e) => errors.extend(e),
+                }
+            }
             ("observers", toml::Value::Table(_)) => {}
-            ("database" | "observers", _) => errors.push(ConfigError::new(key, "must be a table")),
+            ("database" | "observers" | "distributed", _) => {
+                errors.push(ConfigError::new(key, "must be a table"))
+            }
             _ => errors.push(ConfigError::new(
                 key.clone(),
-                "unknown key; expected one of: database, observers",
+                "unknown key; expected one of: database, observers, distributed",
             )),
         }
     }
@@ -214,10 +228,29 @@ pub fn load_with(text: &str, sources: Sources<'_>) -> Result<Config, ConfigError
             database,
             runtime,
             observers,
+            distributed,
+            role: crate::distributed::Role::Single,
             warnings,
         })
     } else {
         Err(ConfigErrors(errors))
+    }
+}
+
+impl Config {
+    /// This configuration run as `role`: a reader or a worker needs a `[distributed]` section.
+    pub fn with_role(mut self, role: crate::distributed::Role) -> Result<Config, ConfigErrors> {
+        if role != crate::distributed::Role::Single && self.distributed.is_none() {
+            return Err(ConfigErrors(vec![ConfigError::new(
+                "distributed",
+                format!(
+                    "missing; `--role {}` needs a [distributed] section (nats_url, stream, partitions)",
+                    role.as_str()
+                ),
+            )]));
+        }
+        self.role = role;
+        Ok(self)
     }
 }
 
@@ -237,6 +270,10 @@ pub fn keys() -> Vec<(String, &'static [&'static str])> {
     let action = |kind: &str| format!("actions, type = \"{kind}\"");
     vec![
         ("database".into(), field_names::<RawDatabase>()),
+        (
+            "distributed".into(),
+            crate::distributed::DistributedConfig::keys(),
+        ),
         (
             "observers.runtime".into(),
             field_names::<runtime::RawRuntime>(),

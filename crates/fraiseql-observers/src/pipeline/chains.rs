@@ -20,13 +20,12 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 
-/// The parts of one event still to do; the event is done in the watermark when none is left
-/// (and its dispatch permit is released with it).
+/// The parts of one event still to do; the event is done when none is left: in the watermark
+/// (its dispatch permit released with it), or, for a distributed worker, by its own hook (the
+/// work message is acknowledged).
 pub(super) struct Done {
-    position: Position,
     parts: AtomicUsize,
-    watermark: Arc<Watermark>,
-    _permit: OwnedSemaphorePermit,
+    finish: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl Done {
@@ -36,22 +35,38 @@ impl Done {
         watermark: Arc<Watermark>,
         permit: OwnedSemaphorePermit,
     ) -> Arc<Done> {
+        Done::then(
+            parts,
+            Box::new(move || {
+                watermark.completed(position);
+                drop(permit);
+            }),
+        )
+    }
+
+    /// `parts` parts, then `finish` once they are all done.
+    pub fn then(parts: usize, finish: Box<dyn FnOnce() + Send>) -> Arc<Done> {
         let done = Arc::new(Done {
-            position,
             parts: AtomicUsize::new(parts),
-            watermark,
-            _permit: permit,
+            finish: Mutex::new(Some(finish)),
         });
         if parts == 0 {
-            done.watermark.completed(position);
+            done.finish();
         }
         done
+    }
+
+    fn finish(&self) {
+        let finish = self.finish.lock().expect("done lock poisoned").take();
+        if let Some(finish) = finish {
+            finish();
+        }
     }
 
     /// One part is done.
     pub fn part_done(&self) {
         if self.parts.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.watermark.completed(self.position);
+            self.finish();
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::delivery::log::{Attempt, DeliveryLog, Started};
 use crate::delivery::parking::Parking;
 use crate::delivery::policy::{self, Decision, Reason, Stage};
 use crate::delivery::{dead_letter, delivery_id, entity_key, retry_queue, DeliveryItem};
+use crate::distributed::{self, WorkStream};
 use crate::error::Result;
 use crate::event::EntityEvent;
 use crate::matcher::{EventMatcher, Verdict};
@@ -56,6 +57,12 @@ pub struct ObserverExecutor {
     pub(super) status: Arc<EngineStatus>,
     /// Every attempt of the observers that record them (`record`).
     pub(super) log: DeliveryLog,
+    /// The consumer whose paused observers apply (the consumer itself, or, for a distributed
+    /// worker's partition `C/p`, `C`).
+    pub(super) control: String,
+    /// A distributed reader's work stream: each fired observer's deliveries are published there
+    /// (one message per event and observer) instead of run.
+    publisher: Option<WorkStream>,
 }
 
 impl ObserverExecutor {
@@ -69,7 +76,21 @@ impl ObserverExecutor {
         runtime: &RuntimeConfig,
         epoch: i64,
     ) -> Result<ObserverExecutor> {
-        let consumer = runtime.consumer_id.as_str();
+        let consumer = runtime.consumer_id.clone();
+        ObserverExecutor::scoped(observers, database_url, runtime, epoch, &consumer).await
+    }
+
+    /// [`new`](Self::new) for the deliveries of `consumer` (a distributed worker's partition,
+    /// `C/p`, led at `epoch`): its retry queue, dead letters, parking and delivery log are
+    /// `consumer`'s; the paused observers are `runtime.consumer_id`'s.
+    pub async fn scoped(
+        observers: Vec<Observer>,
+        database_url: &str,
+        runtime: &RuntimeConfig,
+        epoch: i64,
+        consumer: &str,
+    ) -> Result<ObserverExecutor> {
+        let control_id = runtime.consumer_id.clone();
         let config = db::parse_url(database_url)?;
         let log = DeliveryLog::start(config.clone(), consumer);
         let store = db::Reconnecting::new(config, "fraiseql-observers-delivery");
@@ -83,7 +104,7 @@ impl ObserverExecutor {
             );
         }
         let paused = Arc::new(Paused::default());
-        paused.replace(control::paused(&client, consumer).await?);
+        paused.replace(control::paused(&client, &control_id).await?);
         let counts = retry_queue::blocked_keys(&client, consumer).await?;
         let parking = Parking::from_counts(counts.into_iter().filter_map(|((name, key), n)| {
             let i = observers.iter().position(|o| o.name == name)?;
@@ -95,14 +116,7 @@ impl ObserverExecutor {
                 .iter()
                 .map(|o| m::ObserverMeters::new(&o.name, o.actions.iter().map(|a| a.kind())))
                 .collect(),
-            endpoints: flow::endpoints(
-                observers.iter().map(|o| o.actions.as_slice()),
-                flow::Limits {
-                    max_in_flight: runtime.max_in_flight.unwrap_or(runtime.concurrency),
-                    rate_limit: runtime.rate_limit,
-                    breaker: runtime.circuit_breaker,
-                },
-            ),
+            endpoints: endpoints(&observers, runtime),
             observers,
             store,
             consumer: consumer.to_string(),
@@ -112,7 +126,21 @@ impl ObserverExecutor {
             retry_wake: Notify::new(),
             status: Arc::new(EngineStatus::default()),
             log,
+            control: control_id,
+            publisher: None,
         })
+    }
+
+    /// Publish each fired observer's deliveries to `stream` instead of running them (a
+    /// distributed reader).
+    pub fn publishing(mut self, stream: WorkStream) -> ObserverExecutor {
+        self.publisher = Some(stream);
+        self
+    }
+
+    /// Whether deliveries are published to a work stream rather than run here.
+    pub(super) fn is_publishing(&self) -> bool {
+        self.publisher.is_some()
     }
 
     pub fn observers(&self) -> &[Observer] {
@@ -180,10 +208,47 @@ impl ObserverExecutor {
 
     /// Deliver `event` through every action of observer `i`, in order.
     pub async fn deliver_observer(&self, i: usize, event: &EntityEvent) -> Result<()> {
+        if let Some(stream) = &self.publisher {
+            self.publish(stream, i, event).await;
+            return Ok(());
+        }
         for a in 0..self.observers[i].actions.len() {
             self.deliver(i, a, event).await?;
         }
         Ok(())
+    }
+
+    /// Publish observer `i`'s deliveries of `event` to the work stream, retrying in place until
+    /// the stream acknowledges it (nothing was delivered yet: never the retry queue). The
+    /// partition is that of (observer, entity); the message id makes a republish a duplicate.
+    async fn publish(&self, stream: &WorkStream, i: usize, event: &EntityEvent) {
+        let name = &self.observers[i].name;
+        let partition =
+            distributed::partition_of(name, &entity_key(event), stream.config().partitions);
+        let id = distributed::work_msg_id(event.id, name);
+        let body = distributed::WorkItem::encode(name, event);
+        let mut delay = Duration::from_millis(50);
+        let mut failing = false;
+        loop {
+            match stream.publish(partition, &id, body.clone()).await {
+                Ok(()) => {
+                    metrics::counter!(m::WORK_PUBLISHED).increment(1);
+                    if failing {
+                        tracing::info!(observer = %name, partition, "work stream answers again");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(observer = %name, partition, sequence = event.sequence, error = %e,
+                            "cannot publish to the work stream; retrying in place");
+                    }
+                    failing = true;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
     }
 
     /// Deliver one event through action `a` of observer `i`: in-line attempts while the next
@@ -467,6 +532,21 @@ impl ObserverExecutor {
             }
         }
     }
+}
+
+/// The endpoints (flow control) of every action of `observers`: `[observer][action]`.
+pub(super) fn endpoints(
+    observers: &[Observer],
+    runtime: &RuntimeConfig,
+) -> Vec<Vec<Arc<Endpoint>>> {
+    flow::endpoints(
+        observers.iter().map(|o| o.actions.as_slice()),
+        flow::Limits {
+            max_in_flight: runtime.max_in_flight.unwrap_or(runtime.concurrency),
+            rate_limit: runtime.rate_limit,
+            breaker: runtime.circuit_breaker,
+        },
+    )
 }
 
 /// The observers that fire for one event.

@@ -119,10 +119,21 @@ async fn flush(
     now: Option<Instant>,
 ) -> Result<()> {
     let groups = coalescer.take_due(now);
-    let delivered = deliver_batches(executor, &groups).await;
+    let publishing = executor.is_publishing();
+    let delivered = if publishing {
+        HashSet::new()
+    } else {
+        deliver_batches(executor, &groups).await
+    };
     for (g, group) in groups.iter().enumerate() {
+        if publishing {
+            // A distributed reader: the group's latest change goes to the work stream.
+            executor
+                .deliver_observer(group.observer, &group.event)
+                .await?;
+        }
         for a in 0..executor.observers()[group.observer].actions.len() {
-            if !delivered.contains(&(g, a)) {
+            if !publishing && !delivered.contains(&(g, a)) {
                 executor.deliver(group.observer, a, &group.event).await?;
             }
         }

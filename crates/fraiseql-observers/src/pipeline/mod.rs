@@ -32,6 +32,7 @@ mod lane;
 mod monitor;
 mod retry;
 mod run;
+pub mod worker;
 
 pub use executor::{Held, ObserverExecutor, Routed};
 pub use monitor::EngineStatus;
@@ -39,6 +40,7 @@ pub use monitor::EngineStatus;
 use crate::config::{Config, Observer, RuntimeConfig};
 use crate::control;
 use crate::db;
+use crate::distributed::{DistributedConfig, Role, WorkStream};
 use crate::error::{ConfigErrors, Error, Result};
 use crate::listener::{ChangeLogListener, ListenerConfig};
 use crate::metrics as m;
@@ -63,7 +65,7 @@ pub fn listener_config(database_url: &str, runtime: &RuntimeConfig) -> ListenerC
 /// (no stream captures a subject, no such exchange, refused credentials) is a configuration
 /// mistake: an error naming the action. A transient one (the broker cannot be reached now) is
 /// logged: the action's deliveries retry until it answers.
-async fn prepare_actions(observers: &[Observer]) -> Result<()> {
+pub(super) async fn prepare_actions(observers: &[Observer]) -> Result<()> {
     let checks = observers.iter().flat_map(|o| {
         o.actions.iter().enumerate().map(move |(i, action)| async move {
             match action.prepare().await {
@@ -100,9 +102,16 @@ pub struct Pipeline {
 impl Pipeline {
     /// Claim `config.runtime.consumer_id` (bumping its epoch), load its checkpoint and build the
     /// executor for `config.observers`. The caller holds the consumer's lead, if it elects one.
+    ///
+    /// With `config.role` = [`Role::Reader`] the executor publishes each fired observer's
+    /// deliveries to the `[distributed]` work stream instead of running them.
     pub async fn start(database_url: &str, config: Config) -> Result<Pipeline> {
         let listener = listener_config(database_url, &config.runtime);
-        Pipeline::start_with(listener, config.observers, config.runtime).await
+        let publish_to = match config.role {
+            Role::Reader => config.distributed.clone(),
+            _ => None,
+        };
+        Pipeline::start_publishing(listener, config.observers, config.runtime, publish_to).await
     }
 
     /// [`Pipeline::start`] with listener settings of the caller's own (e.g. tests that reconnect
@@ -112,10 +121,29 @@ impl Pipeline {
         observers: Vec<Observer>,
         runtime: RuntimeConfig,
     ) -> Result<Pipeline> {
+        Pipeline::start_publishing(listener, observers, runtime, None).await
+    }
+
+    /// [`start_with`](Self::start_with), publishing to the work stream of `publish_to` when
+    /// given (a distributed reader).
+    pub async fn start_publishing(
+        listener: ListenerConfig,
+        observers: Vec<Observer>,
+        runtime: RuntimeConfig,
+        publish_to: Option<DistributedConfig>,
+    ) -> Result<Pipeline> {
         prepare_actions(&observers).await?;
+        let stream = match &publish_to {
+            Some(d) => Some(WorkStream::connect(d).await?),
+            None => None,
+        };
         let url = listener.database_url.clone();
         let listener = ChangeLogListener::start(listener).await?;
-        let executor = ObserverExecutor::new(observers, &url, &runtime, listener.epoch()).await?;
+        let mut executor =
+            ObserverExecutor::new(observers, &url, &runtime, listener.epoch()).await?;
+        if let Some(stream) = stream {
+            executor = executor.publishing(stream);
+        }
         Ok(Pipeline {
             database_url: url,
             listener,
@@ -185,11 +213,10 @@ impl Pipeline {
                 return Ok(());
             };
             let observers = config.observers.len();
-            let listener = listener_config(&url, &config.runtime);
             pipeline = tokio::select! {
                 biased;
                 _ = shutdown.clone() => return Ok(()),
-                started = Pipeline::start_with(listener, config.observers, config.runtime) => started?,
+                started = Pipeline::start(&url, config) => started?,
             };
             if let Some(executor) = Arc::get_mut(&mut pipeline.executor) {
                 executor.status = status;
@@ -225,7 +252,7 @@ async fn next_config(
 
 /// Keep the executor's paused observers current (every [`control::PAUSE_POLL`]), on a
 /// connection of its own. Ends only on an error that is not transient.
-async fn watch_paused(executor: Arc<ObserverExecutor>, database_url: String) -> Error {
+pub(super) async fn watch_paused(executor: Arc<ObserverExecutor>, database_url: String) -> Error {
     let connection = match db::parse_url(&database_url) {
         Ok(config) => db::Reconnecting::new(config, "fraiseql-observers-control"),
         Err(e) => return e,
@@ -245,7 +272,7 @@ async fn watch_paused(executor: Arc<ObserverExecutor>, database_url: String) -> 
     loop {
         tokio::time::sleep(control::PAUSE_POLL).await;
         let read = match connection.client().await {
-            Ok(client) => control::paused(&client, executor.consumer()).await,
+            Ok(client) => control::paused(&client, &executor.control).await,
             Err(e) => Err(e),
         };
         match read {

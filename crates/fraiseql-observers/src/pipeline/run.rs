@@ -95,28 +95,15 @@ pub(super) async fn run(
     }));
 
     // The retry worker.
-    {
-        let executor = executor.clone();
-        let (interval, limit) = (runtime.retry_poll_interval, runtime.concurrency.max(1));
-        tasks.spawn(supervised(
-            "the retry worker",
-            Lifetime::WholeRun,
-            async move {
-                loop {
-                    if executor.run_due_retries(limit).await? > 0 {
-                        continue;
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(interval) => {}
-                        _ = executor.retry_wake.notified() => {
-                            // A failure was just queued; its first retry is not due yet.
-                            tokio::time::sleep(interval).await;
-                        }
-                    }
-                }
-            },
-        ));
-    }
+    tasks.spawn(supervised(
+        "the retry worker",
+        Lifetime::WholeRun,
+        retry_worker(
+            executor.clone(),
+            runtime.retry_poll_interval,
+            runtime.concurrency.max(1),
+        ),
+    ));
 
     tasks.spawn(supervised("the monitor", Lifetime::WholeRun, async move {
         monitor.run().await;
@@ -200,6 +187,27 @@ pub(super) async fn run(
     final_checkpoint(&watermark, &mut checkpointer, executor.consumer()).await
 }
 
+/// The retry worker: runs the due heads of the retry queue, `limit` at a time; never ends but
+/// on an error.
+pub(super) async fn retry_worker(
+    executor: Arc<ObserverExecutor>,
+    interval: Duration,
+    limit: usize,
+) -> Result<()> {
+    loop {
+        if executor.run_due_retries(limit).await? > 0 {
+            continue;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = executor.retry_wake.notified() => {
+                // A failure was just queued; its first retry is not due yet.
+                tokio::time::sleep(interval).await;
+            }
+        }
+    }
+}
+
 /// The last checkpoint write, at a graceful shutdown. There is no next tick to retry it: a
 /// transient failure is reported as one (the events since the last saved checkpoint will be
 /// delivered again on restart), not as saved; a fence is returned.
@@ -255,7 +263,7 @@ async fn checkpoint(watermark: &Watermark, checkpointer: &mut Checkpointer) -> R
 }
 
 /// Stops the delivery chains when the run ends or its future is dropped (a lost lead).
-struct AbortChains(Arc<Chains>);
+pub(super) struct AbortChains(pub(super) Arc<Chains>);
 
 impl Drop for AbortChains {
     fn drop(&mut self) {
@@ -265,7 +273,7 @@ impl Drop for AbortChains {
 
 /// Whether a task may end before the run does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Lifetime {
+pub(super) enum Lifetime {
     /// It ends when asked to (the reader when stopped, the checkpoint writer).
     MayEnd,
     /// It runs as long as the run: ending at all is a failure.
@@ -274,7 +282,7 @@ enum Lifetime {
 
 /// `task`, with its panic caught and turned into `Error::TaskFailed` naming it (as is its end,
 /// when it must run for the whole run).
-async fn supervised(
+pub(super) async fn supervised(
     name: &'static str,
     lifetime: Lifetime,
     task: impl Future<Output = Result<()>>,
@@ -308,7 +316,7 @@ fn ended(joined: Option<std::result::Result<Result<()>, tokio::task::JoinError>>
 /// Resolves with the error of the first task of `tasks` that fails (every task in it is meant
 /// to run until the run ends, see [`Lifetime`]); never resolves while they all run, or when
 /// there is none.
-async fn first_failure(tasks: &mut JoinSet<Result<()>>) -> Error {
+pub(super) async fn first_failure(tasks: &mut JoinSet<Result<()>>) -> Error {
     loop {
         match tasks.join_next().await {
             None => std::future::pending::<()>().await,

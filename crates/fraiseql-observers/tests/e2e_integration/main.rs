@@ -7,6 +7,7 @@ mod catchup;
 mod conformance;
 mod control;
 mod delivery_log;
+mod distributed;
 mod docs;
 mod email;
 mod engine;

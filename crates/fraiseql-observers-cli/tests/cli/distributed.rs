@@ -1,0 +1,342 @@
+//! Distributed delivery with real processes: a reader (`run --role reader`, and a standby one)
+//! and three workers (`run --role worker`) under a steady writer, against the real nats-server.
+//! A worker SIGKILLed, the reader SIGKILLed, nats-server restarted: nothing committed is lost,
+//! first deliveries per entity ascend, a repeat carries the first delivery's id.
+//!
+//! The machine's nats-server (127.0.0.1:4222) is never restarted: the restart test starts one of
+//! its own, on a free port, with its own store directory. Streams have random names and are
+//! deleted at the end.
+
+use crate::harness::{
+    check_at_least_once, config, free_port, healthz, wait_all_delivered, ConfigFile, Daemon, Setup,
+    Writer,
+};
+use fraiseql_observers::testing::{eventually, TestDb, TestServer};
+use std::time::{Duration, Instant};
+
+const PARTITIONS: u32 = 12;
+
+/// The harness configuration (observer `all` on `Item`) with a `[distributed]` section of its own
+/// stream on `nats_url`, and `/healthz` on `port`.
+fn distributed_config(
+    consumer: &str,
+    hook: &str,
+    nats_url: &str,
+    stream: &str,
+    port: u16,
+) -> String {
+    let mut setup = Setup::new(consumer, hook);
+    setup.metrics_port = Some(port);
+    format!(
+        r#"
+[distributed]
+nats_url = "{nats_url}"
+stream = "{stream}"
+subject_prefix = "{prefix}"
+partitions = {PARTITIONS}
+{base}"#,
+        prefix = stream.to_lowercase().replace('_', "-"),
+        base = config(&setup),
+    )
+}
+
+/// One process: its configuration file, its `/healthz` port, the process.
+struct Process {
+    _file: ConfigFile,
+    port: u16,
+    daemon: Daemon,
+}
+
+struct Cluster {
+    db_url: String,
+    hook: String,
+    nats_url: String,
+    stream: String,
+    consumer: String,
+}
+
+impl Cluster {
+    fn start(&self, args: &[&str]) -> Process {
+        let port = free_port();
+        let file = ConfigFile::new(&distributed_config(
+            &self.consumer,
+            &self.hook,
+            &self.nats_url,
+            &self.stream,
+            port,
+        ));
+        let daemon = Daemon::start_with(&self.db_url, &file.path, args);
+        Process {
+            _file: file,
+            port,
+            daemon,
+        }
+    }
+
+    fn worker(&self, name: &str) -> Process {
+        self.start(&["--role", "worker", "--worker-id", name])
+    }
+
+    fn reader(&self) -> Process {
+        self.start(&["--role", "reader"])
+    }
+}
+
+/// The partitions a worker reports owning (`None` while it does not answer).
+async fn partitions(port: u16) -> Option<Vec<u32>> {
+    let (_, body) = healthz(port).await?;
+    Some(
+        body["partitions"]
+            .as_array()?
+            .iter()
+            .filter_map(|p| p.as_u64().map(|p| p as u32))
+            .collect(),
+    )
+}
+
+/// Wait until `workers` together own every partition, each at least one.
+async fn wait_spread(workers: &[&Process], within: Duration) {
+    eventually(
+        within,
+        "every partition owned by the live workers",
+        || async {
+            let mut all = Vec::new();
+            for w in workers {
+                let owned = partitions(w.port).await?;
+                if owned.is_empty() {
+                    return None;
+                }
+                all.extend(owned);
+            }
+            all.sort();
+            (all == (0..PARTITIONS).collect::<Vec<_>>()).then_some(())
+        },
+    )
+    .await;
+}
+
+async fn delete_stream(nats_url: &str, stream: &str) {
+    if let Ok(client) = async_nats::connect(nats_url).await {
+        let _ = async_nats::jetstream::new(client)
+            .delete_stream(stream)
+            .await;
+    }
+}
+
+fn names(tag: &str) -> (String, String) {
+    let n = rand::random::<u32>();
+    (format!("FO_DIST_{tag}_{n}"), format!("dist-{tag}-{n}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_loses_nothing_and_its_partitions_are_taken_over() {
+    let db = TestDb::new().await;
+    let receiver = TestServer::start().await;
+    let (stream, consumer) = names("KILLW");
+    let cluster = Cluster {
+        db_url: db.url.clone(),
+        hook: receiver.url("/hook"),
+        nats_url: "nats://127.0.0.1:4222".into(),
+        stream: stream.clone(),
+        consumer,
+    };
+    let reader = cluster.reader();
+    let mut workers: Vec<Process> = (0..3).map(|i| cluster.worker(&format!("w{i}"))).collect();
+    wait_spread(&workers.iter().collect::<Vec<_>>(), Duration::from_secs(30)).await;
+
+    let writer = Writer::start(&db.url, 40, 0xD157, Duration::from_millis(3)).await;
+    eventually(Duration::from_secs(30), "deliveries flowing", || {
+        let n = receiver.accepted().len();
+        async move { (n > 100).then_some(()) }
+    })
+    .await;
+    let victim = workers.remove(1);
+    let owned_by_victim = partitions(victim.port).await.unwrap_or_default();
+    let mut victim = victim;
+    victim.daemon.sigkill().await;
+    let killed = Instant::now();
+    wait_spread(&workers.iter().collect::<Vec<_>>(), Duration::from_secs(11)).await;
+    let takeover = killed.elapsed();
+    eprintln!(
+        "worker w1 (partitions {owned_by_victim:?}) SIGKILLed: its partitions taken over in {takeover:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let committed = writer.finish().await;
+    assert!(
+        committed.len() > 200,
+        "only {} rows written",
+        committed.len()
+    );
+    wait_all_delivered(&receiver, &committed, Duration::from_secs(60)).await;
+    let accepted = receiver.accepted();
+    let report = check_at_least_once(&committed, &accepted);
+    eprintln!(
+        "{} changes, {} deliveries, {} delivered more than once",
+        committed.len(),
+        accepted.len(),
+        report.duplicated.len()
+    );
+    assert!(
+        reader.daemon.log().contains("leading consumer"),
+        "{}",
+        reader.daemon.log()
+    );
+    drop(workers);
+    drop(reader);
+    delete_stream(&cluster.nats_url, &stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_reader_is_replaced_by_its_standby_and_nothing_is_lost() {
+    let db = TestDb::new().await;
+    let receiver = TestServer::start().await;
+    let (stream, consumer) = names("KILLR");
+    let cluster = Cluster {
+        db_url: db.url.clone(),
+        hook: receiver.url("/hook"),
+        nats_url: "nats://127.0.0.1:4222".into(),
+        stream: stream.clone(),
+        consumer,
+    };
+    let mut first = cluster.reader();
+    first
+        .daemon
+        .wait_for_log("leading consumer", Duration::from_secs(20))
+        .await;
+    let standby = cluster.reader();
+    standby
+        .daemon
+        .wait_for_log("standby: another instance leads", Duration::from_secs(20))
+        .await;
+    let workers: Vec<Process> = (0..3).map(|i| cluster.worker(&format!("w{i}"))).collect();
+    wait_spread(&workers.iter().collect::<Vec<_>>(), Duration::from_secs(30)).await;
+
+    let writer = Writer::start(&db.url, 40, 0xD158, Duration::from_millis(3)).await;
+    eventually(Duration::from_secs(30), "deliveries flowing", || {
+        let n = receiver.accepted().len();
+        async move { (n > 100).then_some(()) }
+    })
+    .await;
+    first.daemon.sigkill().await;
+    standby
+        .daemon
+        .wait_for_log("leading consumer", Duration::from_secs(15))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let committed = writer.finish().await;
+    wait_all_delivered(&receiver, &committed, Duration::from_secs(60)).await;
+    let accepted = receiver.accepted();
+    let report = check_at_least_once(&committed, &accepted);
+    eprintln!(
+        "{} changes, {} deliveries, {} delivered more than once",
+        committed.len(),
+        accepted.len(),
+        report.duplicated.len()
+    );
+    drop(workers);
+    drop(standby);
+    delete_stream(&cluster.nats_url, &stream).await;
+}
+
+/// A nats-server of this test's own: a free port, JetStream in its own store directory.
+struct OwnNats {
+    port: u16,
+    store: std::path::PathBuf,
+    child: Option<tokio::process::Child>,
+}
+
+impl OwnNats {
+    fn start(port: u16, store: &std::path::Path) -> OwnNats {
+        let mut nats = OwnNats {
+            port,
+            store: store.to_path_buf(),
+            child: None,
+        };
+        nats.spawn();
+        nats
+    }
+
+    fn spawn(&mut self) {
+        let child = tokio::process::Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(&self.store)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nats-server on PATH");
+        self.child = Some(child);
+    }
+
+    async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.start_kill().unwrap();
+            child.wait().await.unwrap();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_nats_server_loses_nothing() {
+    let db = TestDb::new().await;
+    let receiver = TestServer::start().await;
+    let store = std::env::temp_dir().join(format!("fo-nats-{}", rand::random::<u64>()));
+    let mut nats = OwnNats::start(free_port(), &store);
+    let (stream, consumer) = names("NATS");
+    let cluster = Cluster {
+        db_url: db.url.clone(),
+        hook: receiver.url("/hook"),
+        nats_url: nats.url(),
+        stream,
+        consumer,
+    };
+    let reader = cluster.reader();
+    let workers: Vec<Process> = (0..3).map(|i| cluster.worker(&format!("w{i}"))).collect();
+    wait_spread(&workers.iter().collect::<Vec<_>>(), Duration::from_secs(30)).await;
+
+    let writer = Writer::start(&db.url, 40, 0xD159, Duration::from_millis(3)).await;
+    eventually(Duration::from_secs(30), "deliveries flowing", || {
+        let n = receiver.accepted().len();
+        async move { (n > 100).then_some(()) }
+    })
+    .await;
+    nats.kill().await;
+    let during = receiver.accepted().len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    nats.spawn();
+    eventually(Duration::from_secs(30), "deliveries flowing again", || {
+        let n = receiver.accepted().len();
+        async move { (n > during + 100).then_some(()) }
+    })
+    .await;
+    let committed = writer.finish().await;
+    wait_all_delivered(&receiver, &committed, Duration::from_secs(90)).await;
+    let accepted = receiver.accepted();
+    let report = check_at_least_once(&committed, &accepted);
+    eprintln!(
+        "{} changes, {} deliveries, {} delivered more than once",
+        committed.len(),
+        accepted.len(),
+        report.duplicated.len()
+    );
+    drop(workers);
+    drop(reader);
+    nats.kill().await;
+}

@@ -1,0 +1,169 @@
+//! The work stream: one JetStream stream (file storage, work-queue retention), one subject and one
+//! durable pull consumer per partition.
+//!
+//! Invariants:
+//! * [`WorkStream::publish`] returns `Ok` only once the stream stored the message (PubAck), or
+//!   reported it a duplicate of one it stored (same `Nats-Msg-Id` within the window).
+//! * [`WorkStream::take_partition`] deletes and recreates the partition's consumer (deliver all,
+//!   explicit ack): with work-queue retention the stream then hands out exactly the messages not
+//!   acknowledged yet, in stream order, whatever the previous owner had in flight.
+
+use super::{durable_name, DistributedConfig};
+use crate::error::{Error, Result};
+use async_nats::jetstream::{self, consumer, stream};
+use std::time::Duration;
+
+/// How long a publish waits for its PubAck, and other stream calls for an answer.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection to the work stream.
+#[derive(Clone)]
+pub struct WorkStream {
+    js: jetstream::Context,
+    config: DistributedConfig,
+}
+
+impl std::fmt::Debug for WorkStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkStream")
+            .field("stream", &self.config.stream)
+            .field("partitions", &self.config.partitions)
+            .finish()
+    }
+}
+
+fn broker(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::WorkStream(format!("{what}: {e}"))
+}
+
+impl WorkStream {
+    /// Connect (retrying until the server answers; the client reconnects by itself afterwards)
+    /// and create the stream when it is missing.
+    pub async fn connect(config: &DistributedConfig) -> Result<WorkStream> {
+        let client = async_nats::ConnectOptions::new()
+            .name("fraiseql-observers-distributed")
+            .connection_timeout(TIMEOUT)
+            .retry_on_initial_connect()
+            .connect(config.nats_url.as_str())
+            .await
+            .map_err(|e| broker("cannot connect", e))?;
+        let mut js = jetstream::new(client);
+        js.set_timeout(TIMEOUT);
+        let stream = WorkStream {
+            js,
+            config: config.clone(),
+        };
+        stream.ensure_stream().await?;
+        Ok(stream)
+    }
+
+    pub fn config(&self) -> &DistributedConfig {
+        &self.config
+    }
+
+    async fn ensure_stream(&self) -> Result<()> {
+        let c = &self.config;
+        let wanted = stream::Config {
+            name: c.stream.clone(),
+            subjects: vec![format!("{}.>", c.subject_prefix)],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            num_replicas: c.replicas,
+            duplicate_window: c.duplicate_window,
+            ..Default::default()
+        };
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.js.get_or_create_stream(wanted.clone()).await {
+                Ok(mut s) => {
+                    let info = s.info().await.map_err(|e| broker("stream info", e))?;
+                    if info.config.retention != stream::RetentionPolicy::WorkQueue {
+                        return Err(Error::Invalid(format!(
+                            "stream '{}' exists without work-queue retention: it cannot be a work stream",
+                            c.stream
+                        )));
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(stream = %c.stream, error = %e,
+                        "cannot create or check the work stream; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Publish `body` to partition `partition` with `msg_id`, and wait for the PubAck.
+    pub async fn publish(&self, partition: u32, msg_id: &str, body: Vec<u8>) -> Result<()> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", msg_id);
+        self.js
+            .publish_with_headers(self.config.subject(partition), headers, body.into())
+            .await
+            .map_err(|e| broker("publish", e))?
+            .await
+            .map_err(|e| broker("publish acknowledgement", e))?;
+        Ok(())
+    }
+
+    /// Take partition `p`: delete its consumer and create it again, delivering every message
+    /// not acknowledged yet, in stream order.
+    pub async fn take_partition(&self, p: u32) -> Result<consumer::PullConsumer> {
+        let c = &self.config;
+        let stream = self
+            .js
+            .get_stream(&c.stream)
+            .await
+            .map_err(|e| broker("get stream", e))?;
+        let name = durable_name(p);
+        match stream.delete_consumer(&name).await {
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("not found") => {}
+            Err(e) => return Err(broker("delete consumer", e)),
+        }
+        stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(name),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: c.ack_wait,
+                filter_subject: c.subject(p),
+                max_ack_pending: c.max_ack_pending,
+                num_replicas: c.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| broker("create consumer", e))
+    }
+
+    /// Messages of partition `p` not yet delivered to its consumer (the consumer's lag).
+    pub async fn pending(&self, p: u32) -> Result<u64> {
+        let stream = self
+            .js
+            .get_stream(&self.config.stream)
+            .await
+            .map_err(|e| broker("get stream", e))?;
+        let mut consumer: consumer::PullConsumer = stream
+            .get_consumer(&durable_name(p))
+            .await
+            .map_err(|e| broker("get consumer", e))?;
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| broker("consumer info", e))?;
+        Ok(info.num_pending + info.num_ack_pending as u64)
+    }
+
+    /// Messages stored in the work stream (not acknowledged yet), all partitions.
+    pub async fn stored(&self) -> Result<u64> {
+        let mut stream = self
+            .js
+            .get_stream(&self.config.stream)
+            .await
+            .map_err(|e| broker("get stream", e))?;
+        let info = stream.info().await.map_err(|e| broker("stream info", e))?;
+        Ok(info.state.messages)
+    }
+}

@@ -1,0 +1,455 @@
+//! A distributed worker (`run --role worker`): delivers the partitions of the work stream it
+//! owns, each exactly as a single-process leader delivers a consumer.
+//!
+//! ```text
+//! lock connection: heartbeat (registry, live workers) -> take / give back partitions
+//! partition p (consumer C/p, its own epoch): pull consumer --> chains per (observer, entity)
+//!     --> deliver_observer (retries, retry queue, DLQ of C/p) --> ack the message
+//! ```
+//!
+//! Invariants:
+//! * A partition is delivered only while its lease (advisory lock of `C/p`) is held on the
+//!   worker's lock connection; a heartbeat that fails drops every partition at once (no drain,
+//!   no ack), and the worker contends again.
+//! * Taking a partition bumps `C/p`'s epoch, then recreates its JetStream consumer: the
+//!   messages not acknowledged yet come again, in stream order (a takeover keeps per-entity
+//!   order; a repeat carries the same delivery id).
+//! * A message is acknowledged only after its deliveries are done or handed over durably
+//!   (success, or committed to `C/p`'s retry queue / dead letters); a redelivery of a message
+//!   still in flight is not run twice.
+//! * Each worker aims at `ceil(partitions / live workers)` partitions: it takes free ones, and
+//!   gives extras back gracefully (stop fetching, finish and acknowledge what is in flight,
+//!   then unlock) when another worker joins.
+//! * Flow control (`max_in_flight`, rate limits, breakers) is per endpoint per worker, shared
+//!   by its partitions.
+
+use super::chains::{Chains, Done, Job};
+use super::executor::{self, ObserverExecutor};
+use super::run::{first_failure, retry_worker, supervised, AbortChains, Lifetime};
+use super::{prepare_actions, watch_paused, EngineStatus};
+use crate::config::Config;
+use crate::db;
+use crate::delivery::entity_key;
+use crate::delivery::flow::Endpoint;
+use crate::distributed::{
+    self, claim_partition, remove_worker, PartitionLocks, WorkItem, WorkStream,
+};
+use crate::error::{ConfigErrors, Error, Result};
+use crate::metrics as m;
+use async_nats::jetstream::{self, AckKind};
+use futures::{FutureExt as _, StreamExt as _};
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
+
+/// How often a worker beats and rebalances.
+pub const TICK: Duration = Duration::from_secs(1);
+
+/// How long an acknowledgement is retried before the message is left to a redelivery (with
+/// the same delivery id).
+const ACK_PATIENCE: Duration = Duration::from_secs(30);
+
+/// What a worker reports (`/healthz`, `/metrics`).
+#[derive(Debug, Default)]
+pub struct WorkerStatus {
+    /// The partitions owned now.
+    pub partitions: Mutex<Vec<u32>>,
+    /// Live workers of the consumer, this one included.
+    pub live_workers: AtomicU64,
+    /// Messages of the owned partitions not acknowledged yet (JetStream pending + in flight).
+    pub lag: AtomicU64,
+    /// Partitions taken since start (takeovers included).
+    pub taken: AtomicU64,
+    /// The delivery figures, shared by the partitions.
+    pub engine: Arc<EngineStatus>,
+}
+
+/// Builds the configuration again (one per partition: observers hold their own clients).
+pub type Compile = Arc<dyn Fn() -> std::result::Result<Config, ConfigErrors> + Send + Sync>;
+
+struct Shared {
+    database_url: String,
+    consumer: String,
+    worker: String,
+    stream: WorkStream,
+    compile: Compile,
+    /// The endpoints of the first configuration compiled: every partition's executor uses
+    /// them, so flow control is per worker.
+    endpoints: Vec<Vec<Arc<Endpoint>>>,
+    status: Arc<WorkerStatus>,
+    shutdown_timeout: Duration,
+}
+
+/// Run a worker named `worker` until `shutdown` resolves: own partitions of the work stream of
+/// `compile()`'s `[distributed]` and deliver them. Lost leases are contended again; returns an
+/// error only for a mistake that would repeat (no `[distributed]`, a bad configuration).
+pub async fn run(
+    database_url: &str,
+    compile: Compile,
+    worker: &str,
+    status: Arc<WorkerStatus>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let config = compile().map_err(|e| Error::Invalid(e.to_string()))?;
+    let Some(dist) = config.distributed.clone() else {
+        return Err(Error::Invalid(
+            "a worker needs a [distributed] section".into(),
+        ));
+    };
+    let shutdown = shutdown.shared();
+    prepare_actions(&config.observers).await?;
+    let stream = tokio::select! {
+        _ = shutdown.clone() => return Ok(()),
+        s = WorkStream::connect(&dist) => s?,
+    };
+    let shared = Arc::new(Shared {
+        database_url: database_url.to_string(),
+        consumer: config.runtime.consumer_id.clone(),
+        worker: worker.to_string(),
+        stream,
+        compile,
+        // Flow control per worker: these endpoints, shared by every partition.
+        endpoints: executor::endpoints(&config.observers, &config.runtime),
+        status,
+        shutdown_timeout: config.runtime.shutdown_timeout,
+    });
+    tracing::info!(consumer = %shared.consumer, worker, partitions = dist.partitions,
+        stream = %dist.stream, "worker started");
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let locks = tokio::select! {
+            _ = shutdown.clone() => return Ok(()),
+            l = PartitionLocks::open(database_url, &shared.consumer) => l,
+        };
+        let error = match locks {
+            Ok(locks) => match session(&shared, &locks, shutdown.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            },
+            Err(e) => e,
+        };
+        if !error.is_transient() && !matches!(error, Error::Invalid(_) | Error::TaskFailed(_)) {
+            return Err(error);
+        }
+        shared
+            .status
+            .partitions
+            .lock()
+            .expect("status lock")
+            .clear();
+        metrics::gauge!(m::PARTITIONS_OWNED).set(0.0);
+        tracing::warn!(consumer = %shared.consumer, worker, error = %error,
+            retry_in_ms = backoff.as_millis() as u64,
+            "worker lost its lock connection: every partition dropped at once; contending again");
+        tokio::select! {
+            _ = shutdown.clone() => return Ok(()),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// A partition being delivered here.
+struct Owned {
+    drain: watch::Sender<bool>,
+    draining: bool,
+    task: JoinHandle<Result<()>>,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Aborts every partition task when the session ends or is dropped.
+struct AbortAll(BTreeMap<u32, Owned>);
+
+impl Drop for AbortAll {
+    fn drop(&mut self) {
+        for owned in self.0.values() {
+            owned.task.abort();
+        }
+    }
+}
+
+/// One lock session: beat, rebalance, until shutdown (`Ok`, after draining every partition) or
+/// until the lock connection fails (the error; every partition is dropped at once).
+async fn session(
+    shared: &Arc<Shared>,
+    locks: &PartitionLocks,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let partitions = shared.stream.config().partitions;
+    let mut owned = AbortAll(BTreeMap::new());
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Where this worker starts looking for free partitions: spread over the workers.
+    let offset = distributed::partition_of("worker", &shared.worker, partitions);
+    let lag = tokio::spawn(watch_lag(shared.clone()));
+    let _stop_lag = AbortOnDrop(lag);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return stop(shared, locks, owned).await,
+            _ = tick.tick() => {}
+        }
+        // Partitions that ended: drained (given back), or failed (given back, taken again).
+        let ended: Vec<u32> = owned
+            .0
+            .iter()
+            .filter(|(_, o)| o.task.is_finished())
+            .map(|(p, _)| *p)
+            .collect();
+        for p in ended {
+            let o = owned.0.remove(&p).expect("listed");
+            match o.task.await {
+                Ok(Ok(())) => tracing::info!(partition = p, "partition drained and given back"),
+                Ok(Err(e)) => tracing::warn!(partition = p, error = %e,
+                    "partition stopped; giving it back (taken again when free)"),
+                Err(e) => tracing::error!(partition = p, error = %e, "partition task failed"),
+            }
+            locks.release(p).await?;
+        }
+        let list: Vec<u32> = owned.0.keys().copied().collect();
+        let live = locks.heartbeat(&shared.worker, &list).await?;
+        let target = (partitions as usize).div_ceil(live);
+        let active = owned.0.values().filter(|o| !o.draining).count();
+        if active > target {
+            // Give extras back: the highest partitions first.
+            for o in owned
+                .0
+                .values_mut()
+                .rev()
+                .filter(|o| !o.draining)
+                .take(active - target)
+            {
+                o.draining = true;
+                o.drain.send_replace(true);
+            }
+        } else if active < target {
+            let mut active = active;
+            for k in 0..partitions {
+                let p = (offset + k) % partitions;
+                if active >= target {
+                    break;
+                }
+                if owned.0.contains_key(&p) || !locks.try_take(p).await? {
+                    continue;
+                }
+                let (drain, drained) = watch::channel(false);
+                let task = tokio::spawn(partition(shared.clone(), p, drained));
+                owned.0.insert(
+                    p,
+                    Owned {
+                        drain,
+                        draining: false,
+                        task,
+                    },
+                );
+                shared.status.taken.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(partition = p, target, live, "partition taken");
+                active += 1;
+            }
+        }
+        let list: Vec<u32> = owned.0.keys().copied().collect();
+        metrics::gauge!(m::PARTITIONS_OWNED).set(list.len() as f64);
+        shared
+            .status
+            .live_workers
+            .store(live as u64, Ordering::Relaxed);
+        *shared.status.partitions.lock().expect("status lock") = list;
+    }
+}
+
+/// Every 5 s, the lag of the owned partitions (JetStream `num_pending` + in flight), off the
+/// beat: a slow or absent NATS server never delays a heartbeat.
+async fn watch_lag(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let list = shared.status.partitions.lock().expect("status lock").clone();
+        let mut lag = 0;
+        for p in list {
+            lag += shared.stream.pending(p).await.unwrap_or(0);
+        }
+        shared.status.lag.store(lag, Ordering::Relaxed);
+        metrics::gauge!(m::PARTITION_LAG).set(lag as f64);
+    }
+}
+
+/// A graceful stop: drain every partition (up to the shutdown timeout), give them back, leave
+/// the registry.
+async fn stop(shared: &Shared, locks: &PartitionLocks, owned: AbortAll) -> Result<()> {
+    for o in owned.0.values() {
+        o.drain.send_replace(true);
+    }
+    // Keep beating while draining: the leases must outlive the deliveries in flight.
+    let deadline = Instant::now() + shared.shutdown_timeout;
+    let mut beat = Instant::now();
+    while !owned.0.values().all(|o| o.task.is_finished()) {
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                "shutdown timeout reached; unacknowledged messages go to the next owner"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if beat.elapsed() >= TICK {
+            beat = Instant::now();
+            let list: Vec<u32> = owned.0.keys().copied().collect();
+            locks.heartbeat(&shared.worker, &list).await?;
+        }
+    }
+    for p in owned.0.keys().copied().collect::<Vec<_>>() {
+        let _ = locks.release(p).await;
+    }
+    drop(owned);
+    let client = db::connect(
+        &db::parse_url(&shared.database_url)?,
+        "fraiseql-observers-worker",
+    )
+    .await?;
+    remove_worker(&client, &shared.consumer, &shared.worker).await?;
+    tracing::info!(worker = %shared.worker, "worker stopped; partitions given back");
+    Ok(())
+}
+
+/// Deliver partition `p` until `drain` is set (then finish and acknowledge what is in flight,
+/// and return `Ok`) or until a failure (the error: the partition is given back).
+async fn partition(shared: Arc<Shared>, p: u32, mut drain: watch::Receiver<bool>) -> Result<()> {
+    let id = distributed::partition_consumer(&shared.consumer, p);
+    let config = (shared.compile)().map_err(|e| Error::Invalid(e.to_string()))?;
+    let client = db::connect(
+        &db::parse_url(&shared.database_url)?,
+        "fraiseql-observers-worker",
+    )
+    .await?;
+    let epoch = claim_partition(&client, &shared.consumer, p).await?;
+    drop(client);
+    let runtime = config.runtime;
+    let mut executor =
+        ObserverExecutor::scoped(config.observers, &shared.database_url, &runtime, epoch, &id)
+            .await?;
+    executor.endpoints = shared.endpoints.clone();
+    executor.status = shared.status.engine.clone();
+    let executor = Arc::new(executor);
+    let consumer = shared.stream.take_partition(p).await?;
+    tracing::debug!(partition = p, epoch, "partition consumer ready");
+
+    let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel::<Error>();
+    let chains = Arc::new(Chains::new(executor.clone(), fatal_tx));
+    let _abort_chains = AbortChains(chains.clone());
+    let mut tasks = JoinSet::new();
+    tasks.spawn(supervised(
+        "the retry worker",
+        Lifetime::WholeRun,
+        retry_worker(
+            executor.clone(),
+            runtime.retry_poll_interval,
+            runtime.concurrency.max(1),
+        ),
+    ));
+    {
+        let (executor, url) = (executor.clone(), shared.database_url.clone());
+        tasks.spawn(async move { Err(watch_paused(executor, url).await) });
+    }
+
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u64>();
+    let mut in_flight: HashMap<u64, jetstream::Message> = HashMap::new();
+    let mut acks = JoinSet::new();
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| Error::WorkStream(format!("pull: {e}")))?;
+    let mut draining = *drain.borrow();
+    while !(draining && in_flight.is_empty()) {
+        tokio::select! {
+            biased;
+            Some(e) = fatal_rx.recv() => return Err(e),
+            e = first_failure(&mut tasks) => return Err(e),
+            Some(seq) = done_rx.recv() => {
+                if let Some(message) = in_flight.remove(&seq) {
+                    acks.spawn(acknowledge(message, p));
+                }
+            }
+            Some(_) = acks.join_next(), if !acks.is_empty() => {}
+            _ = drain.changed(), if !draining => draining = true,
+            next = messages.next(), if !draining => match next {
+                Some(Ok(message)) => {
+                    let Ok(info) = message.info() else { continue };
+                    let seq = info.stream_sequence;
+                    if let Some(held) = in_flight.get_mut(&seq) {
+                        // Redelivered while still in flight: not run twice; acknowledge
+                        // the latest delivery when done.
+                        *held = message;
+                        continue;
+                    }
+                    let item = match WorkItem::decode(&message.payload) {
+                        Ok(item) => item,
+                        Err(e) => {
+                            tracing::error!(partition = p, stream_sequence = seq, error = %e,
+                                "unreadable work message; terminated");
+                            let _ = message.ack_with(AckKind::Term).await;
+                            continue;
+                        }
+                    };
+                    let Some(i) = executor.observers().iter().position(|o| o.name == item.observer) else {
+                        tracing::warn!(partition = p, observer = %item.observer,
+                            "a work message for an observer this worker does not know; left for another worker");
+                        let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await;
+                        continue;
+                    };
+                    let done_tx = done_tx.clone();
+                    let done = Done::then(1, Box::new(move || {
+                        let _ = done_tx.send(seq);
+                    }));
+                    in_flight.insert(seq, message);
+                    let key = entity_key(&item.event);
+                    chains.submit(key, Job { observer: i, event: Arc::new(item.event), done });
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(partition = p, error = %e, "work stream pull failed; continuing");
+                }
+                None => {
+                    messages = consumer
+                        .messages()
+                        .await
+                        .map_err(|e| Error::WorkStream(format!("pull: {e}")))?;
+                }
+            },
+        }
+    }
+    while acks.join_next().await.is_some() {}
+    tasks.abort_all();
+    executor.log.flush().await;
+    Ok(())
+}
+
+/// Acknowledge `message` (confirmed by the server), retrying for [`ACK_PATIENCE`]; after that
+/// it is left to a redelivery, which carries the same delivery ids.
+async fn acknowledge(message: jetstream::Message, p: u32) {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match message.double_ack().await {
+            Ok(()) => return,
+            Err(e) if started.elapsed() < ACK_PATIENCE => {
+                tracing::debug!(partition = p, error = %e, "acknowledgement not confirmed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e,
+                    "acknowledgement not confirmed; the message will be delivered again (same delivery id)");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! Distributed delivery in one process: a reader (the pipeline with `Role::Reader`) publishing to
+//! a JetStream work stream on the real nats-server (127.0.0.1:4222), and workers as tasks owning
+//! its partitions. Each test uses its own stream and subjects (random names) and deletes them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use fraiseql_observers::config::{self, Config};
+use fraiseql_observers::distributed::{self, Role};
+use fraiseql_observers::pipeline::worker::{self, WorkerStatus};
+use fraiseql_observers::pipeline::{self, Pipeline};
+use fraiseql_observers::testing::{eventually, Request, TestDb, TestServer};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_postgres::Client;
+
+use crate::sample::env_of;
+
+const NATS_URL: &str = "nats://127.0.0.1:4222";
+
+struct Names {
+    stream: String,
+    prefix: String,
+}
+
+fn names() -> Names {
+    let n = rand::random::<u32>();
+    Names {
+        stream: format!("FO_WORK_{n}"),
+        prefix: format!("fo-work-{n}"),
+    }
+}
+
+fn config_text(names: &Names, receiver: &TestServer, partitions: u32) -> String {
+    format!(
+        r#"
+[distributed]
+nats_url = "{NATS_URL}"
+stream = "{stream}"
+subject_prefix = "{prefix}"
+partitions = {partitions}
+
+[observers.runtime]
+consumer_id = "dist"
+start_position = "beginning"
+poll_interval_ms = 20
+checkpoint_interval_ms = 50
+retry_poll_interval_ms = 50
+shutdown_timeout_ms = 5000
+
+[observers.orders]
+entity = "Order"
+event_type = ["INSERT", "UPDATE"]
+
+[[observers.orders.actions]]
+type = "webhook"
+url = "{url}"
+allow_private_networks = true
+"#,
+        stream = names.stream,
+        prefix = names.prefix,
+        url = receiver.url("/orders"),
+    )
+}
+
+fn compile(text: &str) -> Config {
+    config::load(text, &env_of(&[])).unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn schema(db: &TestDb) -> Client {
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE tb_order (
+                 pk_order INTEGER GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                 id UUID DEFAULT gen_random_uuid() UNIQUE NOT NULL,
+                 status INTEGER NOT NULL, fk_customer_org UUID NOT NULL);
+             SELECT core.observer_enable_capture('tb_order', 'Order', 'fk_customer_org');",
+        )
+        .await
+        .unwrap();
+    client
+}
+
+/// `orders` orders, each inserted then updated `updates` times: `orders * (1 + updates)` changes.
+async fn write(client: &Client, orders: usize, updates: usize) {
+    let mut ids = Vec::new();
+    for _ in 0..orders {
+        let id: uuid::Uuid = client
+            .query_one(
+                "INSERT INTO tb_order (status, fk_customer_org) VALUES (0, gen_random_uuid()) RETURNING id",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        ids.push(id);
+    }
+    for u in 1..=updates {
+        for id in &ids {
+            client
+                .execute(
+                    "UPDATE tb_order SET status = $1 WHERE id = $2",
+                    &[&(u as i32), id],
+                )
+                .await
+                .unwrap();
+        }
+    }
+}
+
+struct Running {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<fraiseql_observers::Result<()>>,
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+async fn start_reader(db: &TestDb, text: &str) -> Running {
+    let config = compile(text).with_role(Role::Reader).unwrap();
+    let listener = fraiseql_observers::ListenerConfig {
+        min_poll_interval: Duration::from_millis(2),
+        ..pipeline::listener_config(&db.url, &config.runtime)
+    };
+    let pipeline = Pipeline::start_publishing(
+        listener,
+        config.observers,
+        config.runtime,
+        config.distributed,
+    )
+    .await
+    .unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(pipeline.run(async {
+        let _ = stopped.await;
+    }));
+    Running { stop, task }
+}
+
+fn start_worker(db: &TestDb, text: &str, name: &str) -> (Running, Arc<WorkerStatus>) {
+    let text = text.to_string();
+    let compile: worker::Compile =
+        Arc::new(move || config::load(&text, &env_of(&[])).and_then(|c| c.with_role(Role::Worker)));
+    let status = Arc::new(WorkerStatus::default());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (url, name, s) = (db.url.clone(), name.to_string(), status.clone());
+    let task = tokio::spawn(async move {
+        worker::run(&url, compile, &name, s, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    (Running { stop, task }, status)
+}
+
+async fn delete_stream(names: &Names) {
+    let client = async_nats::connect(NATS_URL).await.unwrap();
+    let _ = jetstream::new(client).delete_stream(&names.stream).await;
+}
+
+/// Every change delivered, at least once; per entity the first deliveries in commit order; a
+/// repeat only with the id of the first. Returns the distinct deliveries.
+fn check_deliveries(requests: &[Request], expected: usize) -> usize {
+    let mut first: HashMap<String, (String, i64)> = HashMap::new();
+    let mut by_entity: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for r in requests.iter().filter(|r| r.accepted()) {
+        let (id, entity, sequence) = (r.id(), r.entity(), r.sequence());
+        match first.get(&id) {
+            Some((e, s)) => assert_eq!((e, s), (&entity, &sequence), "a repeat with another id"),
+            None => {
+                first.insert(id, (entity.clone(), sequence));
+                by_entity.entry(entity).or_default().push(sequence);
+            }
+        }
+    }
+    for (entity, sequences) in &by_entity {
+        assert!(
+            sequences.windows(2).all(|w| w[0] < w[1]),
+            "entity {entity}: first deliveries out of commit order: {sequences:?}"
+        );
+    }
+    assert_eq!(first.len(), expected, "distinct deliveries");
+    first.len()
+}
+
+async fn distinct_accepted(receiver: &TestServer) -> usize {
+    let mut ids: Vec<String> = receiver.accepted().iter().map(Request::id).collect();
+    ids.sort();
+    ids.dedup();
+    ids.len()
+}
+
+#[tokio::test]
+async fn a_reader_and_three_workers_deliver_every_change_in_order_per_entity() {
+    let names = names();
+    let db = TestDb::new().await;
+    let client = schema(&db).await;
+    let receiver = TestServer::start().await;
+    let text = config_text(&names, &receiver, 8);
+    let reader = start_reader(&db, &text).await;
+    let workers: Vec<_> = (0..3)
+        .map(|i| start_worker(&db, &text, &format!("w{i}")))
+        .collect();
+    write(&client, 30, 4).await;
+    let expected = 30 * 5;
+    eventually(Duration::from_secs(60), "every change delivered", || {
+        let receiver = &receiver;
+        async move { (distinct_accepted(receiver).await >= expected).then_some(()) }
+    })
+    .await;
+    check_deliveries(&receiver.accepted(), expected);
+
+    // The partitions are spread: each worker owns some, together all, none twice.
+    let owned = eventually(Duration::from_secs(20), "the partitions spread", || {
+        let workers = &workers;
+        async move {
+            let owned: Vec<Vec<u32>> = workers
+                .iter()
+                .map(|(_, s)| s.partitions.lock().unwrap().clone())
+                .collect();
+            let mut all: Vec<u32> = owned.iter().flatten().copied().collect();
+            all.sort();
+            (all == (0..8).collect::<Vec<_>>() && owned.iter().all(|o| !o.is_empty()))
+                .then_some(owned)
+        }
+    })
+    .await;
+    assert!(owned.iter().all(|o| o.len() <= 3), "{owned:?}");
+
+    // The workers are in the registry, with their partitions.
+    let rows = distributed::live_workers(&client, "dist").await.unwrap();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    // Each partition's deliveries are bookkept under its own consumer, fenced by its epoch.
+    let partitions: i64 = client
+        .query_one(
+            "SELECT count(*) FROM core.observer_checkpoints WHERE partition_of = 'dist'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(partitions, 8);
+
+    for (w, _) in workers {
+        w.stop().await;
+    }
+    reader.stop().await;
+    // Everything was acknowledged: the work stream is empty.
+    let js = jetstream::new(async_nats::connect(NATS_URL).await.unwrap());
+    let messages = js
+        .get_stream(&names.stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages;
+    assert_eq!(messages, 0);
+    delete_stream(&names).await;
+}
+
+#[tokio::test]
+async fn partitions_rebalance_when_workers_join_and_leave_and_a_dead_workers_are_taken_over() {
+    let names = names();
+    let db = TestDb::new().await;
+    let client = schema(&db).await;
+    let receiver = TestServer::start().await;
+    let text = config_text(&names, &receiver, 8);
+    let reader = start_reader(&db, &text).await;
+    let owned = |s: &Arc<WorkerStatus>| s.partitions.lock().unwrap().len();
+
+    let (first, first_status) = start_worker(&db, &text, "first");
+    eventually(Duration::from_secs(20), "one worker owns all", || {
+        let n = owned(&first_status);
+        async move { (n == 8).then_some(()) }
+    })
+    .await;
+    write(&client, 10, 1).await;
+
+    // A second worker joins: the first gives half back (drained), the second takes it.
+    let (second, second_status) = start_worker(&db, &text, "second");
+    eventually(Duration::from_secs(20), "4 and 4", || {
+        let (a, b) = (owned(&first_status), owned(&second_status));
+        async move { (a == 4 && b == 4).then_some(()) }
+    })
+    .await;
+    write(&client, 10, 1).await;
+
+    // The second one dies without a word (its task and lock connection dropped): the first
+    // takes everything back.
+    second.task.abort();
+    let _ = second.task.await;
+    eventually(
+        Duration::from_secs(20),
+        "the dead worker's partitions taken over",
+        || {
+            let n = owned(&first_status);
+            async move { (n == 8).then_some(()) }
+        },
+    )
+    .await;
+    write(&client, 10, 1).await;
+    let expected = 3 * 10 * 2;
+    eventually(Duration::from_secs(60), "every change delivered", || {
+        let receiver = &receiver;
+        async move { (distinct_accepted(receiver).await >= expected).then_some(()) }
+    })
+    .await;
+    check_deliveries(&receiver.accepted(), expected);
+    assert!(first_status.taken.load(Ordering::Relaxed) >= 12);
+    first.stop().await;
+    reader.stop().await;
+    delete_stream(&names).await;
+}
+
+#[tokio::test]
+async fn a_role_needs_the_distributed_section() {
+    let config = compile(
+        r#"
+[observers.runtime]
+consumer_id = "x"
+"#,
+    );
+    let errors = config.with_role(Role::Worker).unwrap_err();
+    assert_eq!(errors.0[0].path, "distributed");
+    assert!(errors.to_string().contains("--role worker"), "{errors}");
+}
