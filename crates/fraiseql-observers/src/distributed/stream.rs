@@ -7,6 +7,9 @@
 //! * [`WorkStream::take_partition`] deletes and recreates the partition's consumer (deliver all,
 //!   explicit ack): with work-queue retention the stream then hands out exactly the messages not
 //!   acknowledged yet, in stream order, whatever the previous owner had in flight.
+//! * A work stream serves one consumer: its description names it ([`owner_description`]), and
+//!   a reader or worker of another consumer refuses it (their partitions' durable consumers
+//!   would share names, and each would delete the other's).
 
 use super::{durable_name, DistributedConfig};
 use crate::error::{Error, Result};
@@ -36,10 +39,16 @@ fn broker(what: &str, e: impl std::fmt::Display) -> Error {
     Error::WorkStream(format!("{what}: {e}"))
 }
 
+/// The description a work stream carries: which consumer it serves.
+pub fn owner_description(consumer: &str) -> String {
+    format!("fraiseql-observers work stream of consumer '{consumer}'")
+}
+
 impl WorkStream {
     /// Connect (retrying until the server answers; the client reconnects by itself afterwards)
-    /// and create the stream when it is missing.
-    pub async fn connect(config: &DistributedConfig) -> Result<WorkStream> {
+    /// and create the stream when it is missing, for `consumer`; an error when the stream
+    /// exists for another consumer, or without work-queue retention or our subjects.
+    pub async fn connect(config: &DistributedConfig, consumer: &str) -> Result<WorkStream> {
         let client = async_nats::ConnectOptions::new()
             .name("fraiseql-observers-distributed")
             .connection_timeout(TIMEOUT)
@@ -53,7 +62,7 @@ impl WorkStream {
             js,
             config: config.clone(),
         };
-        stream.ensure_stream().await?;
+        stream.ensure_stream(consumer).await?;
         Ok(stream)
     }
 
@@ -61,11 +70,13 @@ impl WorkStream {
         &self.config
     }
 
-    async fn ensure_stream(&self) -> Result<()> {
+    async fn ensure_stream(&self, consumer: &str) -> Result<()> {
         let c = &self.config;
+        let subjects = format!("{}.>", c.subject_prefix);
         let wanted = stream::Config {
             name: c.stream.clone(),
-            subjects: vec![format!("{}.>", c.subject_prefix)],
+            description: Some(owner_description(consumer)),
+            subjects: vec![subjects.clone()],
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             num_replicas: c.replicas,
@@ -81,6 +92,22 @@ impl WorkStream {
                         return Err(Error::Invalid(format!(
                             "stream '{}' exists without work-queue retention: it cannot be a work stream",
                             c.stream
+                        )));
+                    }
+                    let owner = info.config.description.clone().unwrap_or_default();
+                    if owner != owner_description(consumer) {
+                        return Err(Error::Invalid(format!(
+                            "stream '{}' is not the work stream of consumer '{consumer}' (its \
+                             description: '{owner}'): give each consumer its own `stream` and \
+                             `subject_prefix` in [distributed]",
+                            c.stream
+                        )));
+                    }
+                    if !info.config.subjects.contains(&subjects) {
+                        return Err(Error::Invalid(format!(
+                            "stream '{}' captures {:?}, not '{subjects}' (subject_prefix): \
+                             change `subject_prefix` back, or give it a new `stream`",
+                            c.stream, info.config.subjects
                         )));
                     }
                     return Ok(());

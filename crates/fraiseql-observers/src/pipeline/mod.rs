@@ -134,7 +134,7 @@ impl Pipeline {
     ) -> Result<Pipeline> {
         prepare_actions(&observers).await?;
         let stream = match &publish_to {
-            Some(d) => Some(WorkStream::connect(d).await?),
+            Some(d) => Some(WorkStream::connect(d, &runtime.consumer_id).await?),
             None => None,
         };
         let url = listener.database_url.clone();

@@ -104,7 +104,7 @@ pub async fn run(
     prepare_actions(&config.observers).await?;
     let stream = tokio::select! {
         _ = shutdown.clone() => return Ok(()),
-        s = WorkStream::connect(&dist) => s?,
+        s = WorkStream::connect(&dist, &config.runtime.consumer_id) => s?,
     };
     let shared = Arc::new(Shared {
         database_url: database_url.to_string(),
@@ -274,7 +274,12 @@ async fn session(
 async fn watch_lag(shared: Arc<Shared>) {
     loop {
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let list = shared.status.partitions.lock().expect("status lock").clone();
+        let list = shared
+            .status
+            .partitions
+            .lock()
+            .expect("status lock")
+            .clone();
         let mut lag = 0;
         for p in list {
             lag += shared.stream.pending(p).await.unwrap_or(0);

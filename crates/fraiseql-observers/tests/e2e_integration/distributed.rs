@@ -334,3 +334,30 @@ consumer_id = "x"
     assert_eq!(errors.0[0].path, "distributed");
     assert!(errors.to_string().contains("--role worker"), "{errors}");
 }
+
+#[tokio::test]
+async fn a_work_stream_serves_one_consumer() {
+    let names = names();
+    let receiver = TestServer::start().await;
+    let config = compile(&config_text(&names, &receiver, 4));
+    let dist = config.distributed.expect("[distributed]");
+    distributed::WorkStream::connect(&dist, "dist")
+        .await
+        .expect("the stream is created for consumer dist");
+    // Another consumer with the same `[distributed]` section is refused: its partitions'
+    // durable consumers would share names with ours.
+    let refused = distributed::WorkStream::connect(&dist, "other")
+        .await
+        .expect_err("another consumer's stream");
+    assert!(
+        refused
+            .to_string()
+            .contains("is not the work stream of consumer 'other'"),
+        "{refused}"
+    );
+    // Ours again: accepted.
+    distributed::WorkStream::connect(&dist, "dist")
+        .await
+        .unwrap();
+    delete_stream(&names).await;
+}
