@@ -39,6 +39,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(9, "0009_control"),
     migration!(10, "0010_backfill"),
     migration!(11, "0011_delivery_log"),
+    migration!(13, "0013_capture_write_cost"),
 ];
 
 /// Arbitrary constant key for the migration advisory lock ("fqlobsmg").
