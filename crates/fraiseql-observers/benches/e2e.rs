@@ -328,7 +328,10 @@ async fn run(options: Options) {
         data::drop_database(db.name).await;
     }
     if options.wants("writer-cost") {
-        scenarios.insert("writer_cost".into(), writer_cost(&options).await);
+        scenarios.insert(
+            "writer_cost".into(),
+            writer::cost(options.quick, options.peer).await,
+        );
     }
     if options.wants("instructions") {
         scenarios.insert(
@@ -1287,162 +1290,6 @@ async fn soak(options: &Options, receiver: &ReceiverProcess) -> Value {
         "growth_pct": (end as f64 - at_1min as f64) / (at_1min.max(1) as f64) * 100.0,
         "samples": samples.iter().map(|(t, kib)| json!({"t": t.round(), "rss_mib": mib(*kib)})).collect::<Vec<_>>(),
     })
-}
-
-/// pgbench: single-row INSERTs into `tb_order` for `secs` with `clients` connections.
-fn pgbench(db: &str, script: &std::path::Path, clients: usize, secs: u64) -> f64 {
-    let admin = data::admin_url();
-    let config: tokio_postgres::Config = admin.parse().expect("admin url");
-    let host = match config.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        _ => "127.0.0.1".into(),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let user = config.get_user().unwrap_or("postgres").to_string();
-    let output = std::process::Command::new("pgbench")
-        .args([
-            "-n",
-            "-h",
-            &host,
-            "-p",
-            &port.to_string(),
-            "-U",
-            &user,
-            "-f",
-            &script.display().to_string(),
-            "-c",
-            &clients.to_string(),
-            "-j",
-            &clients.min(2).to_string(),
-            "-T",
-            &secs.to_string(),
-            db,
-        ])
-        .output()
-        .expect("run pgbench");
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "pgbench failed: {}{}",
-        text,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    text.lines()
-        .find(|l| l.starts_with("tps = "))
-        .and_then(|l| l["tps = ".len()..].split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no tps in pgbench output: {text}"))
-}
-
-async fn writer_cost(options: &Options) -> Value {
-    const DB: &str = "fo_bench_e2e_writer";
-    let (runs, secs) = if options.quick { (1, 3) } else { (3, 10) };
-    let url = data::recreate(DB).await;
-    let mut client = data::connect(&url).await;
-    fraiseql_observers::migrate::run(&mut client)
-        .await
-        .expect("migrations");
-    data::create_tables(&client).await;
-    let script = target_dir().join("bench-results/writer-cost.sql");
-    std::fs::create_dir_all(target_dir().join("bench-results")).expect("results dir");
-    std::fs::write(
-        &script,
-        format!(
-            "\\set g random(1, 1000000000)\nINSERT INTO tb_order ({}) SELECT {} FROM (SELECT :g::int AS g) s;\n",
-            data::ORDER_COLUMNS,
-            data::order_values("s.g", "gen_random_uuid()").replace('\n', " ")
-        ),
-    )
-    .expect("pgbench script");
-
-    let peer_ready = options.peer
-        && tokio::task::spawn_blocking(peer::install)
-            .await
-            .expect("npm")
-            .is_ok();
-    let mut variants = vec!["plain", "capture", "capture + NOTIFY hint"];
-    if peer_ready {
-        variants.push("graphile-worker add_job trigger");
-    }
-    let mut rows = Vec::new();
-    for clients in [1usize, 16] {
-        let mut plain = 0.0;
-        for variant in &variants {
-            match *variant {
-                "plain" => {}
-                "capture" => data::enable_capture(&client).await,
-                "capture + NOTIFY hint" => fraiseql_observers::capture::set_notify(&client, true)
-                    .await
-                    .expect("notify on"),
-                _ => {
-                    fraiseql_observers::capture::set_notify(&client, false)
-                        .await
-                        .expect("notify off");
-                    fraiseql_observers::capture::disable(&client, "tb_order")
-                        .await
-                        .expect("capture off");
-                    fraiseql_observers::capture::disable(&client, "tb_user")
-                        .await
-                        .expect("capture off");
-                    if client
-                        .query_opt("SELECT 1 FROM pg_trigger WHERE tgname = 'bench_peer'", &[])
-                        .await
-                        .expect("trigger lookup")
-                        .is_none()
-                    {
-                        peer::prepare(&url, &client).await;
-                    }
-                }
-            }
-            let mut tps = Vec::new();
-            for _ in 0..runs {
-                client
-                    .batch_execute("TRUNCATE tb_order, core.tb_entity_change_log; CHECKPOINT")
-                    .await
-                    .expect("truncate");
-                if peer_ready && variant.starts_with("graphile") {
-                    client
-                        .batch_execute("DELETE FROM graphile_worker._private_jobs")
-                        .await
-                        .expect("clear jobs");
-                }
-                let script = script.clone();
-                let value =
-                    tokio::task::spawn_blocking(move || pgbench(DB, &script, clients, secs))
-                        .await
-                        .expect("pgbench");
-                tps.push(value);
-            }
-            let summary = Summary::of(&tps);
-            if *variant == "plain" {
-                plain = summary.median;
-            }
-            eprintln!(
-                "writer cost, {clients} writer(s), {variant}: {}",
-                summary.show()
-            );
-            rows.push(json!({
-                "clients": clients,
-                "variant": variant,
-                "tps": summary,
-                "vs_plain": summary.median / plain,
-            }));
-        }
-        // Back to plain for the next number of writers.
-        for table in ["tb_order", "tb_user"] {
-            let _ = fraiseql_observers::capture::disable(&client, table).await;
-        }
-        let _ = fraiseql_observers::capture::set_notify(&client, false).await;
-        client
-            .batch_execute(
-                "DROP TRIGGER IF EXISTS bench_peer ON tb_order; DROP TRIGGER IF EXISTS bench_peer ON tb_user;
-                 DROP FUNCTION IF EXISTS bench_peer_enqueue()",
-            )
-            .await
-            .expect("drop peer trigger");
-    }
-    data::drop_database(DB).await;
-    json!({ "secs": secs, "runs": runs, "rows": rows })
 }
 
 /// Ours divided by graphile-worker's, from the same run.

@@ -22,6 +22,8 @@
 //!   rate of each tenth of the backlog (a steady rate has close minimum and maximum).
 //! * Results are printed as markdown and written to `target/bench-results/reader.json` at the
 //!   workspace root.
+//! * The bench runs with mimalloc as its global allocator, as the daemon does
+//!   (`fraiseql-observers-cli/src/allocator.rs`): it measures the reader as it is shipped.
 
 use anyhow::{bail, ensure, Context, Result};
 use fraiseql_observers::listener::change_log::{batch_ids_sql, chunk_range_sql, chunk_rows_sql};
@@ -31,6 +33,10 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio_postgres::{Client, NoTls};
+
+/// The daemon's allocator (the library chooses none).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const DB_NAME: &str = "fo_bench_reader";
 /// Rows written per transaction while filling: the backlog spans many transactions, as a real
@@ -157,6 +163,7 @@ async fn main() -> Result<()> {
     let report = json!({
         "date": chrono::Utc::now().to_rfc3339(),
         "command": "cargo bench -p fraiseql-observers --bench reader",
+        "allocator": "mimalloc",
         "args": {
             "rows": args.rows, "runs": args.runs, "batch_sizes": args.batch_sizes,
             "idle_secs": args.idle_secs, "reuse": args.reuse,

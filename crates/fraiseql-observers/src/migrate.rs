@@ -40,6 +40,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(10, "0010_backfill"),
     migration!(11, "0011_delivery_log"),
     migration!(12, "0012_distributed"),
+    migration!(13, "0013_capture_write_cost"),
 ];
 
 /// Arbitrary constant key for the migration advisory lock ("fqlobsmg").

@@ -1245,3 +1245,64 @@ async fn migration_0008_regenerates_the_trigger_of_tables_captured_before_it() {
         alice_image("alice@example.com")
     );
 }
+
+#[tokio::test]
+async fn a_captured_write_compiles_nothing_with_the_servers_default_jit() {
+    // The generated trigger runs with enable_nestloop = off and fraiseql_capture.write inherits
+    // it: a join planned there carries the nested loop's disable cost, far above
+    // jit_above_cost, and with jit = on (PostgreSQL's default) every captured statement
+    // JIT-compiled it (13 single-row inserts/s instead of ~2,000). The plans of the nested
+    // statements, as auto_explain reports them, must show no JIT.
+    use futures::StreamExt;
+    let (db, writer) = captured_users().await;
+    let (client, mut connection) = db.config().connect(tokio_postgres::NoTls).await.unwrap();
+    let (tx, mut notices) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notice(notice) = message {
+                let _ = tx.send(notice.message().to_string());
+            }
+        }
+    });
+    let jit_available: bool = client
+        .query_one("SELECT pg_jit_available()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        jit_available,
+        "this server cannot JIT: the test would prove nothing"
+    );
+    client
+        .batch_execute(
+            "RESET jit; RESET jit_above_cost; LOAD 'auto_explain';
+             SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;
+             SET client_min_messages = log",
+        )
+        .await
+        .unwrap();
+    insert_alice(&client).await;
+    client
+        .batch_execute("RESET client_min_messages")
+        .await
+        .unwrap();
+    drop(client);
+    let mut plans = Vec::new();
+    while let Some(notice) = notices.recv().await {
+        plans.push(notice);
+    }
+    assert!(
+        plans
+            .iter()
+            .any(|p| p.contains("INSERT INTO core.tb_entity_change_log")),
+        "auto_explain reported the nested statements: {plans:#?}"
+    );
+    for plan in &plans {
+        assert!(
+            !plan.contains("JIT"),
+            "a captured write was JIT-compiled: {plan}"
+        );
+    }
+    assert_eq!(log_rows(&writer).await.len(), 1);
+}
