@@ -111,7 +111,10 @@ impl Image {
     /// The image as JSON text (as the row had it: key order and spacing are the database's).
     pub fn raw(&self) -> &RawValue {
         self.raw.get_or_init(|| {
-            let value = self.value.get().expect("an image holds its text or its value");
+            let value = self
+                .value
+                .get()
+                .expect("an image holds its text or its value");
             serde_json::value::to_raw_value(value).expect("a JSON value serializes")
         })
     }
@@ -119,7 +122,10 @@ impl Image {
     /// The image's values, parsed on first use.
     pub fn value(&self) -> &Value {
         self.value.get_or_init(|| {
-            let raw = self.raw.get().expect("an image holds its text or its value");
+            let raw = self
+                .raw
+                .get()
+                .expect("an image holds its text or its value");
             parse_checked(raw.get())
         })
     }

@@ -392,12 +392,7 @@ async fn test_before_after_value_extraction() {
     let event = ok(&events[0]);
     assert_eq!(event.before.as_deref(), Some(&before));
     assert_eq!(event.after.as_deref(), Some(&after));
-    let fields: Vec<&str> = event
-        .changes()
-        .unwrap()
-        .iter()
-        .map(|c| c.field)
-        .collect();
+    let fields: Vec<&str> = event.changes().unwrap().iter().map(|c| c.field).collect();
     assert_eq!(
         fields,
         ["active", "added_field", "address", "removed_field", "tags"]

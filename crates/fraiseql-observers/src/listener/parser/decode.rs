@@ -224,8 +224,8 @@ fn envelope_images(
     };
     let before = image("the envelope's 'before'", field("before"))?;
     let after = image("the envelope's 'after'", field("after"))?;
-    let source = image("the envelope's 'source'", field("source"))?
-        .map(|source| source.value().clone());
+    let source =
+        image("the envelope's 'source'", field("source"))?.map(|source| source.value().clone());
     let source_ts = match &source {
         Some(source) => source_timestamp(source)?,
         None => None,

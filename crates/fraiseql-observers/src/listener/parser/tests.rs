@@ -118,8 +118,14 @@ fn envelope_update_decodes_every_field() {
     assert_eq!(event.entity_id, Uuid::parse_str(ENTITY).unwrap());
     assert_eq!(event.tenant, Some(Uuid::parse_str(TENANT).unwrap()));
     assert_eq!(event.author.as_deref(), Some("author-1"));
-    assert_eq!(event.before.as_deref(), Some(json!({"email": "a", "n": 1})).as_ref());
-    assert_eq!(event.after.as_deref(), Some(json!({"email": "b", "n": 1})).as_ref());
+    assert_eq!(
+        event.before.as_deref(),
+        Some(json!({"email": "a", "n": 1})).as_ref()
+    );
+    assert_eq!(
+        event.after.as_deref(),
+        Some(json!({"email": "b", "n": 1})).as_ref()
+    );
     let changes = event.changes_owned().unwrap();
     assert_eq!(changes.len(), 1);
     assert_eq!(changes[0].field, "email");
