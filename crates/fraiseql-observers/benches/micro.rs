@@ -48,6 +48,9 @@ const STAGES: &[&str] = &[
     "body_template",
     "signature",
     "drain_event",
+    "decode_condition",
+    "decode_match_ten",
+    "decode_template",
 ];
 
 /// Run `stage` `n` times on the benches' inputs (built once, before the loop).
@@ -77,6 +80,21 @@ fn repeat(stage: &str, n: u64) {
                 let event = decode(&shape, bb(&update), POSITION).expect("decodes");
                 let body = default_body_json(&event);
                 drop(bb(sign(&keys, id, 1_767_607_872, &body)));
+            }
+            // A fresh event per call, as the engine sees it: the images are parsed (once) by
+            // whatever reads their values first, so a stage on a decoded-once event alone
+            // would not count that parse.
+            "decode_condition" => {
+                let event = decode(&shape, bb(&update), POSITION).expect("decodes");
+                bb(condition.evaluate(&event).expect("evaluates"));
+            }
+            "decode_match_ten" => {
+                let event = decode(&shape, bb(&update), POSITION).expect("decodes");
+                drop(bb(matcher.evaluate(&observers, &event)));
+            }
+            "decode_template" => {
+                let event = decode(&shape, bb(&update), POSITION).expect("decodes");
+                drop(bb(template.render(&event).expect("renders")));
             }
             other => panic!("unknown stage {other}; one of {STAGES:?}"),
         }

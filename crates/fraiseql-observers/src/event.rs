@@ -1,7 +1,13 @@
 //! `EntityEvent`: one committed change of one entity, as the observers see it. No I/O here.
 
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::OnceLock;
+
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -61,6 +67,226 @@ pub struct FieldChange {
     pub new: Option<Value>,
 }
 
+/// [`FieldChange`] borrowing its values from the event's images.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FieldChangeRef<'a> {
+    pub field: &'a str,
+    pub old: Option<&'a Value>,
+    pub new: Option<&'a Value>,
+}
+
+impl FieldChangeRef<'_> {
+    /// An owned copy.
+    pub fn to_owned(&self) -> FieldChange {
+        FieldChange {
+            field: self.field.to_string(),
+            old: self.old.cloned(),
+            new: self.new.cloned(),
+        }
+    }
+}
+
+/// One image of a row (`before` or `after`): a JSON object kept as the row's JSON text and
+/// parsed only when something needs its values (a condition, a template, an action that reads
+/// fields). The default webhook body copies the text as it is ([`Image::raw`]).
+///
+/// Invariant: the text is one JSON object that serde_json parses (the parser checks this when
+/// it decodes a row: [`Image::from_raw`] is its only unchecked constructor).
+pub struct Image {
+    /// The text; empty only after a change through `DerefMut`, then written again from `value`.
+    raw: OnceLock<Box<RawValue>>,
+    /// The values; set on first use, or from the start for an image made of a value.
+    value: OnceLock<Value>,
+}
+
+impl Image {
+    /// An image from JSON text the caller has checked (see the invariant).
+    pub(crate) fn from_raw(raw: Box<RawValue>) -> Image {
+        Image {
+            raw: OnceLock::from(raw),
+            value: OnceLock::new(),
+        }
+    }
+
+    /// The image as JSON text (as the row had it: key order and spacing are the database's).
+    pub fn raw(&self) -> &RawValue {
+        self.raw.get_or_init(|| {
+            let value = self
+                .value
+                .get()
+                .expect("an image holds its text or its value");
+            serde_json::value::to_raw_value(value).expect("a JSON value serializes")
+        })
+    }
+
+    /// The image's values, parsed on first use.
+    pub fn value(&self) -> &Value {
+        self.value.get_or_init(|| {
+            let raw = self
+                .raw
+                .get()
+                .expect("an image holds its text or its value");
+            parse_checked(raw.get())
+        })
+    }
+
+    /// The image's top-level fields as JSON text, in key order, the last of a repeated key
+    /// winning (as in a parsed map). Parses no value.
+    pub fn fields(&self) -> Vec<(Cow<'_, str>, &RawValue)> {
+        top_level_fields(self.raw().get()).unwrap_or_default()
+    }
+}
+
+/// Parse JSON text that was checked when its row was decoded (valid, at most
+/// [`crate::delivery::stored::DECODE_DEPTH`] levels deep, numbers in range).
+fn parse_checked(text: &str) -> Value {
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    deserializer.disable_recursion_limit();
+    Value::deserialize(&mut deserializer).unwrap_or_else(|e| {
+        // Unreachable by the invariant; an image is never a reason to panic.
+        tracing::error!(error = %e, "an image checked at decode does not parse");
+        Value::Null
+    })
+}
+
+/// The top-level fields of a JSON object's text, sorted by key, the last of a repeated key kept.
+/// `None` when the text is not a JSON object.
+pub(crate) fn top_level_fields(text: &str) -> Option<Vec<(Cow<'_, str>, &RawValue)>> {
+    struct Fields;
+    impl<'de> Visitor<'de> for Fields {
+        type Value = Vec<(Cow<'de, str>, &'de RawValue)>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(16));
+            while let Some(key) = map.next_key::<Key<'de>>()? {
+                fields.push((key.0, map.next_value::<&'de RawValue>()?));
+            }
+            Ok(fields)
+        }
+    }
+    struct Key<'a>(Cow<'a, str>);
+    impl<'de> Deserialize<'de> for Key<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct KeyVisitor;
+            impl<'de> Visitor<'de> for KeyVisitor {
+                type Value = Key<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a string")
+                }
+                fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                    Ok(Key(Cow::Borrowed(v)))
+                }
+                fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                    Ok(Key(Cow::Owned(v.to_string())))
+                }
+                fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                    Ok(Key(Cow::Owned(v)))
+                }
+            }
+            d.deserialize_str(KeyVisitor)
+        }
+    }
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    deserializer.disable_recursion_limit();
+    let mut fields = deserializer.deserialize_map(Fields).ok()?;
+    deserializer.end().ok()?;
+    // A stable sort keeps repeated keys in text order; the last of each run wins.
+    fields.sort_by(|a, b| a.0.cmp(&b.0));
+    fields.dedup_by(|later, earlier| {
+        if later.0 == earlier.0 {
+            std::mem::swap(later, earlier);
+            true
+        } else {
+            false
+        }
+    });
+    Some(fields)
+}
+
+impl From<Value> for Image {
+    /// An image of a value (its text is written when first asked for).
+    fn from(value: Value) -> Image {
+        Image {
+            raw: OnceLock::new(),
+            value: OnceLock::from(value),
+        }
+    }
+}
+
+impl std::ops::Deref for Image {
+    type Target = Value;
+    fn deref(&self) -> &Value {
+        self.value()
+    }
+}
+
+impl std::ops::DerefMut for Image {
+    /// The values, to change them (the text is written again from them when next asked for).
+    fn deref_mut(&mut self) -> &mut Value {
+        self.value();
+        self.raw = OnceLock::new();
+        self.value.get_mut().expect("parsed above")
+    }
+}
+
+impl AsRef<Value> for Image {
+    fn as_ref(&self) -> &Value {
+        self.value()
+    }
+}
+
+impl Clone for Image {
+    fn clone(&self) -> Image {
+        Image {
+            raw: self.raw.clone(),
+            value: self.value.clone(),
+        }
+    }
+}
+
+impl PartialEq for Image {
+    fn eq(&self, other: &Image) -> bool {
+        let same_text = match (self.raw.get(), other.raw.get()) {
+            (Some(a), Some(b)) => a.get() == b.get(),
+            _ => false,
+        };
+        same_text || self.value() == other.value()
+    }
+}
+
+impl PartialEq<Value> for Image {
+    fn eq(&self, other: &Value) -> bool {
+        self.value() == other
+    }
+}
+
+impl PartialEq<Image> for Value {
+    fn eq(&self, other: &Image) -> bool {
+        self == other.value()
+    }
+}
+
+impl fmt::Debug for Image {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.value(), f)
+    }
+}
+
+impl Serialize for Image {
+    /// As its values (any serializer); the default webhook body copies [`Image::raw`] instead.
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.value().serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Image {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Image, D::Error> {
+        Value::deserialize(deserializer).map(Image::from)
+    }
+}
+
 /// Where a change stands in the change log, as the listener needs it to checkpoint.
 ///
 /// `batch` numbers the listener's batches in the order it handed them out; `sequence` is the
@@ -92,13 +318,9 @@ pub struct EntityEvent {
     /// Who made the change (`fk_contact`), when known.
     pub author: Option<String>,
     /// The row before the change (`None` for creates, and for updates logged without a pre-image).
-    pub before: Option<Value>,
+    pub before: Option<Image>,
     /// The row after the change (`None` for deletes).
-    pub after: Option<Value>,
-    /// Top-level fields that differ between `before` and `after`. `None` when there is no
-    /// before-image to compare with (then "did X change" cannot be answered); `Some(vec![])` when
-    /// both images exist and are equal.
-    pub changes: Option<Vec<FieldChange>>,
+    pub after: Option<Image>,
     /// `change_status` (`new`, `updated`, `failed:validation`, ...).
     pub change_status: String,
     /// `extra_metadata`, passed through (an empty object when the row has none).
@@ -128,31 +350,83 @@ impl EntityEvent {
     /// The entity's current state: `after`, or `before` for a delete; `Null` when neither exists.
     pub fn data(&self) -> &Value {
         static NULL: Value = Value::Null;
+        self.data_image().map_or(&NULL, Image::value)
+    }
+
+    /// The image [`EntityEvent::data`] reads.
+    pub fn data_image(&self) -> Option<&Image> {
         match self.kind {
             EventKind::Deleted => self.before.as_ref().or(self.after.as_ref()),
             _ => self.after.as_ref().or(self.before.as_ref()),
         }
-        .unwrap_or(&NULL)
+    }
+
+    /// The images the changes are the difference of: `(old, new)`, an absent side meaning "no
+    /// field". Created and Snapshot: every field of `after` as new; Deleted with a before-image:
+    /// every field as removed; Updated/Custom with both images: their difference; anything else:
+    /// `None` ("cannot tell", not "nothing changed").
+    pub fn change_images(&self) -> Option<(Option<&Image>, Option<&Image>)> {
+        match (self.kind, &self.before, &self.after) {
+            (EventKind::Created | EventKind::Snapshot, _, Some(after)) => Some((None, Some(after))),
+            (EventKind::Deleted, Some(before), _) => Some((Some(before), None)),
+            (EventKind::Updated | EventKind::Custom, Some(before), Some(after)) => {
+                Some((Some(before), Some(after)))
+            }
+            _ => None,
+        }
+    }
+
+    /// Top-level fields that differ between the images (see [`EntityEvent::change_images`]), in
+    /// key order. `None` when there is no before-image to compare with (then "did X change"
+    /// cannot be answered); `Some(vec![])` when both images exist and are equal. Computed on
+    /// each call, from the parsed images.
+    pub fn changes(&self) -> Option<Vec<FieldChangeRef<'_>>> {
+        let (old, new) = self.change_images()?;
+        let empty = empty_object();
+        Some(diff_field_refs(
+            old.map_or(empty, Image::value),
+            new.map_or(empty, Image::value),
+        ))
+    }
+
+    /// [`EntityEvent::changes`] as owned values.
+    pub fn changes_owned(&self) -> Option<Vec<FieldChange>> {
+        self.changes()
+            .map(|changes| changes.iter().map(FieldChangeRef::to_owned).collect())
     }
 
     /// The change to one top-level field, if it changed. `Err(())` when the event has no
     /// before-image, so the question cannot be answered.
     #[allow(clippy::result_unit_err)]
-    pub fn field_change(&self, field: &str) -> Result<Option<&FieldChange>, ()> {
-        match &self.changes {
-            None => Err(()),
-            Some(changes) => Ok(changes.iter().find(|c| c.field == field)),
+    pub fn field_change(&self, field: &str) -> Result<Option<FieldChangeRef<'_>>, ()> {
+        let (old, new) = self.change_images().ok_or(())?;
+        fn side<'a>(image: Option<&'a Image>, field: &str) -> Option<(&'a String, &'a Value)> {
+            image?.value().as_object()?.get_key_value(field)
         }
+        let (old, new) = (side(old, field), side(new, field));
+        let (o, n) = (old.map(|(_, v)| v), new.map(|(_, v)| v));
+        Ok(match old.or(new) {
+            Some((key, _)) if o != n => Some(FieldChangeRef {
+                field: key.as_str(),
+                old: o,
+                new: n,
+            }),
+            _ => None,
+        })
     }
 }
 
-/// The top-level fields that differ between two images. Keys are compared in sorted order so the
-/// result is deterministic.
-pub fn diff_fields(before: &Value, after: &Value) -> Vec<FieldChange> {
-    let empty = Map::new();
-    let b = before.as_object().unwrap_or(&empty);
-    let a = after.as_object().unwrap_or(&empty);
-    let mut keys: Vec<&String> = b
+fn empty_object() -> &'static Value {
+    static EMPTY: OnceLock<Value> = OnceLock::new();
+    EMPTY.get_or_init(|| Value::Object(Map::new()))
+}
+
+/// [`diff_fields`] borrowing from the images.
+pub fn diff_field_refs<'a>(before: &'a Value, after: &'a Value) -> Vec<FieldChangeRef<'a>> {
+    let empty = empty_object().as_object().expect("an object");
+    let b = before.as_object().unwrap_or(empty);
+    let a = after.as_object().unwrap_or(empty);
+    let mut keys: Vec<&'a String> = b
         .keys()
         .chain(a.keys().filter(|k| !b.contains_key(*k)))
         .collect();
@@ -161,12 +435,21 @@ pub fn diff_fields(before: &Value, after: &Value) -> Vec<FieldChange> {
         .filter_map(|k| {
             let old = b.get(k);
             let new = a.get(k);
-            (old != new).then(|| FieldChange {
-                field: k.clone(),
-                old: old.cloned(),
-                new: new.cloned(),
+            (old != new).then_some(FieldChangeRef {
+                field: k.as_str(),
+                old,
+                new,
             })
         })
+        .collect()
+}
+
+/// The top-level fields that differ between two images. Keys are compared in sorted order so the
+/// result is deterministic.
+pub fn diff_fields(before: &Value, after: &Value) -> Vec<FieldChange> {
+    diff_field_refs(before, after)
+        .iter()
+        .map(FieldChangeRef::to_owned)
         .collect()
 }
 

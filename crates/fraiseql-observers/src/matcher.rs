@@ -174,11 +174,8 @@ mod tests {
             entity_id: Uuid::nil(),
             tenant: tenant.map(|t| t.parse().unwrap()),
             author: None,
-            changes: before
-                .as_ref()
-                .map(|b| crate::event::diff_fields(b, &after)),
-            before,
-            after: Some(after),
+            before: before.map(Into::into),
+            after: Some(after.into()),
             change_status: "updated".into(),
             extra_metadata: json!({}),
             source: None,

@@ -261,7 +261,7 @@ impl Serialize for ContextRef<'_> {
         let mut map = serializer.serialize_map(Some(5))?;
         map.serialize_entry("after", &e.after)?;
         map.serialize_entry("before", &e.before)?;
-        map.serialize_entry("changes", &Changes(e.changes.as_deref()))?;
+        map.serialize_entry("changes", &Changes(e.changes().as_deref()))?;
         map.serialize_entry("data", e.data())?;
         map.serialize_entry("event", &EventRef(e))?;
         map.end()
@@ -294,21 +294,21 @@ impl Serialize for EventRef<'_> {
 
 /// `{field: {"new", "old"}}` in field order (as a sorted map, the last entry of a repeated field
 /// winning), or `null`.
-pub(crate) struct Changes<'a>(pub(crate) Option<&'a [crate::event::FieldChange]>);
+pub(crate) struct Changes<'a>(pub(crate) Option<&'a [crate::event::FieldChangeRef<'a>]>);
 
 impl Serialize for Changes<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let Some(changes) = self.0 else {
             return serializer.serialize_none();
         };
-        fn change(c: &crate::event::FieldChange) -> OldNew<'_> {
-            OldNew(c.old.as_ref(), c.new.as_ref())
+        fn change<'a>(c: &crate::event::FieldChangeRef<'a>) -> OldNew<'a> {
+            OldNew(c.old, c.new)
         }
         if changes.windows(2).all(|w| w[0].field < w[1].field) {
-            serializer.collect_map(changes.iter().map(|c| (&c.field, change(c))))
+            serializer.collect_map(changes.iter().map(|c| (c.field, change(c))))
         } else {
-            let sorted: std::collections::BTreeMap<&str, &crate::event::FieldChange> =
-                changes.iter().map(|c| (c.field.as_str(), c)).collect();
+            let sorted: std::collections::BTreeMap<&str, &crate::event::FieldChangeRef<'_>> =
+                changes.iter().map(|c| (c.field, c)).collect();
             serializer.collect_map(sorted.into_iter().map(|(f, c)| (f, change(c))))
         }
     }
@@ -377,12 +377,12 @@ pub fn event_json(event: &EntityEvent) -> Json {
 
 /// `changes` as `{field: {old, new}}`, or `null` when it cannot be known.
 pub fn changes_json(event: &EntityEvent) -> Json {
-    match &event.changes {
+    match event.changes() {
         None => Json::Null,
         Some(changes) => Json::Object(
             changes
                 .iter()
-                .map(|c| (c.field.clone(), json!({"old": c.old, "new": c.new})))
+                .map(|c| (c.field.to_string(), json!({"old": c.old, "new": c.new})))
                 .collect::<Map<_, _>>(),
         ),
     }
@@ -449,15 +449,11 @@ fn describe_render(e: &minijinja::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{diff_fields, EventKind, Position};
+    use crate::event::{EventKind, Position};
     use chrono::TimeZone;
     use uuid::Uuid;
 
     fn event(kind: EventKind, before: Option<Json>, after: Option<Json>) -> EntityEvent {
-        let changes = match (&before, &after) {
-            (Some(b), Some(a)) => Some(diff_fields(b, a)),
-            _ => None,
-        };
         EntityEvent {
             id: Uuid::from_u128(1),
             sequence: 42,
@@ -466,9 +462,8 @@ mod tests {
             entity_id: Uuid::from_u128(2),
             tenant: Some(Uuid::from_u128(3)),
             author: Some("alice".into()),
-            before,
-            after,
-            changes,
+            before: before.map(Into::into),
+            after: after.map(Into::into),
             change_status: "new".into(),
             extra_metadata: json!({"source": "api"}),
             source: None,
@@ -561,7 +556,8 @@ mod tests {
         .unwrap();
         let out: Json = serde_json::from_str(&t.render(&created()).unwrap()).unwrap();
         assert_eq!(out["row"]["total"], 10);
-        assert_eq!(out["c"], Json::Null);
+        // A create's changes: every field as new (as the parser decodes it).
+        assert_eq!(out["c"]["total"], json!({"new": 10, "old": null}));
     }
 
     #[test]

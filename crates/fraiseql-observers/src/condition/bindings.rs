@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::functions::RUNTIME;
 use super::limits::MAX_DATA_DEPTH;
-use crate::event::{EntityEvent, EventKind, FieldChange};
+use crate::event::{EntityEvent, FieldChangeRef};
 
 /// Names only the functions look up: `#` cannot start a CEL identifier, so an expression can
 /// neither read nor shadow them.
@@ -135,8 +135,8 @@ impl<'a> Bindings<'a> {
         let head = segments.next()?;
         let e = self.event;
         let (mut value, variable): (&'a Value, &'static str) = match head {
-            "before" => (e.before.as_ref()?, "before"),
-            "after" => (e.after.as_ref()?, "after"),
+            "before" => (e.before.as_deref()?, "before"),
+            "after" => (e.after.as_deref()?, "after"),
             "data" => (self.data, "data"),
             "event" => match segments.next()? {
                 "extra_metadata" => (&e.extra_metadata, "event.extra_metadata"),
@@ -150,10 +150,10 @@ impl<'a> Bindings<'a> {
             },
             "changes" => {
                 let field = segments.next()?;
-                let change = e.changes.as_ref()?.iter().find(|c| c.field == field)?;
+                let change = e.field_change(field).ok()??;
                 let side = match segments.next()? {
-                    "old" => change.old.as_ref(),
-                    "new" => change.new.as_ref(),
+                    "old" => change.old,
+                    "new" => change.new,
                     _ => return None,
                 };
                 match side {
@@ -176,8 +176,8 @@ impl<'a> Bindings<'a> {
         Some(self.convert(value, depth, variable))
     }
 
-    /// `changes`: from the event's own list; for a create or a delete without one, every field of
-    /// the single image (from or to absent); otherwise unknown (`null`).
+    /// `changes`: the event's changes ([`EntityEvent::changes`]: for a create every field as new,
+    /// for a delete every field as removed); unknown (`null`) without the images to compare.
     fn changes_map(&self) -> Box<dyn Val + 'a> {
         let e = self.event;
         let change = |field: &'a str, old: Option<&'a Value>, new: Option<&'a Value>| {
@@ -198,28 +198,15 @@ impl<'a> Bindings<'a> {
                 Box::new(CelMap::from(sides)) as Box<dyn Val + 'a>,
             )
         };
-        let map: HashMap<CelMapKey<'a>, Box<dyn Val + 'a>> = match (&e.changes, e.kind) {
-            (Some(changes), _) => changes
+        let map: HashMap<CelMapKey<'a>, Box<dyn Val + 'a>> = match e.changes() {
+            Some(changes) => changes
                 .iter()
-                .map(|FieldChange { field, old, new }| change(field, old.as_ref(), new.as_ref()))
+                .map(|FieldChangeRef { field, old, new }| change(field, *old, *new))
                 .collect(),
-            (None, EventKind::Created) => object_fields(e.after.as_ref())
-                .map(|(k, v)| change(k, None, Some(v)))
-                .collect(),
-            (None, EventKind::Deleted) if e.before.is_some() => object_fields(e.before.as_ref())
-                .map(|(k, v)| change(k, Some(v), None))
-                .collect(),
-            (None, _) => return Box::new(CelNull),
+            None => return Box::new(CelNull),
         };
         Box::new(CelMap::from(map))
     }
-}
-
-fn object_fields(value: Option<&Value>) -> impl Iterator<Item = (&str, &Value)> {
-    value
-        .and_then(Value::as_object)
-        .into_iter()
-        .flat_map(|m| m.iter().map(|(k, v)| (k.as_str(), v)))
 }
 
 /// Names CEL resolves to types when no variable has them (`type(x) == int`); a missing data
@@ -244,10 +231,10 @@ impl<'a> VariableResolver for Bindings<'a> {
         let event = self.event;
         match name {
             "before" => Self::cached(&self.before, || {
-                self.convert_optional(event.before.as_ref(), 0, "before")
+                self.convert_optional(event.before.as_deref(), 0, "before")
             }),
             "after" => Self::cached(&self.after, || {
-                self.convert_optional(event.after.as_ref(), 0, "after")
+                self.convert_optional(event.after.as_deref(), 0, "after")
             }),
             "data" => Self::cached(&self.data_map, || self.convert(self.data, 0, "data")),
             "event" => Self::cached(&self.event_map, || self.event_map()),

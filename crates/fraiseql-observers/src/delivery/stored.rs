@@ -106,7 +106,7 @@ mod tests {
         );
         let back = super::event(&text).unwrap();
         assert_eq!(back.after, event.after);
-        assert_eq!(back.changes, event.changes);
+        assert_eq!(back.changes_owned(), event.changes_owned());
     }
 
     #[test]

@@ -4,7 +4,6 @@ use chrono::TimeZone;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::event::diff_fields;
 use crate::{EntityEvent, EventKind, Position};
 
 /// An `Order` event of `kind` with the given images (changes computed when both exist): change
@@ -19,12 +18,8 @@ pub fn order_event(kind: EventKind, before: Option<Value>, after: Option<Value>)
         entity_id: Uuid::parse_str("0190f0a2-0000-7000-8000-0000000000aa").unwrap(),
         tenant: Some(Uuid::parse_str("0190f0a2-0000-7000-8000-0000000000bb").unwrap()),
         author: Some("alice".into()),
-        changes: match (&before, &after) {
-            (Some(b), Some(a)) => Some(diff_fields(b, a)),
-            _ => None,
-        },
-        before,
-        after,
+        before: before.map(Into::into),
+        after: after.map(Into::into),
         change_status: "updated".into(),
         extra_metadata: serde_json::json!({}),
         source: None,

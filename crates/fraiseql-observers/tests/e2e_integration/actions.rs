@@ -11,7 +11,6 @@ use fraiseql_observers::actions::{
     Action, ActionConfig, ActionError, CompileContext, DeliveryRequest, FailureKind,
 };
 use fraiseql_observers::delivery::delivery_id;
-use fraiseql_observers::event::diff_fields;
 use fraiseql_observers::testing::{Answer, Request, TestServer};
 use fraiseql_observers::{ConfigError, EntityEvent, EventKind, Position};
 use serde_json::json;
@@ -71,9 +70,8 @@ fn order_event(email: &str) -> EntityEvent {
         entity_id: Uuid::parse_str("0190f0a2-0000-7000-8000-0000000000aa").unwrap(),
         tenant: Some(Uuid::parse_str("0190f0a2-0000-7000-8000-0000000000bb").unwrap()),
         author: Some("alice".into()),
-        changes: Some(diff_fields(&before, &after)),
-        before: Some(before),
-        after: Some(after),
+        before: Some(before.into()),
+        after: Some(after.into()),
         change_status: "updated".into(),
         extra_metadata: json!({"request_id": "r-1"}),
         source: Some(json!({"table": "tb_order"})),

@@ -1,7 +1,10 @@
 //! One change-log row -> one [`EntityEvent`]: the values parsed, the operation decided, the
 //! images checked. Pure.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -9,7 +12,8 @@ use super::row::ChangeLogRowRef;
 use super::shape::{ShapeKind, TableShape};
 #[cfg(doc)]
 use super::ChangeLogRow;
-use crate::event::{diff_fields, EntityEvent, EventKind, Position};
+use crate::delivery::stored::DECODE_DEPTH;
+use crate::event::{top_level_fields, EntityEvent, EventKind, Image, Position};
 
 /// Why one change-log row could not become an event. The reason names the column and, for ids
 /// and operation codes, the offending value (cut to 64 characters); it never quotes payload JSON
@@ -52,13 +56,14 @@ impl DecodeError {
 ///   column parsed as a UUID when not NULL (never taken from the payload); `author` is the
 ///   author column's text; `change_status` is the column or `""`; `extra_metadata` is the parsed
 ///   column, `{}` when the column is missing, NULL or JSON null (invalid JSON: error).
-/// * `changes`: Created: every field of `after` as new; Deleted with a before-image: every field
-///   as removed; Updated/Custom with both images: their difference; anything else: `None`
-///   ("cannot tell", not "nothing changed").
+/// * The images are checked (valid JSON, objects, nested at most [`DECODE_DEPTH`] levels,
+///   numbers serde_json reads) and kept as text: they are parsed only when something needs
+///   their values ([`Image`]), and the changes are computed when asked
+///   ([`EntityEvent::changes`]).
 /// * `created_at` is the column, or `source_ts` when the column is NULL or missing; with neither,
 ///   error.
 ///
-/// Each JSON text is parsed once and its parts are moved, not cloned, into the event.
+/// The envelope's parts are sliced out of its text, not parsed into values and moved.
 ///
 /// `row` is a [`ChangeLogRow`] or a [`ChangeLogRowRef`] (by reference); both decode the same.
 pub fn decode<'a>(
@@ -107,17 +112,6 @@ pub fn decode<'a>(
     }
 
     let empty = Value::Object(Map::new());
-    let changes = match (kind, &before, &after) {
-        (EventKind::Created | EventKind::Snapshot, _, Some(after)) => {
-            Some(diff_fields(&empty, after))
-        }
-        (EventKind::Deleted, Some(before), _) => Some(diff_fields(before, &empty)),
-        (EventKind::Updated | EventKind::Custom, Some(before), Some(after)) => {
-            Some(diff_fields(before, after))
-        }
-        _ => None,
-    };
-
     let extra_metadata = match row.extra_metadata {
         None => empty,
         Some(text) => match parse_json("extra_metadata", text)? {
@@ -140,7 +134,6 @@ pub fn decode<'a>(
         author: row.author.map(str::to_string),
         before,
         after,
-        changes,
         change_status: row.change_status.unwrap_or_default().to_string(),
         extra_metadata,
         source,
@@ -153,8 +146,8 @@ pub fn decode<'a>(
 /// What the shape-specific part of decoding yields.
 struct Images {
     kind: EventKind,
-    before: Option<Value>,
-    after: Option<Value>,
+    before: Option<Image>,
+    after: Option<Image>,
     source: Option<Value>,
     source_ts: Option<DateTime<Utc>>,
 }
@@ -166,30 +159,46 @@ fn envelope_images(
     let text = row
         .object_data
         .ok_or_else(|| DecodeError::new("object_data is NULL"))?;
-    let mut envelope = match parse_json("object_data", text)? {
-        Value::Object(map) => map,
-        other => {
+    check_json("object_data", text)?;
+    let envelope = match top_level_fields(text) {
+        Some(fields) => fields,
+        None => {
+            let raw: &RawValue = serde_json::from_str(text)
+                .map_err(|e| DecodeError::new(format!("object_data is not valid JSON: {e}")))?;
             return Err(DecodeError::new(format!(
                 "object_data is not a JSON object (found {})",
-                json_type(&other)
-            )))
+                raw_type(raw.get())
+            )));
         }
     };
-    let op = match envelope.remove("op") {
-        None | Some(Value::Null) => {
+    let field = |name: &str| -> Option<&RawValue> {
+        envelope
+            .binary_search_by(|(key, _)| key.as_ref().cmp(name))
+            .ok()
+            .map(|i| envelope[i].1)
+    };
+    let op: Cow<'_, str> = match field("op") {
+        None => {
             return Err(DecodeError::new(
                 "unknown operation: the envelope has no 'op'",
             ))
         }
-        Some(Value::String(op)) => op,
-        Some(other) => {
-            return Err(DecodeError::new(format!(
-                "unknown operation: 'op' is {}",
-                json_type(&other)
-            )))
-        }
+        Some(raw) => match raw_type(raw.get()) {
+            "null" => {
+                return Err(DecodeError::new(
+                    "unknown operation: the envelope has no 'op'",
+                ))
+            }
+            "a string" => serde_json::from_str(raw.get())
+                .map_err(|e| DecodeError::new(format!("object_data is not valid JSON: {e}")))?,
+            other => {
+                return Err(DecodeError::new(format!(
+                    "unknown operation: 'op' is {other}"
+                )))
+            }
+        },
     };
-    let op_kind = match op.as_str() {
+    let op_kind = match op.as_ref() {
         "c" => EventKind::Created,
         "u" => EventKind::Updated,
         "d" => EventKind::Deleted,
@@ -213,9 +222,10 @@ fn envelope_images(
             )))
         }
     };
-    let before = image("the envelope's 'before'", envelope.remove("before"))?;
-    let after = image("the envelope's 'after'", envelope.remove("after"))?;
-    let source = image("the envelope's 'source'", envelope.remove("source"))?;
+    let before = image("the envelope's 'before'", field("before"))?;
+    let after = image("the envelope's 'after'", field("after"))?;
+    let source =
+        image("the envelope's 'source'", field("source"))?.map(|source| source.value().clone());
     let source_ts = match &source {
         Some(source) => source_timestamp(source)?,
         None => None,
@@ -243,7 +253,12 @@ fn split_images(
     let kind = modification.ok_or_else(|| DecodeError::new("modification_type is NULL"))?;
     let parse_image = |column: &str, text: Option<&str>| match text {
         None => Ok(None),
-        Some(text) => image(column, Some(parse_json(column, text)?)),
+        Some(text) => {
+            check_json(column, text)?;
+            let raw: &RawValue = serde_json::from_str(text)
+                .map_err(|e| DecodeError::new(format!("{column} is not valid JSON: {e}")))?;
+            image(column, Some(raw))
+        }
     };
     Ok(Images {
         kind,
@@ -305,16 +320,69 @@ fn parse_json(column: &str, text: &str) -> Result<Value, DecodeError> {
         .map_err(|e| DecodeError::new(format!("{column} is not valid JSON: {e}")))
 }
 
-/// An image (or the `source` block): missing or JSON null is none, an object is kept, anything
-/// else is an error.
-fn image(what: &str, value: Option<Value>) -> Result<Option<Value>, DecodeError> {
-    match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(object @ Value::Object(_)) => Ok(Some(object)),
-        Some(other) => Err(DecodeError::new(format!(
-            "{what} is not a JSON object (found {})",
-            json_type(&other)
+/// An image (or the `source` block), as checked JSON text: missing or JSON null is none, an
+/// object is kept, anything else is an error.
+fn image(what: &str, raw: Option<&RawValue>) -> Result<Option<Image>, DecodeError> {
+    match raw.map(|raw| (raw, raw_type(raw.get()))) {
+        None | Some((_, "null")) => Ok(None),
+        Some((raw, "an object")) => Ok(Some(Image::from_raw(raw.to_owned()))),
+        Some((_, other)) => Err(DecodeError::new(format!(
+            "{what} is not a JSON object (found {other})"
         ))),
+    }
+}
+
+/// What [`parse_json`] would refuse in a text whose values are only sliced, not parsed: invalid
+/// JSON, nesting deeper than serde_json's default limit, a number serde_json cannot read (one
+/// beyond f64's range: written with an exponent or 300 and more digits, which are parsed in
+/// full to find out).
+fn check_json(column: &str, text: &str) -> Result<(), DecodeError> {
+    let (mut depth, mut max) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    let (mut digits, mut long_number) = (0usize, false);
+    for b in text.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'0'..=b'9' => {
+                digits += 1;
+                long_number |= digits >= 300;
+                continue;
+            }
+            b'e' | b'E' if digits > 0 => long_number = true,
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        digits = 0;
+    }
+    if max > DECODE_DEPTH || long_number {
+        // serde_json's own parse, for its error (or to accept the text after all).
+        parse_json(column, text)?;
+    }
+    Ok(())
+}
+
+/// The JSON type of a value's text (checked JSON: its first byte tells).
+fn raw_type(text: &str) -> &'static str {
+    match text.trim_start().as_bytes().first() {
+        Some(b'n') => "null",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'"') => "a string",
+        Some(b'[') => "an array",
+        Some(b'{') => "an object",
+        _ => "a number",
     }
 }
 
