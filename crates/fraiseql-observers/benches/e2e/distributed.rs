@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const NATS_URL: &str = "nats://127.0.0.1:4222";
-const PARTITIONS: u32 = 64;
+const PARTITIONS: u32 = 16;
 const MAX_IN_FLIGHT: usize = 32;
 const WORKERS: [usize; 3] = [1, 2, 4];
 
@@ -44,9 +44,7 @@ impl Daemon {
     }
 
     fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &self.pid()]).status();
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(30) {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -69,7 +67,15 @@ fn free_port() -> u16 {
 
 /// Start `binary run --role ROLE` for consumer `consumer` on work stream `stream`, delivering
 /// every event to `url`.
-fn start(options: &Options, db_url: &str, role: &str, consumer: &str, stream: &str, url: &str, name: &str) -> Daemon {
+fn start(
+    options: &Options,
+    db_url: &str,
+    role: &str,
+    consumer: &str,
+    stream: &str,
+    url: &str,
+    name: &str,
+) -> Daemon {
     let dir = super::target_dir().join("bench-results/distributed");
     std::fs::create_dir_all(&dir).expect("results dir");
     let port = free_port();
@@ -87,7 +93,11 @@ fn start(options: &Options, db_url: &str, role: &str, consumer: &str, stream: &s
     let out = std::fs::File::create(&log).expect("log file");
     let child = Command::new(&options.binary)
         .args(["run", "--role", role])
-        .args(if role == "worker" { vec!["--worker-id", name] } else { vec![] })
+        .args(if role == "worker" {
+            vec!["--worker-id", name]
+        } else {
+            vec![]
+        })
         .arg("--config")
         .arg(&path)
         .env("BENCH_SECRET", engine::SECRET)
@@ -121,16 +131,22 @@ async fn wait_spread(workers: &mut [Daemon]) {
             w.assert_running();
             counts.push(owned(w.port).await.unwrap_or(0));
         }
-        if counts.iter().sum::<usize>() == PARTITIONS as usize && counts.iter().all(|c| *c >= even) {
+        if counts.iter().sum::<usize>() == PARTITIONS as usize && counts.iter().all(|c| *c >= even)
+        {
             return;
         }
-        assert!(started.elapsed() < Duration::from_secs(120), "partitions not spread: {counts:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "partitions not spread: {counts:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 async fn jetstream() -> async_nats::jetstream::Context {
-    let client = async_nats::connect(NATS_URL).await.expect("nats-server on 127.0.0.1:4222");
+    let client = async_nats::connect(NATS_URL)
+        .await
+        .expect("nats-server on 127.0.0.1:4222");
     async_nats::jetstream::new(client)
 }
 
@@ -148,12 +164,18 @@ async fn delivered(receiver: &ReceiverProcess, n: i64, daemons: &mut [&mut Daemo
     loop {
         let stats = receiver.stats().await;
         if stats.unique as i64 >= n {
-            return ((stats.last_ns - stats.first_ns) as f64 / 1e9, stats.duplicates);
+            return (
+                (stats.last_ns - stats.first_ns) as f64 / 1e9,
+                stats.duplicates,
+            );
         }
         for d in daemons.iter_mut() {
             d.assert_running();
         }
-        assert!(started.elapsed() < Duration::from_secs(900), "not delivered in 15 min: {stats:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(900),
+            "not delivered in 15 min: {stats:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -173,17 +195,33 @@ pub async fn scenario(options: &Options, db: &ThroughputDb, receiver: &ReceiverP
     // Throughput with 1, 2 and 4 workers, the receiver taking 20 ms per request.
     let mut throughput: Vec<Vec<f64>> = vec![Vec::new(); WORKERS.len()];
     for run in 1..=options.runs {
-        let order: Vec<usize> = if run % 2 == 1 { vec![0, 1, 2] } else { vec![2, 1, 0] };
+        let order: Vec<usize> = if run % 2 == 1 {
+            vec![0, 1, 2]
+        } else {
+            vec![2, 1, 0]
+        };
         for i in order {
             let k = WORKERS[i];
             receiver.reset().await;
             let stream = format!("FO_BENCH_{tag}_{k}_{run}");
             let consumer = format!("bench_dist_{tag}_{k}_{run}");
             let mut workers: Vec<Daemon> = (0..k)
-                .map(|w| start(options, &db.url, "worker", &consumer, &stream, &slow, &format!("w{w}")))
+                .map(|w| {
+                    start(
+                        options,
+                        &db.url,
+                        "worker",
+                        &consumer,
+                        &stream,
+                        &slow,
+                        &format!("w{w}"),
+                    )
+                })
                 .collect();
             wait_spread(&mut workers).await;
-            let mut reader = start(options, &db.url, "reader", &consumer, &stream, &slow, "reader");
+            let mut reader = start(
+                options, &db.url, "reader", &consumer, &stream, &slow, "reader",
+            );
             let (seconds, duplicates) = {
                 let mut all: Vec<&mut Daemon> = workers.iter_mut().collect();
                 all.push(&mut reader);
@@ -209,7 +247,9 @@ pub async fn scenario(options: &Options, db: &ThroughputDb, receiver: &ReceiverP
     for run in 1..=options.runs {
         let stream = format!("FO_BENCH_{tag}_pub_{run}");
         let consumer = format!("bench_dist_{tag}_pub_{run}");
-        let mut reader = start(options, &db.url, "reader", &consumer, &stream, &fast, "reader");
+        let mut reader = start(
+            options, &db.url, "reader", &consumer, &stream, &fast, "reader",
+        );
         let (mut first, started) = (None, Instant::now());
         loop {
             let count = stored(&js, &stream).await;
@@ -220,7 +260,10 @@ pub async fn scenario(options: &Options, db: &ThroughputDb, receiver: &ReceiverP
                 break;
             }
             reader.assert_running();
-            assert!(started.elapsed() < Duration::from_secs(600), "publish did not finish");
+            assert!(
+                started.elapsed() < Duration::from_secs(600),
+                "publish did not finish"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let seconds = first.expect("published").elapsed().as_secs_f64();
@@ -237,7 +280,14 @@ pub async fn scenario(options: &Options, db: &ThroughputDb, receiver: &ReceiverP
         receiver.reset().await;
         let observer = engine::webhook_observer("everything", "*", engine::ALL_KINDS, "", &fast);
         let (single_s, cpu, _) = db
-            .drain_binary(options, &[], &format!("bench_single_{tag}_{run}"), &observer, true, receiver)
+            .drain_binary(
+                options,
+                &[],
+                &format!("bench_single_{tag}_{run}"),
+                &observer,
+                true,
+                receiver,
+            )
             .await;
         let us = |s: f64| s * 1e6 / n as f64;
         eprintln!(
