@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const NATS_URL: &str = "nats://127.0.0.1:4222";
-const PARTITIONS: u32 = 64;
+const PARTITIONS: u32 = 16;
 const MAX_IN_FLIGHT: usize = 32;
 const WORKERS: [usize; 3] = [1, 2, 4];
 

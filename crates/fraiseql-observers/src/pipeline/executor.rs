@@ -47,7 +47,7 @@ pub struct ObserverExecutor {
     /// The endpoint of each action: `endpoints[observer][action]`.
     pub(super) endpoints: Vec<Vec<Arc<Endpoint>>>,
     /// Delivery bookkeeping (retry queue, dead letters).
-    store: db::Reconnecting,
+    store: Arc<db::Reconnecting>,
     pub(super) consumer: String,
     pub(super) epoch: i64,
     pub(super) parking: Parking,
@@ -77,7 +77,7 @@ impl ObserverExecutor {
         epoch: i64,
     ) -> Result<ObserverExecutor> {
         let consumer = runtime.consumer_id.clone();
-        ObserverExecutor::scoped(observers, database_url, runtime, epoch, &consumer).await
+        ObserverExecutor::scoped(observers, database_url, runtime, epoch, &consumer, None).await
     }
 
     /// [`new`](Self::new) for the deliveries of `consumer` (a distributed worker's partition,
@@ -89,11 +89,14 @@ impl ObserverExecutor {
         runtime: &RuntimeConfig,
         epoch: i64,
         consumer: &str,
+        store: Option<Arc<db::Reconnecting>>,
     ) -> Result<ObserverExecutor> {
         let control_id = runtime.consumer_id.clone();
         let config = db::parse_url(database_url)?;
         let log = DeliveryLog::start(config.clone(), consumer);
-        let store = db::Reconnecting::new(config, "fraiseql-observers-delivery");
+        let store = store.unwrap_or_else(|| {
+            Arc::new(db::Reconnecting::new(config, "fraiseql-observers-delivery"))
+        });
         let client = store.client().await?;
         let released = retry_queue::release_leases(&client, consumer, epoch).await?;
         if released > 0 {

@@ -26,8 +26,9 @@
 use super::chains::{Chains, Done, Job};
 use super::executor::{self, ObserverExecutor};
 use super::run::{first_failure, retry_worker, supervised, AbortChains, Lifetime};
-use super::{prepare_actions, watch_paused, EngineStatus};
+use super::{prepare_actions, EngineStatus};
 use crate::config::Config;
+use crate::control::{self, Paused};
 use crate::db;
 use crate::delivery::entity_key;
 use crate::delivery::flow::Endpoint;
@@ -82,6 +83,10 @@ struct Shared {
     endpoints: Vec<Vec<Arc<Endpoint>>>,
     status: Arc<WorkerStatus>,
     shutdown_timeout: Duration,
+    /// One bookkeeping connection for every partition (retry queue, dead letters, claims).
+    store: Arc<db::Reconnecting>,
+    /// The paused observers of the consumer, read once for every partition.
+    paused: Arc<Paused>,
 }
 
 /// Run a worker named `worker` until `shutdown` resolves: own partitions of the work stream of
@@ -116,7 +121,14 @@ pub async fn run(
         endpoints: executor::endpoints(&config.observers, &config.runtime),
         status,
         shutdown_timeout: config.runtime.shutdown_timeout,
+        store: Arc::new(db::Reconnecting::new(
+            db::parse_url(database_url)?,
+            "fraiseql-observers-delivery",
+        )),
+        paused: Arc::new(Paused::default()),
     });
+    let watcher = tokio::spawn(watch_paused_of(shared.clone()));
+    let _stop_watcher = AbortOnDrop(watcher);
     tracing::info!(consumer = %shared.consumer, worker, partitions = dist.partitions,
         stream = %dist.stream, "worker started");
     let mut backoff = Duration::from_millis(200);
@@ -269,6 +281,32 @@ async fn session(
     }
 }
 
+/// Keep the worker's paused observers (those of the consumer, for every partition) current,
+/// every [`control::PAUSE_POLL`], on a connection of its own.
+async fn watch_paused_of(shared: Arc<Shared>) {
+    let Ok(config) = db::parse_url(&shared.database_url) else {
+        return;
+    };
+    let connection = db::Reconnecting::new(config, "fraiseql-observers-control");
+    loop {
+        tokio::time::sleep(control::PAUSE_POLL).await;
+        let read = match connection.client().await {
+            Ok(client) => control::paused(&client, &shared.consumer).await,
+            Err(e) => Err(e),
+        };
+        match read {
+            Ok(now) => {
+                let (paused, resumed) = shared.paused.replace(now);
+                for observer in paused.iter().chain(&resumed) {
+                    tracing::info!(consumer = %shared.consumer, observer = %observer,
+                        paused = paused.contains(observer), "observer pause changed");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read the paused observers; retrying"),
+        }
+    }
+}
+
 /// Every 5 s, the lag of the owned partitions (JetStream `num_pending` + in flight), off the
 /// beat: a slow or absent NATS server never delays a heartbeat.
 async fn watch_lag(shared: Arc<Shared>) {
@@ -331,18 +369,20 @@ async fn stop(shared: &Shared, locks: &PartitionLocks, owned: AbortAll) -> Resul
 async fn partition(shared: Arc<Shared>, p: u32, mut drain: watch::Receiver<bool>) -> Result<()> {
     let id = distributed::partition_consumer(&shared.consumer, p);
     let config = (shared.compile)().map_err(|e| Error::Invalid(e.to_string()))?;
-    let client = db::connect(
-        &db::parse_url(&shared.database_url)?,
-        "fraiseql-observers-worker",
+    let client = shared.store.client().await?;
+    let epoch = claim_partition(&client, &shared.consumer, p).await?;
+    let runtime = config.runtime;
+    let mut executor = ObserverExecutor::scoped(
+        config.observers,
+        &shared.database_url,
+        &runtime,
+        epoch,
+        &id,
+        Some(shared.store.clone()),
     )
     .await?;
-    let epoch = claim_partition(&client, &shared.consumer, p).await?;
-    drop(client);
-    let runtime = config.runtime;
-    let mut executor =
-        ObserverExecutor::scoped(config.observers, &shared.database_url, &runtime, epoch, &id)
-            .await?;
     executor.endpoints = shared.endpoints.clone();
+    executor.paused = shared.paused.clone();
     executor.status = shared.status.engine.clone();
     let executor = Arc::new(executor);
     let consumer = shared.stream.take_partition(p).await?;
@@ -361,10 +401,6 @@ async fn partition(shared: Arc<Shared>, p: u32, mut drain: watch::Receiver<bool>
             runtime.concurrency.max(1),
         ),
     ));
-    {
-        let (executor, url) = (executor.clone(), shared.database_url.clone());
-        tasks.spawn(async move { Err(watch_paused(executor, url).await) });
-    }
 
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u64>();
     let mut in_flight: HashMap<u64, jetstream::Message> = HashMap::new();
