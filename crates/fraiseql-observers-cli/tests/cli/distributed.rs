@@ -123,59 +123,70 @@ async fn delete_stream(nats_url: &str, stream: &str) {
     }
 }
 
-fn names(tag: &str) -> (String, String) {
-    let n = rand::random::<u32>();
-    (format!("FO_DIST_{tag}_{n}"), format!("dist-{tag}-{n}"))
+impl Cluster {
+    /// A cluster of `db`, delivering to `receiver`, over the NATS server at `nats_url`, with a
+    /// stream and a consumer named after `tag` (random, so tests never share them).
+    fn new(db: &TestDb, receiver: &TestServer, tag: &str, nats_url: String) -> Cluster {
+        let n = rand::random::<u32>();
+        Cluster {
+            db_url: db.url.clone(),
+            hook: receiver.url("/hook"),
+            nats_url,
+            stream: format!("FO_DIST_{tag}_{n}"),
+            consumer: format!("dist-{tag}-{n}"),
+        }
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_worker_loses_nothing_and_its_partitions_are_taken_over() {
-    let db = TestDb::new().await;
-    let receiver = TestServer::start().await;
-    let (stream, consumer) = names("KILLW");
-    let cluster = Cluster {
-        db_url: db.url.clone(),
-        hook: receiver.url("/hook"),
-        nats_url: "nats://127.0.0.1:4222".into(),
-        stream: stream.clone(),
-        consumer,
-    };
-    let reader = cluster.reader();
-    let mut workers: Vec<Process> = (0..3).map(|i| cluster.worker(&format!("w{i}"))).collect();
-    wait_spread(&workers.iter().collect::<Vec<_>>(), Duration::from_secs(30)).await;
-
-    let writer = Writer::start(&db.url, 40, 0xD157, Duration::from_millis(3)).await;
+/// Wait until the receiver accepted more than `n` deliveries.
+async fn flowing(receiver: &TestServer, n: usize) {
     eventually(Duration::from_secs(30), "deliveries flowing", || {
-        let n = receiver.accepted().len();
-        async move { (n > 100).then_some(()) }
+        let accepted = receiver.accepted().len();
+        async move { (accepted > n).then_some(()) }
     })
     .await;
-    let victim = workers.remove(1);
-    let owned_by_victim = partitions(victim.port).await.unwrap_or_default();
-    let mut victim = victim;
-    victim.daemon.sigkill().await;
-    let killed = Instant::now();
-    wait_spread(&workers.iter().collect::<Vec<_>>(), Duration::from_secs(11)).await;
-    let takeover = killed.elapsed();
-    eprintln!(
-        "worker w1 (partitions {owned_by_victim:?}) SIGKILLed: its partitions taken over in {takeover:?}"
-    );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let committed = writer.finish().await;
-    assert!(
-        committed.len() > 200,
-        "only {} rows written",
-        committed.len()
-    );
-    wait_all_delivered(&receiver, &committed, Duration::from_secs(60)).await;
+}
+
+/// Wait until every committed change arrived, then check: none lost, first deliveries in commit
+/// order per entity, repeats only with the first delivery's id.
+async fn all_delivered(receiver: &TestServer, committed: &[(i64, uuid::Uuid)], timeout: Duration) {
+    wait_all_delivered(receiver, committed, timeout).await;
     let accepted = receiver.accepted();
-    let report = check_at_least_once(&committed, &accepted);
+    let report = check_at_least_once(committed, &accepted);
     eprintln!(
         "{} changes, {} deliveries, {} delivered more than once",
         committed.len(),
         accepted.len(),
         report.duplicated.len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_loses_nothing_and_its_partitions_are_taken_over() {
+    let db = TestDb::new().await;
+    let receiver = TestServer::start().await;
+    let cluster = Cluster::new(&db, &receiver, "KILLW", "nats://127.0.0.1:4222".into());
+    let reader = cluster.reader();
+    let mut workers: Vec<Process> = (0..3).map(|i| cluster.worker(&format!("w{i}"))).collect();
+    wait_spread(&workers.iter().collect::<Vec<_>>(), Duration::from_secs(30)).await;
+
+    let writer = Writer::start(&db.url, 40, 0xD157, Duration::from_millis(3)).await;
+    flowing(&receiver, 100).await;
+    let victim = workers.remove(1);
+    let owned_by_victim = partitions(victim.port).await.unwrap_or_default();
+    let mut victim = victim;
+    victim.daemon.sigkill().await;
+    let killed = Instant::now();
+    let at_kill = receiver.accepted().len();
+    wait_spread(&workers.iter().collect::<Vec<_>>(), Duration::from_secs(11)).await;
+    let takeover = killed.elapsed();
+    eprintln!(
+        "worker w1 (partitions {owned_by_victim:?}) SIGKILLed: its partitions taken over in {takeover:?}"
+    );
+    // Deliveries go on after the takeover, the writer still writing.
+    flowing(&receiver, at_kill + 100).await;
+    let committed = writer.finish().await;
+    all_delivered(&receiver, &committed, Duration::from_secs(60)).await;
     assert!(
         reader.daemon.log().contains("leading consumer"),
         "{}",
@@ -183,21 +194,14 @@ async fn a_killed_worker_loses_nothing_and_its_partitions_are_taken_over() {
     );
     drop(workers);
     drop(reader);
-    delete_stream(&cluster.nats_url, &stream).await;
+    delete_stream(&cluster.nats_url, &cluster.stream).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_reader_is_replaced_by_its_standby_and_nothing_is_lost() {
     let db = TestDb::new().await;
     let receiver = TestServer::start().await;
-    let (stream, consumer) = names("KILLR");
-    let cluster = Cluster {
-        db_url: db.url.clone(),
-        hook: receiver.url("/hook"),
-        nats_url: "nats://127.0.0.1:4222".into(),
-        stream: stream.clone(),
-        consumer,
-    };
+    let cluster = Cluster::new(&db, &receiver, "KILLR", "nats://127.0.0.1:4222".into());
     let mut first = cluster.reader();
     first
         .daemon
@@ -212,11 +216,7 @@ async fn a_killed_reader_is_replaced_by_its_standby_and_nothing_is_lost() {
     wait_spread(&workers.iter().collect::<Vec<_>>(), Duration::from_secs(30)).await;
 
     let writer = Writer::start(&db.url, 40, 0xD158, Duration::from_millis(3)).await;
-    eventually(Duration::from_secs(30), "deliveries flowing", || {
-        let n = receiver.accepted().len();
-        async move { (n > 100).then_some(()) }
-    })
-    .await;
+    flowing(&receiver, 100).await;
     first.daemon.sigkill().await;
     standby
         .daemon
@@ -224,18 +224,10 @@ async fn a_killed_reader_is_replaced_by_its_standby_and_nothing_is_lost() {
         .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let committed = writer.finish().await;
-    wait_all_delivered(&receiver, &committed, Duration::from_secs(60)).await;
-    let accepted = receiver.accepted();
-    let report = check_at_least_once(&committed, &accepted);
-    eprintln!(
-        "{} changes, {} deliveries, {} delivered more than once",
-        committed.len(),
-        accepted.len(),
-        report.duplicated.len()
-    );
+    all_delivered(&receiver, &committed, Duration::from_secs(60)).await;
     drop(workers);
     drop(standby);
-    delete_stream(&cluster.nats_url, &stream).await;
+    delete_stream(&cluster.nats_url, &cluster.stream).await;
 }
 
 /// A nats-server of this test's own: a free port, JetStream in its own store directory.
@@ -299,43 +291,20 @@ async fn a_restarted_nats_server_loses_nothing() {
     let receiver = TestServer::start().await;
     let store = std::env::temp_dir().join(format!("fo-nats-{}", rand::random::<u64>()));
     let mut nats = OwnNats::start(free_port(), &store);
-    let (stream, consumer) = names("NATS");
-    let cluster = Cluster {
-        db_url: db.url.clone(),
-        hook: receiver.url("/hook"),
-        nats_url: nats.url(),
-        stream,
-        consumer,
-    };
+    let cluster = Cluster::new(&db, &receiver, "NATS", nats.url());
     let reader = cluster.reader();
     let workers: Vec<Process> = (0..3).map(|i| cluster.worker(&format!("w{i}"))).collect();
     wait_spread(&workers.iter().collect::<Vec<_>>(), Duration::from_secs(30)).await;
 
     let writer = Writer::start(&db.url, 40, 0xD159, Duration::from_millis(3)).await;
-    eventually(Duration::from_secs(30), "deliveries flowing", || {
-        let n = receiver.accepted().len();
-        async move { (n > 100).then_some(()) }
-    })
-    .await;
+    flowing(&receiver, 100).await;
     nats.kill().await;
     let during = receiver.accepted().len();
     tokio::time::sleep(Duration::from_secs(2)).await;
     nats.spawn();
-    eventually(Duration::from_secs(30), "deliveries flowing again", || {
-        let n = receiver.accepted().len();
-        async move { (n > during + 100).then_some(()) }
-    })
-    .await;
+    flowing(&receiver, during + 100).await;
     let committed = writer.finish().await;
-    wait_all_delivered(&receiver, &committed, Duration::from_secs(90)).await;
-    let accepted = receiver.accepted();
-    let report = check_at_least_once(&committed, &accepted);
-    eprintln!(
-        "{} changes, {} deliveries, {} delivered more than once",
-        committed.len(),
-        accepted.len(),
-        report.duplicated.len()
-    );
+    all_delivered(&receiver, &committed, Duration::from_secs(90)).await;
     drop(workers);
     drop(reader);
     nats.kill().await;

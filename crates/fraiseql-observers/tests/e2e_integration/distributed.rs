@@ -269,7 +269,8 @@ async fn a_reader_and_three_workers_deliver_every_change_in_order_per_entity() {
 }
 
 #[tokio::test]
-async fn partitions_rebalance_when_workers_join_and_leave_and_a_dead_workers_partitions_are_taken_over() {
+async fn partitions_rebalance_when_workers_join_and_leave_and_a_dead_workers_partitions_are_taken_over(
+) {
     let names = names();
     let db = TestDb::new().await;
     let client = schema(&db).await;
