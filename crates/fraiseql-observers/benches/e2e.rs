@@ -16,8 +16,9 @@
 //! `backlog` (a 5 M-change backlog, `--backlog-events N`, drained to the webhook: peak RSS and
 //! the rate of each tenth; not part of a full run), `flow` (a healthy observer's latency at
 //! 500/s beside a hung endpoint, and a 50/s rate limit over 20 s), `distributed` (a reader and
-//! 1, 2, 4 worker processes over JetStream to a receiver taking 20 ms per request, the reader's
-//! publish rate, the CPU of the extra hop; needs nats-server on 4222; not part of a full run),
+//! 1, 2, 4 worker processes over JetStream to a receiver taking 20 ms per request, or each of
+//! `--receiver-delay-ms MS[,MS...]`, the reader's publish rate, the CPU of the extra hop; needs
+//! nats-server on 4222; not part of a full run),
 //! `match-only`, `fan-out`, `latency`, `soak`, `writer-cost`, `peer`
 //! (`--scenario` may be repeated or comma-separated). Options: `--runs N` (throughput runs,
 //! default 3, 1 with `--quick`), `--events N` (backlog size, default 100,000, 10,000 with
@@ -121,6 +122,8 @@ struct Options {
     backlog_events: i64,
     binary: PathBuf,
     instruction_events: i64,
+    /// The slow receiver's delays of the `distributed` scenario (`--receiver-delay-ms 20,200`).
+    receiver_delays_ms: Vec<u64>,
     command: String,
 }
 
@@ -180,6 +183,13 @@ impl Options {
             instruction_events: value("--instruction-events")
                 .map(|v| v.parse().expect("--instruction-events N"))
                 .unwrap_or(2_000),
+            receiver_delays_ms: value("--receiver-delay-ms")
+                .map(|v| {
+                    v.split(',')
+                        .map(|d| d.trim().parse().expect("--receiver-delay-ms MS[,MS...]"))
+                        .collect()
+                })
+                .unwrap_or_else(|| vec![20]),
             scenarios,
             command,
         }

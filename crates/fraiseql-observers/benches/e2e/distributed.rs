@@ -1,7 +1,8 @@
 //! The `distributed` scenario: a reader (`run --role reader`) and 1, 2 and 4 worker processes
 //! (`run --role worker`, `max_in_flight = 32` each) of the shipped daemon, over the machine's
 //! nats-server (127.0.0.1:4222), delivering the backlog to a receiver that takes 20 ms per
-//! request. Also: the reader's publish rate into JetStream (no worker running), and the CPU per
+//! request (or each delay of `--receiver-delay-ms MS[,MS...]`: at 200 ms the in-flight bound,
+//! 32 / 0.2 s = 160/s per worker, limits before the CPU does). Also: the reader's publish rate into JetStream (no worker running), and the CPU per
 //! event of the extra hop (reader + one worker, against the single-process daemon, both to the
 //! fast receiver).
 //!
@@ -189,55 +190,24 @@ pub async fn scenario(options: &Options, db: &ThroughputDb, receiver: &ReceiverP
     let n = db.events;
     let js = jetstream().await;
     let tag = rand::random::<u32>();
-    let slow = receiver.url("/slow/distributed");
     let fast = receiver.url("/drain");
 
-    // Throughput with 1, 2 and 4 workers, the receiver taking 20 ms per request.
-    let mut throughput: Vec<Vec<f64>> = vec![Vec::new(); WORKERS.len()];
-    for run in 1..=options.runs {
-        let order: Vec<usize> = if run % 2 == 1 {
-            vec![0, 1, 2]
-        } else {
-            vec![2, 1, 0]
-        };
-        for i in order {
-            let k = WORKERS[i];
-            receiver.reset().await;
-            let stream = format!("FO_BENCH_{tag}_{k}_{run}");
-            let consumer = format!("bench_dist_{tag}_{k}_{run}");
-            let mut workers: Vec<Daemon> = (0..k)
-                .map(|w| {
-                    start(
-                        options,
-                        &db.url,
-                        "worker",
-                        &consumer,
-                        &stream,
-                        &slow,
-                        &format!("w{w}"),
-                    )
-                })
-                .collect();
-            wait_spread(&mut workers).await;
-            let mut reader = start(
-                options, &db.url, "reader", &consumer, &stream, &slow, "reader",
-            );
-            let (seconds, duplicates) = {
-                let mut all: Vec<&mut Daemon> = workers.iter_mut().collect();
-                all.push(&mut reader);
-                delivered(receiver, n, &mut all).await
-            };
-            let eps = n as f64 / seconds;
-            eprintln!(
-                "distributed: {k} worker(s), run {run}: {n} deliveries in {seconds:.2} s, {eps:.0}/s, {duplicates} duplicates"
-            );
-            throughput[i].push(eps);
-            reader.stop();
-            for w in workers {
-                w.stop();
-            }
-            let _ = js.delete_stream(&stream).await;
-        }
+    // Throughput with 1, 2 and 4 workers, for each receiver delay (default 20 ms per request).
+    let mut by_delay = Vec::new();
+    for &delay in &options.receiver_delays_ms {
+        let slow = receiver.url(&format!("/slow/{delay}/distributed"));
+        let throughput = throughput(options, db, receiver, &js, tag, delay, &slow).await;
+        let medians: Vec<f64> = throughput.iter().map(|t| Summary::of(t).median).collect();
+        by_delay.push(json!({
+            "receiver_delay_ms": delay,
+            "bound_events_per_s_per_worker": MAX_IN_FLIGHT as f64 * 1000.0 / delay.max(1) as f64,
+            "throughput": WORKERS.iter().zip(&throughput).map(|(k, t)| json!({
+                "workers": k,
+                "events_per_s": Summary::of(t),
+            })).collect::<Vec<_>>(),
+            "speedup_2": medians[1] / medians[0],
+            "speedup_4": medians[2] / medians[0],
+        }));
     }
 
     // The reader's publish rate (no worker), then one worker draining the stream to the fast
@@ -302,7 +272,6 @@ pub async fn scenario(options: &Options, db: &ThroughputDb, receiver: &ReceiverP
         worker_us.push(us(cpu_worker));
         single_us.push(us(cpu.engine));
     }
-    let medians: Vec<f64> = throughput.iter().map(|t| Summary::of(t).median).collect();
     let hop: Vec<f64> = reader_us
         .iter()
         .zip(&worker_us)
@@ -313,13 +282,7 @@ pub async fn scenario(options: &Options, db: &ThroughputDb, receiver: &ReceiverP
         "events": n,
         "partitions": PARTITIONS,
         "max_in_flight_per_worker": MAX_IN_FLIGHT,
-        "receiver_delay_ms": 20,
-        "throughput": WORKERS.iter().zip(&throughput).map(|(k, t)| json!({
-            "workers": k,
-            "events_per_s": Summary::of(t),
-        })).collect::<Vec<_>>(),
-        "speedup_2": medians[1] / medians[0],
-        "speedup_4": medians[2] / medians[0],
+        "by_receiver_delay": by_delay,
         "reader_publish_events_per_s": Summary::of(&publish),
         "cpu_us_per_event": {
             "reader": Summary::of(&reader_us),
@@ -328,4 +291,67 @@ pub async fn scenario(options: &Options, db: &ThroughputDb, receiver: &ReceiverP
             "extra_hop": Summary::of(&hop),
         },
     })
+}
+
+/// Deliveries per second of 1, 2 and 4 workers (index as `WORKERS`), `options.runs` runs each
+/// (order alternating between runs), to a receiver taking `delay` ms per request at `slow`.
+async fn throughput(
+    options: &Options,
+    db: &ThroughputDb,
+    receiver: &ReceiverProcess,
+    js: &async_nats::jetstream::Context,
+    tag: u32,
+    delay: u64,
+    slow: &str,
+) -> Vec<Vec<f64>> {
+    let n = db.events;
+    let mut throughput: Vec<Vec<f64>> = vec![Vec::new(); WORKERS.len()];
+    for run in 1..=options.runs {
+        let order: Vec<usize> = if run % 2 == 1 {
+            vec![0, 1, 2]
+        } else {
+            vec![2, 1, 0]
+        };
+        for i in order {
+            let k = WORKERS[i];
+            receiver.reset().await;
+            let stream = format!("FO_BENCH_{tag}_{delay}_{k}_{run}");
+            let consumer = format!("bench_dist_{tag}_{delay}_{k}_{run}");
+            let mut workers: Vec<Daemon> = (0..k)
+                .map(|w| {
+                    start(
+                        options,
+                        &db.url,
+                        "worker",
+                        &consumer,
+                        &stream,
+                        slow,
+                        &format!("w{w}"),
+                    )
+                })
+                .collect();
+            wait_spread(&mut workers).await;
+            let mut reader = start(
+                options, &db.url, "reader", &consumer, &stream, slow, "reader",
+            );
+            let (seconds, duplicates) = {
+                let mut all: Vec<&mut Daemon> = workers.iter_mut().collect();
+                all.push(&mut reader);
+                delivered(receiver, n, &mut all).await
+            };
+            let eps = n as f64 / seconds;
+            eprintln!(
+                "distributed: {delay} ms receiver, {k} worker(s), run {run}: {n} deliveries in {seconds:.2} s, \
+                 {eps:.0}/s, {duplicates} duplicates, load {}",
+                super::report::load_average()
+            );
+            throughput[i].push(eps);
+            reader.stop();
+            for w in workers {
+                w.stop();
+            }
+            let _ = js.delete_stream(&stream).await;
+        }
+    }
+    throughput
 }

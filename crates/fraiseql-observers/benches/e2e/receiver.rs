@@ -7,7 +7,8 @@
 //! (the `"entity_id":"<uuid>"` of the body, found with a byte search: no JSON parsing). A delivery
 //! id seen before counts as a duplicate.
 //!
-//! A path starting with `/slow/` is answered after 20 ms (a slow receiver).
+//! A path starting with `/slow/` is answered after a delay (a slow receiver): `/slow/<ms>/...`
+//! waits `<ms>` milliseconds, any other `/slow/...` 20 ms.
 //!
 //! Control endpoints (paths starting with `/_`): `GET /_stats` (counts as JSON), `POST /_reset`
 //! (forget everything), `GET /_arrivals` (one `entity arrival_ns` line per first delivery).
@@ -67,9 +68,14 @@ async fn handle(
     if let Some(control) = path.strip_prefix("/_") {
         return control_request(&shared, control);
     }
-    if path.starts_with("/slow/") {
-        // A receiver that takes 20 ms per request (the distributed scenario).
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    if let Some(rest) = path.strip_prefix("/slow/") {
+        // A receiver that takes `<ms>` (default 20) per request (the distributed scenario).
+        let ms = rest
+            .split('/')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(20);
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
     let now = unix_nanos();
     let id = headers
