@@ -124,24 +124,7 @@ fn order(g: u64, status: &str) -> Value {
 }
 
 fn shape() -> TableShape {
-    let columns: Vec<(String, String)> = [
-        ("id", "bigint"),
-        ("pk_entity_change_log", "uuid"),
-        ("fk_customer_org", "uuid"),
-        ("fk_contact", "uuid"),
-        ("object_type", "text"),
-        ("object_id", "uuid"),
-        ("modification_type", "text"),
-        ("change_status", "text"),
-        ("object_data", "jsonb"),
-        ("extra_metadata", "jsonb"),
-        ("created_at", "timestamp with time zone"),
-        ("txid", "xid8"),
-    ]
-    .iter()
-    .map(|(n, t)| (n.to_string(), t.to_string()))
-    .collect();
-    TableShape::from_columns(&columns).expect("the mission's shape")
+    TableShape::mission()
 }
 
 fn row(update: bool) -> ChangeLogRow {

@@ -612,23 +612,7 @@ mod tests {
     #[test]
     fn the_spliced_body_parses_and_equals_the_value_body() {
         use crate::listener::parser::{decode, ChangeLogRow, TableShape};
-        let columns: Vec<(String, String)> = [
-            ("id", "bigint"),
-            ("pk_entity_change_log", "uuid"),
-            ("fk_customer_org", "uuid"),
-            ("fk_contact", "uuid"),
-            ("object_type", "text"),
-            ("object_id", "uuid"),
-            ("modification_type", "text"),
-            ("change_status", "text"),
-            ("object_data", "jsonb"),
-            ("extra_metadata", "jsonb"),
-            ("created_at", "timestamp with time zone"),
-        ]
-        .iter()
-        .map(|(n, t)| (n.to_string(), t.to_string()))
-        .collect();
-        let shape = TableShape::from_columns(&columns).unwrap();
+        let shape = TableShape::mission();
         let deep = (0..60).fold("1".to_string(), |inner, i| {
             format!("{{\"k{i}\": [{inner}]}}")
         });

@@ -182,6 +182,32 @@ SELECT a.attname::text AS column_name, \
    AND NOT a.attisdropped \
  ORDER BY a.attnum";
 
+    /// The columns of the mission's table shape (`0001_change_log.sql`: a BIGINT `id`, a UUID
+    /// `pk_entity_change_log`, the Debezium envelope in `object_data`), as the catalog lists them.
+    pub const MISSION_COLUMNS: &'static [(&'static str, &'static str)] = &[
+        ("id", "bigint"),
+        ("pk_entity_change_log", "uuid"),
+        ("fk_customer_org", "uuid"),
+        ("fk_contact", "uuid"),
+        ("object_type", "text"),
+        ("object_id", "uuid"),
+        ("modification_type", "text"),
+        ("change_status", "text"),
+        ("object_data", "jsonb"),
+        ("extra_metadata", "jsonb"),
+        ("created_at", "timestamp with time zone"),
+        ("txid", "xid8"),
+    ];
+
+    /// The mission's table shape ([`TableShape::MISSION_COLUMNS`]), without asking a database.
+    pub fn mission() -> TableShape {
+        let columns: Vec<(String, String)> = Self::MISSION_COLUMNS
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect();
+        TableShape::from_columns(&columns).expect("the mission's own shape")
+    }
+
     /// Decide the shape from the rows of [`TableShape::CATALOG_QUERY`].
     ///
     /// The envelope shape needs a BIGINT `id`, a UUID-or-text `pk_entity_change_log`, and

@@ -20,20 +20,7 @@ fn cols(list: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 fn envelope_columns() -> Vec<(String, String)> {
-    cols(&[
-        ("id", "bigint"),
-        ("pk_entity_change_log", "uuid"),
-        ("fk_customer_org", "uuid"),
-        ("fk_contact", "uuid"),
-        ("object_type", "text"),
-        ("object_id", "uuid"),
-        ("modification_type", "text"),
-        ("change_status", "text"),
-        ("object_data", "jsonb"),
-        ("extra_metadata", "jsonb"),
-        ("created_at", "timestamp with time zone"),
-        ("txid", "xid8"),
-    ])
+    cols(TableShape::MISSION_COLUMNS)
 }
 
 fn split_columns() -> Vec<(String, String)> {
