@@ -10,10 +10,10 @@ use anyhow::{bail, Context, Result};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
-use fraiseql_observers::{capture, config, migrate, Pipeline};
+use fraiseql_observers::{capture, config, migrate, postgres_programs, Pipeline};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -332,7 +332,7 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Result<Cluster> {
-        let bin = find_postgres_bin().ok_or_else(|| {
+        let bin = postgres_programs::bin_dir().ok_or_else(|| {
             anyhow::anyhow!(
                 "no PostgreSQL server binaries found (initdb and pg_ctl on PATH or in /usr/lib/postgresql/*/bin).\n\
                  Install them (Debian/Ubuntu: apt-get install postgresql) or point the demo at a server:\n\
@@ -340,7 +340,7 @@ impl Cluster {
             )
         })?;
         // initdb refuses to run as root: run the cluster as the postgres user then.
-        let as_postgres = is_root();
+        let as_postgres = postgres_programs::is_root();
         let dir =
             std::env::temp_dir().join(format!("fraiseql-observers-demo-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
@@ -435,33 +435,6 @@ impl Cluster {
         let _ = std::fs::remove_dir_all(&self.dir);
         println!("   (throwaway PostgreSQL stopped and removed)");
     }
-}
-
-fn find_postgres_bin() -> Option<PathBuf> {
-    let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
-    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
-        let mut versions: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-            .collect();
-        versions.sort();
-        candidates.extend(versions.into_iter().rev());
-    }
-    // Debian's /usr/bin/pg_ctl* are wrappers; prefer the real binaries when both exist.
-    candidates
-        .into_iter()
-        .filter(|d| has_tools(d))
-        .max_by_key(|d| d.starts_with("/usr/lib/postgresql"))
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
 }
 
 fn free_port() -> Result<u16> {

@@ -64,6 +64,7 @@ pub mod migrate;
 pub mod observer;
 pub mod operator;
 pub mod pipeline;
+pub mod postgres_programs;
 pub mod retention;
 pub mod template;
 #[cfg(feature = "testing")]

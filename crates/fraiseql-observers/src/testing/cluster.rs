@@ -2,7 +2,8 @@
 //! and removed when dropped: for tests that restart the server under a running daemon, or need a
 //! second server.
 
-use std::path::{Path, PathBuf};
+use crate::postgres_programs;
+use std::path::PathBuf;
 use std::process::Command;
 
 /// A throwaway cluster, stopped and removed when dropped.
@@ -16,7 +17,7 @@ impl Cluster {
     /// initdb and start a cluster of its own on a free port (as the `postgres` user when run as
     /// root: initdb refuses root).
     pub fn start() -> Cluster {
-        let bin = postgres_bin().expect(
+        let bin = postgres_programs::bin_dir().expect(
             "PostgreSQL server binaries (initdb, pg_ctl) on PATH or in /usr/lib/postgresql/*/bin",
         );
         let dir = std::env::temp_dir().join(format!(
@@ -25,7 +26,7 @@ impl Cluster {
             rand::random::<u32>()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        if is_root() {
+        if postgres_programs::is_root() {
             // initdb refuses to run as root: the cluster belongs to the postgres user.
             assert!(Command::new("chown")
                 .arg("postgres")
@@ -92,7 +93,7 @@ impl Cluster {
 
     fn run(&self, tool: &str, args: &[&str]) {
         let program = self.bin.join(tool);
-        let mut command = if is_root() {
+        let mut command = if postgres_programs::is_root() {
             let mut c = Command::new("runuser");
             c.args(["-u", "postgres", "--"]).arg(&program);
             c
@@ -114,7 +115,7 @@ impl Drop for Cluster {
         let data = self.data();
         let program = self.bin.join("pg_ctl");
         let args = ["-D", &data, "-m", "immediate", "-w", "stop"];
-        let _ = if is_root() {
+        let _ = if postgres_programs::is_root() {
             Command::new("runuser")
                 .args(["-u", "postgres", "--"])
                 .arg(&program)
@@ -125,31 +126,4 @@ impl Drop for Cluster {
         };
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn postgres_bin() -> Option<PathBuf> {
-    let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
-    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
-        let mut versions: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-            .collect();
-        versions.sort();
-        candidates.extend(versions.into_iter().rev());
-    }
-    // Debian's /usr/bin/pg_ctl* are wrappers; prefer the real binaries when both exist.
-    candidates
-        .into_iter()
-        .filter(|d| has_tools(d))
-        .max_by_key(|d| d.starts_with("/usr/lib/postgresql"))
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
 }
