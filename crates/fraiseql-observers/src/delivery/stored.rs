@@ -18,11 +18,22 @@ pub const DECODE_DEPTH: usize = 127;
 /// a row's values, plus a margin.
 pub const STORED_DEPTH: usize = DECODE_DEPTH + 8;
 
-/// How deeply `text` nests arrays and objects (0 for a scalar). Strings are skipped, escapes
-/// included; the text is not otherwise validated.
-pub fn json_depth(text: &str) -> usize {
+/// What a scan of JSON text finds without parsing it (strings skipped, escapes included; the
+/// text is not otherwise validated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JsonScan {
+    /// How deeply it nests arrays and objects (0 for a scalar).
+    pub depth: usize,
+    /// Whether it holds a number serde_json may not read without parsing it in full: one written
+    /// with an exponent, or with 300 and more digits (beyond f64's range).
+    pub long_number: bool,
+}
+
+/// Scan `text` once: its nesting depth and whether it holds a long number.
+pub fn scan_json(text: &str) -> JsonScan {
     let (mut depth, mut max) = (0usize, 0usize);
     let (mut in_string, mut escaped) = (false, false);
+    let (mut digits, mut long_number) = (0usize, false);
     for b in text.bytes() {
         if in_string {
             match b {
@@ -34,6 +45,12 @@ pub fn json_depth(text: &str) -> usize {
             continue;
         }
         match b {
+            b'0'..=b'9' => {
+                digits += 1;
+                long_number |= digits >= 300;
+                continue;
+            }
+            b'e' | b'E' if digits > 0 => long_number = true,
             b'"' => in_string = true,
             b'{' | b'[' => {
                 depth += 1;
@@ -42,8 +59,17 @@ pub fn json_depth(text: &str) -> usize {
             b'}' | b']' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        digits = 0;
     }
-    max
+    JsonScan {
+        depth: max,
+        long_number,
+    }
+}
+
+/// How deeply `text` nests arrays and objects (0 for a scalar): [`scan_json`]'s depth.
+pub fn json_depth(text: &str) -> usize {
+    scan_json(text).depth
 }
 
 /// Parse stored JSON text nesting at most [`STORED_DEPTH`] levels.
@@ -78,8 +104,12 @@ mod tests {
     }
 
     #[test]
-    fn depth_counts_containers_not_brackets_in_strings() {
+    fn the_scan_counts_containers_and_long_numbers_not_what_strings_hold() {
         assert_eq!(json_depth("1"), 0);
+        assert!(scan_json("[1e400]").long_number);
+        assert!(scan_json(&format!("[{}]", "9".repeat(300))).long_number);
+        assert!(!scan_json(r#"{"e": 12.5, "s": "1e5"}"#).long_number);
+        assert!(!scan_json(&format!("[\"{}\"]", "9".repeat(300))).long_number);
         assert_eq!(json_depth(r#"{"a":[1,{"b":"}}]]{{"}]}"#), 3);
         assert_eq!(json_depth(r#"["\"[[[", []]"#), 2);
         assert_eq!(json_depth(&nested(200).to_string()), 200);

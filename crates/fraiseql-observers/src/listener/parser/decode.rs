@@ -12,7 +12,7 @@ use super::row::ChangeLogRowRef;
 use super::shape::{ShapeKind, TableShape};
 #[cfg(doc)]
 use super::ChangeLogRow;
-use crate::delivery::stored::DECODE_DEPTH;
+use crate::delivery::stored::{scan_json, DECODE_DEPTH};
 use crate::event::{top_level_fields, EntityEvent, EventKind, Image, Position};
 
 /// Why one change-log row could not become an event. The reason names the column and, for ids
@@ -337,37 +337,8 @@ fn image(what: &str, raw: Option<&RawValue>) -> Result<Option<Image>, DecodeErro
 /// beyond f64's range: written with an exponent or 300 and more digits, which are parsed in
 /// full to find out).
 fn check_json(column: &str, text: &str) -> Result<(), DecodeError> {
-    let (mut depth, mut max) = (0usize, 0usize);
-    let (mut in_string, mut escaped) = (false, false);
-    let (mut digits, mut long_number) = (0usize, false);
-    for b in text.bytes() {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'0'..=b'9' => {
-                digits += 1;
-                long_number |= digits >= 300;
-                continue;
-            }
-            b'e' | b'E' if digits > 0 => long_number = true,
-            b'"' => in_string = true,
-            b'{' | b'[' => {
-                depth += 1;
-                max = max.max(depth);
-            }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-        digits = 0;
-    }
-    if max > DECODE_DEPTH || long_number {
+    let scan = scan_json(text);
+    if scan.depth > DECODE_DEPTH || scan.long_number {
         // serde_json's own parse, for its error (or to accept the text after all).
         parse_json(column, text)?;
     }
