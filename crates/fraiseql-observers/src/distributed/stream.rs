@@ -12,6 +12,7 @@
 //!   would share names, and each would delete the other's).
 
 use super::{durable_name, DistributedConfig};
+use crate::actions::nats::{is_refusal, NatsConnection};
 use crate::error::{Error, Result};
 use async_nats::jetstream::{self, consumer, stream};
 use std::time::Duration;
@@ -44,18 +45,44 @@ pub fn owner_description(consumer: &str) -> String {
     format!("fraiseql-observers work stream of consumer '{consumer}'")
 }
 
+/// Connect to the work stream's server, retrying while it cannot be reached; a refusal
+/// (credentials, permissions, TLS) is an error at once, naming the server and the keys to check
+/// (never a secret).
+async fn connect_client(nats: &NatsConnection) -> Result<async_nats::Client> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let options = nats
+            .options()
+            .map_err(|e| Error::Invalid(format!("distributed: {e}")))?
+            .name("fraiseql-observers-distributed")
+            .connection_timeout(TIMEOUT);
+        match options.connect(nats.url()).await {
+            Ok(client) => return Ok(client),
+            Err(e) if is_refusal(e.kind()) => {
+                return Err(Error::Invalid(format!(
+                    "distributed: the NATS server {} refused the connection ({}): check \
+                     nats_url, token_env / creds_file / nkey_seed_env, and tls / ca_file",
+                    nats.shown(),
+                    e.kind()
+                )))
+            }
+            Err(e) => {
+                tracing::warn!(nats = %nats.shown(), error = %e.kind(),
+                    "cannot reach the work stream's NATS server; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
 impl WorkStream {
     /// Connect (retrying until the server answers; the client reconnects by itself afterwards)
-    /// and create the stream when it is missing, for `consumer`; an error when the stream
-    /// exists for another consumer, or without work-queue retention or our subjects.
+    /// and create the stream when it is missing, for `consumer`; an error when the server
+    /// refuses the credentials or the TLS setup, or when the stream exists for another
+    /// consumer, or without work-queue retention or our subjects.
     pub async fn connect(config: &DistributedConfig, consumer: &str) -> Result<WorkStream> {
-        let client = async_nats::ConnectOptions::new()
-            .name("fraiseql-observers-distributed")
-            .connection_timeout(TIMEOUT)
-            .retry_on_initial_connect()
-            .connect(config.nats_url.as_str())
-            .await
-            .map_err(|e| broker("cannot connect", e))?;
+        let client = connect_client(&config.nats).await?;
         let mut js = jetstream::new(client);
         js.set_timeout(TIMEOUT);
         let stream = WorkStream {
