@@ -31,7 +31,8 @@
 //!   single-process ones under that id.
 //! * One (observer, entity) always maps to the same partition for a given partition count
 //!   ([`partition_of`]: SHA-256, stable across builds and platforms), so its deliveries stay in
-//!   stream order. Changing `partitions` needs an empty work stream.
+//!   stream order. Changing `partitions` needs an empty work stream: the stream records its
+//!   count, and a reader or worker with another count refuses to start while it holds messages.
 //! * The message id is a function of (event id, observer): a republish after a reader crash is
 //!   dropped by the stream's duplicate window.
 

@@ -620,3 +620,76 @@ async fn a_tls_work_stream_with_its_ca_file_delivers() {
     worker.stop().await;
     reader.stop().await;
 }
+
+#[tokio::test]
+async fn the_partition_count_changes_only_while_the_work_stream_is_empty() {
+    let names = names();
+    let receiver = TestServer::start().await;
+    let dist = |partitions| {
+        compile(&config_text(&names, &receiver, partitions))
+            .distributed
+            .expect("[distributed]")
+    };
+    let description = |js: jetstream::Context| {
+        let stream = names.stream.clone();
+        async move {
+            js.get_stream(&stream)
+                .await
+                .unwrap()
+                .info()
+                .await
+                .unwrap()
+                .config
+                .description
+                .clone()
+                .unwrap_or_default()
+        }
+    };
+    let js = jetstream::new(async_nats::connect(NATS_URL).await.unwrap());
+    let four = distributed::WorkStream::connect(&dist(4), "dist")
+        .await
+        .unwrap();
+    assert!(description(js.clone()).await.ends_with("(4 partitions)"));
+    // The same count: fine. Another count on an empty stream: recorded.
+    distributed::WorkStream::connect(&dist(4), "dist")
+        .await
+        .unwrap();
+    distributed::WorkStream::connect(&dist(8), "dist")
+        .await
+        .unwrap();
+    assert!(description(js.clone()).await.ends_with("(8 partitions)"));
+    let eight = distributed::WorkStream::connect(&dist(8), "dist")
+        .await
+        .unwrap();
+
+    // A message waits (in partition 5): another count is refused, saying what to do.
+    eight.publish(5, "m1", b"{}".to_vec()).await.unwrap();
+    let refused = distributed::WorkStream::connect(&dist(4), "dist")
+        .await
+        .expect_err("a new count with a message waiting");
+    let message = refused.to_string();
+    assert!(
+        message.contains("holds 1 messages split into 8 partitions")
+            && message.contains("Drain the stream first")
+            && message.contains("keep `partitions = 8`"),
+        "{message}"
+    );
+    assert!(!refused.is_transient());
+    assert!(description(js.clone()).await.ends_with("(8 partitions)"));
+
+    // A worker drains it (takes the message and acknowledges it): the new count is accepted,
+    // and the consumers of partitions beyond it are gone.
+    let consumer = eight.take_partition(5).await.unwrap();
+    let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
+    use futures::StreamExt as _;
+    let message = batch.next().await.unwrap().unwrap();
+    message.double_ack().await.unwrap();
+    distributed::WorkStream::connect(&dist(4), "dist")
+        .await
+        .unwrap();
+    assert!(description(js.clone()).await.ends_with("(4 partitions)"));
+    let stream = js.get_stream(&names.stream).await.unwrap();
+    assert!(stream.consumer_info("partition-5").await.is_err());
+    drop(four);
+    delete_stream(&names).await;
+}
