@@ -192,9 +192,17 @@ fn start_worker_with(
     let (stop, stopped) = oneshot::channel::<()>();
     let (url, name, s) = (db.url.clone(), name.to_string(), status.clone());
     let task = tokio::spawn(async move {
-        worker::run(&url, compile, &name, s, async {
-            let _ = stopped.await;
-        })
+        let (_reload, reloads) = tokio::sync::watch::channel(0);
+        worker::run(
+            &url,
+            compile,
+            &name,
+            s,
+            async {
+                let _ = stopped.await;
+            },
+            reloads,
+        )
         .await
     });
     (Running { stop, task }, status)
