@@ -16,9 +16,11 @@
 //! * It exits 1 on a mistake that contending again would repeat (configuration, schema, a
 //!   checkpoint ahead of the database).
 //! * SIGHUP, or a `reload` request, re-reads the file: a valid one is applied at once (the
-//!   running pipeline drains and the new observers run from its checkpoint, in the same lead),
+//!   running pipeline drains and the new observers run from its checkpoint, in the same lead;
+//!   a worker drains each partition it owns and starts it again, keeping its lease),
 //!   an invalid one is refused with every error logged and the running configuration stays.
-//!   The restart-only settings (`config::keep_restart_only`) keep their running values.
+//!   The restart-only settings (`config::keep_restart_only`, and `[distributed]`) keep their
+//!   running values.
 //! * The first SIGINT/SIGTERM stops reading, lets in-flight deliveries finish (up to the
 //!   shutdown timeout), saves the checkpoint and exits 0; a second one exits at once (130).
 
@@ -28,7 +30,7 @@ use anyhow::{anyhow, Context as _};
 use fraiseql_observers::config::{self, Config, DatabaseConfig, LogFormat, RuntimeConfig};
 use fraiseql_observers::control;
 use fraiseql_observers::db::Reconnecting;
-use fraiseql_observers::distributed::Role as DistributedRole;
+use fraiseql_observers::distributed::{DistributedConfig, Role as DistributedRole};
 use fraiseql_observers::leader::{self, LeadState};
 use fraiseql_observers::metrics as m;
 use fraiseql_observers::pipeline::worker::{self, WorkerStatus};
@@ -88,15 +90,39 @@ pub async fn execute(
     health.set_mode(role);
     tracing::info!(consumer = %consumer, observers = config.observers.len(), role = role.as_str(), "starting");
 
+    // The observers are compiled again for each new lead (each partition a worker takes) and on
+    // each reload, from the last text accepted (the file as read at start, or at the last
+    // reload that validated).
+    let reloader = Arc::new(Reloader::new(
+        path,
+        text,
+        &config,
+        &url,
+        health.clone(),
+        role,
+    ));
+    let reloads = reloader.subscribe();
+    reloader.listen_for_sighup()?;
+    reloader.clone().watch_requests();
+
     if role == DistributedRole::Worker {
-        // A worker compiles its configuration (as read at start) for each partition it takes.
         let worker_id = worker_id.map_or_else(default_worker_id, str::to_string);
         let status = Arc::new(WorkerStatus::default());
         health.work(&worker_id, status.clone());
-        let compile: worker::Compile = Arc::new(move || {
-            config::load(&text, &super::env_lookup).and_then(|c| c.with_role(role))
-        });
-        return match worker::run(&url, compile, &worker_id, status, shutdown.requested()).await {
+        let compile: worker::Compile = {
+            let reloader = reloader.clone();
+            Arc::new(move || reloader.compile())
+        };
+        return match worker::run(
+            &url,
+            compile,
+            &worker_id,
+            status,
+            shutdown.requested(),
+            reloads,
+        )
+        .await
+        {
             Ok(()) => {
                 tracing::info!(consumer = %consumer, worker = %worker_id, "stopped");
                 Ok(ExitCode::SUCCESS)
@@ -110,19 +136,6 @@ pub async fn execute(
         LeadState::Leading(status) => health.lead(status),
         LeadState::Reconnecting => health.set_role(Role::Reconnecting),
     };
-    // The observers are compiled again for each new lead and on each reload, from the last
-    // text accepted (the file as read at start, or at the last reload that validated).
-    let reloader = Arc::new(Reloader::new(
-        path,
-        text,
-        &config,
-        &url,
-        health.clone(),
-        role,
-    ));
-    let reloads = reloader.subscribe();
-    reloader.listen_for_sighup()?;
-    reloader.clone().watch_requests();
     let recompile = || reloader.compile();
     match leader::lead(
         &url,
@@ -156,6 +169,7 @@ struct Reloader {
     /// The settings that need a restart, as running.
     database: DatabaseConfig,
     runtime: RuntimeConfig,
+    distributed: Option<DistributedConfig>,
     /// The last text accepted.
     accepted: Mutex<String>,
     /// Bumped for each configuration accepted; the lead applies it.
@@ -183,6 +197,7 @@ impl Reloader {
             consumer: config.runtime.consumer_id.clone(),
             database: config.database.clone(),
             runtime: config.runtime.clone(),
+            distributed: config.distributed.clone(),
             accepted: Mutex::new(text),
             generation: watch::channel(0).0,
             busy: tokio::sync::Mutex::new(()),
@@ -199,8 +214,19 @@ impl Reloader {
     fn compile(&self) -> Result<Config, fraiseql_observers::ConfigErrors> {
         let text = self.accepted.lock().expect("reload lock poisoned").clone();
         let mut config = config::load(&text, &super::env_lookup)?.with_role(self.role)?;
-        config::keep_restart_only(&self.database, &self.runtime, &mut config);
+        self.keep_restart_only(&mut config);
         Ok(config)
+    }
+
+    /// Put the running values of the settings that need a restart back into `new`; the keys
+    /// changed. `[distributed]` is one: the work stream and its partitions are set up at start.
+    fn keep_restart_only(&self, new: &mut Config) -> Vec<&'static str> {
+        let mut kept = config::keep_restart_only(&self.database, &self.runtime, new);
+        if new.distributed != self.distributed {
+            kept.push("distributed");
+            new.distributed = self.distributed.clone();
+        }
+        kept
     }
 
     /// Re-read and validate the file; accept it (the lead applies it at once) or refuse it.
@@ -226,7 +252,7 @@ impl Reloader {
                 Ok(config) => config,
                 Err(errors) => return refused(errors.0.iter().map(|e| e.to_string()).collect()),
             };
-        for key in config::keep_restart_only(&self.database, &self.runtime, &mut new) {
+        for key in self.keep_restart_only(&mut new) {
             tracing::warn!(
                 key,
                 "this setting cannot change without a restart; keeping the running value"

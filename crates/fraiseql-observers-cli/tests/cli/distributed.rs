@@ -1,7 +1,8 @@
 //! Distributed delivery with real processes: a reader (`run --role reader`, and a standby one)
 //! and three workers (`run --role worker`) under a steady writer, against the real nats-server.
-//! A worker SIGKILLed, the reader SIGKILLed, nats-server restarted: nothing committed is lost,
-//! first deliveries per entity ascend, a repeat carries the first delivery's id.
+//! A worker SIGKILLed, the reader SIGKILLed, nats-server restarted, a worker and the reader
+//! reloaded (SIGHUP): nothing committed is lost, first deliveries per entity ascend, a repeat
+//! carries the first delivery's id.
 //!
 //! The machine's nats-server (127.0.0.1:4222) is never restarted: the restart test starts one of
 //! its own, on a free port, with its own store directory. Streams have random names and are
@@ -42,7 +43,7 @@ partitions = {PARTITIONS}
 
 /// One process: its configuration file, its `/healthz` port, the process.
 struct Process {
-    _file: ConfigFile,
+    file: ConfigFile,
     port: u16,
     daemon: Daemon,
 }
@@ -66,11 +67,7 @@ impl Cluster {
             port,
         ));
         let daemon = Daemon::start_with(&self.db_url, &file.path, args);
-        Process {
-            _file: file,
-            port,
-            daemon,
-        }
+        Process { file, port, daemon }
     }
 
     fn worker(&self, name: &str) -> Process {
@@ -308,4 +305,159 @@ async fn a_restarted_nats_server_loses_nothing() {
     drop(workers);
     drop(reader);
     nats.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_a_worker_and_the_reader_and_nothing_is_lost() {
+    let db = TestDb::new().await;
+    let receiver = TestServer::start().await;
+    let cluster = Cluster::new(&db, &receiver, "RELOAD", "nats://127.0.0.1:4222".into());
+    let reader = cluster.reader();
+    let worker = cluster.worker("w0");
+    wait_spread(&[&worker], Duration::from_secs(30)).await;
+    let writer = Writer::start(&db.url, 40, 0xD15A, Duration::from_millis(3)).await;
+    flowing(&receiver, 100).await;
+
+    // The worker's file now sends the observer to /new; SIGHUP.
+    let on = |path: &str| {
+        receiver
+            .accepted()
+            .into_iter()
+            .filter(|r| r.path() == path)
+            .collect::<Vec<_>>()
+    };
+    let new_text = distributed_config(
+        &cluster.consumer,
+        &receiver.url("/new"),
+        &cluster.nats_url,
+        &cluster.stream,
+        worker.port,
+    );
+    std::fs::write(&worker.file.path, &new_text).unwrap();
+    worker.daemon.signal("HUP");
+    worker
+        .daemon
+        .wait_for_log(
+            "partition drained and started again with the reloaded configuration",
+            Duration::from_secs(30),
+        )
+        .await;
+    eventually(Duration::from_secs(30), "deliveries at the new URL", || {
+        let n = on("/new").len();
+        async move { (n > 50).then_some(()) }
+    })
+    .await;
+
+    // A bad file is refused; the worker keeps delivering with the reloaded configuration.
+    std::fs::write(
+        &worker.file.path,
+        format!("{new_text}[observers.broken]\nentity = 1\n"),
+    )
+    .unwrap();
+    worker.daemon.signal("HUP");
+    worker
+        .daemon
+        .wait_for_log("configuration reload refused", Duration::from_secs(30))
+        .await;
+    let before = on("/new").len();
+    eventually(
+        Duration::from_secs(30),
+        "deliveries after the refusal",
+        || {
+            let n = on("/new").len();
+            async move { (n > before + 50).then_some(()) }
+        },
+    )
+    .await;
+
+    // An added observer, the workers first (they must know it before the reader publishes
+    // for it), then the reader: the reader reloads too, and the workers deliver the new one.
+    let added = format!(
+        r#"
+[observers.added]
+entity = "Item"
+event_type = ["INSERT", "UPDATE"]
+
+[[observers.added.actions]]
+type = "webhook"
+url = "{}"
+allow_private_networks = true
+"#,
+        receiver.url("/added")
+    );
+    std::fs::write(&worker.file.path, format!("{new_text}{added}")).unwrap();
+    worker.daemon.signal("HUP");
+    eventually(
+        Duration::from_secs(30),
+        "the worker's second reload",
+        || {
+            let n = worker
+                .daemon
+                .log()
+                .matches("partition drained and started again")
+                .count();
+            async move { (n >= 2 * PARTITIONS as usize).then_some(()) }
+        },
+    )
+    .await;
+    let reader_text = std::fs::read_to_string(&reader.file.path).unwrap();
+    std::fs::write(&reader.file.path, format!("{reader_text}{added}")).unwrap();
+    reader.daemon.signal("HUP");
+    reader
+        .daemon
+        .wait_for_log("configuration reloaded", Duration::from_secs(30))
+        .await;
+    eventually(
+        Duration::from_secs(30),
+        "the added observer's deliveries",
+        || {
+            let n = on("/added").len();
+            async move { (n > 50).then_some(()) }
+        },
+    )
+    .await;
+
+    // Nothing lost across the reloads (either URL, same ids, in order per entity), and the
+    // changes after the first went to the new URL only.
+    let committed = writer.finish().await;
+    // The observer `all`'s deliveries, at either URL, in arrival order.
+    let of_all = || {
+        receiver
+            .accepted()
+            .into_iter()
+            .filter(|r| r.path() != "/added")
+            .collect::<Vec<_>>()
+    };
+    let wanted: std::collections::HashSet<i64> = committed.iter().map(|(s, _)| *s).collect();
+    eventually(
+        Duration::from_secs(60),
+        "every change delivered to `all`",
+        || {
+            let got: std::collections::HashSet<i64> =
+                of_all().iter().map(|r| r.sequence()).collect();
+            let done = wanted.is_subset(&got);
+            async move { done.then_some(()) }
+        },
+    )
+    .await;
+    check_at_least_once(&committed, &of_all());
+    let last_old = on("/hook").iter().map(|r| r.sequence()).max().unwrap();
+    let last = committed.last().unwrap().0;
+    assert!(last_old < last, "the last change went to the old URL");
+    let new: std::collections::HashSet<i64> = on("/new").iter().map(|r| r.sequence()).collect();
+    let after: Vec<i64> = committed
+        .iter()
+        .map(|(s, _)| *s)
+        .filter(|s| *s > last_old)
+        .collect();
+    assert!(after.len() > 50 && after.iter().all(|s| new.contains(s)));
+    eprintln!(
+        "{} changes, {} to the old URL, {} after the reload to the new one only",
+        committed.len(),
+        on("/hook").len(),
+        after.len()
+    );
+    drop(worker);
+    drop(reader);
+    delete_stream(&cluster.nats_url, &cluster.stream).await;
 }

@@ -28,6 +28,8 @@
 //! * Compiling is pure: every action compiled with the same connection settings (url,
 //!   credentials, TLS) shares one client, connected on first use and reconnecting by itself.
 //!   `creds_file` and `ca_file` are read through the compile context; secrets come from `*_env`.
+//!   The connection keys are read by `nats/connection.rs` ([`NatsConnection`]), which
+//!   `[distributed]` uses too.
 //!   Messages show only the host and port, never the URL (it may hold a password).
 //! * When the pipeline starts ([`Nats::prepare`]) the stream is checked: with `stream = { name,
 //!   subjects, ... }` it is created when missing; then the subject (its template with every
@@ -35,24 +37,22 @@
 //!   one). A missing stream stops the start with an error naming the subject and the stream; a
 //!   server that cannot be reached then is only logged (publishes retry).
 
+mod connection;
+
+pub use connection::{is_refusal, NatsConnection, NatsConnectionKeys};
+
 use std::collections::HashMap;
 use std::fmt;
-use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishErrorKind, stream::StorageType};
-use async_nats::{ConnectErrorKind, ServerAddr};
 use futures::TryStreamExt;
 use serde::Deserialize;
 use tokio::sync::OnceCell;
 
 use super::webhook::{default_body_json, event_type};
-use super::{
-    resolve_url, secret_from_env, template, timeout_setting, ActionError, CompileContext,
-    DeliveryRequest, UrlSetting,
-};
+use super::{template, timeout_setting, ActionError, CompileContext, DeliveryRequest};
 use crate::error::ConfigError;
 use crate::event::EntityEvent;
 use crate::template::{EventContext, Template, TemplateMode};
@@ -85,31 +85,9 @@ pub struct StreamConfig {
     pub duplicate_window: Option<String>,
 }
 
-/// How the client authenticates (secrets already resolved; never shown).
-#[derive(Clone)]
-enum Auth {
-    None,
-    Creds(String),
-    NKey(String),
-    Token(String),
-}
-
-/// The connection settings of one server: what the shared client is keyed by.
-#[derive(Clone)]
-struct ServerSettings {
-    url: String,
-    auth: Auth,
-    tls: bool,
-    ca_file: Option<String>,
-    /// What tells two settings apart without their secrets (the `*_env` names, the paths).
-    identity: String,
-}
-
 /// One server: its settings and the client every action compiled with them shares.
 struct NatsServer {
-    settings: ServerSettings,
-    /// `host:port`, for messages.
-    shown: String,
+    connection: NatsConnection,
     context: OnceCell<jetstream::Context>,
 }
 
@@ -127,17 +105,16 @@ impl fmt::Debug for NatsClients {
 }
 
 impl NatsClients {
-    fn server(&self, settings: ServerSettings, shown: String) -> Arc<NatsServer> {
+    fn server(&self, connection: NatsConnection) -> Arc<NatsServer> {
         let mut servers = self
             .servers
             .lock()
             .expect("the client map is never poisoned");
         servers
-            .entry(settings.identity.clone())
+            .entry(connection.identity().to_string())
             .or_insert_with(|| {
                 Arc::new(NatsServer {
-                    settings,
-                    shown,
+                    connection,
                     context: OnceCell::new(),
                 })
             })
@@ -149,30 +126,18 @@ impl NatsServer {
     /// The shared JetStream context, connected on first use (a failed connect is retried on the
     /// next use).
     async fn context(&self, timeout: Duration) -> Result<jetstream::Context, ActionError> {
-        let s = &self.settings;
+        let s = &self.connection;
         let connect = async {
-            let mut options = async_nats::ConnectOptions::new()
+            let options = s
+                .options()
+                .map_err(ActionError::permanent)?
                 .name("fraiseql-observers")
-                .connection_timeout(timeout)
-                .require_tls(s.tls);
-            if let Some(ca) = &s.ca_file {
-                options = options.add_root_certificates(PathBuf::from(ca));
-            }
-            options = match &s.auth {
-                Auth::None => options,
-                Auth::Creds(creds) => options.credentials(creds).map_err(|e| {
-                    ActionError::permanent(format!("the credentials file is not valid: {e}"))
-                })?,
-                Auth::NKey(seed) => options.nkey(seed.clone()),
-                Auth::Token(token) => options.token(token.clone()),
-            };
-            let client = options.connect(s.url.as_str()).await.map_err(|e| {
+                .connection_timeout(timeout);
+            let client = options.connect(s.url()).await.map_err(|e| {
                 let message = format!("cannot connect: {}", e.kind());
-                match e.kind() {
-                    ConnectErrorKind::Authentication
-                    | ConnectErrorKind::AuthorizationViolation
-                    | ConnectErrorKind::ServerParse => ActionError::permanent(message),
-                    _ => ActionError::transient(message),
+                match is_refusal(e.kind()) {
+                    true => ActionError::permanent(message),
+                    false => ActionError::transient(message),
                 }
             })?;
             Ok::<_, ActionError>(jetstream::new(client))
@@ -205,7 +170,7 @@ pub struct Nats {
 impl fmt::Debug for Nats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Nats")
-            .field("server", &self.server.shown)
+            .field("server", &self.server.connection.shown())
             .field("subject", &self.subject_source)
             .field("body_template", &self.body.is_some())
             .field("timeout", &self.timeout)
@@ -220,36 +185,23 @@ pub fn compile(
     path: &str,
     ctx: &CompileContext<'_>,
 ) -> Result<Nats, Vec<ConfigError>> {
-    let env = ctx.env;
     let mut errors = Vec::new();
-    let url_key = if config.url.is_some() {
-        "url"
-    } else {
-        "url_env"
-    };
-    let url = resolve_url(
-        UrlSetting {
-            key: "url",
-            value: config.url.as_deref(),
-            env_key: "url_env",
-            env_value: config.url_env.as_deref(),
+    let connection = NatsConnection::compile(
+        &NatsConnectionKeys {
+            url_key: "url",
+            url: config.url.as_deref(),
+            url_env_key: "url_env",
+            url_env: config.url_env.as_deref(),
+            creds_file: config.creds_file.as_deref(),
+            nkey_seed_env: config.nkey_seed_env.as_deref(),
+            token_env: config.token_env.as_deref(),
+            tls: config.tls,
+            ca_file: config.ca_file.as_deref(),
         },
-        true,
         path,
-        env,
+        ctx,
         &mut errors,
-    )
-    .and_then(|(url, _)| match ServerAddr::from_str(&url) {
-        Ok(addr) if ["nats", "tls"].contains(&addr.scheme()) => Some((url, addr)),
-        // The parser's message may quote the URL, which may hold a password.
-        _ => {
-            errors.push(ConfigError::new(
-                format!("{path}.{url_key}"),
-                "not a valid NATS URL (nats://[user:password@]host[:port], or tls:// for TLS)",
-            ));
-            None
-        }
-    });
+    );
 
     let subject = match config.subject.as_deref() {
         None => {
@@ -279,113 +231,23 @@ pub fn compile(
     });
     let timeout = timeout_setting(config.timeout_ms, path, &mut errors);
 
-    let credentials = [
-        ("creds_file", config.creds_file.as_deref()),
-        ("nkey_seed_env", config.nkey_seed_env.as_deref()),
-        ("token_env", config.token_env.as_deref()),
-    ];
-    let set: Vec<_> = credentials.iter().filter(|(_, v)| v.is_some()).collect();
-    if set.len() > 1 {
-        errors.push(ConfigError::new(
-            format!("{path}.{}", set[1].0),
-            "set at most one of creds_file, nkey_seed_env, token_env",
-        ));
-    }
-    let auth = match credentials {
-        [(_, Some(file)), ..] => read(ctx, file, &format!("{path}.creds_file"), &mut errors)
-            .and_then(
-                |creds| match async_nats::ConnectOptions::new().credentials(&creds) {
-                    Ok(_) => Some(Auth::Creds(creds)),
-                    Err(_) => {
-                        errors.push(ConfigError::new(
-                            format!("{path}.creds_file"),
-                            format!(
-                                "'{file}' is not a NATS credentials file (a JWT and an nkey seed)"
-                            ),
-                        ));
-                        None
-                    }
-                },
-            ),
-        [_, (_, Some(var)), _] => {
-            secret_from_env(var, &format!("{path}.nkey_seed_env"), env, &mut errors).and_then(
-                |seed| match nkeys_seed_is_valid(&seed) {
-                    true => Some(Auth::NKey(seed.trim().to_string())),
-                    false => {
-                        errors.push(ConfigError::new(
-                            format!("{path}.nkey_seed_env"),
-                            format!(
-                                "environment variable '{var}' does not hold an nkey seed (SU...)"
-                            ),
-                        ));
-                        None
-                    }
-                },
-            )
-        }
-        [_, _, (_, Some(var))] => {
-            secret_from_env(var, &format!("{path}.token_env"), env, &mut errors).map(Auth::Token)
-        }
-        _ => Some(Auth::None),
-    };
-    if let Some(file) = &config.ca_file {
-        read(ctx, file, &format!("{path}.ca_file"), &mut errors);
-    }
     let stream = config
         .stream
         .as_ref()
         .and_then(|s| stream_spec(s, &format!("{path}.stream"), &mut errors));
 
-    match (errors.is_empty(), url, subject, auth) {
-        (true, Some((url, addr)), Some((subject, subject_source, subject_pattern)), Some(auth)) => {
-            let tls = config.tls.unwrap_or(false) || addr.scheme() == "tls";
-            let identity = format!(
-                "{url}\n{}\n{}\n{}\n{tls}\n{}",
-                config.creds_file.as_deref().unwrap_or_default(),
-                config.nkey_seed_env.as_deref().unwrap_or_default(),
-                config.token_env.as_deref().unwrap_or_default(),
-                config.ca_file.as_deref().unwrap_or_default(),
-            );
-            let settings = ServerSettings {
-                url,
-                auth,
-                tls,
-                ca_file: config.ca_file.clone(),
-                identity,
-            };
-            let shown = format!("{}:{}", addr.host(), addr.port());
-            Ok(Nats {
-                server: ctx.brokers.nats.server(settings, shown),
-                subject,
-                subject_source,
-                subject_pattern,
-                body,
-                timeout,
-                stream,
-            })
-        }
+    match (errors.is_empty(), connection, subject) {
+        (true, Some(connection), Some((subject, subject_source, subject_pattern))) => Ok(Nats {
+            server: ctx.brokers.nats.server(connection),
+            subject,
+            subject_source,
+            subject_pattern,
+            body,
+            timeout,
+            stream,
+        }),
         _ => Err(errors),
     }
-}
-
-fn read(
-    ctx: &CompileContext<'_>,
-    file: &str,
-    path: &str,
-    errors: &mut Vec<ConfigError>,
-) -> Option<String> {
-    (ctx.read_file)(file)
-        .map_err(|e| errors.push(ConfigError::new(path, format!("cannot read '{file}': {e}"))))
-        .ok()
-}
-
-/// Whether `seed` looks like a user nkey seed: `SU` and 56 more base32 characters (the server
-/// checks the signature it makes).
-fn nkeys_seed_is_valid(seed: &str) -> bool {
-    let seed = seed.trim();
-    seed.len() == 58
-        && seed.starts_with("SU")
-        && seed.chars().all(|c| matches!(c, 'A'..='Z' | '2'..='7'))
 }
 
 /// `stream = { ... }`, checked: a name, and the settings to create it with when `subjects` is
@@ -578,19 +440,19 @@ fn subjects_collide(a: &str, b: &str) -> bool {
 
 impl Nats {
     pub(crate) fn endpoint(&self) -> String {
-        self.server.shown.clone()
+        self.server.connection.shown().to_string()
     }
 
     /// Publish the event once and wait for the PubAck. `Ok` only once the stream stored it
     /// (or reported it a duplicate of one it stored).
     pub async fn execute(&self, request: &DeliveryRequest<'_>) -> Result<(), ActionError> {
-        let context = format!("nats {}", self.server.shown);
+        let context = format!("nats {}", self.server.connection.shown());
         let outcome = self.publish(request).await.map_err(|e| e.context(&context));
         tracing::debug!(
             action = "nats",
             delivery_id = request.delivery_id,
             attempt = request.attempt,
-            nats = %self.server.shown,
+            nats = %self.server.connection.shown(),
             stream = outcome.as_ref().ok().map(|(s, _, _)| s.as_str()),
             sequence = outcome.as_ref().ok().map(|(_, seq, _)| *seq),
             duplicate = outcome.as_ref().ok().map(|(_, _, d)| *d),
@@ -642,7 +504,7 @@ impl Nats {
     /// one, if any) captures the subject. A permanent error is a configuration mistake (no such
     /// stream); a transient one means the server could not be asked.
     pub async fn prepare(&self) -> Result<(), ActionError> {
-        let context = format!("nats {}", self.server.shown);
+        let context = format!("nats {}", self.server.connection.shown());
         self.check_stream().await.map_err(|e| e.context(&context))
     }
 
@@ -756,9 +618,9 @@ mod tests {
             paths(&errors),
             [
                 "p.url",
-                "p.subject",
                 "p.token_env",
                 "p.nkey_seed_env",
+                "p.subject",
                 "p.stream.name",
                 "p.stream.subjects",
                 "p.stream.storage",

@@ -142,6 +142,7 @@ pub fn load_with(text: &str, sources: Sources<'_>) -> Result<Config, ConfigError
     let mut email = None;
     let mut redis = None;
     let mut distributed = None;
+    let mut distributed_table = None;
     let empty = toml::Table::new();
     let observer_tables = match root.get("observers") {
         Some(toml::Value::Table(t)) => t,
@@ -155,12 +156,8 @@ pub fn load_with(text: &str, sources: Sources<'_>) -> Result<Config, ConfigError
                     Err(e) => errors.extend(e),
                 }
             }
-            ("distributed", toml::Value::Table(t)) => {
-                match crate::distributed::DistributedConfig::parse(t, "distributed") {
-                    Ok(d) => distributed = Some(d),
-                    Err(e) => errors.extend(e),
-                }
-            }
+            // Compiled with the actions' context, below.
+            ("distributed", toml::Value::Table(t)) => distributed_table = Some(t),
             ("observers", toml::Value::Table(_)) => {}
             ("database" | "observers" | "distributed", _) => {
                 errors.push(ConfigError::new(key, "must be a table"))
@@ -209,6 +206,12 @@ pub fn load_with(text: &str, sources: Sources<'_>) -> Result<Config, ConfigError
         redis: redis.as_ref(),
         brokers: Brokers::default(),
     };
+    if let Some(t) = distributed_table {
+        match crate::distributed::DistributedConfig::parse(t, "distributed", &context) {
+            Ok(d) => distributed = Some(d),
+            Err(e) => errors.extend(e),
+        }
+    }
     for (name, value) in observer_tables
         .iter()
         .filter(|(name, _)| *name != "runtime")

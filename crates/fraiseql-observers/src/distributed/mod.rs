@@ -3,7 +3,9 @@
 //!
 //! ```toml
 //! [distributed]
-//! nats_url = "nats://127.0.0.1:4222"
+//! nats_url = "tls://127.0.0.1:4222"   # or nats_url_env = "NATS_URL"; nats:// without TLS
+//! token_env = "NATS_TOKEN"             # or creds_file = "...", or nkey_seed_env = "..."
+//! ca_file = "/etc/nats/ca.pem"         # the CA that signed the server's certificate
 //! stream = "FRAISEQL_WORK"          # created when missing: file storage, work-queue retention
 //! subject_prefix = "fraiseql.work"  # partition p is subject "fraiseql.work.<p>"
 //! partitions = 64
@@ -12,6 +14,10 @@
 //! ack_wait = "10m"                  # above every action's timeout
 //! max_ack_pending = 256             # messages in flight per partition
 //! ```
+//!
+//! The connection keys (`nats_url` / `nats_url_env`, `creds_file`, `nkey_seed_env`,
+//! `token_env`, `tls`, `ca_file`) are the `nats` action's, read by the same code
+//! ([`crate::actions::nats::NatsConnection`]).
 //!
 //! * `mod.rs` (pure): the `[distributed]` settings, which partition a delivery goes to
 //!   ([`partition_of`]), the message id ([`work_msg_id`]), the message body ([`WorkItem`]).
@@ -25,7 +31,8 @@
 //!   single-process ones under that id.
 //! * One (observer, entity) always maps to the same partition for a given partition count
 //!   ([`partition_of`]: SHA-256, stable across builds and platforms), so its deliveries stay in
-//!   stream order. Changing `partitions` needs an empty work stream.
+//!   stream order. Changing `partitions` needs an empty work stream: the stream records its
+//!   count, and a reader or worker with another count refuses to start while it holds messages.
 //! * The message id is a function of (event id, observer): a republish after a reader crash is
 //!   dropped by the stream's duplicate window.
 
@@ -38,6 +45,8 @@ pub use leases::{
 };
 pub use stream::WorkStream;
 
+use crate::actions::nats::{NatsConnection, NatsConnectionKeys};
+use crate::actions::CompileContext;
 use crate::delivery::stored;
 use crate::error::ConfigError;
 use crate::event::EntityEvent;
@@ -71,7 +80,8 @@ impl Role {
 /// `[distributed]`, compiled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DistributedConfig {
-    pub nats_url: String,
+    /// The NATS server: URL, credentials, TLS.
+    pub nats: NatsConnection,
     pub stream: String,
     pub subject_prefix: String,
     pub partitions: u32,
@@ -85,6 +95,12 @@ pub struct DistributedConfig {
 #[serde(deny_unknown_fields)]
 struct RawDistributed {
     nats_url: Option<String>,
+    nats_url_env: Option<String>,
+    creds_file: Option<String>,
+    nkey_seed_env: Option<String>,
+    token_env: Option<String>,
+    tls: Option<bool>,
+    ca_file: Option<String>,
     stream: Option<String>,
     subject_prefix: Option<String>,
     partitions: Option<u32>,
@@ -98,17 +114,31 @@ struct RawDistributed {
 pub const MAX_PARTITIONS: u32 = 4096;
 
 impl DistributedConfig {
-    /// Read `[distributed]` (at `path`), reporting every mistake.
-    pub fn parse(table: &toml::Table, path: &str) -> Result<DistributedConfig, Vec<ConfigError>> {
+    /// Read `[distributed]` (at `path`), reporting every mistake. Secrets and files (credentials,
+    /// the CA) are read through `ctx`, as the `nats` action's.
+    pub fn parse(
+        table: &toml::Table,
+        path: &str,
+        ctx: &CompileContext<'_>,
+    ) -> Result<DistributedConfig, Vec<ConfigError>> {
         let raw: RawDistributed = parse_fields(table, path)?;
         let mut errors = Vec::new();
-        let nats_url = raw.nats_url.unwrap_or_default();
-        if !(nats_url.starts_with("nats://") || nats_url.starts_with("tls://")) {
-            errors.push(ConfigError::new(
-                format!("{path}.nats_url"),
-                "missing or not a NATS URL (nats://host:port, or tls://)",
-            ));
-        }
+        let nats = NatsConnection::compile(
+            &NatsConnectionKeys {
+                url_key: "nats_url",
+                url: raw.nats_url.as_deref(),
+                url_env_key: "nats_url_env",
+                url_env: raw.nats_url_env.as_deref(),
+                creds_file: raw.creds_file.as_deref(),
+                nkey_seed_env: raw.nkey_seed_env.as_deref(),
+                token_env: raw.token_env.as_deref(),
+                tls: raw.tls,
+                ca_file: raw.ca_file.as_deref(),
+            },
+            path,
+            ctx,
+            &mut errors,
+        );
         let stream = raw.stream.unwrap_or_else(|| "FRAISEQL_WORK".to_string());
         if stream.is_empty()
             || stream
@@ -173,9 +203,9 @@ impl DistributedConfig {
                 "must be at least 1",
             ));
         }
-        if errors.is_empty() {
-            Ok(DistributedConfig {
-                nats_url,
+        match (errors.is_empty(), nats) {
+            (true, Some(nats)) => Ok(DistributedConfig {
+                nats,
                 stream,
                 subject_prefix,
                 partitions,
@@ -183,9 +213,8 @@ impl DistributedConfig {
                 duplicate_window,
                 ack_wait,
                 max_ack_pending,
-            })
-        } else {
-            Err(errors)
+            }),
+            _ => Err(errors),
         }
     }
 
@@ -298,28 +327,55 @@ mod tests {
         assert_ne!(work_msg_id(event.id, "a"), work_msg_id(event.id, "b"));
     }
 
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "NATS_TOKEN" => Some("t0ken-s3cret".into()),
+            "NATS_URL" => Some("nats://u:pa55@10.0.0.1:4333".into()),
+            "BAD_SEED" => Some("SUnot-a-seed".into()),
+            _ => None,
+        }
+    }
+
+    fn files(path: &str) -> std::io::Result<String> {
+        match path {
+            "/etc/nats/ca.pem" => {
+                Ok("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into())
+            }
+            "/etc/nats/not-a-cert" => Ok("hello".into()),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "No such file or directory",
+            )),
+        }
+    }
+
+    fn parse(source: &str) -> Result<DistributedConfig, Vec<ConfigError>> {
+        let table: toml::Table = toml::from_str(source).unwrap();
+        let ctx = CompileContext {
+            read_file: &files,
+            ..CompileContext::new(&env)
+        };
+        DistributedConfig::parse(&table, "distributed", &ctx)
+    }
+
+    fn paths(errors: &[ConfigError]) -> Vec<&str> {
+        errors.iter().map(|e| e.path.as_str()).collect()
+    }
+
     #[test]
     fn settings_are_checked() {
-        let table: toml::Table = toml::from_str(
-            r#"nats_url = "http://x"
+        let source = r#"nats_url = "http://x"
                stream = "a.b"
                subject_prefix = "w.*"
                partitions = 0
                replicas = 9
                ack_wait = "soon"
-               max_ack_pending = 0
-               extra = 1"#,
-        )
-        .unwrap();
-        let errors = DistributedConfig::parse(&table, "distributed").unwrap_err();
-        let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(paths, ["distributed.extra"]);
-        let mut table = table;
-        table.remove("extra");
-        let errors = DistributedConfig::parse(&table, "distributed").unwrap_err();
-        let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+               max_ack_pending = 0"#;
+        let errors = parse(&format!("{source}\nextra = 1")).unwrap_err();
+        assert_eq!(paths(&errors), ["distributed.extra"]);
+        let errors = parse(source).unwrap_err();
         assert_eq!(
-            paths,
+            paths(&errors),
             [
                 "distributed.nats_url",
                 "distributed.stream",
@@ -330,9 +386,93 @@ mod tests {
                 "distributed.max_ack_pending"
             ]
         );
-        let table: toml::Table = toml::from_str(r#"nats_url = "nats://127.0.0.1:4222""#).unwrap();
-        let config = DistributedConfig::parse(&table, "distributed").unwrap();
+        let config = parse(r#"nats_url = "nats://127.0.0.1:4222""#).unwrap();
         assert_eq!(config.partitions, 64);
         assert_eq!(config.subject(3), "fraiseql.work.3");
+        assert!(!config.nats.tls());
+    }
+
+    #[test]
+    fn doc_example_parses() {
+        let docs: String = include_str!("mod.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("//!"))
+            .map(|l| l.strip_prefix(' ').unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let start = docs.find("```toml").unwrap() + "```toml".len();
+        let end = start + docs[start..].find("```").unwrap();
+        let file: toml::Table = toml::from_str(&docs[start..end]).unwrap();
+        let table = file["distributed"].as_table().unwrap();
+        let ctx = CompileContext {
+            read_file: &files,
+            ..CompileContext::new(&env)
+        };
+        let config = DistributedConfig::parse(table, "distributed", &ctx).unwrap();
+        assert_eq!(config.partitions, 64);
+        assert_eq!(config.nats.shown(), "127.0.0.1:4222");
+        assert!(config.nats.tls());
+    }
+
+    #[test]
+    fn credentials_and_tls_are_checked_at_load_without_showing_secrets() {
+        // At most one credential; each one's source checked.
+        let errors = parse(
+            r#"nats_url = "nats://h:4222"
+               token_env = "NATS_TOKEN"
+               creds_file = "/nope.creds""#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            paths(&errors),
+            ["distributed.token_env", "distributed.creds_file"],
+            "{errors:?}"
+        );
+        assert!(errors[1].message.contains("cannot read '/nope.creds'"));
+        let errors = parse(
+            r#"nats_url = "nats://h:4222"
+               token_env = "MISSING""#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            errors[0].to_string(),
+            "distributed.token_env: environment variable 'MISSING' is not set"
+        );
+        let errors = parse(
+            r#"nats_url = "nats://h:4222"
+               nkey_seed_env = "BAD_SEED""#,
+        )
+        .unwrap_err();
+        assert_eq!(paths(&errors), ["distributed.nkey_seed_env"]);
+        assert!(!errors[0].message.contains("SUnot"), "{errors:?}");
+        let errors = parse(
+            r#"nats_url = "tls://h:4222"
+               ca_file = "/etc/nats/not-a-cert""#,
+        )
+        .unwrap_err();
+        assert_eq!(paths(&errors), ["distributed.ca_file"]);
+        let errors = parse(
+            r#"nats_url = "nats://h:4222"
+               nats_url_env = "NATS_URL""#,
+        )
+        .unwrap_err();
+        assert_eq!(paths(&errors), ["distributed.nats_url"]);
+        let errors = parse(r#"stream = "S""#).unwrap_err();
+        assert_eq!(paths(&errors), ["distributed.nats_url"]);
+
+        let config = parse(
+            r#"nats_url_env = "NATS_URL"
+               token_env = "NATS_TOKEN"
+               tls = true"#,
+        )
+        .unwrap();
+        assert_eq!(config.nats.shown(), "10.0.0.1:4333");
+        assert!(config.nats.tls());
+        let debug = format!("{config:?}");
+        assert!(
+            !debug.contains("pa55") && !debug.contains("t0ken"),
+            "{debug}"
+        );
+        assert!(config.nats.options().is_ok());
     }
 }

@@ -21,7 +21,11 @@
 //!   gives extras back gracefully (stop fetching, finish and acknowledge what is in flight,
 //!   then unlock) when another worker joins.
 //! * Flow control (`max_in_flight`, rate limits, breakers) is per endpoint per worker, shared
-//!   by its partitions.
+//!   by its partitions (those compiled from the same configuration).
+//! * A reload (`reloads` changes) drains every owned partition as a give-back does (stop
+//!   fetching, finish and acknowledge what is in flight), keeps its lease, and starts it again
+//!   with the configuration compiled then; a configuration that does not compile is logged and
+//!   the running one stays.
 
 use super::chains::{Chains, Done, Job};
 use super::executor::{self, ObserverExecutor};
@@ -69,8 +73,34 @@ pub struct WorkerStatus {
     pub engine: Arc<EngineStatus>,
 }
 
-/// Builds the configuration again (one per partition: observers hold their own clients).
+/// Builds the configuration again (one per partition: observers hold their own clients): the
+/// last one accepted, after a reload.
 pub type Compile = Arc<dyn Fn() -> std::result::Result<Config, ConfigErrors> + Send + Sync>;
+
+/// The endpoints of a configuration (`[observer][action]`) and what they were built from: the
+/// partitions compiled from the same configuration share them, so flow control is per worker.
+#[derive(Default)]
+struct SharedEndpoints {
+    fingerprint: String,
+    endpoints: Vec<Vec<Arc<Endpoint>>>,
+}
+
+/// What the endpoints of `config` depend on: each observer's actions' endpoints and limits,
+/// and the runtime's defaults.
+fn endpoints_fingerprint(config: &Config) -> String {
+    let r = &config.runtime;
+    let mut text = format!(
+        "{:?} {:?} {:?} {:?}",
+        r.max_in_flight, r.concurrency, r.rate_limit, r.circuit_breaker
+    );
+    for o in &config.observers {
+        text.push_str(&format!("\n{}:", o.name));
+        for a in &o.actions {
+            text.push_str(&format!(" {} {:?}", a.endpoint(), a.limits()));
+        }
+    }
+    text
+}
 
 struct Shared {
     database_url: String,
@@ -78,9 +108,9 @@ struct Shared {
     worker: String,
     stream: WorkStream,
     compile: Compile,
-    /// The endpoints of the first configuration compiled: every partition's executor uses
-    /// them, so flow control is per worker.
-    endpoints: Vec<Vec<Arc<Endpoint>>>,
+    /// The endpoints of the configuration compiled last: the partitions compiled from the
+    /// same configuration share them.
+    endpoints: Mutex<SharedEndpoints>,
     status: Arc<WorkerStatus>,
     shutdown_timeout: Duration,
     /// One bookkeeping connection for every partition (retry queue, dead letters, claims).
@@ -90,7 +120,9 @@ struct Shared {
 }
 
 /// Run a worker named `worker` until `shutdown` resolves: own partitions of the work stream of
-/// `compile()`'s `[distributed]` and deliver them. Lost leases are contended again; returns an
+/// `compile()`'s `[distributed]` and deliver them. Whenever `reloads` changes, every owned
+/// partition drains and starts again with `compile()`'s configuration then (its
+/// `[distributed]` section is not read again). Lost leases are contended again; returns an
 /// error only for a mistake that would repeat (no `[distributed]`, a bad configuration).
 pub async fn run(
     database_url: &str,
@@ -98,6 +130,7 @@ pub async fn run(
     worker: &str,
     status: Arc<WorkerStatus>,
     shutdown: impl Future<Output = ()>,
+    mut reloads: watch::Receiver<u64>,
 ) -> Result<()> {
     let config = compile().map_err(|e| Error::Invalid(e.to_string()))?;
     let Some(dist) = config.distributed.clone() else {
@@ -118,7 +151,10 @@ pub async fn run(
         stream,
         compile,
         // Flow control per worker: these endpoints, shared by every partition.
-        endpoints: executor::endpoints(&config.observers, &config.runtime),
+        endpoints: Mutex::new(SharedEndpoints {
+            fingerprint: endpoints_fingerprint(&config),
+            endpoints: executor::endpoints(&config.observers, &config.runtime),
+        }),
         status,
         shutdown_timeout: config.runtime.shutdown_timeout,
         store: Arc::new(db::Reconnecting::new(
@@ -138,7 +174,7 @@ pub async fn run(
             l = PartitionLocks::open(database_url, &shared.consumer) => l,
         };
         let error = match locks {
-            Ok(locks) => match session(&shared, &locks, shutdown.clone()).await {
+            Ok(locks) => match session(&shared, &locks, shutdown.clone(), &mut reloads).await {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             },
@@ -169,7 +205,21 @@ pub async fn run(
 struct Owned {
     drain: watch::Sender<bool>,
     draining: bool,
+    /// Draining for a reload: started again (lease kept) once drained.
+    restart: bool,
     task: JoinHandle<Result<()>>,
+}
+
+impl Owned {
+    fn start(shared: &Arc<Shared>, p: u32) -> Owned {
+        let (drain, drained) = watch::channel(false);
+        Owned {
+            drain,
+            draining: false,
+            restart: false,
+            task: tokio::spawn(partition(shared.clone(), p, drained)),
+        }
+    }
 }
 
 /// Aborts a task when dropped.
@@ -198,6 +248,7 @@ async fn session(
     shared: &Arc<Shared>,
     locks: &PartitionLocks,
     shutdown: impl Future<Output = ()>,
+    reloads: &mut watch::Receiver<u64>,
 ) -> Result<()> {
     let partitions = shared.stream.config().partitions;
     let mut owned = AbortAll(BTreeMap::new());
@@ -208,9 +259,23 @@ async fn session(
     let lag = tokio::spawn(watch_lag(shared.clone()));
     let _stop_lag = AbortOnDrop(lag);
     tokio::pin!(shutdown);
+    // Partitions taken from now on compile the latest configuration anyway.
+    reloads.borrow_and_update();
+    let mut reloadable = true;
     loop {
         tokio::select! {
             _ = &mut shutdown => return stop(shared, locks, owned).await,
+            changed = reloads.changed(), if reloadable => {
+                match changed {
+                    Ok(()) => {
+                        reloads.borrow_and_update();
+                        reload(shared, &mut owned);
+                    }
+                    // Nobody can ask for a reload any more.
+                    Err(_) => reloadable = false,
+                }
+                continue;
+            }
             _ = tick.tick() => {}
         }
         // Partitions that ended: drained (given back), or failed (given back, taken again).
@@ -222,7 +287,16 @@ async fn session(
             .collect();
         for p in ended {
             let o = owned.0.remove(&p).expect("listed");
+            let restart = o.restart;
             match o.task.await {
+                Ok(Ok(())) if restart => {
+                    owned.0.insert(p, Owned::start(shared, p));
+                    tracing::info!(
+                        partition = p,
+                        "partition drained and started again with the reloaded configuration"
+                    );
+                    continue;
+                }
                 Ok(Ok(())) => tracing::info!(partition = p, "partition drained and given back"),
                 Ok(Err(e)) => tracing::warn!(partition = p, error = %e,
                     "partition stopped; giving it back (taken again when free)"),
@@ -233,7 +307,11 @@ async fn session(
         let list: Vec<u32> = owned.0.keys().copied().collect();
         let live = locks.heartbeat(&shared.worker, &list).await?;
         let target = (partitions as usize).div_ceil(live);
-        let active = owned.0.values().filter(|o| !o.draining).count();
+        let active = owned
+            .0
+            .values()
+            .filter(|o| !o.draining || o.restart)
+            .count();
         if active > target {
             // Give extras back: the highest partitions first.
             for o in owned
@@ -256,16 +334,7 @@ async fn session(
                 if owned.0.contains_key(&p) || !locks.try_take(p).await? {
                     continue;
                 }
-                let (drain, drained) = watch::channel(false);
-                let task = tokio::spawn(partition(shared.clone(), p, drained));
-                owned.0.insert(
-                    p,
-                    Owned {
-                        drain,
-                        draining: false,
-                        task,
-                    },
-                );
+                owned.0.insert(p, Owned::start(shared, p));
                 shared.status.taken.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(partition = p, target, live, "partition taken");
                 active += 1;
@@ -278,6 +347,31 @@ async fn session(
             .live_workers
             .store(live as u64, Ordering::Relaxed);
         *shared.status.partitions.lock().expect("status lock") = list;
+    }
+}
+
+/// A reload: check that the configuration compiles now (else log it and keep running the
+/// current one), then drain every owned partition to start it again with it.
+fn reload(shared: &Arc<Shared>, owned: &mut AbortAll) {
+    match (shared.compile)() {
+        Ok(config) => {
+            let mut restarting = Vec::new();
+            for (p, o) in owned.0.iter_mut().filter(|(_, o)| !o.draining) {
+                o.draining = true;
+                o.restart = true;
+                o.drain.send_replace(true);
+                restarting.push(*p);
+            }
+            tracing::info!(worker = %shared.worker, observers = config.observers.len(),
+                partitions = ?restarting,
+                "configuration reloaded: draining the partitions to start them again with it");
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                tracing::error!(worker = %shared.worker, error = %e,
+                    "reload refused; the running configuration stays");
+            }
+        }
     }
 }
 
@@ -369,6 +463,7 @@ async fn stop(shared: &Shared, locks: &PartitionLocks, owned: AbortAll) -> Resul
 async fn partition(shared: Arc<Shared>, p: u32, mut drain: watch::Receiver<bool>) -> Result<()> {
     let id = distributed::partition_consumer(&shared.consumer, p);
     let config = (shared.compile)().map_err(|e| Error::Invalid(e.to_string()))?;
+    let fingerprint = endpoints_fingerprint(&config);
     let client = shared.store.client().await?;
     let epoch = claim_partition(&client, &shared.consumer, p).await?;
     let runtime = config.runtime;
@@ -381,7 +476,16 @@ async fn partition(shared: Arc<Shared>, p: u32, mut drain: watch::Receiver<bool>
         Some(shared.store.clone()),
     )
     .await?;
-    executor.endpoints = shared.endpoints.clone();
+    executor.endpoints = {
+        let mut current = shared.endpoints.lock().expect("endpoints lock");
+        if current.fingerprint != fingerprint {
+            *current = SharedEndpoints {
+                fingerprint,
+                endpoints: executor.endpoints.clone(),
+            };
+        }
+        current.endpoints.clone()
+    };
     executor.paused = shared.paused.clone();
     executor.status = shared.status.engine.clone();
     let executor = Arc::new(executor);

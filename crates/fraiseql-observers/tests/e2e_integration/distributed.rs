@@ -35,10 +35,26 @@ fn names() -> Names {
 }
 
 fn config_text(names: &Names, receiver: &TestServer, partitions: u32) -> String {
+    config_text_on(
+        &format!("nats_url = \"{NATS_URL}\""),
+        names,
+        receiver,
+        partitions,
+    )
+}
+
+/// The test configuration, with `connection` (the `[distributed]` connection keys) for the
+/// work stream's server.
+fn config_text_on(
+    connection: &str,
+    names: &Names,
+    receiver: &TestServer,
+    partitions: u32,
+) -> String {
     format!(
         r#"
 [distributed]
-nats_url = "{NATS_URL}"
+{connection}
 stream = "{stream}"
 subject_prefix = "{prefix}"
 partitions = {partitions}
@@ -67,7 +83,11 @@ allow_private_networks = true
 }
 
 fn compile(text: &str) -> Config {
-    config::load(text, &env_of(&[])).unwrap_or_else(|e| panic!("{e}"))
+    compile_with(text, &[])
+}
+
+fn compile_with(text: &str, env: &[(&str, &str)]) -> Config {
+    config::load(text, &env_of(env)).unwrap_or_else(|e| panic!("{e}"))
 }
 
 async fn schema(db: &TestDb) -> Client {
@@ -125,7 +145,11 @@ impl Running {
 }
 
 async fn start_reader(db: &TestDb, text: &str) -> Running {
-    let config = compile(text).with_role(Role::Reader).unwrap();
+    start_reader_with(db, text, &[]).await
+}
+
+async fn start_reader_with(db: &TestDb, text: &str, env: &[(&str, &str)]) -> Running {
+    let config = compile_with(text, env).with_role(Role::Reader).unwrap();
     let listener = fraiseql_observers::ListenerConfig {
         min_poll_interval: Duration::from_millis(2),
         ..pipeline::listener_config(&db.url, &config.runtime)
@@ -146,16 +170,39 @@ async fn start_reader(db: &TestDb, text: &str) -> Running {
 }
 
 fn start_worker(db: &TestDb, text: &str, name: &str) -> (Running, Arc<WorkerStatus>) {
+    start_worker_with(db, text, name, &[])
+}
+
+fn start_worker_with(
+    db: &TestDb,
+    text: &str,
+    name: &str,
+    env: &[(&str, &str)],
+) -> (Running, Arc<WorkerStatus>) {
     let text = text.to_string();
-    let compile: worker::Compile =
-        Arc::new(move || config::load(&text, &env_of(&[])).and_then(|c| c.with_role(Role::Worker)));
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let compile: worker::Compile = Arc::new(move || {
+        let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        config::load(&text, &env_of(&pairs)).and_then(|c| c.with_role(Role::Worker))
+    });
     let status = Arc::new(WorkerStatus::default());
     let (stop, stopped) = oneshot::channel::<()>();
     let (url, name, s) = (db.url.clone(), name.to_string(), status.clone());
     let task = tokio::spawn(async move {
-        worker::run(&url, compile, &name, s, async {
-            let _ = stopped.await;
-        })
+        let (_reload, reloads) = tokio::sync::watch::channel(0);
+        worker::run(
+            &url,
+            compile,
+            &name,
+            s,
+            async {
+                let _ = stopped.await;
+            },
+            reloads,
+        )
         .await
     });
     (Running { stop, task }, status)
@@ -360,5 +407,297 @@ async fn a_work_stream_serves_one_consumer() {
     distributed::WorkStream::connect(&dist, "dist")
         .await
         .unwrap();
+    delete_stream(&names).await;
+}
+
+/// A nats-server of the test's own (JetStream in its own store directory) on a free port, with
+/// `args` (authentication, TLS); killed and its directory removed on drop.
+struct OwnNats {
+    child: tokio::process::Child,
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl OwnNats {
+    async fn start(dir: std::path::PathBuf, args: &[&str]) -> OwnNats {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = tokio::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.join("store"))
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nats-server on the PATH");
+        eventually(
+            Duration::from_secs(10),
+            "the test's nats-server",
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+        OwnNats { child, dir, port }
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn test_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("fo-dist-nats-{}", rand::random::<u64>()))
+}
+
+/// Write 5 orders with one update each, and wait until the receiver has the 10 changes.
+async fn ten_changes_delivered(client: &Client, receiver: &TestServer) {
+    write(client, 5, 1).await;
+    eventually(
+        Duration::from_secs(60),
+        "every change delivered",
+        || async { (distinct_accepted(receiver).await >= 10).then_some(()) },
+    )
+    .await;
+    check_deliveries(&receiver.accepted(), 10);
+}
+
+#[tokio::test]
+async fn a_token_protected_work_stream_delivers_and_a_wrong_token_is_refused_at_start() {
+    let nats = OwnNats::start(test_dir(), &["--auth", "w0rk-t0ken"]).await;
+    let names = names();
+    let db = TestDb::new().await;
+    let client = schema(&db).await;
+    let receiver = TestServer::start().await;
+    let connection = format!(
+        "nats_url = \"nats://127.0.0.1:{}\"\ntoken_env = \"WORK_TOKEN\"",
+        nats.port
+    );
+    let text = config_text_on(&connection, &names, &receiver, 4);
+    let right = [("WORK_TOKEN", "w0rk-t0ken")];
+    let reader = start_reader_with(&db, &text, &right).await;
+    let (worker, _) = start_worker_with(&db, &text, "w0", &right);
+    ten_changes_delivered(&client, &receiver).await;
+    worker.stop().await;
+    reader.stop().await;
+
+    // A wrong token: the worker stops at start with a clear error, without the token.
+    let wrong = [("WORK_TOKEN", "not-the-t0ken")];
+    let (worker, _) = start_worker_with(&db, &text, "w1", &wrong);
+    let error = worker.task.await.unwrap().expect_err("a refused token");
+    let message = error.to_string();
+    assert!(
+        message.contains(&format!(
+            "NATS server 127.0.0.1:{} refused the connection",
+            nats.port
+        )) && message.contains("token_env"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("t0ken"),
+        "no secret in messages: {message}"
+    );
+    // The reader too, when it starts its pipeline.
+    let config = compile_with(&text, &wrong).with_role(Role::Reader).unwrap();
+    let error = Pipeline::start(&db.url, config)
+        .await
+        .err()
+        .expect("a refused token");
+    assert!(
+        error.to_string().contains("refused the connection"),
+        "{error}"
+    );
+    assert!(!error.is_transient(), "{error:?}");
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, made with the openssl CLI, in
+/// `dir`: `ca.pem`, `server.pem`, `server.key`.
+fn make_certificates(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl on the PATH");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=fo-test-ca",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "server.ext",
+    ]);
+}
+
+#[tokio::test]
+async fn a_tls_work_stream_with_its_ca_file_delivers() {
+    let dir = test_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    make_certificates(&dir);
+    let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
+    let nats = OwnNats::start(
+        dir.clone(),
+        &[
+            "--tls",
+            "--tlscert",
+            cert.to_str().unwrap(),
+            "--tlskey",
+            key.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let names = names();
+    let db = TestDb::new().await;
+    let client = schema(&db).await;
+    let receiver = TestServer::start().await;
+    let connection = format!(
+        "nats_url = \"tls://127.0.0.1:{}\"\nca_file = \"{}\"",
+        nats.port,
+        dir.join("ca.pem").display()
+    );
+    let text = config_text_on(&connection, &names, &receiver, 4);
+    let reader = start_reader(&db, &text).await;
+    let (worker, _) = start_worker(&db, &text, "w0");
+    ten_changes_delivered(&client, &receiver).await;
+    worker.stop().await;
+    reader.stop().await;
+}
+
+#[tokio::test]
+async fn the_partition_count_changes_only_while_the_work_stream_is_empty() {
+    let names = names();
+    let receiver = TestServer::start().await;
+    let dist = |partitions| {
+        compile(&config_text(&names, &receiver, partitions))
+            .distributed
+            .expect("[distributed]")
+    };
+    let description = |js: jetstream::Context| {
+        let stream = names.stream.clone();
+        async move {
+            js.get_stream(&stream)
+                .await
+                .unwrap()
+                .info()
+                .await
+                .unwrap()
+                .config
+                .description
+                .clone()
+                .unwrap_or_default()
+        }
+    };
+    let js = jetstream::new(async_nats::connect(NATS_URL).await.unwrap());
+    let four = distributed::WorkStream::connect(&dist(4), "dist")
+        .await
+        .unwrap();
+    assert!(description(js.clone()).await.ends_with("(4 partitions)"));
+    // The same count: fine. Another count on an empty stream: recorded.
+    distributed::WorkStream::connect(&dist(4), "dist")
+        .await
+        .unwrap();
+    distributed::WorkStream::connect(&dist(8), "dist")
+        .await
+        .unwrap();
+    assert!(description(js.clone()).await.ends_with("(8 partitions)"));
+    let eight = distributed::WorkStream::connect(&dist(8), "dist")
+        .await
+        .unwrap();
+
+    // A message waits (in partition 5): another count is refused, saying what to do.
+    eight.publish(5, "m1", b"{}".to_vec()).await.unwrap();
+    let refused = distributed::WorkStream::connect(&dist(4), "dist")
+        .await
+        .expect_err("a new count with a message waiting");
+    let message = refused.to_string();
+    assert!(
+        message.contains("holds 1 messages split into 8 partitions")
+            && message.contains("Drain the stream first")
+            && message.contains("keep `partitions = 8`"),
+        "{message}"
+    );
+    assert!(!refused.is_transient());
+    assert!(description(js.clone()).await.ends_with("(8 partitions)"));
+
+    // A worker drains it (takes the message and acknowledges it): the new count is accepted,
+    // and the consumers of partitions beyond it are gone.
+    let consumer = eight.take_partition(5).await.unwrap();
+    let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
+    use futures::StreamExt as _;
+    let message = batch.next().await.unwrap().unwrap();
+    message.double_ack().await.unwrap();
+    distributed::WorkStream::connect(&dist(4), "dist")
+        .await
+        .unwrap();
+    assert!(description(js.clone()).await.ends_with("(4 partitions)"));
+    let stream = js.get_stream(&names.stream).await.unwrap();
+    assert!(stream.consumer_info("partition-5").await.is_err());
+    drop(four);
     delete_stream(&names).await;
 }
