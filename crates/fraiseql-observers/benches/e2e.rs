@@ -1,39 +1,44 @@
-//! End-to-end benchmarks: PostgreSQL writes -> capture trigger -> change log -> our engine ->
-//! signed webhooks -> a local receiver; and graphile-worker doing the same job in the same run.
+//! End-to-end benchmarks: PostgreSQL writes -> capture trigger -> change log -> the shipped
+//! daemon -> signed webhooks -> a local receiver; and graphile-worker doing the same job in the
+//! same run.
+//!
+//! The one command (builds the daemon the scenarios start, then runs the whole suite and rewrites
+//! BENCHMARKS.md's generated `## End to end` section):
 //!
 //! ```sh
-//! cargo bench -p fraiseql-observers --bench e2e                       # everything (~30 min)
-//! cargo bench -p fraiseql-observers --bench e2e -- --quick            # a smoke run (~5 min)
+//! cargo build --release -p fraiseql-observers-cli && cargo bench -p fraiseql-observers --bench e2e
+//! cargo bench -p fraiseql-observers --bench e2e -- --quick            # a smoke run (~10 min)
 //! cargo bench -p fraiseql-observers --bench e2e -- --scenario drain   # one scenario
 //! ```
 //!
-//! Scenarios: `drain`, `drain-binary` (the drain by the shipped daemon, `fraiseql-observers run
-//! --config FILE`, in a process of its own, `/metrics` on and off alternating; `--binary PATH`,
-//! default `<target>/release/fraiseql-observers`), `instructions` (the daemon's drain of
-//! `--instruction-events N` and 2N changes under valgrind's callgrind: instructions per event;
-//! not part of a full run; `benches/instructions.sh` runs it), `record-cost` (drain with the
-//! delivery log on and off, alternating),
-//! `backlog` (a 5 M-change backlog, `--backlog-events N`, drained to the webhook: peak RSS and
-//! the rate of each tenth; not part of a full run), `flow` (a healthy observer's latency at
-//! 500/s beside a hung endpoint, and a 50/s rate limit over 20 s), `distributed` (a reader and
-//! 1, 2, 4 worker processes over JetStream to a receiver taking 20 ms per request, or each of
-//! `--receiver-delay-ms MS[,MS...]`, the reader's publish rate, the CPU of the extra hop; needs
-//! nats-server on 4222; not part of a full run),
-//! `match-only`, `fan-out`, `latency`, `soak`, `writer-cost`, `peer`
-//! (`--scenario` may be repeated or comma-separated). Options: `--runs N` (throughput runs,
-//! default 3, 1 with `--quick`), `--events N` (backlog size, default 100,000, 10,000 with
-//! `--quick`), `--no-peer`, `--report-only` (rewrite BENCHMARKS.md's tables from the last full
-//! run's `e2e.json`). Needs PostgreSQL at `postgres://postgres@127.0.0.1:5432` (or
-//! `FRAISEQL_BENCH_ADMIN_URL`), allowed to create databases; the peer needs Node and npm.
+//! Every scenario that runs the engine starts the shipped daemon, `fraiseql-observers run
+//! --config FILE` (`--binary PATH`, default `<target>/release/fraiseql-observers`), in a process
+//! of its own with `/metrics` on; its CPU comes from `/proc/<pid>/stat`, its memory from
+//! `VmHWM`/`VmRSS`. Scenarios: `drain` (the daemon with `/metrics` on and off, and the engine
+//! in this process, in rotating order: the in-process column), `match-only`, `fan-out`,
+//! `record-cost` (the delivery log on and off), `latency` (commit to receiver at 1,000 and
+//! 5,000/s, polling and with the NOTIFY hint), `soak` (the daemon's RSS every 10 s at 2,000/s for
+//! 10 min, `--soak-secs N`), `flow` (a healthy observer's latency at 500/s beside a hung
+//! endpoint, and a 50/s rate limit over 20 s), `writer-cost` (pgbench), `peer` (graphile-worker
+//! drain and latency), `instructions` (the daemon's drain of `--instruction-events N` and 2N
+//! changes under valgrind's callgrind: instructions per event; skipped, and said so, without
+//! valgrind). On request only: `backlog` (a 5 M-change backlog, `--backlog-events N`, in this
+//! process), `distributed` (a reader and 1, 2, 4 worker processes over JetStream; needs
+//! nats-server on 4222). `--scenario` may be repeated or comma-separated (`drain-binary` is
+//! `drain`). Options: `--runs N` (throughput runs, default 3, 1 with `--quick`), `--events N`
+//! (backlog size, default 100,000, 10,000 with `--quick`), `--latency-secs N` (60, 10 with
+//! `--quick`), `--soak-secs N` (600, 60 with `--quick`), `--no-peer`, `--report-only` (rewrite
+//! BENCHMARKS.md's section from the last full run's `e2e.json`). Needs PostgreSQL at
+//! `postgres://postgres@127.0.0.1:5432` (or `FRAISEQL_BENCH_ADMIN_URL`), allowed to create
+//! databases, `pgbench`; the peer needs Node and npm (graphile-worker is installed at run time).
 //!
 //! Invariants: every database is created fresh for the run (`fo_bench_e2e_*`) and dropped at the
-//! end; the engine runs in this process (except in `drain-binary` and `instructions`, which
-//! start the daemon), the receiver and the paced writer in processes of their
-//! own (this binary re-run with `--role receiver` / `--role writer`), so the engine's resident
-//! memory is this process's and the three never share a scheduler. A run that loses or
-//! duplicates a delivery panics: a figure is only written for a correct run. Results go to
-//! `<target>/bench-results/e2e.json`; a full run (every scenario, not `--quick`) also rewrites
-//! the generated tables of BENCHMARKS.md's `## End to end` section.
+//! end; the daemon, the receiver and the paced writer (this binary re-run with `--role receiver`
+//! / `--role writer`) run in processes of their own, so the three never share a scheduler. A run
+//! that loses or duplicates a delivery panics: a figure is only written for a correct run.
+//! Results go to `<target>/bench-results/e2e.json`; a run of every default scenario without
+//! `--quick` (whatever `--runs`, `--soak-secs`, `--latency-secs`: the section says which) also
+//! rewrites the generated part of BENCHMARKS.md's `## End to end` section.
 
 #[path = "e2e/binary.rs"]
 mod binary;
@@ -69,7 +74,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const SCENARIOS: &[&str] = &[
     "drain",
-    "drain-binary",
     "record-cost",
     "match-only",
     "fan-out",
@@ -84,7 +88,7 @@ const SCENARIOS: &[&str] = &[
 ];
 
 /// Scenarios a full run leaves out (run them by name).
-const ON_REQUEST: &[&str] = &["backlog", "instructions", "distributed"];
+const ON_REQUEST: &[&str] = &["backlog", "distributed"];
 
 /// Unix time in nanoseconds (comparable across the bench's processes).
 pub fn unix_nanos() -> i64 {
@@ -122,6 +126,8 @@ struct Options {
     backlog_events: i64,
     binary: PathBuf,
     instruction_events: i64,
+    latency_secs: u64,
+    soak_secs: u64,
     /// The slow receiver's delays of the `distributed` scenario (`--receiver-delay-ms 20,200`).
     receiver_delays_ms: Vec<u64>,
     command: String,
@@ -142,6 +148,13 @@ impl Options {
             .filter(|(_, a)| *a == "--scenario")
             .filter_map(|(i, _)| args.get(i + 1))
             .flat_map(|s| s.split(',').map(str::to_string))
+            .map(|s| {
+                if s == "drain-binary" {
+                    "drain".into()
+                } else {
+                    s
+                }
+            })
             .collect();
         for s in &scenarios {
             assert!(
@@ -182,7 +195,13 @@ impl Options {
                 .unwrap_or_else(|| target_dir().join("release/fraiseql-observers")),
             instruction_events: value("--instruction-events")
                 .map(|v| v.parse().expect("--instruction-events N"))
-                .unwrap_or(2_000),
+                .unwrap_or(if quick { 1_000 } else { 2_000 }),
+            latency_secs: value("--latency-secs")
+                .map(|v| v.parse().expect("--latency-secs N"))
+                .unwrap_or(if quick { 10 } else { 60 }),
+            soak_secs: value("--soak-secs")
+                .map(|v| v.parse().expect("--soak-secs N"))
+                .unwrap_or(if quick { 60 } else { 600 }),
             receiver_delays_ms: value("--receiver-delay-ms")
                 .map(|v| {
                     v.split(',')
@@ -195,20 +214,28 @@ impl Options {
         }
     }
 
+    /// The daemon the scenarios start (checked to exist).
+    fn daemon(&self) -> &std::path::Path {
+        assert!(
+            self.binary.is_file(),
+            "no daemon at {}: build it with `cargo build --release -p fraiseql-observers-cli` \
+             (same CARGO_TARGET_DIR) or pass --binary PATH",
+            self.binary.display()
+        );
+        &self.binary
+    }
+
     fn wants(&self, scenario: &str) -> bool {
         self.scenarios.iter().any(|s| s == scenario)
     }
 
-    fn latency_secs(&self) -> u64 {
-        if self.quick {
-            10
-        } else {
-            60
-        }
-    }
-
     fn full(&self) -> bool {
-        !self.quick && self.scenarios.len() == SCENARIOS.len() - ON_REQUEST.len() && self.peer
+        !self.quick
+            && self.peer
+            && SCENARIOS
+                .iter()
+                .filter(|s| !ON_REQUEST.contains(s))
+                .all(|s| self.wants(s))
     }
 }
 
@@ -267,69 +294,75 @@ async fn run(options: Options) {
     );
     let load_start = report::load_average();
     let mut scenarios = serde_json::Map::new();
+    // The load average as each scenario starts (the machine is shared: noise to read against).
+    let mut loads = serde_json::Map::new();
+    let mut mark = |name: &str| {
+        let load = report::load_average();
+        eprintln!("== {name} (load average {load})");
+        loads.insert(name.to_string(), json!(load));
+    };
 
-    let throughput = [
-        "drain",
-        "drain-binary",
-        "record-cost",
-        "match-only",
-        "fan-out",
-    ]
-    .iter()
-    .any(|s| options.wants(s));
+    let throughput = ["drain", "record-cost", "match-only", "fan-out"]
+        .iter()
+        .any(|s| options.wants(s));
     if throughput {
         let db = ThroughputDb::create(THROUGHPUT_DB, options.events).await;
         if options.wants("drain") {
+            mark("drain");
             scenarios.insert("drain".into(), drain(&options, &db, &receiver).await);
         }
-        if options.wants("drain-binary") {
-            scenarios.insert(
-                "drain_binary".into(),
-                drain_binary(&options, &db, &receiver).await,
-            );
-        }
-        if options.wants("record-cost") {
-            scenarios.insert(
-                "record_cost".into(),
-                record_cost(&options, &db, &receiver).await,
-            );
-        }
         if options.wants("match-only") {
+            mark("match_only");
             scenarios.insert(
                 "match_only".into(),
                 match_only(&options, &db, &receiver).await,
             );
         }
         if options.wants("fan-out") {
+            mark("fan_out");
             scenarios.insert("fan_out".into(), fan_out(&options, &db, &receiver).await);
+        }
+        if options.wants("record-cost") {
+            mark("record_cost");
+            scenarios.insert(
+                "record_cost".into(),
+                record_cost(&options, &db, &receiver).await,
+            );
         }
         data::drop_database(db.name).await;
     }
     if options.wants("latency") {
+        mark("latency");
         scenarios.insert("latency".into(), latency(&options, &receiver).await);
     }
     if options.wants("peer") && options.peer {
+        mark("peer");
         let peer = peer_scenarios(&options, &receiver).await;
         scenarios.insert("peer".into(), peer);
     }
     if options.wants("soak") {
+        mark("soak");
         scenarios.insert("soak".into(), soak(&options, &receiver).await);
     }
     if options.wants("flow") {
+        mark("flow");
         let secs = if options.quick { 10 } else { 30 };
+        let binary = options.daemon();
         scenarios.insert(
             "flow".into(),
             json!({
-                "control": flow::hung_endpoint(&receiver, 500, secs, false).await,
-                "hung_endpoint": flow::hung_endpoint(&receiver, 500, secs, true).await,
-                "rate_limit": flow::rate_limit(&receiver, 50, 20).await,
+                "control": flow::hung_endpoint(binary, &receiver, 500, secs, false).await,
+                "hung_endpoint": flow::hung_endpoint(binary, &receiver, 500, secs, true).await,
+                "rate_limit": flow::rate_limit(binary, &receiver, 50, 20).await,
             }),
         );
     }
     if options.wants("backlog") {
+        mark("backlog");
         scenarios.insert("backlog".into(), backlog(&options, &receiver).await);
     }
     if options.wants("distributed") {
+        mark("distributed");
         let db = ThroughputDb::create("fo_bench_e2e_distributed", options.events).await;
         scenarios.insert(
             "distributed".into(),
@@ -338,27 +371,43 @@ async fn run(options: Options) {
         data::drop_database(db.name).await;
     }
     if options.wants("writer-cost") {
+        mark("writer_cost");
         scenarios.insert(
             "writer_cost".into(),
             writer::cost(options.quick, options.peer).await,
         );
     }
     if options.wants("instructions") {
+        mark("instructions");
         scenarios.insert(
             "instructions".into(),
             instructions(&options, &receiver).await,
         );
     }
-    add_ratios(&mut scenarios);
+    add_peer_ratios(&mut scenarios);
+    let ratios = headline_ratios(&scenarios);
 
+    let (commit, dirty) = git_commit();
     let results = json!({
         "date": chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
-        "commit": git_commit(),
+        "commit": commit,
+        "dirty": dirty,
         "command": options.command,
         "quick": options.quick,
+        "settings": {
+            "runs": options.runs,
+            "events": options.events,
+            "latency_secs": options.latency_secs,
+            "soak_secs": options.soak_secs,
+            "instruction_events": options.instruction_events,
+            "binary": options.binary.display().to_string(),
+            "runtime_tuning": std::env::var("FRAISEQL_BENCH_RUNTIME").unwrap_or_default(),
+        },
         "machine": report::machine(&version),
         "load_start": load_start,
         "load_end": report::load_average(),
+        "load_by_scenario": loads,
+        "ratios": ratios,
         "scenarios": scenarios,
     });
     let dir = target_dir().join("bench-results");
@@ -383,16 +432,21 @@ async fn run(options: Options) {
     }
 }
 
-fn git_commit() -> String {
-    std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
+/// The short commit of the code measured, and whether the work tree had uncommitted changes.
+fn git_commit() -> (String, bool) {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let commit = git(&["rev-parse", "--short", "HEAD"]);
+    let dirty = !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    (commit, dirty)
 }
-
 const THROUGHPUT_DB: &str = "fo_bench_e2e_throughput";
 
 /// A database with the backlog every throughput run reads (each run is a new consumer starting
@@ -493,20 +547,10 @@ impl ThroughputDb {
         metrics: bool,
         receiver: &ReceiverProcess,
     ) -> (f64, Cpu, u64) {
-        assert!(
-            options.binary.is_file(),
-            "no daemon at {}: build it with `cargo build --release -p fraiseql-observers-cli` \
-             (same CARGO_TARGET_DIR) or pass --binary PATH",
-            options.binary.display()
-        );
+        let binary = options.daemon();
         let started = Instant::now();
         let mut engine = binary::BinaryEngine::start(
-            &options.binary,
-            wrapper,
-            &self.url,
-            consumer,
-            observers,
-            metrics,
+            binary, wrapper, &self.url, consumer, "", observers, metrics,
         );
         let pid = engine.pid().to_string();
         // The daemon's CPU counts from its start: sampled right after the spawn, PostgreSQL's
@@ -649,6 +693,76 @@ async fn check_deliveries(receiver: &ReceiverProcess, expected: i64, what: &str)
     assert_eq!(stats.duplicates, 0, "{what}: no delivery arrives twice");
 }
 
+/// The daemon for a steady-rate scenario: consumer `consumer` (plus `runtime_extra`, e.g.
+/// `start_position = "now"`), `/metrics` on; returns once it has claimed the consumer, so every
+/// later commit is one it delivers.
+pub async fn start_daemon(
+    binary: &std::path::Path,
+    url: &str,
+    client: &Client,
+    consumer: &str,
+    runtime_extra: &str,
+    observers: &str,
+) -> binary::BinaryEngine {
+    let mut daemon =
+        binary::BinaryEngine::start(binary, &[], url, consumer, runtime_extra, observers, true);
+    daemon
+        .wait_claimed(client, consumer, Duration::from_millis(500))
+        .await;
+    daemon
+}
+
+/// The runs of one way of draining the throughput backlog: events/s, CPU per event by process
+/// with the engine's ratios to PostgreSQL's and the receiver's (each a median (min-max) over the
+/// runs), and the daemon's peak resident memory.
+#[derive(Default)]
+struct Runs {
+    eps: Vec<f64>,
+    cpus: Vec<(f64, Value)>,
+    peaks_mib: Vec<f64>,
+}
+
+impl Runs {
+    /// Record one run; returns its CPU per event (for the log line).
+    fn push(&mut self, events: i64, seconds: f64, cpu: &Cpu, peak_kib: Option<u64>) -> Value {
+        let per_event = cpu.per_event(events);
+        self.eps.push(events as f64 / seconds);
+        self.cpus.push((cpu.engine, per_event.clone()));
+        if let Some(kib) = peak_kib {
+            self.peaks_mib.push(kib as f64 / 1024.0);
+        }
+        per_event
+    }
+
+    fn json(&self) -> Value {
+        let of = |key: &str| {
+            Summary::of(
+                &self
+                    .cpus
+                    .iter()
+                    .filter_map(|(_, v)| v[key].as_f64())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let mut v = json!({
+            "events_per_s": Summary::of(&self.eps),
+            "cpu_per_event": median_cpu(&self.cpus),
+            "engine_us": of("engine_us"),
+            "postgres_us": of("postgres_us"),
+            "receiver_us": of("receiver_us"),
+            "engine_over_postgres": of("engine_over_postgres"),
+            "engine_over_receiver": of("engine_over_receiver"),
+        });
+        if !self.peaks_mib.is_empty() {
+            v["peak_rss_mib"] = json!(Summary::of(&self.peaks_mib));
+        }
+        v
+    }
+}
+
+/// The drain to one signed webhook: the shipped daemon with `/metrics` on (the figure), the same
+/// daemon with `/metrics` off, and the engine in this process (the in-process column), in
+/// rotating order within each run, each a fresh consumer over the same backlog.
 async fn drain(options: &Options, db: &ThroughputDb, receiver: &ReceiverProcess) -> Value {
     let observer = engine::webhook_observer(
         "everything",
@@ -657,95 +771,46 @@ async fn drain(options: &Options, db: &ThroughputDb, receiver: &ReceiverProcess)
         "",
         &receiver.url("/drain"),
     );
-    let (mut runs, mut cpus) = (Vec::new(), Vec::new());
+    const WAYS: [&str; 3] = ["daemon", "daemon_metrics_off", "in_process"];
+    let mut ways: [Runs; 3] = Default::default();
     for run in 1..=options.runs {
-        receiver.reset().await;
-        let (seconds, cpu) = db.drain(&format!("drain_{run}"), &observer, receiver).await;
-        check_deliveries(receiver, db.events, "drain").await;
-        let eps = db.events as f64 / seconds;
-        let per_event = cpu.per_event(db.events);
-        eprintln!("drain run {run}: {seconds:.2} s, {eps:.0} events/s, CPU per event {per_event}");
-        runs.push(eps);
-        cpus.push((cpu.engine, per_event));
-    }
-    json!({ "events": db.events, "events_per_s": Summary::of(&runs), "cpu_per_event": median_cpu(&cpus) })
-}
-
-/// The drain by the shipped daemon in a process of its own (`--binary PATH`, default the
-/// release `fraiseql-observers` of this target directory), with `/metrics` on and off in
-/// alternating order: events/s, CPU per event by process with the engine's ratios to
-/// PostgreSQL's and the receiver's, and the daemon's peak resident memory.
-async fn drain_binary(options: &Options, db: &ThroughputDb, receiver: &ReceiverProcess) -> Value {
-    let observer = engine::webhook_observer(
-        "everything",
-        "*",
-        engine::ALL_KINDS,
-        "",
-        &receiver.url("/drain"),
-    );
-    /// One `/metrics` setting's runs: events/s, (engine CPU, CPU per event), peak RSS MiB.
-    #[derive(Default)]
-    struct Mode {
-        metrics: bool,
-        eps: Vec<f64>,
-        cpus: Vec<(f64, Value)>,
-        peaks: Vec<f64>,
-    }
-    let mut modes = [
-        Mode {
-            metrics: true,
-            ..Mode::default()
-        },
-        Mode::default(),
-    ];
-    for run in 1..=options.runs {
-        let order = if run % 2 == 1 { [0, 1] } else { [1, 0] };
-        for m in order {
-            let metrics = modes[m].metrics;
-            let name = if metrics { "on" } else { "off" };
+        for k in 0..WAYS.len() {
+            let w = (k + run - 1) % WAYS.len();
             receiver.reset().await;
-            let consumer = format!("binary_metrics_{name}_{run}");
-            let (seconds, cpu, peak) = db
-                .drain_binary(options, &[], &consumer, &observer, metrics, receiver)
-                .await;
-            check_deliveries(receiver, db.events, "drain-binary").await;
-            let eps = db.events as f64 / seconds;
-            let per_event = cpu.per_event(db.events);
+            let consumer = format!("drain_{}_{run}", WAYS[w]);
+            let (seconds, cpu, peak) = match w {
+                0 | 1 => {
+                    let (s, c, p) = db
+                        .drain_binary(options, &[], &consumer, &observer, w == 0, receiver)
+                        .await;
+                    (s, c, Some(p))
+                }
+                _ => {
+                    let (s, c) = db.drain(&consumer, &observer, receiver).await;
+                    (s, c, None)
+                }
+            };
+            check_deliveries(receiver, db.events, "drain").await;
+            let per_event = ways[w].push(db.events, seconds, &cpu, peak);
             eprintln!(
-                "drain (binary, /metrics {name}) run {run}: {seconds:.2} s, {eps:.0} events/s, \
-                 CPU per event {per_event}, peak RSS {:.1} MiB",
-                peak as f64 / 1024.0
+                "drain ({}) run {run}: {seconds:.2} s, {:.0} events/s, CPU per event {per_event}{}",
+                WAYS[w],
+                db.events as f64 / seconds,
+                peak.map_or(String::new(), |p| format!(
+                    ", peak RSS {:.1} MiB",
+                    p as f64 / 1024.0
+                ))
             );
-            let mode = &mut modes[m];
-            mode.eps.push(eps);
-            mode.cpus.push((cpu.engine, per_event));
-            mode.peaks.push(peak as f64 / 1024.0);
         }
     }
-    let summary = |mode: &Mode| {
-        let ratio = |key: &str| {
-            Summary::of(
-                &mode
-                    .cpus
-                    .iter()
-                    .filter_map(|(_, v)| v[key].as_f64())
-                    .collect::<Vec<_>>(),
-            )
-        };
-        json!({
-            "events_per_s": Summary::of(&mode.eps),
-            "cpu_per_event": median_cpu(&mode.cpus),
-            "engine_over_postgres": ratio("engine_over_postgres"),
-            "engine_over_receiver": ratio("engine_over_receiver"),
-            "peak_rss_mib": Summary::of(&mode.peaks),
-        })
-    };
-    json!({
-        "binary": options.binary.display().to_string(),
+    let mut v = json!({
         "events": db.events,
-        "metrics_on": summary(&modes[0]),
-        "metrics_off": summary(&modes[1]),
-    })
+        "binary": options.binary.display().to_string(),
+    });
+    for (name, runs) in WAYS.iter().zip(&ways) {
+        v[*name] = runs.json();
+    }
+    v
 }
 
 /// Instructions per event of the drain path, counted by valgrind (callgrind) around the shipped
@@ -762,12 +827,22 @@ async fn instructions(options: &Options, receiver: &ReceiverProcess) -> Value {
         "",
         &receiver.url("/drain"),
     );
+    let valgrind = std::process::Command::new("valgrind")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !valgrind {
+        eprintln!("instructions skipped: valgrind is not installed");
+        return json!({ "skipped": "valgrind is not installed (`apt-get install valgrind`)" });
+    }
     let dir = target_dir().join("bench-results/binary");
     std::fs::create_dir_all(&dir).expect("results dir");
     let mut per_event = Vec::new();
     let mut startup = Vec::new();
     let mut counted = Vec::new();
-    for run in 1..=options.runs {
+    // Pairs of runs: at most two (each pair is two drains under callgrind, ~50x slower).
+    for run in 1..=options.runs.min(2) {
         let sizes = if run % 2 == 1 { [n, 2 * n] } else { [2 * n, n] };
         let mut collected = std::collections::HashMap::new();
         for size in sizes {
@@ -912,8 +987,8 @@ async fn backlog(options: &Options, receiver: &ReceiverProcess) -> Value {
     })
 }
 
-/// The delivery log's cost: the drain with `record = "none"` and with `record = "all"`, in
-/// alternating order, each run a fresh consumer over the same backlog.
+/// The delivery log's cost: the daemon's drain with `record = "none"` and with `record = "all"`,
+/// in alternating order, each run a fresh consumer over the same backlog.
 async fn record_cost(options: &Options, db: &ThroughputDb, receiver: &ReceiverProcess) -> Value {
     let observer = |record: &str| {
         engine::webhook_observer(
@@ -929,8 +1004,7 @@ async fn record_cost(options: &Options, db: &ThroughputDb, receiver: &ReceiverPr
             1,
         )
     };
-    let (mut none, mut all) = (Vec::new(), Vec::new());
-    let (mut none_cpu, mut all_cpu) = (Vec::new(), Vec::new());
+    let (mut none, mut all) = (Runs::default(), Runs::default());
     for run in 1..=options.runs {
         let order = if run % 2 == 1 {
             ["none", "all"]
@@ -940,31 +1014,33 @@ async fn record_cost(options: &Options, db: &ThroughputDb, receiver: &ReceiverPr
         for record in order {
             receiver.reset().await;
             let consumer = format!("record_{record}_{run}");
-            let (seconds, cpu) = db.drain(&consumer, &observer(record), receiver).await;
+            let (seconds, cpu, peak) = db
+                .drain_binary(options, &[], &consumer, &observer(record), true, receiver)
+                .await;
             check_deliveries(receiver, db.events, "record-cost").await;
-            let eps = db.events as f64 / seconds;
-            let per_event = cpu.per_event(db.events);
-            eprintln!("record = {record} run {run}: {seconds:.2} s, {eps:.0} events/s, CPU per event {per_event}");
-            if record == "none" {
-                none.push(eps);
-                none_cpu.push((cpu.engine, per_event));
+            let runs = if record == "none" {
+                &mut none
             } else {
-                all.push(eps);
-                all_cpu.push((cpu.engine, per_event));
-            }
+                &mut all
+            };
+            let per_event = runs.push(db.events, seconds, &cpu, Some(peak));
+            eprintln!(
+                "record = {record} run {run}: {seconds:.2} s, {:.0} events/s, CPU per event {per_event}",
+                db.events as f64 / seconds
+            );
         }
     }
-    let ratios: Vec<f64> = all.iter().zip(&none).map(|(a, n)| a / n).collect();
+    let ratios: Vec<f64> = all.eps.iter().zip(&none.eps).map(|(a, n)| a / n).collect();
     json!({
         "events": db.events,
-        "none_events_per_s": Summary::of(&none),
-        "all_events_per_s": Summary::of(&all),
+        "none": none.json(),
+        "all": all.json(),
         "all_over_none": Summary::of(&ratios),
-        "none_cpu_per_event": median_cpu(&none_cpu),
-        "all_cpu_per_event": median_cpu(&all_cpu),
     })
 }
 
+/// One observer whose condition is false for every event: read, decode, match, checkpoint, no
+/// send (the daemon, `/metrics` on).
 async fn match_only(options: &Options, db: &ThroughputDb, receiver: &ReceiverProcess) -> Value {
     let observer = engine::webhook_observer(
         "refunds",
@@ -973,22 +1049,30 @@ async fn match_only(options: &Options, db: &ThroughputDb, receiver: &ReceiverPro
         "status == 'refunded'",
         &receiver.url("/never"),
     );
-    let (mut runs, mut cpus) = (Vec::new(), Vec::new());
+    let mut runs = Runs::default();
     for run in 1..=options.runs {
         receiver.reset().await;
-        let (seconds, cpu) = db.drain(&format!("match_{run}"), &observer, receiver).await;
+        let (seconds, cpu, peak) = db
+            .drain_binary(
+                options,
+                &[],
+                &format!("match_{run}"),
+                &observer,
+                true,
+                receiver,
+            )
+            .await;
         check_deliveries(receiver, 0, "match-only").await;
-        let eps = db.events as f64 / seconds;
-        let per_event = cpu.per_event(db.events);
+        let per_event = runs.push(db.events, seconds, &cpu, Some(peak));
         eprintln!(
-            "match-only run {run}: {seconds:.2} s, {eps:.0} events/s, CPU per event {per_event}"
+            "match-only run {run}: {seconds:.2} s, {:.0} events/s, CPU per event {per_event}",
+            db.events as f64 / seconds
         );
-        runs.push(eps);
-        cpus.push((cpu.engine, per_event));
     }
-    json!({ "events": db.events, "events_per_s": Summary::of(&runs), "cpu_per_event": median_cpu(&cpus) })
+    json!({ "events": db.events, "daemon": runs.json() })
 }
 
+/// Ten observers, about three deliveries per event (the daemon, `/metrics` on).
 async fn fan_out(options: &Options, db: &ThroughputDb, receiver: &ReceiverProcess) -> Value {
     let observers: String = engine::FAN_OUT
         .iter()
@@ -1003,30 +1087,34 @@ async fn fan_out(options: &Options, db: &ThroughputDb, receiver: &ReceiverProces
         })
         .collect();
     let expected = engine::fan_out_expected(&db.client).await;
-    let (mut events, mut deliveries, mut cpus) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut runs, mut deliveries) = (Runs::default(), Vec::new());
     for run in 1..=options.runs {
         receiver.reset().await;
-        let (seconds, cpu) = db
-            .drain(&format!("fanout_{run}"), &observers, receiver)
+        let (seconds, cpu, peak) = db
+            .drain_binary(
+                options,
+                &[],
+                &format!("fanout_{run}"),
+                &observers,
+                true,
+                receiver,
+            )
             .await;
         check_deliveries(receiver, expected, "fan-out").await;
-        let per_event = cpu.per_event(db.events);
+        let per_event = runs.push(db.events, seconds, &cpu, Some(peak));
         eprintln!(
             "fan-out run {run}: {seconds:.2} s, {:.0} events/s, {:.0} deliveries/s, CPU per event {per_event}",
             db.events as f64 / seconds,
             expected as f64 / seconds
         );
-        events.push(db.events as f64 / seconds);
         deliveries.push(expected as f64 / seconds);
-        cpus.push((cpu.engine, per_event));
     }
     json!({
         "events": db.events,
         "deliveries": expected,
         "deliveries_per_event": expected as f64 / db.events as f64,
-        "events_per_s": Summary::of(&events),
         "deliveries_per_s": Summary::of(&deliveries),
-        "cpu_per_event": median_cpu(&cpus),
+        "daemon": runs.json(),
     })
 }
 
@@ -1128,15 +1216,26 @@ async fn latency(options: &Options, receiver: &ReceiverProcess) -> Value {
             );
             let consumer = format!("latency_{rate}_{notify}");
             let runtime = format!("start_position = \"now\"\nnotify = {notify}");
-            let engine = Engine::start(&url, &consumer, &runtime, &observer).await;
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let result = steady_run(&url, receiver, rate, options.latency_secs()).await;
-            engine.stop().await;
+            let daemon = start_daemon(
+                options.daemon(),
+                &url,
+                &client,
+                &consumer,
+                &runtime,
+                &observer,
+            )
+            .await;
+            let cpu_before = daemon.cpu_seconds();
+            let result = steady_run(&url, receiver, rate, options.latency_secs).await;
+            let engine_us =
+                (daemon.cpu_seconds() - cpu_before) * 1e6 / result.written.max(1) as f64;
+            daemon.stop().await;
             eprintln!("latency at {rate}/s (ours, {mode}): {result:?}");
             assert_eq!(result.missing, 0, "every change delivered");
             assert_eq!(result.duplicates, 0, "no change delivered twice");
             let mut row = serde_json::to_value(&result).expect("json");
             row["mode"] = json!(mode);
+            row["engine_us_per_event"] = json!((engine_us * 10.0).round() / 10.0);
             rows.push(row);
         }
     }
@@ -1219,7 +1318,7 @@ async fn peer_scenarios(options: &Options, receiver: &ReceiverProcess) -> Value 
             let worker =
                 peer::PeerProcess::start(&url, &receiver.url("/peer"), concurrency, local_queue);
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let result = steady_run(&url, receiver, rate, options.latency_secs()).await;
+            let result = steady_run(&url, receiver, rate, options.latency_secs).await;
             drop(worker);
             eprintln!("latency at {rate}/s (graphile-worker): {result:?}");
             latency.push(serde_json::to_value(&result).expect("json"));
@@ -1235,14 +1334,26 @@ async fn peer_scenarios(options: &Options, receiver: &ReceiverProcess) -> Value 
     })
 }
 
+/// The daemon's resident memory over a steady run at 2,000 changes/s (`VmRSS` every 10 s, and
+/// `VmHWM` at the end), and its CPU per event at that rate.
 async fn soak(options: &Options, receiver: &ReceiverProcess) -> Value {
     const DB: &str = "fo_bench_e2e_soak";
-    let (rate, secs) = (2000u64, if options.quick { 60 } else { 600 });
-    let (url, _client) = fresh_captured_db(DB).await;
+    let (rate, secs) = (2000u64, options.soak_secs);
+    let (url, client) = fresh_captured_db(DB).await;
     let observer =
         engine::webhook_observer("orders", "Order", r#""INSERT""#, "", &receiver.url("/soak"));
-    let engine = Engine::start(&url, "soak", "start_position = \"now\"", &observer).await;
-    let rss_start = engine::rss_kib();
+    let daemon = start_daemon(
+        options.daemon(),
+        &url,
+        &client,
+        "soak",
+        "start_position = \"now\"",
+        &observer,
+    )
+    .await;
+    let pid = daemon.pid();
+    let rss_start = daemon.rss_kib();
+    let cpu_before = daemon.cpu_seconds();
     let sampler = {
         tokio::spawn(async move {
             let started = Instant::now();
@@ -1252,7 +1363,7 @@ async fn soak(options: &Options, receiver: &ReceiverProcess) -> Value {
             loop {
                 tick.tick().await;
                 let t = started.elapsed().as_secs_f64();
-                samples.push((t, engine::rss_kib()));
+                samples.push((t, binary::status_kib(pid, "VmRSS:")));
                 if t >= secs as f64 {
                     return samples;
                 }
@@ -1261,11 +1372,9 @@ async fn soak(options: &Options, receiver: &ReceiverProcess) -> Value {
     };
     let result = steady_run(&url, receiver, rate, secs).await;
     let samples = sampler.await.expect("sampler");
-    let in_flight = engine
-        .status
-        .in_flight
-        .load(std::sync::atomic::Ordering::Relaxed);
-    engine.stop().await;
+    let engine_us = (daemon.cpu_seconds() - cpu_before) * 1e6 / result.written.max(1) as f64;
+    let peak = daemon.peak_rss_kib();
+    daemon.stop().await;
     data::drop_database(DB).await;
     assert_eq!(result.missing, 0, "soak: every change delivered");
     assert_eq!(result.duplicates, 0, "soak: no change delivered twice");
@@ -1278,11 +1387,12 @@ async fn soak(options: &Options, receiver: &ReceiverProcess) -> Value {
     let end = samples.last().map_or(0, |s| s.1);
     let max = samples.iter().map(|s| s.1).max().unwrap_or(0);
     eprintln!(
-        "soak: rss start {:.1} MiB, 1 min {:.1}, end {:.1}, max {:.1}",
+        "soak: daemon rss start {:.1} MiB, 1 min {:.1}, end {:.1}, max sampled {:.1}, peak {:.1}; {engine_us:.1} us CPU per event",
         mib(rss_start),
         mib(at_1min),
         mib(end),
-        mib(max)
+        mib(max),
+        mib(peak)
     );
     json!({
         "rate": rate,
@@ -1292,21 +1402,70 @@ async fn soak(options: &Options, receiver: &ReceiverProcess) -> Value {
         "missing": result.missing,
         "duplicates": result.duplicates,
         "latency": result,
-        "in_flight_at_end": in_flight,
+        "engine_us_per_event": (engine_us * 10.0).round() / 10.0,
         "rss_start_mib": mib(rss_start),
         "rss_1min_mib": mib(at_1min),
         "rss_end_mib": mib(end),
         "rss_max_mib": mib(max),
+        "peak_rss_mib": mib(peak),
         "growth_pct": (end as f64 - at_1min as f64) / (at_1min.max(1) as f64) * 100.0,
         "samples": samples.iter().map(|(t, kib)| json!({"t": t.round(), "rss_mib": mib(*kib)})).collect::<Vec<_>>(),
     })
 }
 
+/// Run by run quotients of two figures measured in the same bench run (`a.runs[i] / b.runs[i]`):
+/// their median (min-max).
+fn pairwise(a: &Value, b: &Value) -> Option<Summary> {
+    let runs = |v: &Value| -> Vec<f64> {
+        v["runs"]
+            .as_array()
+            .map(|r| r.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default()
+    };
+    let quotients: Vec<f64> = runs(a).iter().zip(runs(b)).map(|(x, y)| x / y).collect();
+    (!quotients.is_empty()).then(|| Summary::of(&quotients))
+}
+
+/// The ratios issue 12 asks for, from this run: the drain's engine CPU per event over
+/// PostgreSQL's and over the receiver's (the daemon, `/metrics` on), its events/s over
+/// graphile-worker's, and match-only events/s over the drain's.
+fn headline_ratios(scenarios: &serde_json::Map<String, Value>) -> Value {
+    let mut ratios = serde_json::Map::new();
+    let daemon = scenarios.get("drain").map(|d| &d["daemon"]);
+    if let Some(d) = daemon {
+        ratios.insert(
+            "engine_over_postgres".into(),
+            d["engine_over_postgres"].clone(),
+        );
+        ratios.insert(
+            "engine_over_receiver".into(),
+            d["engine_over_receiver"].clone(),
+        );
+    }
+    let peer = scenarios
+        .get("peer")
+        .filter(|p| p.get("skipped").is_none())
+        .map(|p| &p["drain"]["events_per_s"]);
+    if let (Some(d), Some(p)) = (daemon, peer) {
+        if let Some(r) = pairwise(&d["events_per_s"], p) {
+            ratios.insert("drain_over_graphile".into(), json!(r));
+        }
+    }
+    if let (Some(d), Some(m)) = (daemon, scenarios.get("match_only")) {
+        if let Some(r) = pairwise(&m["daemon"]["events_per_s"], &d["events_per_s"]) {
+            ratios.insert("match_only_over_drain".into(), json!(r));
+        }
+    }
+    Value::Object(ratios)
+}
+
 /// Ours divided by graphile-worker's, from the same run.
-fn add_ratios(scenarios: &mut serde_json::Map<String, Value>) {
-    let ours_drain = scenarios
-        .get("drain")
-        .map(|d| d["events_per_s"]["median"].as_f64().unwrap_or(f64::NAN));
+fn add_peer_ratios(scenarios: &mut serde_json::Map<String, Value>) {
+    let ours_drain = scenarios.get("drain").map(|d| {
+        d["daemon"]["events_per_s"]["median"]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+    });
     let ours_latency = scenarios.get("latency").cloned();
     let writer_rows = scenarios
         .get("writer_cost")

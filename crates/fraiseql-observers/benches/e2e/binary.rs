@@ -28,13 +28,16 @@ fn free_port() -> u16 {
 
 impl BinaryEngine {
     /// Write the configuration (database, consumer `consumer` starting from the beginning of the
-    /// log, `/metrics` when `metrics`, the documented defaults plus `FRAISEQL_BENCH_RUNTIME`, and
-    /// `observers`) next to the results and start `wrapper... binary run --config FILE`.
+    /// log unless `runtime_extra` sets `start_position`, `/metrics` when `metrics`, the
+    /// documented defaults plus `runtime_extra` and `FRAISEQL_BENCH_RUNTIME` (TOML lines of
+    /// `[observers.runtime]`), and `observers`) next to the results and start
+    /// `wrapper... binary run --config FILE`.
     pub fn start(
         binary: &Path,
         wrapper: &[String],
         url: &str,
         consumer: &str,
+        runtime_extra: &str,
         observers: &str,
         metrics: bool,
     ) -> BinaryEngine {
@@ -47,9 +50,14 @@ impl BinaryEngine {
         let tuning = std::env::var("FRAISEQL_BENCH_RUNTIME")
             .unwrap_or_default()
             .replace("\\n", "\n");
+        let start = if runtime_extra.contains("start_position") {
+            ""
+        } else {
+            "start_position = \"beginning\"\n"
+        };
         let config = format!(
             "[database]\nurl = \"{url}\"\n\n[observers.runtime]\nconsumer_id = \"{consumer}\"\n\
-             start_position = \"beginning\"\n{metrics_line}{tuning}\n\n{observers}"
+             {start}{runtime_extra}\n{metrics_line}{tuning}\n\n{observers}"
         );
         let config_path = dir.join(format!("{consumer}.toml"));
         std::fs::write(&config_path, config).expect("write the daemon's config");
@@ -94,6 +102,52 @@ impl BinaryEngine {
     /// Peak resident memory so far, in KiB (`VmHWM`).
     pub fn peak_rss_kib(&self) -> u64 {
         status_kib(self.pid(), "VmHWM:")
+    }
+
+    /// Resident memory now, in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        status_kib(self.pid(), "VmRSS:")
+    }
+
+    /// CPU seconds (user + system) the daemon used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        super::cpu_seconds(&self.pid().to_string())
+    }
+
+    /// Wait until the daemon has claimed `consumer` (its checkpoint row exists: from then on a
+    /// consumer starting "now" delivers every later commit), then `settle` more.
+    pub async fn wait_claimed(
+        &mut self,
+        client: &tokio_postgres::Client,
+        consumer: &str,
+        settle: Duration,
+    ) {
+        let started = Instant::now();
+        loop {
+            let claimed = client
+                .query_opt(
+                    "SELECT 1 FROM core.observer_checkpoints WHERE consumer_id = $1",
+                    &[&consumer],
+                )
+                .await
+                .expect("checkpoint row")
+                .is_some();
+            if claimed {
+                break;
+            }
+            assert!(
+                !self.failed(),
+                "the daemon stopped before it claimed {consumer}; see {}",
+                self.log.display()
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the daemon did not claim {consumer} in 60 s; see {}",
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(settle).await;
     }
 
     /// The `/metrics` page (when on): checked to hold the engine's metrics, so a "metrics on"
@@ -143,7 +197,7 @@ impl Drop for BinaryEngine {
     }
 }
 
-fn status_kib(pid: u32, field: &str) -> u64 {
+pub fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {

@@ -1,12 +1,14 @@
-//! Flow control per endpoint (issue 10), measured: a receiver that accepts connections and never
+//! Flow control per endpoint (issue 10), measured on the shipped daemon: a receiver that accepts connections and never
 //! answers, beside a healthy one under a steady writer (the healthy observer's latency); and a
 //! rate limit held over 20 s.
 
-use crate::engine::{self, Engine};
+use crate::engine;
 use crate::receiver::ReceiverProcess;
-use crate::{data, fresh_captured_db, steady_run, unix_nanos, writer, writer_connections};
+use crate::{
+    data, fresh_captured_db, start_daemon, steady_run, unix_nanos, writer, writer_connections,
+};
 use serde_json::{json, Value};
-use std::time::Duration;
+use std::path::Path;
 use tokio::net::TcpListener;
 
 /// A receiver that accepts every connection and never answers (its sockets are held open).
@@ -26,9 +28,15 @@ async fn black_hole() -> String {
 /// observer's endpoint hangs (default 10 s timeout, default breaker); with `hung` false, the
 /// other observer's endpoint is a second healthy receiver (the same work, nothing hangs: the
 /// control run).
-pub async fn hung_endpoint(receiver: &ReceiverProcess, rate: u64, secs: u64, hung: bool) -> Value {
+pub async fn hung_endpoint(
+    binary: &Path,
+    receiver: &ReceiverProcess,
+    rate: u64,
+    secs: u64,
+    hung: bool,
+) -> Value {
     const DB: &str = "fo_bench_e2e_hung";
-    let (url, _client) = fresh_captured_db(DB).await;
+    let (url, client) = fresh_captured_db(DB).await;
     // The control's other receiver is a process of its own, so the healthy receiver's
     // arrivals are the healthy observer's only.
     let second = (!hung).then(ReceiverProcess::start);
@@ -47,10 +55,17 @@ pub async fn hung_endpoint(receiver: &ReceiverProcess, rate: u64, secs: u64, hun
         ),
         engine::webhook_observer("stuck", "Order", r#""INSERT""#, "", &other),
     );
-    let engine = Engine::start(&url, "hung", "start_position = \"now\"", &observers).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let daemon = start_daemon(
+        binary,
+        &url,
+        &client,
+        "hung",
+        "start_position = \"now\"",
+        &observers,
+    )
+    .await;
     let result = steady_run(&url, receiver, rate, secs).await;
-    engine.stop().await;
+    daemon.stop().await;
     eprintln!("healthy observer at {rate}/s, other endpoint hung: {hung}: {result:?}");
     assert_eq!(result.missing, 0, "every healthy delivery arrives");
     data::drop_database(DB).await;
@@ -59,9 +74,9 @@ pub async fn hung_endpoint(receiver: &ReceiverProcess, rate: u64, secs: u64, hun
 
 /// Deliveries per second at the receiver with `rate_limit = { per_second = limit }` while the
 /// writer offers twice as much, over `secs` seconds after the first arrival plus 2 s.
-pub async fn rate_limit(receiver: &ReceiverProcess, limit: u64, secs: u64) -> Value {
+pub async fn rate_limit(binary: &Path, receiver: &ReceiverProcess, limit: u64, secs: u64) -> Value {
     const DB: &str = "fo_bench_e2e_rate";
-    let (url, _client) = fresh_captured_db(DB).await;
+    let (url, client) = fresh_captured_db(DB).await;
     let observer = engine::webhook_observer(
         "limited",
         "Order",
@@ -75,14 +90,15 @@ pub async fn rate_limit(receiver: &ReceiverProcess, limit: u64, secs: u64) -> Va
             "allow_private_networks = true\nrate_limit = {{ per_second = {limit}, burst = 1 }}\n"
         ),
     );
-    let engine = Engine::start(
+    let daemon = start_daemon(
+        binary,
         &url,
+        &client,
         "rate",
         "start_position = \"now\"\nretry_poll_interval_ms = 50",
         &observer,
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     receiver.reset().await;
     let spec = writer::WriterSpec {
         url: url.clone(),
@@ -98,7 +114,7 @@ pub async fn rate_limit(receiver: &ReceiverProcess, limit: u64, secs: u64) -> Va
         .await
         .expect("writer");
     let arrivals = receiver.arrivals().await;
-    engine.stop().await;
+    daemon.stop().await;
     data::drop_database(DB).await;
     let mut times: Vec<i64> = arrivals.iter().map(|(_, t)| *t).collect();
     times.sort_unstable();

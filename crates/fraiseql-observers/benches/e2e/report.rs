@@ -196,27 +196,66 @@ fn ratio(v: &Value) -> String {
     }
 }
 
-/// A summary of small numbers: `5.12 (4.98-5.40)`.
-fn ratios(v: &Value) -> String {
+/// `median (min-max)` of a summary, each number written by `show`.
+fn range(v: &Value, show: impl Fn(f64) -> String) -> String {
+    if !v.is_object() || v["median"].is_null() {
+        return "-".into();
+    }
     let runs = v["runs"].as_array().map_or(0, Vec::len);
     if runs > 1 {
         format!(
             "{} ({}-{})",
-            ratio(&v["median"]),
-            ratio(&v["min"]),
-            ratio(&v["max"])
+            show(f(&v["median"])),
+            show(f(&v["min"])),
+            show(f(&v["max"]))
         )
     } else {
-        ratio(&v["median"])
+        show(f(&v["median"]))
     }
 }
+
+fn us(x: f64) -> String {
+    if x.is_nan() {
+        "-".into()
+    } else {
+        format!("{x:.1}")
+    }
+}
+
+fn times(x: f64) -> String {
+    if x.is_nan() {
+        "-".into()
+    } else {
+        format!("{x:.2}x")
+    }
+}
+
+fn met(ok: Option<bool>) -> &'static str {
+    match ok {
+        Some(true) => "met",
+        Some(false) => "**not met**",
+        None => "not measured",
+    }
+}
+
+/// The first count of the daemon's drain (2026-12-07, `69bb510`: 428,059 instructions per
+/// event); issue 12's target is half of it.
+pub const FIRST_INSTRUCTIONS_PER_EVENT: f64 = 428_059.0;
 
 /// The generated part of the `## End to end` section.
 pub fn markdown(results: &Value) -> String {
     let mut md = String::new();
     let m = &results["machine"];
+    let settings = &results["settings"];
+    let s = &results["scenarios"];
+    let ratios = &results["ratios"];
+    let dirty = if results["dirty"].as_bool() == Some(true) {
+        " (with uncommitted changes)"
+    } else {
+        " (clean)"
+    };
     md.push_str(&format!(
-        "Measured {} on {} x {} ({} GiB), PostgreSQL {}, commit `{}`; load average {} at the start, {} at the end (the machine is shared with other agents' builds: expect noise).\n\n",
+        "Measured {} on {} x {} ({} GiB), PostgreSQL {}; commit `{}`{dirty}; load average (1, 5, 15 min) {} at the start, {} at the end (the machine is shared with other agents' builds: expect noise in the times; the ratios and instruction counts move much less).\n\n",
         results["date"].as_str().unwrap_or(""),
         m["nproc"],
         m["cpu"].as_str().unwrap_or(""),
@@ -227,121 +266,174 @@ pub fn markdown(results: &Value) -> String {
         results["load_end"].as_str().unwrap_or(""),
     ));
     md.push_str(&format!(
-        "```sh\n{}\n```\n\n",
+        "```sh\ncargo build --release -p fraiseql-observers-cli\n{}\n```\n\n",
         results["command"].as_str().unwrap_or("")
     ));
+    if let Some(loads) = results["load_by_scenario"].as_object() {
+        let list: Vec<String> = loads
+            .iter()
+            .map(|(k, v)| format!("{k} {}", v.as_str().unwrap_or("")))
+            .collect();
+        md.push_str(&format!(
+            "Load average as each scenario started: {}.\n\n",
+            list.join("; ")
+        ));
+    }
+    let (runs, soak_secs, latency_secs, events) = (
+        settings["runs"].as_u64().unwrap_or(0),
+        settings["soak_secs"].as_u64().unwrap_or(0),
+        settings["latency_secs"].as_u64().unwrap_or(0),
+        settings["events"].as_u64().unwrap_or(0),
+    );
+    md.push_str(&format!(
+        "Settings: {runs} run(s) per throughput figure over a backlog of {} changes; latency {latency_secs} s per row; soak {soak_secs} s; the engine is the shipped daemon `{}` (`run --config FILE`, a process of its own, `/metrics` on) unless a row says otherwise.{}\n\n",
+        thousands(events as f64),
+        settings["binary"].as_str().unwrap_or(""),
+        if runs != 3 || soak_secs != 600 || latency_secs != 60 || events != 100_000 {
+            " **A reduced run** (the full one is 3 runs, 100,000 changes, 60 s latency rows, a 600 s soak)."
+        } else {
+            ""
+        }
+    ));
 
-    let s = &results["scenarios"];
-    if s.get("drain").is_some() || s.get("fan_out").is_some() || s.get("peer").is_some() {
-        md.push_str("**Throughput** (a backlog of committed changes, from engine start until the checkpoint passes the last one; median (min-max) of the runs):\n\n");
-        md.push_str(
-            "| scenario | events | events/s | deliveries/s | target |\n|---|---:|---:|---:|---|\n",
-        );
-        if let Some(d) = s.get("drain") {
-            md.push_str(&format!(
-                "| drain: 1 observer, signed webhook | {} | {} | {} | >= 20,000 |\n",
-                thousands(f(&d["events"])),
-                summary(&d["events_per_s"]),
-                summary(&d["events_per_s"])
-            ));
+    // Ratios and instructions first: they travel from machine to machine.
+    md.push_str("**Ratios from this run** (median (min-max) over the runs; CPU from `/proc/<pid>/stat` around each drain; events/s quotients run by run):\n\n| ratio | this run | target |\n|---|---:|---|\n");
+    for (key, label, target) in [
+        (
+            "engine_over_postgres",
+            "drain to a signed webhook: engine CPU per event / PostgreSQL's",
+            "<= 2.0x",
+        ),
+        (
+            "engine_over_receiver",
+            "same: engine CPU per event / receiver's",
+            "<= 1.5x",
+        ),
+        (
+            "drain_over_graphile",
+            "drain events/s / graphile-worker's",
+            ">= 5x",
+        ),
+        (
+            "match_only_over_drain",
+            "match-only events/s / signed-webhook drain's",
+            ">= 4x",
+        ),
+    ] {
+        md.push_str(&format!(
+            "| {label} | {} | {target} |\n",
+            range(&ratios[key], times)
+        ));
+    }
+    md.push('\n');
+
+    let instructions = s.get("instructions");
+    match instructions {
+        Some(i) if i.get("skipped").is_some() => md.push_str(&format!(
+            "**Instructions per event**: not counted in this run: {}.\n\n",
+            i["skipped"].as_str().unwrap_or("")
+        )),
+        Some(i) => md.push_str(&format!(
+            "**Instructions per event** (valgrind callgrind around the daemon, `/metrics` on: a drain of {} and of {} changes, (I(2N) - I(N)) / N, {} pair(s); they do not move with the machine's load or speed): **{}** per delivered event; {} outside the events (start-up, shutdown, idle polls). The first count (2026-12-07, `69bb510`) was {}.\n\n",
+            i["events"][0],
+            i["events"][1],
+            i["instructions_per_event"]["runs"].as_array().map_or(0, Vec::len),
+            summary(&i["instructions_per_event"]),
+            summary(&i["instructions_outside_events"]),
+            thousands(FIRST_INSTRUCTIONS_PER_EVENT),
+        )),
+        None => md.push_str("**Instructions per event**: the `instructions` scenario was not run.\n\n"),
+    }
+
+    md.push_str(&targets(results));
+
+    // Throughput and CPU per event.
+    let mut rows: Vec<(String, &Value, String, &Value)> = Vec::new();
+    let none = &Value::Null;
+    if let Some(d) = s.get("drain") {
+        for (key, label) in [
+            (
+                "daemon",
+                "drain, 1 observer, signed webhook: daemon, `/metrics` on",
+            ),
+            ("daemon_metrics_off", "drain: daemon, `/metrics` off"),
+            ("in_process", "drain: engine in the bench process"),
+        ] {
+            let eps = &d[key]["events_per_s"];
+            rows.push((label.to_string(), &d[key], summary(eps), eps));
         }
-        if let Some(d) = s.get("match_only") {
-            md.push_str(&format!(
-                "| match-only: condition false for all | {} | {} | 0 | >= 50,000 |\n",
-                thousands(f(&d["events"])),
-                summary(&d["events_per_s"])
-            ));
+    }
+    if let Some(d) = s.get("match_only") {
+        rows.push((
+            "match-only: condition false for all (daemon)".into(),
+            &d["daemon"],
+            "0".into(),
+            none,
+        ));
+    }
+    if let Some(d) = s.get("fan_out") {
+        rows.push((
+            format!(
+                "fan-out: 10 observers, {:.2} deliveries per event (daemon)",
+                f(&d["deliveries_per_event"])
+            ),
+            &d["daemon"],
+            summary(&d["deliveries_per_s"]),
+            none,
+        ));
+    }
+    if let Some(d) = s.get("record_cost") {
+        for (key, label) in [
+            ("none", "drain, `record = \"none\"` (daemon)"),
+            (
+                "all",
+                "drain, `record = \"all\"`: the delivery log (daemon)",
+            ),
+        ] {
+            let eps = &d[key]["events_per_s"];
+            rows.push((label.to_string(), &d[key], summary(eps), eps));
         }
-        if let Some(d) = s.get("fan_out") {
+    }
+    if !rows.is_empty() || s.get("peer").is_some() {
+        md.push_str(&format!(
+            "**Throughput and CPU per event** (a backlog of {} committed changes: 10% user inserts, 60% order inserts, 30% order updates; from engine start until its checkpoint passes the last one; median (min-max) of the runs; CPU in microseconds per event, the engine's ratios to PostgreSQL's (the bench database's backends) and the receiver's, measured around the same run):\n\n",
+            thousands(events as f64)
+        ));
+        md.push_str("| scenario | events/s | deliveries/s | engine / PostgreSQL | engine / receiver | engine us | PostgreSQL us | receiver us | peak RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        for (label, v, deliveries, _) in &rows {
             md.push_str(&format!(
-                "| fan-out: 10 observers, {:.2} deliveries per event | {} | {} | {} | |\n",
-                f(&d["deliveries_per_event"]),
-                thousands(f(&d["events"])),
-                summary(&d["events_per_s"]),
-                summary(&d["deliveries_per_s"])
+                "| {label} | {} | {deliveries} | {} | {} | {} | {} | {} | {} |\n",
+                summary(&v["events_per_s"]),
+                range(&v["engine_over_postgres"], times),
+                range(&v["engine_over_receiver"], times),
+                range(&v["engine_us"], us),
+                range(&v["postgres_us"], us),
+                range(&v["receiver_us"], us),
+                range(&v["peak_rss_mib"], |x| format!("{x:.0}")),
             ));
         }
         if let Some(p) = s.get("peer").and_then(|p| p.get("drain")) {
             md.push_str(&format!(
-                "| graphile-worker {} drain (concurrency {}, local queue {}) | {} | {} | {} | |\n",
+                "| graphile-worker {} drain (concurrency {}, local queue {}) | {} | {} | | | | | | |\n",
                 s["peer"]["version"].as_str().unwrap_or(""),
                 s["peer"]["concurrency"],
                 s["peer"]["local_queue"],
-                thousands(f(&p["events"])),
                 summary(&p["events_per_s"]),
                 summary(&p["events_per_s"])
             ));
         }
-        md.push('\n');
-    }
-
-    if let Some(i) = s.get("instructions") {
-        md.push_str(&format!(
-            "**Instructions per event** (valgrind callgrind around the daemon `{}`, `/metrics` on: a drain of {} and of {} events, (I(2N) - I(N)) / N; they do not move with the machine's load or speed): **{}** per event; {} outside the events (start-up, shutdown, idle polls).\n\n",
-            i["binary"].as_str().unwrap_or(""),
-            i["events"][0],
-            i["events"][1],
-            summary(&i["instructions_per_event"]),
-            summary(&i["instructions_outside_events"]),
-        ));
-    }
-
-    let mut cpu_rows: Vec<(&str, &Value)> = Vec::new();
-    if let Some(d) = s.get("drain") {
-        cpu_rows.push(("drain (engine in the bench process)", &d["cpu_per_event"]));
-    }
-    if let Some(d) = s.get("drain_binary") {
-        cpu_rows.push((
-            "drain (daemon, `/metrics` on)",
-            &d["metrics_on"]["cpu_per_event"],
-        ));
-        cpu_rows.push((
-            "drain (daemon, `/metrics` off)",
-            &d["metrics_off"]["cpu_per_event"],
-        ));
-    }
-    for (label, key) in [("match-only", "match_only"), ("fan-out", "fan_out")] {
-        if let Some(d) = s.get(key) {
-            cpu_rows.push((label, &d["cpu_per_event"]));
-        }
-    }
-    cpu_rows.retain(|(_, v)| v.is_object());
-    if !cpu_rows.is_empty() {
-        md.push_str("**CPU per event** (median run by engine CPU; the ratios are of work measured in the same run and travel from machine to machine better than the microseconds; the engine is the bench process or the daemon, PostgreSQL the backends of the bench database):\n\n| scenario | engine / PostgreSQL | engine / receiver | engine us | PostgreSQL us | receiver us |\n|---|---:|---:|---:|---:|---:|\n");
-        for (label, v) in cpu_rows {
+        if let Some(r) = s.get("record_cost") {
             md.push_str(&format!(
-                "| {label} | {} | {} | {:.1} | {:.1} | {:.1} |\n",
-                ratio(&v["engine_over_postgres"]),
-                ratio(&v["engine_over_receiver"]),
-                f(&v["engine_us"]),
-                f(&v["postgres_us"]),
-                f(&v["receiver_us"])
-            ));
-        }
-        md.push('\n');
-    }
-    if let Some(d) = s.get("drain_binary") {
-        md.push_str(&format!(
-            "**The daemon** (`{}`, a process of its own), drain of {} events, `/metrics` on and off in alternating runs:\n\n| `/metrics` | events/s | engine / PostgreSQL | engine / receiver | peak RSS MiB |\n|---|---:|---:|---:|---:|\n",
-            d["binary"].as_str().unwrap_or(""),
-            thousands(f(&d["events"]))
-        ));
-        for (label, key) in [("on", "metrics_on"), ("off", "metrics_off")] {
-            let m = &d[key];
-            md.push_str(&format!(
-                "| {label} | {} | {} | {} | {} |\n",
-                summary(&m["events_per_s"]),
-                ratios(&m["engine_over_postgres"]),
-                ratios(&m["engine_over_receiver"]),
-                summary(&m["peak_rss_mib"]),
+                "\nThe delivery log (`record = \"all\"`) keeps {} of the drain's events/s without it (run by run).\n",
+                range(&r["all_over_none"], |x| format!("{:.0}%", x * 100.0))
             ));
         }
         md.push('\n');
     }
 
     if let Some(rows) = s.get("latency").and_then(Value::as_array) {
-        md.push_str(&format!("**Latency** from the writer's COMMIT to the receiver's arrival (one row per transaction, steady rate, {} s per row of the table; milliseconds):\n\n", rows.first().map_or(Value::Null, |r| r["secs"].clone())));
-        md.push_str("| system | rate/s asked | rate/s written | delivered | p50 | p95 | p99 | max | target |\n|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
+        md.push_str(&format!("**Latency** from the writer's COMMIT returning to the receiver's arrival (one order per transaction, steady rate, one run of {} s per row; milliseconds; engine us: the daemon's CPU per event at that rate):\n\n", rows.first().map_or(Value::Null, |r| r["secs"].clone())));
+        md.push_str("| system | rate/s asked | rate/s written | delivered | p50 | p95 | p99 | max | engine us | target |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
         let peer = s
             .get("peer")
             .and_then(|p| p.get("latency"))
@@ -349,21 +441,17 @@ pub fn markdown(results: &Value) -> String {
         let mut rows: Vec<&Value> = rows.iter().collect();
         rows.sort_by_key(|r| (r["rate"].as_u64(), r["mode"] != "polling"));
         for row in rows {
-            let target = if row["rate"].as_u64() == Some(1000) {
-                "p50 <= 5, p99 <= 25"
-            } else {
-                "p99 <= 100"
-            };
             let polling = row["mode"] == "polling";
+            let target = match (polling, row["rate"].as_u64()) {
+                (true, Some(1000)) => "p50 <= 1, p99 <= 5, below graphile-worker",
+                (true, _) => "below graphile-worker",
+                _ => "",
+            };
             let system = format!(
                 "fraiseql-observers ({})",
                 row["mode"].as_str().unwrap_or("")
             );
-            md.push_str(&latency_row(
-                &system,
-                row,
-                if polling { target } else { "" },
-            ));
+            md.push_str(&latency_row(&system, row, target));
             if !polling {
                 if let Some(p) = peer.and_then(|p| p.iter().find(|p| p["rate"] == row["rate"])) {
                     md.push_str(&latency_row("graphile-worker (LISTEN/NOTIFY)", p, ""));
@@ -377,7 +465,7 @@ pub fn markdown(results: &Value) -> String {
         if let Some(reason) = p.get("skipped").and_then(Value::as_str) {
             md.push_str(&format!("**Peer** skipped: {reason}\n\n"));
         } else if let Some(ratios) = p.get("ratios").and_then(Value::as_object) {
-            md.push_str("**Against graphile-worker, same run** (ours / theirs: above 1 is ahead for throughput, below 1 is ahead for latency):\n\n| figure | ours / theirs |\n|---|---:|\n");
+            md.push_str("**Against graphile-worker, same run** (ours / theirs: above 1 is ahead for throughput, below 1 is ahead for latency; medians):\n\n| figure | ours / theirs |\n|---|---:|\n");
             for (k, v) in ratios {
                 md.push_str(&format!("| {k} | {} |\n", ratio(v)));
             }
@@ -387,8 +475,15 @@ pub fn markdown(results: &Value) -> String {
 
     if let Some(soak) = s.get("soak") {
         md.push_str(&format!(
-            "**Soak**: {} changes/s for {} s ({} delivered, {} missing, {} duplicates). Engine resident memory (MiB) every 10 s:\n\n",
-            soak["rate"], soak["secs"], soak["delivered"], soak["missing"], soak["duplicates"]
+            "**Soak**: {} changes/s for {} s ({} delivered, {} missing, {} duplicates), p50 {} ms, p99 {} ms; the daemon's CPU {} us per event. Its resident memory (`VmRSS`, MiB) every 10 s:\n\n",
+            soak["rate"],
+            soak["secs"],
+            soak["delivered"],
+            soak["missing"],
+            soak["duplicates"],
+            ms(&soak["latency"]["p50_ms"]),
+            ms(&soak["latency"]["p99_ms"]),
+            us(f(&soak["engine_us_per_event"])),
         ));
         let samples: Vec<String> = soak["samples"]
             .as_array()
@@ -400,18 +495,47 @@ pub fn markdown(results: &Value) -> String {
             .unwrap_or_default();
         md.push_str(&format!("`{}`\n\n", samples.join(" ")));
         md.push_str(&format!(
-            "At 1 min {:.1} MiB, at the end {:.1} MiB ({:+.1}%), highest {:.1} MiB; target < 100 MiB and the end within 10% of the 1-minute mark.\n\n",
+            "At the start {:.1} MiB, at 1 min {:.1} MiB, at the end {:.1} MiB ({:+.1}% over the 1-minute mark), highest sample {:.1} MiB, peak (`VmHWM`) {:.1} MiB.\n\n",
+            f(&soak["rss_start_mib"]),
             f(&soak["rss_1min_mib"]),
             f(&soak["rss_end_mib"]),
             f(&soak["growth_pct"]),
-            f(&soak["rss_max_mib"])
+            f(&soak["rss_max_mib"]),
+            f(&soak["peak_rss_mib"])
+        ));
+    }
+
+    if let Some(flow) = s.get("flow") {
+        md.push_str("**Flow control** (the daemon): a healthy observer's latency at 500 changes/s beside a second observer whose endpoint accepts connections and never answers, against a control run where the second endpoint is healthy; and a `rate_limit` of 50/s with 100/s offered:\n\n| run | delivered | p50 ms | p99 ms | max ms |\n|---|---:|---:|---:|---:|\n");
+        for (key, label) in [
+            ("control", "control (both endpoints healthy)"),
+            ("hung_endpoint", "the other endpoint hung"),
+        ] {
+            let r = &flow[key];
+            md.push_str(&format!(
+                "| {label} | {}/{} | {} | {} | {} |\n",
+                thousands(f(&r["delivered"])),
+                thousands(f(&r["written"])),
+                ms(&r["p50_ms"]),
+                ms(&r["p99_ms"]),
+                ms(&r["max_ms"]),
+            ));
+        }
+        let r = &flow["rate_limit"];
+        md.push_str(&format!(
+            "\nRate limit {}/s: {:.1} deliveries/s on average over {} s (each second between {} and {}).\n\n",
+            r["limit_per_s"],
+            f(&r["average_per_s"]),
+            r["window_s"],
+            r["per_second_min"],
+            r["per_second_max"],
         ));
     }
 
     if let Some(rows) = s.get("writer_cost").and_then(|w| w["rows"].as_array()) {
         let settings = &s["writer_cost"]["settings"];
         md.push_str(&format!(
-            "**Writer cost**: single-row INSERTs into `tb_order` per second (pgbench `-M prepared`, one INSERT per transaction, {} s per run, the variants in turn within each of {} rounds; `synchronous_commit = {}`, `jit = {}`); median (min-max), and each run over the plain run of its round. Target: capture keeps >= 85% of plain with 1 writer, >= 75% with 16:\n\n",
+            "**Writer cost**: single-row INSERTs into `tb_order` per second (pgbench `-M prepared`, one INSERT per transaction, {} s per run, the variants in turn within each of {} rounds; `synchronous_commit = {}`, `jit = {}`); median (min-max), and each run over the plain run of its round:\n\n",
             s["writer_cost"]["secs"],
             s["writer_cost"]["runs"],
             settings["synchronous_commit"].as_str().unwrap_or("?"),
@@ -421,23 +545,17 @@ pub fn markdown(results: &Value) -> String {
             "| writers | variant | inserts/s | vs plain, same round |\n|---:|---|---:|---:|\n",
         );
         for row in rows {
-            let rounds = &row["vs_plain_rounds"];
             md.push_str(&format!(
                 "| {} | {} | {} | {} |\n",
                 row["clients"],
                 row["variant"].as_str().unwrap_or(""),
                 summary(&row["tps"]),
-                match (
-                    rounds["median"].as_f64(),
-                    rounds["min"].as_f64(),
-                    rounds["max"].as_f64()
-                ) {
-                    (Some(m), Some(lo), Some(hi)) =>
-                        format!("{:.0}% ({:.0}-{:.0}%)", m * 100.0, lo * 100.0, hi * 100.0),
-                    _ => row["vs_plain"]
-                        .as_f64()
-                        .map_or("-".into(), |x| format!("{:.0}%", x * 100.0)),
-                }
+                kept(row).map_or("-".into(), |(m, lo, hi)| format!(
+                    "{:.0}% ({:.0}-{:.0}%)",
+                    m * 100.0,
+                    lo * 100.0,
+                    hi * 100.0
+                )),
             ));
         }
         md.push('\n');
@@ -445,9 +563,176 @@ pub fn markdown(results: &Value) -> String {
     md
 }
 
+/// A writer-cost row's share of plain inserts/s: median, min, max over the rounds.
+fn kept(row: &Value) -> Option<(f64, f64, f64)> {
+    let rounds = &row["vs_plain_rounds"];
+    match (
+        rounds["median"].as_f64(),
+        rounds["min"].as_f64(),
+        rounds["max"].as_f64(),
+    ) {
+        (Some(m), Some(lo), Some(hi)) => Some((m, lo, hi)),
+        _ => row["vs_plain"].as_f64().map(|x| (x, x, x)),
+    }
+}
+
+/// Issue 12's targets against this run.
+fn targets(results: &Value) -> String {
+    let s = &results["scenarios"];
+    let ratios = &results["ratios"];
+    let mut md = String::from(
+        "**Issue 12's targets** (medians of this run):\n\n| target | this run | |\n|---|---|---|\n",
+    );
+    let median = |v: &Value| v["median"].as_f64();
+    for (key, label, bound, at_most) in [
+        (
+            "engine_over_postgres",
+            "drain: engine CPU per event / PostgreSQL's <= 2.0x",
+            2.0,
+            true,
+        ),
+        (
+            "engine_over_receiver",
+            "drain: engine CPU per event / receiver's <= 1.5x",
+            1.5,
+            true,
+        ),
+        (
+            "drain_over_graphile",
+            "drain events/s / graphile-worker's >= 5x",
+            5.0,
+            false,
+        ),
+        (
+            "match_only_over_drain",
+            "match-only events/s / drain's >= 4x",
+            4.0,
+            false,
+        ),
+    ] {
+        let value = median(&ratios[key]);
+        let ok = value.map(|v| if at_most { v <= bound } else { v >= bound });
+        md.push_str(&format!(
+            "| {label} | {} | {} |\n",
+            range(&ratios[key], times),
+            met(ok)
+        ));
+    }
+    let latency = s.get("latency").and_then(Value::as_array);
+    let ours = |rate: u64| {
+        latency.and_then(|rows| {
+            rows.iter()
+                .find(|r| r["rate"].as_u64() == Some(rate) && r["mode"] == "polling")
+        })
+    };
+    match ours(1000) {
+        Some(r) => {
+            let (p50, p99) = (f(&r["p50_ms"]), f(&r["p99_ms"]));
+            md.push_str(&format!(
+                "| latency at 1,000/s, polling: p50 <= 1 ms, p99 <= 5 ms | p50 {} ms, p99 {} ms | {} |\n",
+                ms(&r["p50_ms"]),
+                ms(&r["p99_ms"]),
+                met(Some(p50 <= 1.0 && p99 <= 5.0))
+            ));
+        }
+        None => md.push_str(
+            "| latency at 1,000/s, polling: p50 <= 1 ms, p99 <= 5 ms | - | not measured |\n",
+        ),
+    }
+    let peer = s
+        .get("peer")
+        .and_then(|p| p.get("latency"))
+        .and_then(Value::as_array);
+    match peer {
+        Some(theirs) if !theirs.is_empty() => {
+            let mut parts = Vec::new();
+            let mut all = true;
+            for t in theirs {
+                let rate = t["rate"].as_u64().unwrap_or(0);
+                let sustained = f(&t["achieved_rate"]) >= 0.95 * rate as f64;
+                let Some(o) = ours(rate) else { continue };
+                if !sustained {
+                    parts.push(format!(
+                        "{}/s: graphile-worker's writer reached {}/s (not sustained)",
+                        thousands(rate as f64),
+                        thousands(f(&t["achieved_rate"]))
+                    ));
+                    continue;
+                }
+                let below = f(&o["p50_ms"]) < f(&t["p50_ms"]) && f(&o["p99_ms"]) < f(&t["p99_ms"]);
+                all &= below;
+                parts.push(format!(
+                    "{}/s: p50 {} vs {} ms, p99 {} vs {} ms",
+                    thousands(rate as f64),
+                    ms(&o["p50_ms"]),
+                    ms(&t["p50_ms"]),
+                    ms(&o["p99_ms"]),
+                    ms(&t["p99_ms"])
+                ));
+            }
+            md.push_str(&format!(
+                "| latency, polling, below graphile-worker's (p50 and p99) at every rate it sustains | {} | {} |\n",
+                parts.join("; "),
+                met(Some(all))
+            ));
+        }
+        _ => md.push_str("| latency, polling, below graphile-worker's at every rate it sustains | - | not measured |\n"),
+    }
+    let writers = s.get("writer_cost").and_then(|w| w["rows"].as_array());
+    let capture = |clients: u64| {
+        writers.and_then(|rows| {
+            rows.iter()
+                .find(|r| r["clients"].as_u64() == Some(clients) && r["variant"] == "capture")
+                .and_then(kept)
+        })
+    };
+    match (capture(1), capture(16)) {
+        (Some(one), Some(sixteen)) => md.push_str(&format!(
+            "| writers kept with capture, 1 / 16 clients: >= 85% / >= 75% | {:.0}% ({:.0}-{:.0}%) / {:.0}% ({:.0}-{:.0}%) | {} |\n",
+            one.0 * 100.0, one.1 * 100.0, one.2 * 100.0,
+            sixteen.0 * 100.0, sixteen.1 * 100.0, sixteen.2 * 100.0,
+            met(Some(one.0 >= 0.85 && sixteen.0 >= 0.75))
+        )),
+        _ => md.push_str("| writers kept with capture, 1 / 16 clients: >= 85% / >= 75% | - | not measured |\n"),
+    }
+    match s.get("soak") {
+        Some(soak) => {
+            let (max, growth) = (f(&soak["rss_max_mib"]), f(&soak["growth_pct"]));
+            md.push_str(&format!(
+                "| memory, soak at 2,000/s ({} s): < 60 MB, flat (end within 10% of the 1-minute mark) | highest {:.1} MiB, end {:.1} MiB ({:+.1}%) | {} |\n",
+                soak["secs"],
+                max,
+                f(&soak["rss_end_mib"]),
+                growth,
+                met(Some(max * 1.048_576 < 60.0 && growth <= 10.0))
+            ));
+        }
+        None => {
+            md.push_str("| memory, 10-minute soak at 2,000/s: < 60 MB, flat | - | not measured |\n")
+        }
+    }
+    match s.get("instructions").filter(|i| i.get("skipped").is_none()) {
+        Some(i) => {
+            let v = f(&i["instructions_per_event"]["median"]);
+            md.push_str(&format!(
+                "| instructions per event, drain path: half of the first count ({}), <= {} | {} | {} |\n",
+                thousands(FIRST_INSTRUCTIONS_PER_EVENT),
+                thousands(FIRST_INSTRUCTIONS_PER_EVENT / 2.0),
+                summary(&i["instructions_per_event"]),
+                met(Some(v <= FIRST_INSTRUCTIONS_PER_EVENT / 2.0))
+            ));
+        }
+        None => md.push_str(
+            "| instructions per event, drain path: half of the first count | - | not measured |\n",
+        ),
+    }
+    md.push('\n');
+    md
+}
+
 fn latency_row(system: &str, row: &Value, target: &str) -> String {
     format!(
-        "| {system} | {} | {} | {}/{} | {} | {} | {} | {} | {target} |\n",
+        "| {system} | {} | {} | {}/{} | {} | {} | {} | {} | {} | {target} |\n",
         thousands(f(&row["rate"])),
         thousands(f(&row["achieved_rate"])),
         thousands(f(&row["delivered"])),
@@ -456,6 +741,7 @@ fn latency_row(system: &str, row: &Value, target: &str) -> String {
         ms(&row["p95_ms"]),
         ms(&row["p99_ms"]),
         ms(&row["max_ms"]),
+        us(f(&row["engine_us_per_event"])),
     )
 }
 
