@@ -196,14 +196,15 @@ pub async fn scenario(options: &Options, db: &ThroughputDb, receiver: &ReceiverP
     let mut by_delay = Vec::new();
     for &delay in &options.receiver_delays_ms {
         let slow = receiver.url(&format!("/slow/{delay}/distributed"));
-        let throughput = throughput(options, db, receiver, &js, tag, delay, &slow).await;
+        let (throughput, cpu) = throughput(options, db, receiver, &js, tag, delay, &slow).await;
         let medians: Vec<f64> = throughput.iter().map(|t| Summary::of(t).median).collect();
         by_delay.push(json!({
             "receiver_delay_ms": delay,
             "bound_events_per_s_per_worker": MAX_IN_FLIGHT as f64 * 1000.0 / delay.max(1) as f64,
-            "throughput": WORKERS.iter().zip(&throughput).map(|(k, t)| json!({
+            "throughput": WORKERS.iter().zip(&throughput).zip(&cpu).map(|((k, t), c)| json!({
                 "workers": k,
                 "events_per_s": Summary::of(t),
+                "workers_cpu_us_per_event": Summary::of(c),
             })).collect::<Vec<_>>(),
             "speedup_2": medians[1] / medians[0],
             "speedup_4": medians[2] / medians[0],
@@ -294,7 +295,8 @@ pub async fn scenario(options: &Options, db: &ThroughputDb, receiver: &ReceiverP
 }
 
 /// Deliveries per second of 1, 2 and 4 workers (index as `WORKERS`), `options.runs` runs each
-/// (order alternating between runs), to a receiver taking `delay` ms per request at `slow`.
+/// (order alternating between runs), to a receiver taking `delay` ms per request at `slow`; and
+/// the CPU per event of all the workers of each run together.
 async fn throughput(
     options: &Options,
     db: &ThroughputDb,
@@ -303,9 +305,10 @@ async fn throughput(
     tag: u32,
     delay: u64,
     slow: &str,
-) -> Vec<Vec<f64>> {
+) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
     let n = db.events;
     let mut throughput: Vec<Vec<f64>> = vec![Vec::new(); WORKERS.len()];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); WORKERS.len()];
     for run in 1..=options.runs {
         let order: Vec<usize> = if run % 2 == 1 {
             vec![0, 1, 2]
@@ -340,12 +343,16 @@ async fn throughput(
                 delivered(receiver, n, &mut all).await
             };
             let eps = n as f64 / seconds;
+            // The workers' CPU per event, all of them together (flat across 1, 2, 4: adding
+            // workers adds no coordination work per event).
+            let workers_us = workers.iter().map(Daemon::cpu).sum::<f64>() * 1e6 / n as f64;
             eprintln!(
                 "distributed: {delay} ms receiver, {k} worker(s), run {run}: {n} deliveries in {seconds:.2} s, \
-                 {eps:.0}/s, {duplicates} duplicates, load {}",
+                 {eps:.0}/s, {duplicates} duplicates, workers' CPU {workers_us:.1} us per event, load {}",
                 super::report::load_average()
             );
             throughput[i].push(eps);
+            cpu[i].push(workers_us);
             reader.stop();
             for w in workers {
                 w.stop();
@@ -353,5 +360,5 @@ async fn throughput(
             let _ = js.delete_stream(&stream).await;
         }
     }
-    throughput
+    (throughput, cpu)
 }
