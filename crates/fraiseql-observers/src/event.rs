@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::json_scan::{object_fields_by_serde, scan_object};
+use crate::json_scan::{object_fields_by_serde, scan_object, Fields};
 
 /// What happened to the entity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -161,7 +161,7 @@ fn parse_checked(text: &str) -> Value {
 /// The top-level fields of a JSON object's text (values as their text), sorted by key, the last
 /// of a repeated key kept. `None` when the text is not a JSON object. One byte scan
 /// ([`scan_object`]); serde_json reads what the scan leaves to it.
-pub(crate) fn top_level_fields(text: &str) -> Option<Vec<(Cow<'_, str>, &str)>> {
+pub(crate) fn top_level_fields(text: &str) -> Option<Fields<'_>> {
     let fields = match scan_object(text) {
         Some(scan) => scan.fields,
         None => object_fields_by_serde(text).ok()?,
@@ -170,9 +170,7 @@ pub(crate) fn top_level_fields(text: &str) -> Option<Vec<(Cow<'_, str>, &str)>> 
 }
 
 /// Fields sorted by key, the last of a repeated key kept.
-pub(crate) fn sorted_fields<'a>(
-    mut fields: Vec<(Cow<'a, str>, &'a str)>,
-) -> Vec<(Cow<'a, str>, &'a str)> {
+pub(crate) fn sorted_fields(mut fields: Fields<'_>) -> Fields<'_> {
     // A stable sort keeps repeated keys in text order; the last of each run wins.
     fields.sort_by(|a, b| a.0.cmp(&b.0));
     fields.dedup_by(|later, earlier| {

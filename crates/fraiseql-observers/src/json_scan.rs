@@ -73,6 +73,9 @@ const LONG_DIGITS: usize = 300;
 /// by the scan's `depth`.
 pub const SCAN_DEPTH: usize = 128;
 
+/// A JSON object's top-level fields: each key (decoded) and its value's text.
+pub type Fields<'a> = Vec<(Cow<'a, str>, &'a str)>;
+
 /// A JSON object's text, scanned: see [`scan_object`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectScan<'a> {
@@ -80,7 +83,7 @@ pub struct ObjectScan<'a> {
     pub object: &'a str,
     /// Its top-level fields in text order (repeated keys repeated): the key (decoded when it
     /// has escapes) and the value's text (without the whitespace around it).
-    pub fields: Vec<(Cow<'a, str>, &'a str)>,
+    pub fields: Fields<'a>,
     /// How deeply it nests arrays and objects (at least 1: the object).
     pub depth: usize,
     /// As [`JsonScan::long_number`].
@@ -385,7 +388,7 @@ impl Scanner<'_> {
 /// serde_json's reading of a JSON object's top-level fields (text order, keys decoded, values'
 /// text without the whitespace around them), for what [`scan_object`] leaves to it, and for its
 /// error messages. No nesting limit: the caller checks the depth first.
-pub fn object_fields_by_serde(text: &str) -> Result<Vec<(Cow<'_, str>, &str)>, serde_json::Error> {
+pub fn object_fields_by_serde(text: &str) -> Result<Fields<'_>, serde_json::Error> {
     struct Fields;
     impl<'de> Visitor<'de> for Fields {
         type Value = Vec<(Cow<'de, str>, &'de str)>;

@@ -6,7 +6,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// serde_json's answer for `text`: its top-level fields (text order) and the object's text.
-fn by_serde(text: &str) -> Option<(Vec<(Cow<'_, str>, &str)>, &str)> {
+fn by_serde(text: &str) -> Option<(Fields<'_>, &str)> {
     let fields = object_fields_by_serde(text).ok()?;
     let object: &serde_json::value::RawValue = serde_json::from_str(text).ok()?;
     Some((fields, object.get()))
