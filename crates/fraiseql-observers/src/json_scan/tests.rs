@@ -317,3 +317,47 @@ fn damaged_objects_are_never_accepted_by_the_scan_alone() {
     }
     assert!(kept > 1_000 && refused > 1_000, "{kept} {refused}");
 }
+
+/// The fields of an object's object values, found in the object's scan, are those a scan of
+/// each value finds; other values have none; the rest of the scan is `scan_object`'s.
+#[test]
+fn the_values_fields_found_in_one_pass_are_those_of_scanning_each_value() {
+    let mut gen = Gen {
+        rng: StdRng::seed_from_u64(3),
+    };
+    let mut objects = 0;
+    for _ in 0..5_000 {
+        let mut text = String::from("{\"op\": \"u\", \"before\": ");
+        gen.value(&mut text, 1);
+        text.push_str(", \"after\":");
+        gen.space(&mut text);
+        gen.object(&mut text, 2);
+        gen.space(&mut text);
+        text.push_str(", \"after\": ");
+        gen.object(&mut text, 2);
+        text.push_str(", \"source\": {}}");
+        let scan = scan_object_and_values(&text).unwrap_or_else(|| panic!("{text:?}"));
+        let plain = scan_object(&text).unwrap();
+        assert_eq!(scan.fields, plain.fields);
+        assert_eq!(
+            (scan.depth, scan.long_number),
+            (plain.depth, plain.long_number)
+        );
+        assert!(plain.value_fields.is_empty());
+        assert_eq!(scan.value_fields.len(), scan.fields.len());
+        for ((_, value), spans) in scan.fields.iter().zip(&scan.value_fields) {
+            match scan_object(value) {
+                Some(inner) if value.starts_with('{') => {
+                    assert_eq!(
+                        FieldSpan::fields(spans, value),
+                        Some(inner.fields),
+                        "{value}"
+                    );
+                    objects += 1;
+                }
+                _ => assert!(spans.is_empty(), "{value}"),
+            }
+        }
+    }
+    assert!(objects > 10_000, "{objects}");
+}
