@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::json_scan::{object_fields_by_serde, scan_object, FieldSpan, Fields};
+use crate::json_scan::{object_fields_by_serde, scan_object, Fields};
 
 /// What happened to the entity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -98,9 +98,6 @@ pub struct Image {
     text: OnceLock<Box<str>>,
     /// The values; set on first use, or from the start for an image made of a value.
     value: OnceLock<Value>,
-    /// Where the text's top-level fields are, when the parser found them while checking it
-    /// (cleared with the text).
-    spans: Option<Box<[FieldSpan]>>,
 }
 
 impl Image {
@@ -109,16 +106,6 @@ impl Image {
         Image {
             text: OnceLock::from(text),
             value: OnceLock::new(),
-            spans: None,
-        }
-    }
-
-    /// [`Image::from_text`], with where its top-level fields are (found by the parser's scan
-    /// of the text: [`crate::json_scan::scan_object_and_values`]).
-    pub(crate) fn from_text_and_fields(text: Box<str>, spans: Vec<FieldSpan>) -> Image {
-        Image {
-            spans: Some(spans.into_boxed_slice()),
-            ..Image::from_text(text)
         }
     }
 
@@ -155,15 +142,7 @@ impl Image {
     /// The image's top-level fields as JSON text, in key order, the last of a repeated key
     /// winning (as in a parsed map). Parses no value.
     pub fn fields(&self) -> Vec<(Cow<'_, str>, &str)> {
-        let text = self.text();
-        if let Some(fields) = self
-            .spans
-            .as_deref()
-            .and_then(|spans| FieldSpan::fields(spans, text))
-        {
-            return sorted_fields(fields);
-        }
-        top_level_fields(text).unwrap_or_default()
+        top_level_fields(self.text()).unwrap_or_default()
     }
 }
 
@@ -211,7 +190,6 @@ impl From<Value> for Image {
         Image {
             text: OnceLock::new(),
             value: OnceLock::from(value),
-            spans: None,
         }
     }
 }
@@ -228,7 +206,6 @@ impl std::ops::DerefMut for Image {
     fn deref_mut(&mut self) -> &mut Value {
         self.value();
         self.text = OnceLock::new();
-        self.spans = None;
         self.value.get_mut().expect("parsed above")
     }
 }
@@ -244,7 +221,6 @@ impl Clone for Image {
         Image {
             text: self.text.clone(),
             value: self.value.clone(),
-            spans: self.spans.clone(),
         }
     }
 }

@@ -76,36 +76,6 @@ pub const SCAN_DEPTH: usize = 128;
 /// A JSON object's top-level fields: each key (decoded) and its value's text.
 pub type Fields<'a> = Vec<(Cow<'a, str>, &'a str)>;
 
-/// One top-level field of an object value, as byte offsets into that value's text: the key
-/// between its quotes (`key_escaped` when it has escapes, to decode), and the value's text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FieldSpan {
-    pub key: (u32, u32),
-    pub key_escaped: bool,
-    pub value: (u32, u32),
-}
-
-impl FieldSpan {
-    /// The fields these spans describe in `object` (the text they were taken from), as
-    /// [`scan_object`] would return them; `None` when a key's escapes do not decode.
-    pub fn fields<'a>(spans: &[FieldSpan], object: &'a str) -> Option<Fields<'a>> {
-        let at = |(start, end): (u32, u32)| start as usize..end as usize;
-        spans
-            .iter()
-            .map(|span| {
-                let key = at(span.key);
-                let key = if span.key_escaped {
-                    let quoted = &object[key.start - 1..key.end + 1];
-                    Cow::Owned(serde_json::from_str::<String>(quoted).ok()?)
-                } else {
-                    Cow::Borrowed(&object[key])
-                };
-                Some((key, &object[at(span.value)]))
-            })
-            .collect()
-    }
-}
-
 /// A JSON object's text, scanned: see [`scan_object`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectScan<'a> {
@@ -118,9 +88,6 @@ pub struct ObjectScan<'a> {
     pub depth: usize,
     /// As [`JsonScan::long_number`].
     pub long_number: bool,
-    /// With [`scan_object_and_values`]: for each of `fields` (same order), the top-level fields
-    /// of its value when that value is an object (offsets into the value's text), else empty.
-    pub value_fields: Vec<Vec<FieldSpan>>,
 }
 
 /// One pass over `text`: `Some` when it is one JSON object (whitespace around it allowed)
@@ -132,26 +99,13 @@ pub struct ObjectScan<'a> {
 /// escapes among `\" \\ \/ \b \f \n \r \t \uXXXX` (the text is UTF-8 already, being a `str`).
 /// Numbers follow JSON's grammar; literals are `true`, `false`, `null`.
 pub fn scan_object(text: &str) -> Option<ObjectScan<'_>> {
-    scan(text, false)
-}
-
-/// [`scan_object`], also keeping the top-level fields of each field's value that is an object
-/// ([`ObjectScan::value_fields`]): what reading those values' fields would find, found in the
-/// same pass (the decode keeps them with the images, for the default body's `changes`).
-pub fn scan_object_and_values(text: &str) -> Option<ObjectScan<'_>> {
-    scan(text, true)
-}
-
-fn scan(text: &str, keep_value_fields: bool) -> Option<ObjectScan<'_>> {
     let mut s = Scanner {
         bytes: text.as_bytes(),
         at: 0,
         depth: 1,
         max_depth: 1,
         long_number: false,
-        spans: keep_value_fields.then(Vec::new),
     };
-    let mut value_fields = Vec::new();
     s.whitespace();
     let start = s.at;
     if s.next()? != b'{' {
@@ -181,9 +135,6 @@ fn scan(text: &str, keep_value_fields: bool) -> Option<ObjectScan<'_>> {
             let value_start = s.at;
             s.value()?;
             fields.push((key, &text[value_start..s.at]));
-            if let Some(spans) = &mut s.spans {
-                value_fields.push(std::mem::take(spans));
-            }
             s.whitespace();
             match s.next()? {
                 b',' => s.whitespace(),
@@ -202,7 +153,6 @@ fn scan(text: &str, keep_value_fields: bool) -> Option<ObjectScan<'_>> {
         fields,
         depth: s.max_depth,
         long_number: s.long_number,
-        value_fields,
     })
 }
 
@@ -226,8 +176,6 @@ struct Scanner<'a> {
     depth: usize,
     max_depth: usize,
     long_number: bool,
-    /// When kept: the fields of the object value being scanned (see [`FieldSpan`]).
-    spans: Option<Vec<FieldSpan>>,
 }
 
 impl Scanner<'_> {
@@ -356,33 +304,24 @@ impl Scanner<'_> {
         Some(())
     }
 
-    /// One key and its colon inside an object (the text starts at the key's quote): where
-    /// the key's text starts and ends (between its quotes) and whether it has escapes.
-    fn key(&mut self) -> Option<(usize, usize, bool)> {
+    /// One key and its colon inside an object (the text starts at the key's quote).
+    fn key(&mut self) -> Option<()> {
         if self.next()? != b'"' {
             return None;
         }
-        let start = self.at;
-        let escaped = self.string()?;
-        let end = self.at - 1;
+        self.string()?;
         self.whitespace();
         if self.next()? != b':' {
             return None;
         }
         self.whitespace();
-        Some((start, end, escaped))
+        Some(())
     }
 
     /// One value (the text starts at its first byte), ending at its last byte. Nested
     /// containers are followed with a bit per level (object or array), not recursion.
-    /// When spans are kept and the value is an object, its fields go to `spans`.
     fn value(&mut self) -> Option<()> {
         let base = self.depth;
-        let start = self.at;
-        let keep = self.spans.is_some() && self.peek() == Some(b'{');
-        // The key of the value's field being scanned (start, end, escaped) and where its value
-        // starts, while spans are kept.
-        let mut field = (0, 0, false, 0);
         // Bit `level - base - 1`: whether that level is an object.
         let mut objects: u128 = 0;
         loop {
@@ -411,10 +350,7 @@ impl Scanner<'_> {
                         self.depth -= 1;
                     } else {
                         if is_object {
-                            let (key_start, key_end, escaped) = self.key()?;
-                            if keep && self.depth == base + 1 {
-                                field = (key_start, key_end, escaped, self.at);
-                            }
+                            self.key()?;
                         }
                         continue;
                     }
@@ -430,27 +366,13 @@ impl Scanner<'_> {
                 if self.depth == base {
                     return Some(());
                 }
-                if keep && self.depth == base + 1 {
-                    // A field of the value ends here.
-                    let offset = |at: usize| u32::try_from(at - start).ok();
-                    let (key_start, key_end, key_escaped, value_start) = field;
-                    let span = FieldSpan {
-                        key: (offset(key_start)?, offset(key_end)?),
-                        key_escaped,
-                        value: (offset(value_start)?, offset(self.at)?),
-                    };
-                    self.spans.as_mut().expect("kept").push(span);
-                }
                 let is_object = objects & (1u128 << (self.depth - base - 1)) != 0;
                 self.whitespace();
                 match self.next()? {
                     b',' => {
                         self.whitespace();
                         if is_object {
-                            let (key_start, key_end, escaped) = self.key()?;
-                            if keep && self.depth == base + 1 {
-                                field = (key_start, key_end, escaped, self.at);
-                            }
+                            self.key()?;
                         }
                         break;
                     }

@@ -14,9 +14,7 @@ use super::shape::{ShapeKind, TableShape};
 use super::ChangeLogRow;
 use crate::delivery::stored::DECODE_DEPTH;
 use crate::event::{sorted_fields, EntityEvent, EventKind, Image, Position};
-use crate::json_scan::{
-    object_fields_by_serde, scan_json, scan_object, scan_object_and_values, FieldSpan, ObjectScan,
-};
+use crate::json_scan::{object_fields_by_serde, scan_json, scan_object, ObjectScan};
 
 /// Why one change-log row could not become an event. The reason names the column and, for ids
 /// and operation codes, the offending value (cut to 64 characters); it never quotes payload JSON
@@ -164,15 +162,12 @@ fn envelope_images(
         .ok_or_else(|| DecodeError::new("object_data is NULL"))?;
     // One byte scan checks the envelope (images included) and finds its fields; serde_json
     // reads what the scan leaves to it, and words every error.
-    let (fields, mut value_fields) = match scan_object_and_values(text) {
-        Some(scan) => {
-            let scan = checked("object_data", text, scan)?;
-            (scan.fields, scan.value_fields)
-        }
+    let fields = match scan_object(text) {
+        Some(scan) => checked("object_data", text, scan)?.fields,
         None => {
             check_json("object_data", text)?;
             match object_fields_by_serde(text) {
-                Ok(fields) => (fields, Vec::new()),
+                Ok(fields) => fields,
                 Err(_) => {
                     let raw: &RawValue = serde_json::from_str(text).map_err(|e| {
                         DecodeError::new(format!("object_data is not valid JSON: {e}"))
@@ -185,13 +180,6 @@ fn envelope_images(
             }
         }
     };
-    // Where the images' own fields are (the scan found them), for the field `field` reads:
-    // the last of a repeated key.
-    let mut spans_of = |name: &str| {
-        let i = fields.iter().rposition(|(key, _)| key == name)?;
-        value_fields.get_mut(i).map(std::mem::take)
-    };
-    let (before_spans, after_spans) = (spans_of("before"), spans_of("after"));
     let envelope = sorted_fields(fields);
     let field = |name: &str| -> Option<&str> {
         envelope
@@ -244,9 +232,9 @@ fn envelope_images(
             )))
         }
     };
-    let before = image("the envelope's 'before'", field("before"), before_spans)?;
-    let after = image("the envelope's 'after'", field("after"), after_spans)?;
-    let source = image("the envelope's 'source'", field("source"), None)?.map(Image::into_value);
+    let before = image("the envelope's 'before'", field("before"))?;
+    let after = image("the envelope's 'after'", field("after"))?;
+    let source = image("the envelope's 'source'", field("source"))?.map(Image::into_value);
     let source_ts = match &source {
         Some(source) => source_timestamp(source)?,
         None => None,
@@ -282,7 +270,7 @@ fn split_images(
                 check_json(column, text)?;
                 let raw: &RawValue = serde_json::from_str(text)
                     .map_err(|e| DecodeError::new(format!("{column} is not valid JSON: {e}")))?;
-                image(column, Some(raw.get()), None)
+                image(column, Some(raw.get()))
             }
         },
     };
@@ -348,18 +336,10 @@ fn parse_json(column: &str, text: &str) -> Result<Value, DecodeError> {
 
 /// An image (or the `source` block), as checked JSON text: missing or JSON null is none, an
 /// object is kept, anything else is an error.
-/// `spans`: where its fields are, when the scan found them.
-fn image(
-    what: &str,
-    raw: Option<&str>,
-    spans: Option<Vec<FieldSpan>>,
-) -> Result<Option<Image>, DecodeError> {
+fn image(what: &str, raw: Option<&str>) -> Result<Option<Image>, DecodeError> {
     match raw.map(|raw| (raw, raw_type(raw))) {
         None | Some((_, "null")) => Ok(None),
-        Some((raw, "an object")) => Ok(Some(match spans {
-            Some(spans) => Image::from_text_and_fields(raw.into(), spans),
-            None => Image::from_text(raw.into()),
-        })),
+        Some((raw, "an object")) => Ok(Some(Image::from_text(raw.into()))),
         Some((_, other)) => Err(DecodeError::new(format!(
             "{what} is not a JSON object (found {other})"
         ))),
