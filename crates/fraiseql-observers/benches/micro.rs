@@ -12,7 +12,7 @@
 //! stages), for counting instructions under valgrind: `benches/instructions.sh` runs each stage
 //! with N and 2N and divides the difference by N, which removes the start-up and the setup.
 
-use fraiseql_observers::actions::webhook::{default_body, default_body_json, sign};
+use fraiseql_observers::actions::webhook::{default_body, default_body_json, sign, SigningKey};
 use fraiseql_observers::condition::Condition;
 use fraiseql_observers::listener::parser::{decode, ChangeLogRow, TableShape};
 use fraiseql_observers::template::{Template, TemplateMode};
@@ -60,7 +60,7 @@ fn repeat(stage: &str, n: u64) {
     let condition = Condition::compile("status == 'paid' && total > 100").expect("compiles");
     let (observers, matcher) = ten_observers();
     let template = Template::compile(TEMPLATE, TemplateMode::Json).expect("compiles");
-    let keys = [vec![7u8; 24]];
+    let keys = [SigningKey::new(&[7u8; 24])];
     let body = default_body_json(&updated);
     let id = "6f1e0b9c-8a71-5d3c-9e2a-1b4f4c8e9a6d";
     use divan::black_box as bb;
@@ -246,8 +246,7 @@ fn body_template(bencher: divan::Bencher) {
 #[divan::bench]
 fn signature(bencher: divan::Bencher) {
     let body = default_body_json(&event(true));
-    let key = vec![7u8; 24];
-    let keys = [key];
+    let keys = [SigningKey::new(&[7u8; 24])];
     bencher.bench(|| {
         sign(
             &keys,

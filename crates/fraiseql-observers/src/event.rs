@@ -5,11 +5,12 @@ use std::fmt;
 use std::sync::OnceLock;
 
 use chrono::{DateTime, Utc};
-use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::de::Deserializer;
 use serde::{Deserialize, Serialize, Serializer};
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use uuid::Uuid;
+
+use crate::json_scan::{object_fields_by_serde, scan_object, Fields};
 
 /// What happened to the entity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -88,52 +89,60 @@ impl FieldChangeRef<'_> {
 
 /// One image of a row (`before` or `after`): a JSON object kept as the row's JSON text and
 /// parsed only when something needs its values (a condition, a template, an action that reads
-/// fields). The default webhook body copies the text as it is ([`Image::raw`]).
+/// fields). The default webhook body copies the text as it is ([`Image::text`]).
 ///
 /// Invariant: the text is one JSON object that serde_json parses (the parser checks this when
-/// it decodes a row: [`Image::from_raw`] is its only unchecked constructor).
+/// it decodes a row: [`Image::from_text`] is its only unchecked constructor).
 pub struct Image {
     /// The text; empty only after a change through `DerefMut`, then written again from `value`.
-    raw: OnceLock<Box<RawValue>>,
+    text: OnceLock<Box<str>>,
     /// The values; set on first use, or from the start for an image made of a value.
     value: OnceLock<Value>,
 }
 
 impl Image {
     /// An image from JSON text the caller has checked (see the invariant).
-    pub(crate) fn from_raw(raw: Box<RawValue>) -> Image {
+    pub(crate) fn from_text(text: Box<str>) -> Image {
         Image {
-            raw: OnceLock::from(raw),
+            text: OnceLock::from(text),
             value: OnceLock::new(),
         }
     }
 
     /// The image as JSON text (as the row had it: key order and spacing are the database's).
-    pub fn raw(&self) -> &RawValue {
-        self.raw.get_or_init(|| {
+    pub fn text(&self) -> &str {
+        self.text.get_or_init(|| {
             let value = self
                 .value
                 .get()
                 .expect("an image holds its text or its value");
-            serde_json::value::to_raw_value(value).expect("a JSON value serializes")
+            serde_json::to_string(value)
+                .expect("a JSON value serializes")
+                .into_boxed_str()
         })
     }
 
     /// The image's values, parsed on first use.
     pub fn value(&self) -> &Value {
         self.value.get_or_init(|| {
-            let raw = self
-                .raw
+            let text = self
+                .text
                 .get()
                 .expect("an image holds its text or its value");
-            parse_checked(raw.get())
+            parse_checked(text)
         })
+    }
+
+    /// The image's values, owned.
+    pub fn into_value(self) -> Value {
+        self.value();
+        self.value.into_inner().expect("parsed above")
     }
 
     /// The image's top-level fields as JSON text, in key order, the last of a repeated key
     /// winning (as in a parsed map). Parses no value.
-    pub fn fields(&self) -> Vec<(Cow<'_, str>, &RawValue)> {
-        top_level_fields(self.raw().get()).unwrap_or_default()
+    pub fn fields(&self) -> Vec<(Cow<'_, str>, &str)> {
+        top_level_fields(self.text()).unwrap_or_default()
     }
 }
 
@@ -149,49 +158,19 @@ fn parse_checked(text: &str) -> Value {
     })
 }
 
-/// The top-level fields of a JSON object's text, sorted by key, the last of a repeated key kept.
-/// `None` when the text is not a JSON object.
-pub(crate) fn top_level_fields(text: &str) -> Option<Vec<(Cow<'_, str>, &RawValue)>> {
-    struct Fields;
-    impl<'de> Visitor<'de> for Fields {
-        type Value = Vec<(Cow<'de, str>, &'de RawValue)>;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a JSON object")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(16));
-            while let Some(key) = map.next_key::<Key<'de>>()? {
-                fields.push((key.0, map.next_value::<&'de RawValue>()?));
-            }
-            Ok(fields)
-        }
-    }
-    struct Key<'a>(Cow<'a, str>);
-    impl<'de> Deserialize<'de> for Key<'de> {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct KeyVisitor;
-            impl<'de> Visitor<'de> for KeyVisitor {
-                type Value = Key<'de>;
-                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                    f.write_str("a string")
-                }
-                fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                    Ok(Key(Cow::Borrowed(v)))
-                }
-                fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                    Ok(Key(Cow::Owned(v.to_string())))
-                }
-                fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
-                    Ok(Key(Cow::Owned(v)))
-                }
-            }
-            d.deserialize_str(KeyVisitor)
-        }
-    }
-    let mut deserializer = serde_json::Deserializer::from_str(text);
-    deserializer.disable_recursion_limit();
-    let mut fields = deserializer.deserialize_map(Fields).ok()?;
-    deserializer.end().ok()?;
+/// The top-level fields of a JSON object's text (values as their text), sorted by key, the last
+/// of a repeated key kept. `None` when the text is not a JSON object. One byte scan
+/// ([`scan_object`]); serde_json reads what the scan leaves to it.
+pub(crate) fn top_level_fields(text: &str) -> Option<Fields<'_>> {
+    let fields = match scan_object(text) {
+        Some(scan) => scan.fields,
+        None => object_fields_by_serde(text).ok()?,
+    };
+    Some(sorted_fields(fields))
+}
+
+/// Fields sorted by key, the last of a repeated key kept.
+pub(crate) fn sorted_fields(mut fields: Fields<'_>) -> Fields<'_> {
     // A stable sort keeps repeated keys in text order; the last of each run wins.
     fields.sort_by(|a, b| a.0.cmp(&b.0));
     fields.dedup_by(|later, earlier| {
@@ -202,14 +181,14 @@ pub(crate) fn top_level_fields(text: &str) -> Option<Vec<(Cow<'_, str>, &RawValu
             false
         }
     });
-    Some(fields)
+    fields
 }
 
 impl From<Value> for Image {
     /// An image of a value (its text is written when first asked for).
     fn from(value: Value) -> Image {
         Image {
-            raw: OnceLock::new(),
+            text: OnceLock::new(),
             value: OnceLock::from(value),
         }
     }
@@ -226,7 +205,7 @@ impl std::ops::DerefMut for Image {
     /// The values, to change them (the text is written again from them when next asked for).
     fn deref_mut(&mut self) -> &mut Value {
         self.value();
-        self.raw = OnceLock::new();
+        self.text = OnceLock::new();
         self.value.get_mut().expect("parsed above")
     }
 }
@@ -240,7 +219,7 @@ impl AsRef<Value> for Image {
 impl Clone for Image {
     fn clone(&self) -> Image {
         Image {
-            raw: self.raw.clone(),
+            text: self.text.clone(),
             value: self.value.clone(),
         }
     }
@@ -248,8 +227,8 @@ impl Clone for Image {
 
 impl PartialEq for Image {
     fn eq(&self, other: &Image) -> bool {
-        let same_text = match (self.raw.get(), other.raw.get()) {
-            (Some(a), Some(b)) => a.get() == b.get(),
+        let same_text = match (self.text.get(), other.text.get()) {
+            (Some(a), Some(b)) => a == b,
             _ => false,
         };
         same_text || self.value() == other.value()
@@ -275,7 +254,7 @@ impl fmt::Debug for Image {
 }
 
 impl Serialize for Image {
-    /// As its values (any serializer); the default webhook body copies [`Image::raw`] instead.
+    /// As its values (any serializer); the default webhook body copies [`Image::text`] instead.
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         self.value().serialize(serializer)
     }

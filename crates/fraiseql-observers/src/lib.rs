@@ -56,6 +56,7 @@ pub mod distributed;
 pub mod error;
 pub mod event;
 pub mod fields;
+pub mod json_scan;
 pub mod leader;
 pub mod listener;
 pub mod matcher;

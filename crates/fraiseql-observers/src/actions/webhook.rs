@@ -39,10 +39,9 @@ use base64::Engine;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use reqwest::Method;
 use ring::hmac;
-use serde::ser::{SerializeMap, Serializer};
+use serde::ser::Serializer;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use serde_json::value::RawValue;
 
 use super::http::{classify, HttpClient, HttpRequest, Target};
 use super::{
@@ -90,7 +89,25 @@ pub struct Webhook {
     headers: HeaderMap,
     body: Option<Template>,
     timeout: Duration,
-    signing_keys: Vec<Vec<u8>>,
+    signing_keys: Vec<SigningKey>,
+}
+
+/// A signing secret prepared for HMAC-SHA256 once, when the action compiles (not per event).
+/// Its `Debug` shows nothing of the key.
+#[derive(Clone)]
+pub struct SigningKey(hmac::Key);
+
+impl SigningKey {
+    /// The key for a secret's bytes (a `whsec_` secret base64-decoded, another one as it is).
+    pub fn new(secret: &[u8]) -> SigningKey {
+        SigningKey(hmac::Key::new(hmac::HMAC_SHA256, secret))
+    }
+}
+
+impl fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SigningKey(..)")
+    }
 }
 
 impl fmt::Debug for Webhook {
@@ -201,6 +218,9 @@ pub fn compile(
             secret_from_env(var, &secret_path, env, &mut errors)
                 .map(|secrets| parse_signing_keys(&secrets, var, &secret_path, &mut errors))
                 .unwrap_or_default()
+                .iter()
+                .map(|secret| SigningKey::new(secret))
+                .collect()
         }
     };
 
@@ -314,121 +334,125 @@ impl Webhook {
 
 /// The default body as JSON text: the same JSON as `default_body(event)`, written straight from
 /// the event: the images (and the values in `changes`) are copied as the row's JSON text, not
-/// parsed and written again, so their keys keep the database's order and spacing.
+/// parsed and written again, so their keys keep the database's order and spacing. Keys come in
+/// the order a `serde_json::Map` (a sorted map: serde_json's `preserve_order` is off) would
+/// write them; the rest is written by serde_json, compact.
 pub fn default_body_json(event: &EntityEvent) -> String {
-    let image_len = |image: &Option<Image>| image.as_ref().map_or(0, |i| i.raw().get().len());
-    let mut out =
-        Vec::with_capacity(512 + 2 * (image_len(&event.before) + image_len(&event.after)));
-    serde_json::to_writer(&mut out, &DefaultBody(event))
-        .expect("serializing an event to memory cannot fail");
-    String::from_utf8(out).expect("serde_json writes UTF-8")
+    let e = event;
+    let image_len = |image: &Option<Image>| image.as_ref().map_or(0, |i| i.text().len());
+    let mut out = Vec::with_capacity(512 + 2 * (image_len(&e.before) + image_len(&e.after)));
+    let image = |out: &mut Vec<u8>, image: &Option<Image>| match image {
+        Some(image) => out.extend_from_slice(image.text().as_bytes()),
+        None => out.extend_from_slice(b"null"),
+    };
+    out.extend_from_slice(b"{\"data\":{\"after\":");
+    image(&mut out, &e.after);
+    out.extend_from_slice(b",\"author\":");
+    write_json(&mut out, &e.author);
+    out.extend_from_slice(b",\"before\":");
+    image(&mut out, &e.before);
+    out.extend_from_slice(b",\"change_status\":");
+    write_json(&mut out, &e.change_status);
+    out.extend_from_slice(b",\"changes\":");
+    write_changes(&mut out, e);
+    // The event's time, written once: `created_at` and the body's `timestamp`.
+    let mut created_at = Vec::with_capacity(40);
+    write_json(&mut created_at, &Rfc3339(&e.created_at));
+    out.extend_from_slice(b",\"created_at\":");
+    out.extend_from_slice(&created_at);
+    out.extend_from_slice(b",\"entity_id\":");
+    write_json(&mut out, &Shown(&e.entity_id));
+    out.extend_from_slice(b",\"entity_type\":");
+    write_json(&mut out, &e.entity_type);
+    out.extend_from_slice(b",\"extra_metadata\":");
+    write_json(&mut out, &e.extra_metadata);
+    out.extend_from_slice(b",\"id\":");
+    write_json(&mut out, &Shown(&e.id));
+    out.extend_from_slice(b",\"kind\":");
+    write_json(&mut out, e.kind.as_str());
+    out.extend_from_slice(b",\"op\":");
+    write_json(&mut out, e.kind.op());
+    out.extend_from_slice(b",\"sequence\":");
+    write_json(&mut out, &e.sequence);
+    out.extend_from_slice(b",\"source\":");
+    write_json(&mut out, &e.source);
+    out.extend_from_slice(b",\"source_ts\":");
+    write_json(&mut out, &e.source_ts.as_ref().map(Rfc3339));
+    out.extend_from_slice(b",\"tenant\":");
+    write_json(&mut out, &e.tenant.as_ref().map(Shown));
+    out.extend_from_slice(b"},\"timestamp\":");
+    out.extend_from_slice(&created_at);
+    out.extend_from_slice(b",\"type\":");
+    write_json(&mut out, &EventType(e));
+    out.push(b'}');
+    String::from_utf8(out).expect("JSON text is UTF-8")
 }
 
-/// [`default_body`] as a borrowing `Serialize`. Keys come in the order a `serde_json::Map`
-/// (a sorted map: serde_json's `preserve_order` is off) would write them.
-struct DefaultBody<'a>(&'a EntityEvent);
-
-impl Serialize for DefaultBody<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let event = self.0;
-        let mut map = serializer.serialize_map(Some(3))?;
-        map.serialize_entry("data", &BodyData(event))?;
-        map.serialize_entry("timestamp", &Rfc3339(&event.created_at))?;
-        map.serialize_entry("type", &EventType(event))?;
-        map.end()
-    }
-}
-
-struct BodyData<'a>(&'a EntityEvent);
-
-impl Serialize for BodyData<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let e = self.0;
-        let mut map = serializer.serialize_map(Some(16))?;
-        map.serialize_entry("after", &e.after.as_ref().map(Image::raw))?;
-        map.serialize_entry("author", &e.author)?;
-        map.serialize_entry("before", &e.before.as_ref().map(Image::raw))?;
-        map.serialize_entry("change_status", &e.change_status)?;
-        map.serialize_entry("changes", &RawChanges(e))?;
-        map.serialize_entry("created_at", &Rfc3339(&e.created_at))?;
-        map.serialize_entry("entity_id", &Shown(&e.entity_id))?;
-        map.serialize_entry("entity_type", &e.entity_type)?;
-        map.serialize_entry("extra_metadata", &e.extra_metadata)?;
-        map.serialize_entry("id", &Shown(&e.id))?;
-        map.serialize_entry("kind", e.kind.as_str())?;
-        map.serialize_entry("op", e.kind.op())?;
-        map.serialize_entry("sequence", &e.sequence)?;
-        map.serialize_entry("source", &e.source)?;
-        map.serialize_entry("source_ts", &e.source_ts.as_ref().map(Rfc3339))?;
-        map.serialize_entry("tenant", &e.tenant.as_ref().map(Shown))?;
-        map.end()
-    }
+/// One value as compact JSON, appended.
+fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    serde_json::to_writer(out, value).expect("serializing to memory cannot fail");
 }
 
 /// `changes` as JSON text sliced from the images: `{field: {"new", "old"}}` in field order, or
 /// `null` (see [`EntityEvent::change_images`]). A field whose text is the same on both sides is
 /// unchanged; one whose text differs is parsed and compared as values (`1.0` and `1.00` are the
-/// same number), so the fields are exactly those of [`EntityEvent::changes`]. Only for
-/// serde_json's serializer (it writes `RawValue`s as they are).
-struct RawChanges<'a>(&'a EntityEvent);
-
-impl Serialize for RawChanges<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let Some((old, new)) = self.0.change_images() else {
-            return serializer.serialize_none();
-        };
-        let old = old.map(Image::fields).unwrap_or_default();
-        let new = new.map(Image::fields).unwrap_or_default();
-        let mut map = serializer.serialize_map(None)?;
-        let (mut o, mut n) = (old.iter().peekable(), new.iter().peekable());
-        loop {
-            let (field, before, after) = match (o.peek(), n.peek()) {
-                (None, None) => break,
-                (Some((ko, _)), Some((kn, _))) if ko == kn => {
-                    let ((k, b), (_, a)) = (o.next().unwrap(), n.next().unwrap());
-                    (k, Some(*b), Some(*a))
-                }
-                (Some((ko, _)), Some((kn, _))) if ko > kn => {
-                    let (k, a) = n.next().unwrap();
-                    (k, None, Some(*a))
-                }
-                (Some(_), _) => {
-                    let (k, b) = o.next().unwrap();
-                    (k, Some(*b), None)
-                }
-                (None, Some(_)) => {
-                    let (k, a) = n.next().unwrap();
-                    (k, None, Some(*a))
-                }
-            };
-            if !same_value(before, after) {
-                map.serialize_entry(field.as_ref(), &RawOldNew(before, after))?;
+/// same number), so the fields are exactly those of [`EntityEvent::changes`].
+fn write_changes(out: &mut Vec<u8>, event: &EntityEvent) {
+    let Some((old, new)) = event.change_images() else {
+        out.extend_from_slice(b"null");
+        return;
+    };
+    let old = old.map(Image::fields).unwrap_or_default();
+    let new = new.map(Image::fields).unwrap_or_default();
+    let (mut o, mut n) = (old.iter().peekable(), new.iter().peekable());
+    let mut first = true;
+    out.push(b'{');
+    loop {
+        let (field, before, after) = match (o.peek(), n.peek()) {
+            (None, None) => break,
+            (Some((ko, _)), Some((kn, _))) if ko == kn => {
+                let ((k, b), (_, a)) = (o.next().unwrap(), n.next().unwrap());
+                (k, Some(*b), Some(*a))
             }
+            (Some((ko, _)), Some((kn, _))) if ko > kn => {
+                let (k, a) = n.next().unwrap();
+                (k, None, Some(*a))
+            }
+            (Some(_), _) => {
+                let (k, b) = o.next().unwrap();
+                (k, Some(*b), None)
+            }
+            (None, Some(_)) => {
+                let (k, a) = n.next().unwrap();
+                (k, None, Some(*a))
+            }
+        };
+        if same_value(before, after) {
+            continue;
         }
-        map.end()
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        write_json(out, field.as_ref());
+        out.extend_from_slice(b":{\"new\":");
+        out.extend_from_slice(after.unwrap_or("null").as_bytes());
+        out.extend_from_slice(b",\"old\":");
+        out.extend_from_slice(before.unwrap_or("null").as_bytes());
+        out.push(b'}');
     }
+    out.push(b'}');
 }
 
 /// Whether two fields' JSON texts hold the same value (both absent counts as the same).
-fn same_value(a: Option<&RawValue>, b: Option<&RawValue>) -> bool {
+fn same_value(a: Option<&str>, b: Option<&str>) -> bool {
     match (a, b) {
         (None, None) => true,
         (Some(a), Some(b)) => {
-            let parsed = |raw: &RawValue| serde_json::from_str::<serde_json::Value>(raw.get()).ok();
-            a.get() == b.get() || parsed(a) == parsed(b)
+            let parsed = |text: &str| serde_json::from_str::<serde_json::Value>(text).ok();
+            a == b || parsed(a) == parsed(b)
         }
         _ => false,
-    }
-}
-
-struct RawOldNew<'a>(Option<&'a RawValue>, Option<&'a RawValue>);
-
-impl Serialize for RawOldNew<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(2))?;
-        map.serialize_entry("new", &self.1)?;
-        map.serialize_entry("old", &self.0)?;
-        map.end()
     }
 }
 
@@ -482,13 +506,13 @@ pub fn default_body(event: &EntityEvent) -> serde_json::Value {
 /// The `webhook-signature` value: `v1,<base64 HMAC-SHA256>` per key, space-separated.
 /// HMAC-SHA256 by `ring` (already linked for TLS): its assembly SHA-256 uses the CPU's SHA
 /// extensions when there are any, and vector code otherwise (`sha2`'s portable code was about
-/// four times the instructions where a CPU has no SHA extensions, see BENCHMARKS.md).
-pub fn sign(keys: &[Vec<u8>], id: &str, timestamp: i64, body: &str) -> String {
+/// four times the instructions where a CPU has no SHA extensions, see BENCHMARKS.md). The keys
+/// come prepared ([`SigningKey`]): the key's own two blocks are hashed once, not per event.
+pub fn sign(keys: &[SigningKey], id: &str, timestamp: i64, body: &str) -> String {
     let timestamp = timestamp.to_string();
     let mut out = String::with_capacity(keys.len() * 48);
     for (i, key) in keys.iter().enumerate() {
-        let key = hmac::Key::new(hmac::HMAC_SHA256, key);
-        let mut mac = hmac::Context::with_key(&key);
+        let mut mac = hmac::Context::with_key(&key.0);
         mac.update(id.as_bytes());
         mac.update(b".");
         mac.update(timestamp.as_bytes());
@@ -681,7 +705,7 @@ mod tests {
         // The example of the Standard Webhooks specification's reference libraries.
         let key = BASE64.decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
         let sig = sign(
-            &[key],
+            &[SigningKey::new(&key)],
             "msg_p5jXN8AQM9LWM0D4loKWxJek",
             1614265330,
             r#"{"test": 2432232314}"#,
@@ -731,11 +755,20 @@ mod tests {
         };
         let env = env_of(&[("S", "plain-secret whsec_AAEC")]);
         let hook = compile(&config, "p", &CompileContext::new(&env)).unwrap();
+        let mut errors = Vec::new();
+        let secrets = parse_signing_keys("plain-secret whsec_AAEC", "S", "p", &mut errors);
+        assert_eq!(secrets, vec![b"plain-secret".to_vec(), vec![0, 1, 2]]);
+        assert!(errors.is_empty());
+        // The compiled keys are those secrets': the same signatures, one per key.
+        let expected = [
+            SigningKey::new(b"plain-secret"),
+            SigningKey::new(&[0, 1, 2]),
+        ];
         assert_eq!(
-            hook.signing_keys,
-            vec![b"plain-secret".to_vec(), vec![0, 1, 2]]
+            sign(&hook.signing_keys, "msg_1", 1, "{}"),
+            sign(&expected, "msg_1", 1, "{}")
         );
-        let debug = format!("{hook:?}");
+        let debug = format!("{hook:?} {:?}", hook.signing_keys);
         assert!(!debug.contains("plain-secret"), "{debug}");
     }
 }

@@ -18,54 +18,7 @@ pub const DECODE_DEPTH: usize = 127;
 /// a row's values, plus a margin.
 pub const STORED_DEPTH: usize = DECODE_DEPTH + 8;
 
-/// What a scan of JSON text finds without parsing it (strings skipped, escapes included; the
-/// text is not otherwise validated).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct JsonScan {
-    /// How deeply it nests arrays and objects (0 for a scalar).
-    pub depth: usize,
-    /// Whether it holds a number serde_json may not read without parsing it in full: one written
-    /// with an exponent, or with 300 and more digits (beyond f64's range).
-    pub long_number: bool,
-}
-
-/// Scan `text` once: its nesting depth and whether it holds a long number.
-pub fn scan_json(text: &str) -> JsonScan {
-    let (mut depth, mut max) = (0usize, 0usize);
-    let (mut in_string, mut escaped) = (false, false);
-    let (mut digits, mut long_number) = (0usize, false);
-    for b in text.bytes() {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'0'..=b'9' => {
-                digits += 1;
-                long_number |= digits >= 300;
-                continue;
-            }
-            b'e' | b'E' if digits > 0 => long_number = true,
-            b'"' => in_string = true,
-            b'{' | b'[' => {
-                depth += 1;
-                max = max.max(depth);
-            }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-        digits = 0;
-    }
-    JsonScan {
-        depth: max,
-        long_number,
-    }
-}
+pub use crate::json_scan::{scan_json, JsonScan};
 
 /// How deeply `text` nests arrays and objects (0 for a scalar): [`scan_json`]'s depth.
 pub fn json_depth(text: &str) -> usize {

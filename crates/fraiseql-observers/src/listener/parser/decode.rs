@@ -12,8 +12,9 @@ use super::row::ChangeLogRowRef;
 use super::shape::{ShapeKind, TableShape};
 #[cfg(doc)]
 use super::ChangeLogRow;
-use crate::delivery::stored::{scan_json, DECODE_DEPTH};
-use crate::event::{top_level_fields, EntityEvent, EventKind, Image, Position};
+use crate::delivery::stored::DECODE_DEPTH;
+use crate::event::{sorted_fields, EntityEvent, EventKind, Image, Position};
+use crate::json_scan::{object_fields_by_serde, scan_json, scan_object, ObjectScan};
 
 /// Why one change-log row could not become an event. The reason names the column and, for ids
 /// and operation codes, the offending value (cut to 64 characters); it never quotes payload JSON
@@ -159,19 +160,28 @@ fn envelope_images(
     let text = row
         .object_data
         .ok_or_else(|| DecodeError::new("object_data is NULL"))?;
-    check_json("object_data", text)?;
-    let envelope = match top_level_fields(text) {
-        Some(fields) => fields,
+    // One byte scan checks the envelope (images included) and finds its fields; serde_json
+    // reads what the scan leaves to it, and words every error.
+    let fields = match scan_object(text) {
+        Some(scan) => checked("object_data", text, scan)?.fields,
         None => {
-            let raw: &RawValue = serde_json::from_str(text)
-                .map_err(|e| DecodeError::new(format!("object_data is not valid JSON: {e}")))?;
-            return Err(DecodeError::new(format!(
-                "object_data is not a JSON object (found {})",
-                raw_type(raw.get())
-            )));
+            check_json("object_data", text)?;
+            match object_fields_by_serde(text) {
+                Ok(fields) => fields,
+                Err(_) => {
+                    let raw: &RawValue = serde_json::from_str(text).map_err(|e| {
+                        DecodeError::new(format!("object_data is not valid JSON: {e}"))
+                    })?;
+                    return Err(DecodeError::new(format!(
+                        "object_data is not a JSON object (found {})",
+                        raw_type(raw.get())
+                    )));
+                }
+            }
         }
     };
-    let field = |name: &str| -> Option<&RawValue> {
+    let envelope = sorted_fields(fields);
+    let field = |name: &str| -> Option<&str> {
         envelope
             .binary_search_by(|(key, _)| key.as_ref().cmp(name))
             .ok()
@@ -183,13 +193,13 @@ fn envelope_images(
                 "unknown operation: the envelope has no 'op'",
             ))
         }
-        Some(raw) => match raw_type(raw.get()) {
+        Some(raw) => match raw_type(raw) {
             "null" => {
                 return Err(DecodeError::new(
                     "unknown operation: the envelope has no 'op'",
                 ))
             }
-            "a string" => serde_json::from_str(raw.get())
+            "a string" => serde_json::from_str(raw)
                 .map_err(|e| DecodeError::new(format!("object_data is not valid JSON: {e}")))?,
             other => {
                 return Err(DecodeError::new(format!(
@@ -224,8 +234,7 @@ fn envelope_images(
     };
     let before = image("the envelope's 'before'", field("before"))?;
     let after = image("the envelope's 'after'", field("after"))?;
-    let source =
-        image("the envelope's 'source'", field("source"))?.map(|source| source.value().clone());
+    let source = image("the envelope's 'source'", field("source"))?.map(Image::into_value);
     let source_ts = match &source {
         Some(source) => source_timestamp(source)?,
         None => None,
@@ -253,12 +262,17 @@ fn split_images(
     let kind = modification.ok_or_else(|| DecodeError::new("modification_type is NULL"))?;
     let parse_image = |column: &str, text: Option<&str>| match text {
         None => Ok(None),
-        Some(text) => {
-            check_json(column, text)?;
-            let raw: &RawValue = serde_json::from_str(text)
-                .map_err(|e| DecodeError::new(format!("{column} is not valid JSON: {e}")))?;
-            image(column, Some(raw))
-        }
+        Some(text) => match scan_object(text) {
+            Some(scan) => Ok(Some(Image::from_text(
+                checked(column, text, scan)?.object.into(),
+            ))),
+            None => {
+                check_json(column, text)?;
+                let raw: &RawValue = serde_json::from_str(text)
+                    .map_err(|e| DecodeError::new(format!("{column} is not valid JSON: {e}")))?;
+                image(column, Some(raw.get()))
+            }
+        },
     };
     Ok(Images {
         kind,
@@ -322,14 +336,27 @@ fn parse_json(column: &str, text: &str) -> Result<Value, DecodeError> {
 
 /// An image (or the `source` block), as checked JSON text: missing or JSON null is none, an
 /// object is kept, anything else is an error.
-fn image(what: &str, raw: Option<&RawValue>) -> Result<Option<Image>, DecodeError> {
-    match raw.map(|raw| (raw, raw_type(raw.get()))) {
+fn image(what: &str, raw: Option<&str>) -> Result<Option<Image>, DecodeError> {
+    match raw.map(|raw| (raw, raw_type(raw))) {
         None | Some((_, "null")) => Ok(None),
-        Some((raw, "an object")) => Ok(Some(Image::from_raw(raw.to_owned()))),
+        Some((raw, "an object")) => Ok(Some(Image::from_text(raw.into()))),
         Some((_, other)) => Err(DecodeError::new(format!(
             "{what} is not a JSON object (found {other})"
         ))),
     }
+}
+
+/// An object the scan accepted (valid JSON), checked for what [`parse_json`] would still refuse:
+/// nesting deeper than serde_json's default limit, a number it cannot read (see [`check_json`]).
+fn checked<'a>(
+    column: &str,
+    text: &str,
+    scan: ObjectScan<'a>,
+) -> Result<ObjectScan<'a>, DecodeError> {
+    if scan.depth > DECODE_DEPTH || scan.long_number {
+        parse_json(column, text)?;
+    }
+    Ok(scan)
 }
 
 /// What [`parse_json`] would refuse in a text whose values are only sliced, not parsed: invalid
