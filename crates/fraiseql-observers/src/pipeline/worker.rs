@@ -26,6 +26,11 @@
 //!   fetching, finish and acknowledge what is in flight), keeps its lease, and starts it again
 //!   with the configuration compiled then; a configuration that does not compile is logged and
 //!   the running one stays.
+//! * A message for an observer the partition's configuration does not hold (the reader's and
+//!   the workers' configurations differ) is not delivered and never left pending: each of its
+//!   deliveries is dead-lettered as `not_accepted` (one item per action type the message names,
+//!   the delivery id the action would have had, fenced under `C/p`'s epoch) before it is
+//!   acknowledged, in stream order; a `dlq retry` sends them once the workers know it.
 
 use super::chains::{Chains, Done, Job};
 use super::executor::{self, ObserverExecutor};
