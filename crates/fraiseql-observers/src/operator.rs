@@ -23,6 +23,7 @@ use crate::delivery::policy::{self, Reason};
 use crate::delivery::retry_queue::{self, PendingRetry};
 use crate::delivery::{bounded_attempt, RETRY_LEASE};
 use crate::delivery::{delivery_id, entity_key, DeliveryItem};
+use crate::distributed;
 use crate::error::{Error, Result};
 use crate::event::EntityEvent;
 use crate::leader;
@@ -258,17 +259,23 @@ impl Operator {
     /// concurrent retries of one item deliver once. Sent only when the observer, as configured
     /// now, still accepts the event ([`policy::still_accepted`]); otherwise it stays a dead
     /// letter, now with reason `not_accepted`, and the error says why. `Ok(None)` when it is not pending or is
-    /// another consumer's (whose observers this configuration does not hold). An error, with
+    /// another consumer's (whose observers this configuration does not hold; a distributed
+    /// worker's partition `C/p` is `C`'s). An error, with
     /// the item left pending and nothing sent, when its observer is paused.
     pub async fn retry_dead_letter(
         &self,
         id: i64,
     ) -> Result<Option<std::result::Result<(), ActionError>>> {
-        if let Some(item) = dead_letter::get(&self.client, id).await? {
-            self.refuse_if_paused(&item.observer).await?;
+        let Some(found) = dead_letter::get(&self.client, id).await? else {
+            return Ok(None);
+        };
+        self.refuse_if_paused(&found.observer).await?;
+        // A distributed worker's partition p dead-letters as `C/p`: those items are C's too.
+        if !distributed::is_consumer_or_partition(&found.consumer_id, &self.consumer) {
+            return Ok(None);
         }
         let Some(item) =
-            dead_letter::claim_for_retry(&self.client, &self.consumer, id, RETRY_LEASE).await?
+            dead_letter::claim_for_retry(&self.client, &found.consumer_id, id, RETRY_LEASE).await?
         else {
             return Ok(None);
         };

@@ -8,6 +8,7 @@ use crate::Cli;
 use anyhow::bail;
 use clap::{Args, Subcommand, ValueEnum};
 use fraiseql_observers::delivery::dead_letter::{self, DlqItem};
+use fraiseql_observers::distributed;
 use serde_json::json;
 use std::process::ExitCode;
 
@@ -33,7 +34,7 @@ pub enum DlqCommand {
         json: bool,
     },
     /// Deliver dead letters again with the action as configured now (needs --config; only the
-    /// configured consumer's).
+    /// configured consumer's, its distributed partitions' included).
     Retry(RetryArgs),
     /// Mark a pending dead letter as discarded (it is kept, with its history).
     Discard { id: i64 },
@@ -156,7 +157,7 @@ async fn retry(cli: &Cli, args: &RetryArgs) -> anyhow::Result<ExitCode> {
             let Some(item) = dead_letter::get(client, id).await? else {
                 bail!("no dead letter with id {id}");
             };
-            if item.consumer_id != operator.consumer() {
+            if !distributed::is_consumer_or_partition(&item.consumer_id, operator.consumer()) {
                 bail!(
                     "dead letter {id} belongs to consumer '{}', not '{}' (this configuration); nothing sent",
                     item.consumer_id,

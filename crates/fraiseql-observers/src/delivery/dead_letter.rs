@@ -216,12 +216,16 @@ pub async fn claim_for_retry(
         .transpose()
 }
 
-/// Ids of every pending item of `consumer`, oldest first (for `dlq retry --all`).
+/// Ids of every pending item of `consumer` and of its distributed partitions (`consumer/p`),
+/// oldest first (for `dlq retry --all`).
 pub async fn pending_ids(client: &Client, consumer: &str) -> Result<Vec<i64>> {
     Ok(client
         .query(
             "SELECT id FROM core.observer_dlq_items
-              WHERE consumer_id = $1 AND status = 'pending' ORDER BY id",
+              WHERE (consumer_id = $1
+                     OR (left(consumer_id, length($1) + 1) = $1 || '/'
+                         AND substr(consumer_id, length($1) + 2) ~ '^[0-9]+$'))
+                AND status = 'pending' ORDER BY id",
             &[&consumer],
         )
         .await?

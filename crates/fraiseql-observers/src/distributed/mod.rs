@@ -252,6 +252,16 @@ pub fn partition_consumer(consumer: &str, p: u32) -> String {
     format!("{consumer}/{p}")
 }
 
+/// Whether `id` is `consumer` or one of its partitions (`consumer/p`, [`partition_consumer`]):
+/// the dead letters an operator of `consumer` may retry.
+pub fn is_consumer_or_partition(id: &str, consumer: &str) -> bool {
+    id == consumer
+        || id
+            .strip_prefix(consumer)
+            .and_then(|rest| rest.strip_prefix('/'))
+            .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// The durable JetStream consumer of partition `p`.
 pub fn durable_name(p: u32) -> String {
     format!("partition-{p}")
@@ -261,21 +271,36 @@ pub fn durable_name(p: u32) -> String {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct WorkItem {
     pub observer: String,
+    /// The observer's action types, in order, as the reader knows them: a worker that does not
+    /// know the observer dead-letters one item per action with them. Empty in a message from a
+    /// reader older than this field.
+    #[serde(default)]
+    pub actions: Vec<String>,
     pub event: EntityEvent,
 }
 
 #[derive(Serialize)]
-struct WorkItemRef<'a> {
+struct WorkItemRef<'a, A: Serialize> {
     observer: &'a str,
+    actions: A,
     event: &'a EntityEvent,
 }
 
 impl WorkItem {
     /// The message body of `observer`'s deliveries of `event` (the event as the retry queue
-    /// stores it).
-    pub fn encode(observer: &str, event: &EntityEvent) -> Vec<u8> {
-        serde_json::to_vec(&WorkItemRef { observer, event })
-            .expect("an event always serialises to JSON")
+    /// stores it), naming the observer's action types (`actions`, in order).
+    pub fn encode<'a>(
+        observer: &str,
+        actions: impl IntoIterator<Item = &'a str>,
+        event: &EntityEvent,
+    ) -> Vec<u8> {
+        let actions: Vec<&str> = actions.into_iter().collect();
+        serde_json::to_vec(&WorkItemRef {
+            observer,
+            actions,
+            event,
+        })
+        .expect("an event always serialises to JSON")
     }
 
     /// Read a message body back (as the retry queue reads its events back).
@@ -312,15 +337,34 @@ mod tests {
     }
 
     #[test]
+    fn a_consumers_partitions_are_its_own() {
+        assert!(is_consumer_or_partition("dist", "dist"));
+        assert!(is_consumer_or_partition(
+            &partition_consumer("dist", 3),
+            "dist"
+        ));
+        assert!(!is_consumer_or_partition("dist/", "dist"));
+        assert!(!is_consumer_or_partition("dist/x", "dist"));
+        assert!(!is_consumer_or_partition("distant/3", "dist"));
+        assert!(!is_consumer_or_partition("other/3", "dist"));
+    }
+
+    #[test]
     fn work_items_round_trip() {
         let event = order_event(
             crate::EventKind::Updated,
             Some(serde_json::json!({"id": 7, "status": "new"})),
             Some(serde_json::json!({"id": 7, "status": "paid"})),
         );
-        let body = WorkItem::encode("order_paid", &event);
+        let body = WorkItem::encode("order_paid", ["webhook", "nats"], &event);
         let item = WorkItem::decode(&body).unwrap();
         assert_eq!(item.observer, "order_paid");
+        assert_eq!(item.actions, ["webhook", "nats"]);
+        assert_eq!(item.event, event);
+        // A message from a reader that did not name the actions still reads.
+        let old = serde_json::json!({"observer": "order_paid", "event": event});
+        let item = WorkItem::decode(old.to_string().as_bytes()).unwrap();
+        assert!(item.actions.is_empty());
         assert_eq!(item.event, event);
         assert!(WorkItem::decode(b"{").is_err());
         assert_eq!(work_msg_id(event.id, "a"), work_msg_id(event.id, "a"));

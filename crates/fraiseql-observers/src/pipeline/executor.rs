@@ -229,7 +229,8 @@ impl ObserverExecutor {
         let partition =
             distributed::partition_of(name, &entity_key(event), stream.config().partitions);
         let id = distributed::work_msg_id(event.id, name);
-        let body = distributed::WorkItem::encode(name, event);
+        let actions = self.observers[i].actions.iter().map(|a| a.kind());
+        let body = distributed::WorkItem::encode(name, actions, event);
         let mut delay = Duration::from_millis(50);
         let mut failing = false;
         loop {

@@ -26,6 +26,11 @@
 //!   fetching, finish and acknowledge what is in flight), keeps its lease, and starts it again
 //!   with the configuration compiled then; a configuration that does not compile is logged and
 //!   the running one stays.
+//! * A message for an observer the partition's configuration does not hold (the reader's and
+//!   the workers' configurations differ) is not delivered and never left pending: each of its
+//!   deliveries is dead-lettered as `not_accepted` (one item per action type the message names,
+//!   the delivery id the action would have had, fenced under `C/p`'s epoch) before it is
+//!   acknowledged, in stream order; a `dlq retry` sends them once the workers know it.
 
 use super::chains::{Chains, Done, Job};
 use super::executor::{self, ObserverExecutor};
@@ -34,8 +39,9 @@ use super::{prepare_actions, EngineStatus};
 use crate::config::Config;
 use crate::control::{self, Paused};
 use crate::db;
-use crate::delivery::entity_key;
+use crate::delivery::dead_letter::{self, Reason};
 use crate::delivery::flow::Endpoint;
+use crate::delivery::{delivery_id, entity_key, DeliveryItem};
 use crate::distributed::{
     self, claim_partition, remove_worker, PartitionLocks, WorkItem, WorkStream,
 };
@@ -546,9 +552,10 @@ async fn partition(shared: Arc<Shared>, p: u32, mut drain: watch::Receiver<bool>
                         }
                     };
                     let Some(i) = executor.observers().iter().position(|o| o.name == item.observer) else {
-                        tracing::warn!(partition = p, observer = %item.observer,
-                            "a work message for an observer this worker does not know; left for another worker");
-                        let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await;
+                        // In stream order, before the next message is read: every message of
+                        // this (observer, entity) takes this path, so nothing is overtaken.
+                        executor.dead_letter_unknown(p, &item).await?;
+                        acks.spawn(acknowledge(message, p));
                         continue;
                     };
                     let done_tx = done_tx.clone();
@@ -575,6 +582,72 @@ async fn partition(shared: Arc<Shared>, p: u32, mut drain: watch::Receiver<bool>
     tasks.abort_all();
     executor.log.flush().await;
     Ok(())
+}
+
+/// The action type recorded for a message from a reader that did not name the observer's
+/// actions ([`WorkItem::actions`] empty).
+const UNNAMED_ACTIONS: &str = "unknown";
+
+impl ObserverExecutor {
+    /// A work message for an observer this partition's configuration does not hold (the
+    /// reader's and the workers' configurations differ): each of its deliveries is given up as
+    /// [`Reason::NotAccepted`], as a queued retry of a removed observer is: dead-lettered under
+    /// this partition's consumer and epoch (fenced), with the delivery id the action would have
+    /// had and no attempt made, so a `dlq retry` once the workers know the observer sends it.
+    /// One item per action the reader named; a message from an older reader, which names none,
+    /// gives one item (action 0, type `unknown`) standing for all of them. Returns once every
+    /// item is durable (the message may then be acknowledged); an error (fenced) loses the
+    /// partition.
+    async fn dead_letter_unknown(&self, p: u32, item: &WorkItem) -> Result<()> {
+        let mut error = format!(
+            "observer '{}' is not in this worker's configuration (the reader's and the \
+             workers' configurations differ)",
+            item.observer
+        );
+        let actions: Vec<&str> = if item.actions.is_empty() {
+            error.push_str(
+                "; sent by a reader that does not name the observer's actions: this item stands \
+                 for all of them (`dlq retry` sends action 0; `replay` sends every action)",
+            );
+            vec![UNNAMED_ACTIONS]
+        } else {
+            item.actions.iter().map(String::as_str).collect()
+        };
+        let key = entity_key(&item.event);
+        let error = &error;
+        for (a, action_type) in actions.into_iter().enumerate() {
+            let id = delivery_id(item.event.id, &item.observer, a);
+            let delivery = &DeliveryItem {
+                observer: &item.observer,
+                action_index: a,
+                action_type,
+                entity_key: &key,
+                ordered: false,
+                event: &item.event,
+                delivery_id: &id,
+            };
+            self.durably(|c| async move {
+                dead_letter::insert(
+                    &c,
+                    &self.consumer,
+                    self.epoch,
+                    delivery,
+                    0,
+                    Reason::NotAccepted,
+                    error,
+                )
+                .await
+            })
+            .await?;
+            metrics::counter!(m::DEAD_LETTERED).increment(1);
+            tracing::warn!(partition = p, consumer = %self.consumer, observer = %item.observer,
+                action = a, action_type, sequence = item.event.sequence,
+                event_id = %item.event.id, delivery_id = %id, attempts = 0,
+                reason = Reason::NotAccepted.as_str(), error = %error,
+                "delivery dead-lettered: observer unknown to this worker");
+        }
+        Ok(())
+    }
 }
 
 /// Acknowledge `message` (confirmed by the server), retrying for [`ACK_PATIENCE`]; after that

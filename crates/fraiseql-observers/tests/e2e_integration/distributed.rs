@@ -701,3 +701,142 @@ async fn the_partition_count_changes_only_while_the_work_stream_is_empty() {
     drop(four);
     delete_stream(&names).await;
 }
+
+/// `text` with a second observer, `audit`, of two webhook actions (`/audit/0`, `/audit/1`).
+fn with_audit(text: &str, receiver: &TestServer) -> String {
+    format!(
+        r#"{text}
+[observers.audit]
+entity = "Order"
+event_type = ["INSERT", "UPDATE"]
+
+[[observers.audit.actions]]
+type = "webhook"
+url = "{a0}"
+allow_private_networks = true
+
+[[observers.audit.actions]]
+type = "webhook"
+url = "{a1}"
+allow_private_networks = true
+"#,
+        a0 = receiver.url("/audit/0"),
+        a1 = receiver.url("/audit/1"),
+    )
+}
+
+async fn stream_messages(names: &Names) -> u64 {
+    let js = jetstream::new(async_nats::connect(NATS_URL).await.unwrap());
+    js.get_stream(&names.stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
+
+#[tokio::test]
+async fn a_message_for_an_observer_the_workers_do_not_know_is_dead_lettered_and_retried_once_known()
+{
+    use fraiseql_observers::delivery::{dead_letter, delivery_id};
+    use fraiseql_observers::operator::Operator;
+
+    let names = names();
+    let db = TestDb::new().await;
+    let client = schema(&db).await;
+    let receiver = TestServer::start().await;
+    // The reader has `orders` and `audit`; the worker only `orders`.
+    let worker_text = config_text(&names, &receiver, 4);
+    let reader_text = with_audit(&worker_text, &receiver);
+    let reader = start_reader(&db, &reader_text).await;
+    let (worker, _) = start_worker(&db, &worker_text, "w0");
+    write(&client, 10, 1).await;
+    let changes = 10 * 2;
+
+    // `orders` is delivered; each `audit` delivery (two actions) is dead-lettered under its
+    // partition's consumer, `not_accepted`, with the delivery id the action would have had.
+    eventually(Duration::from_secs(60), "orders delivered", || {
+        let receiver = &receiver;
+        async move { (distinct_accepted(receiver).await >= changes).then_some(()) }
+    })
+    .await;
+    let items = eventually(Duration::from_secs(60), "audit dead-lettered", || {
+        let client = &client;
+        async move {
+            let items = dead_letter::list(client, None, None, 1000).await.unwrap();
+            (items.len() >= changes * 2).then_some(items)
+        }
+    })
+    .await;
+    assert_eq!(items.len(), changes * 2);
+    let mut ids = Vec::new();
+    for item in &items {
+        assert_eq!(item.observer, "audit");
+        assert!(
+            distributed::is_consumer_or_partition(&item.consumer_id, "dist")
+                && item.consumer_id != "dist",
+            "{}",
+            item.consumer_id
+        );
+        assert_eq!(item.reason, "not_accepted");
+        assert_eq!(item.status, "pending");
+        assert_eq!(item.attempts, 0);
+        assert_eq!(item.action_type, "webhook");
+        assert!(item.action_index < 2);
+        assert_eq!(
+            item.delivery_id,
+            delivery_id(item.event.id, "audit", item.action_index)
+        );
+        assert!(
+            item.last_error
+                .contains("observer 'audit' is not in this worker's configuration"),
+            "{}",
+            item.last_error
+        );
+        ids.push(item.delivery_id.clone());
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), changes * 2, "one item per action and event");
+    // Nothing reached the receiver for `audit`, and nothing is left in the work stream.
+    assert!(receiver
+        .accepted()
+        .iter()
+        .all(|r| !r.path().starts_with("/audit")));
+    eventually(Duration::from_secs(30), "the work stream empty", || {
+        let names = &names;
+        async move { (stream_messages(names).await == 0).then_some(()) }
+    })
+    .await;
+    check_deliveries(&receiver.accepted(), changes);
+
+    // The workers learn `audit`: an operator retry of every item delivers it, with the same
+    // delivery ids.
+    worker.stop().await;
+    let (worker, _) = start_worker(&db, &reader_text, "w0");
+    let operator = Operator::new(&db.url, "dist", compile(&reader_text).observers)
+        .await
+        .unwrap();
+    let pending = dead_letter::pending_ids(&client, "dist").await.unwrap();
+    assert_eq!(pending.len(), changes * 2);
+    for id in pending {
+        let outcome = operator.retry_dead_letter(id).await.unwrap();
+        assert!(matches!(outcome, Some(Ok(()))), "{id}: {outcome:?}");
+    }
+    let mut retried: Vec<String> = receiver
+        .accepted()
+        .iter()
+        .filter(|r| r.path().starts_with("/audit"))
+        .map(Request::id)
+        .collect();
+    retried.sort();
+    assert_eq!(retried, ids);
+    let delivered = dead_letter::list(&client, None, None, 1000).await.unwrap();
+    assert!(delivered.iter().all(|i| i.status == "delivered"));
+
+    worker.stop().await;
+    reader.stop().await;
+    delete_stream(&names).await;
+}
