@@ -265,8 +265,9 @@ async fn a_reader_and_three_workers_deliver_every_change_in_order_per_entity() {
     .await;
     check_deliveries(&receiver.accepted(), expected);
 
-    // The partitions are spread: each worker owns some, together all, none twice.
-    let owned = eventually(Duration::from_secs(20), "the partitions spread", || {
+    // The partitions are spread: each worker owns some (at most ceil(8 / 3) once the extras a
+    // worker took while fewer were live are given back), together all, none twice.
+    eventually(Duration::from_secs(20), "the partitions spread", || {
         let workers = &workers;
         async move {
             let owned: Vec<Vec<u32>> = workers
@@ -275,12 +276,12 @@ async fn a_reader_and_three_workers_deliver_every_change_in_order_per_entity() {
                 .collect();
             let mut all: Vec<u32> = owned.iter().flatten().copied().collect();
             all.sort();
-            (all == (0..8).collect::<Vec<_>>() && owned.iter().all(|o| !o.is_empty()))
-                .then_some(owned)
+            (all == (0..8).collect::<Vec<_>>()
+                && owned.iter().all(|o| !o.is_empty() && o.len() <= 3))
+            .then_some(())
         }
     })
     .await;
-    assert!(owned.iter().all(|o| o.len() <= 3), "{owned:?}");
 
     // The workers are in the registry, with their partitions.
     let rows = distributed::live_workers(&client, "dist").await.unwrap();
