@@ -9,8 +9,8 @@
 //! deleted at the end.
 
 use crate::harness::{
-    check_at_least_once, config, free_port, healthz, wait_all_delivered, ConfigFile, Daemon, Setup,
-    Writer,
+    check_at_least_once, cli, config, free_port, healthz, insert_change, wait_all_delivered,
+    ConfigFile, Daemon, Setup, Writer,
 };
 use fraiseql_observers::testing::{eventually, TestDb, TestServer};
 use std::time::{Duration, Instant};
@@ -459,5 +459,114 @@ allow_private_networks = true
     );
     drop(worker);
     drop(reader);
+    delete_stream(&cluster.nats_url, &cluster.stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_dead_letters_an_observer_it_does_not_know_and_dlq_retry_sends_it() {
+    let db = TestDb::new().await;
+    let receiver = TestServer::start().await;
+    let cluster = Cluster::new(&db, &receiver, "UNKNOWN", "nats://127.0.0.1:4222".into());
+    let worker = cluster.worker("w0");
+    wait_spread(&[&worker], Duration::from_secs(30)).await;
+    // The reader has an observer the worker does not: `extra`.
+    let port = free_port();
+    let reader_file = ConfigFile::new(&format!(
+        r#"{base}
+[observers.extra]
+entity = "Item"
+event_type = ["INSERT", "UPDATE"]
+
+[[observers.extra.actions]]
+type = "webhook"
+url = "{extra}"
+allow_private_networks = true
+"#,
+        base = distributed_config(
+            &cluster.consumer,
+            &cluster.hook,
+            &cluster.nats_url,
+            &cluster.stream,
+            port,
+        ),
+        extra = receiver.url("/extra"),
+    ));
+    let _reader = Daemon::start_with(&db.url, &reader_file.path, &["--role", "reader"]);
+    let client = fraiseql_observers::testing::connect(&db.url).await;
+    let n = 20;
+    for i in 0..n {
+        insert_change(
+            &client,
+            uuid::Uuid::new_v4(),
+            "c",
+            serde_json::json!({"n": i}),
+        )
+        .await;
+    }
+
+    // `all` is delivered; `extra` is dead-lettered under the partitions' consumers (`dlq list`
+    // without --config lists every consumer's), and the partitions empty.
+    eventually(Duration::from_secs(60), "`all` delivered", || {
+        let got = receiver.accepted().len();
+        async move { (got >= n).then_some(()) }
+    })
+    .await;
+    let items: Vec<serde_json::Value> =
+        eventually(Duration::from_secs(60), "`extra` dead-lettered", || async {
+            let out = cli(Some(&db.url), &["dlq", "list", "--json"]).await;
+            let items: Vec<serde_json::Value> = serde_json::from_str(&out.stdout).ok()?;
+            (items.len() >= n).then_some(items)
+        })
+        .await;
+    assert_eq!(items.len(), n);
+    let prefix = format!("{}/", cluster.consumer);
+    for item in &items {
+        assert_eq!(item["observer"], "extra", "{item}");
+        assert_eq!(item["reason"], "not_accepted", "{item}");
+        assert!(
+            item["consumer_id"].as_str().unwrap().starts_with(&prefix),
+            "{item}"
+        );
+    }
+    worker
+        .daemon
+        .wait_for_log(
+            "delivery dead-lettered: observer unknown to this worker",
+            Duration::from_secs(5),
+        )
+        .await;
+    let js = async_nats::jetstream::new(async_nats::connect(&cluster.nats_url).await.unwrap());
+    eventually(Duration::from_secs(30), "the work stream empty", || async {
+        let mut stream = js.get_stream(&cluster.stream).await.ok()?;
+        (stream.info().await.ok()?.state.messages == 0).then_some(())
+    })
+    .await;
+
+    // The operator's retry, with the reader's file (which has `extra`), sends every item with
+    // its delivery id.
+    let out = cli(
+        Some(&db.url),
+        &["dlq", "retry", "--all", "--config", reader_file.arg()],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert!(
+        out.stdout.contains(&format!("{n} delivered")),
+        "{}",
+        out.all()
+    );
+    let mut sent: Vec<String> = receiver
+        .accepted()
+        .iter()
+        .filter(|r| r.path() == "/extra")
+        .map(|r| r.id())
+        .collect();
+    sent.sort();
+    let mut dead: Vec<String> = items
+        .iter()
+        .map(|i| i["delivery_id"].as_str().unwrap().to_string())
+        .collect();
+    dead.sort();
+    assert_eq!(sent, dead);
     delete_stream(&cluster.nats_url, &cluster.stream).await;
 }
