@@ -16,8 +16,8 @@ const DLQ_APP: &str = "fraiseql-observers-dlq";
 
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
-    /// List dead letters, newest first: the configured consumer's with --config, else every
-    /// consumer's.
+    /// List dead letters, newest first: the configured consumer's (its distributed partitions'
+    /// included) with --config, else every consumer's.
     List {
         #[arg(long, value_enum)]
         status: Option<Status>,

@@ -504,8 +504,8 @@ allow_private_networks = true
         .await;
     }
 
-    // `all` is delivered; `extra` is dead-lettered under the partitions' consumers (`dlq list`
-    // without --config lists every consumer's), and the partitions empty.
+    // `all` is delivered; `extra` is dead-lettered under the partitions' consumers (`dlq list
+    // --config` lists the consumer's items with its partitions'), and the partitions empty.
     eventually(Duration::from_secs(60), "`all` delivered", || {
         let got = receiver.accepted().len();
         async move { (got >= n).then_some(()) }
@@ -513,7 +513,11 @@ allow_private_networks = true
     .await;
     let items: Vec<serde_json::Value> =
         eventually(Duration::from_secs(60), "`extra` dead-lettered", || async {
-            let out = cli(Some(&db.url), &["dlq", "list", "--json"]).await;
+            let out = cli(
+                Some(&db.url),
+                &["dlq", "list", "--json", "--config", reader_file.arg()],
+            )
+            .await;
             let items: Vec<serde_json::Value> = serde_json::from_str(&out.stdout).ok()?;
             (items.len() >= n).then_some(items)
         })

@@ -138,7 +138,12 @@ pub async fn insert(
     Ok(())
 }
 
-/// Dead letters of `consumer` (every consumer when `None`), newest first; `status` filters
+/// The item belongs to consumer `$1`: its own, or one of its distributed partitions' (`C/<p>`,
+/// as `distributed::is_consumer_or_partition` tells).
+const OF_CONSUMER: &str = "(consumer_id = $1 OR (left(consumer_id, length($1) + 1) = $1 || '/' \
+     AND substr(consumer_id, length($1) + 2) ~ '^[0-9]+$'))";
+
+/// Dead letters of `consumer` and its partitions (every consumer when `None`), newest first; `status` filters
 /// (`pending`, `retrying`, `delivered`, `discarded`).
 pub async fn list(
     client: &Client,
@@ -150,11 +155,11 @@ pub async fn list(
         .query(
             &format!(
                 "SELECT {COLUMNS} FROM core.observer_dlq_items
-                  WHERE ($1::text IS NULL OR status = $1)
-                    AND ($3::text IS NULL OR consumer_id = $3)
-                  ORDER BY id DESC LIMIT $2"
+                  WHERE ($2::text IS NULL OR status = $2)
+                    AND ($1::text IS NULL OR {OF_CONSUMER})
+                  ORDER BY id DESC LIMIT $3"
             ),
-            &[&status, &limit, &consumer],
+            &[&consumer, &status, &limit],
         )
         .await?
         .iter()
@@ -221,11 +226,10 @@ pub async fn claim_for_retry(
 pub async fn pending_ids(client: &Client, consumer: &str) -> Result<Vec<i64>> {
     Ok(client
         .query(
-            "SELECT id FROM core.observer_dlq_items
-              WHERE (consumer_id = $1
-                     OR (left(consumer_id, length($1) + 1) = $1 || '/'
-                         AND substr(consumer_id, length($1) + 2) ~ '^[0-9]+$'))
-                AND status = 'pending' ORDER BY id",
+            &format!(
+                "SELECT id FROM core.observer_dlq_items
+                  WHERE {OF_CONSUMER} AND status = 'pending' ORDER BY id"
+            ),
             &[&consumer],
         )
         .await?
