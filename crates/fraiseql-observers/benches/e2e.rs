@@ -27,7 +27,8 @@
 //! nats-server on 4222). `--scenario` may be repeated or comma-separated (`drain-binary` is
 //! `drain`). Options: `--runs N` (throughput runs, default 3, 1 with `--quick`), `--events N`
 //! (backlog size, default 100,000, 10,000 with `--quick`), `--latency-secs N` (60, 10 with
-//! `--quick`), `--soak-secs N` (600, 60 with `--quick`), `--no-peer`, `--report-only` (rewrite
+//! `--quick`), `--soak-secs N` (600, 60 with `--quick`), `--flow-in-process` (the flow
+//! scenario's hung-endpoint runs also with the engine in this process), `--no-peer`, `--report-only` (rewrite
 //! BENCHMARKS.md's section from the last full run's `e2e.json`). Needs PostgreSQL at
 //! `postgres://postgres@127.0.0.1:5432` (or `FRAISEQL_BENCH_ADMIN_URL`), allowed to create
 //! databases, `pgbench`; the peer needs Node and npm (graphile-worker is installed at run time).
@@ -128,6 +129,7 @@ struct Options {
     instruction_events: i64,
     latency_secs: u64,
     soak_secs: u64,
+    flow_in_process: bool,
     /// The slow receiver's delays of the `distributed` scenario (`--receiver-delay-ms 20,200`).
     receiver_delays_ms: Vec<u64>,
     command: String,
@@ -199,6 +201,7 @@ impl Options {
             latency_secs: value("--latency-secs")
                 .map(|v| v.parse().expect("--latency-secs N"))
                 .unwrap_or(if quick { 10 } else { 60 }),
+            flow_in_process: args.iter().any(|a| a == "--flow-in-process"),
             soak_secs: value("--soak-secs")
                 .map(|v| v.parse().expect("--soak-secs N"))
                 .unwrap_or(if quick { 60 } else { 600 }),
@@ -348,12 +351,22 @@ async fn run(options: Options) {
         mark("flow");
         let secs = if options.quick { 10 } else { 30 };
         let binary = options.daemon();
+        // `--flow-in-process`: the hung-endpoint runs with the engine in this process too.
+        let in_process = if options.flow_in_process {
+            json!({
+                "control": flow::hung_endpoint(None, &receiver, 500, secs, false).await,
+                "hung_endpoint": flow::hung_endpoint(None, &receiver, 500, secs, true).await,
+            })
+        } else {
+            Value::Null
+        };
         scenarios.insert(
             "flow".into(),
             json!({
-                "control": flow::hung_endpoint(binary, &receiver, 500, secs, false).await,
-                "hung_endpoint": flow::hung_endpoint(binary, &receiver, 500, secs, true).await,
+                "control": flow::hung_endpoint(Some(binary), &receiver, 500, secs, false).await,
+                "hung_endpoint": flow::hung_endpoint(Some(binary), &receiver, 500, secs, true).await,
                 "rate_limit": flow::rate_limit(binary, &receiver, 50, 20).await,
+                "in_process": in_process,
             }),
         );
     }

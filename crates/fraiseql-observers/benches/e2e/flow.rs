@@ -2,7 +2,7 @@
 //! answers, beside a healthy one under a steady writer (the healthy observer's latency); and a
 //! rate limit held over 20 s.
 
-use crate::engine;
+use crate::engine::{self, Engine};
 use crate::receiver::ReceiverProcess;
 use crate::{
     data, fresh_captured_db, start_daemon, steady_run, unix_nanos, writer, writer_connections,
@@ -27,9 +27,9 @@ async fn black_hole() -> String {
 /// The healthy observer's commit-to-arrival latency at `rate` changes/s while another
 /// observer's endpoint hangs (default 10 s timeout, default breaker); with `hung` false, the
 /// other observer's endpoint is a second healthy receiver (the same work, nothing hangs: the
-/// control run).
+/// control run). `binary` `None`: the engine in the bench process instead of the daemon.
 pub async fn hung_endpoint(
-    binary: &Path,
+    binary: Option<&Path>,
     receiver: &ReceiverProcess,
     rate: u64,
     secs: u64,
@@ -55,17 +55,22 @@ pub async fn hung_endpoint(
         ),
         engine::webhook_observer("stuck", "Order", r#""INSERT""#, "", &other),
     );
-    let daemon = start_daemon(
-        binary,
-        &url,
-        &client,
-        "hung",
-        "start_position = \"now\"",
-        &observers,
-    )
-    .await;
-    let result = steady_run(&url, receiver, rate, secs).await;
-    daemon.stop().await;
+    let runtime = "start_position = \"now\"";
+    let result = match binary {
+        Some(binary) => {
+            let daemon = start_daemon(binary, &url, &client, "hung", runtime, &observers).await;
+            let result = steady_run(&url, receiver, rate, secs).await;
+            daemon.stop().await;
+            result
+        }
+        None => {
+            let engine = Engine::start(&url, "hung", runtime, &observers).await;
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let result = steady_run(&url, receiver, rate, secs).await;
+            engine.stop().await;
+            result
+        }
+    };
     eprintln!("healthy observer at {rate}/s, other endpoint hung: {hung}: {result:?}");
     assert_eq!(result.missing, 0, "every healthy delivery arrives");
     data::drop_database(DB).await;

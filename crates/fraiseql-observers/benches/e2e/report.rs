@@ -198,10 +198,10 @@ fn ratio(v: &Value) -> String {
 
 /// `median (min-max)` of a summary, each number written by `show`.
 fn range(v: &Value, show: impl Fn(f64) -> String) -> String {
-    if !v.is_object() || v["median"].is_null() {
+    let runs = v["runs"].as_array().map_or(0, Vec::len);
+    if !v.is_object() || v["median"].is_null() || runs == 0 {
         return "-".into();
     }
-    let runs = v["runs"].as_array().map_or(0, Vec::len);
     if runs > 1 {
         format!(
             "{} ({}-{})",
@@ -647,6 +647,7 @@ fn targets(results: &Value) -> String {
         Some(theirs) if !theirs.is_empty() => {
             let mut parts = Vec::new();
             let mut all = true;
+            let mut compared = false;
             for t in theirs {
                 let rate = t["rate"].as_u64().unwrap_or(0);
                 let sustained = f(&t["achieved_rate"]) >= 0.95 * rate as f64;
@@ -661,6 +662,7 @@ fn targets(results: &Value) -> String {
                 }
                 let below = f(&o["p50_ms"]) < f(&t["p50_ms"]) && f(&o["p99_ms"]) < f(&t["p99_ms"]);
                 all &= below;
+                compared = true;
                 parts.push(format!(
                     "{}/s: p50 {} vs {} ms, p99 {} vs {} ms",
                     thousands(rate as f64),
@@ -673,7 +675,11 @@ fn targets(results: &Value) -> String {
             md.push_str(&format!(
                 "| latency, polling, below graphile-worker's (p50 and p99) at every rate it sustains | {} | {} |\n",
                 parts.join("; "),
-                met(Some(all))
+                if compared {
+                    met(Some(all))
+                } else {
+                    "not comparable: graphile-worker sustained no rate"
+                }
             ));
         }
         _ => md.push_str("| latency, polling, below graphile-worker's at every rate it sustains | - | not measured |\n"),

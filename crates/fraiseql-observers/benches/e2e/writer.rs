@@ -3,7 +3,8 @@
 //! returns, the order's id and the time (unix nanoseconds).
 //!
 //! Row `i` is due at `start + i / rate`; several connections take rows in turn, so a slow commit
-//! delays only its own row. A row written late is still measured from its own commit.
+//! delays only its own row. A row written late is still measured from its own commit. A writer
+//! that falls behind stops at 1.5 x its seconds + 2 s, having written fewer rows.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -114,6 +115,9 @@ async fn write(spec: WriterSpec) {
     }
     let start = tokio::time::Instant::now() + Duration::from_millis(50);
     let started = Instant::now();
+    // A loaded server may not sustain the rate: stop starting rows at 1.5 x `secs` + 2 s, so a
+    // run's length stays bounded (its achieved rate says how far behind it fell).
+    let deadline = start + Duration::from_secs_f64(spec.secs as f64 * 1.5 + 2.0);
     let mut tasks = tokio::task::JoinSet::new();
     for (client, insert) in clients {
         let (next, commits) = (next.clone(), commits.clone());
@@ -121,7 +125,7 @@ async fn write(spec: WriterSpec) {
         tasks.spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total {
+                if i >= total || tokio::time::Instant::now() >= deadline {
                     return;
                 }
                 tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
