@@ -411,57 +411,6 @@ async fn a_work_stream_serves_one_consumer() {
     delete_stream(&names).await;
 }
 
-/// A nats-server of the test's own (JetStream in its own store directory) on a free port, with
-/// `args` (authentication, TLS); killed and its directory removed on drop.
-struct OwnNats {
-    child: tokio::process::Child,
-    dir: std::path::PathBuf,
-    port: u16,
-}
-
-impl OwnNats {
-    async fn start(dir: std::path::PathBuf, args: &[&str]) -> OwnNats {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        std::fs::create_dir_all(&dir).unwrap();
-        let child = tokio::process::Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir.join("store"))
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("nats-server on the PATH");
-        eventually(
-            Duration::from_secs(10),
-            "the test's nats-server",
-            || async move {
-                tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .ok()
-                    .map(|_| ())
-            },
-        )
-        .await;
-        OwnNats { child, dir, port }
-    }
-}
-
-impl Drop for OwnNats {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn test_dir() -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("fo-dist-nats-{}", rand::random::<u64>()))
-}
-
 /// Write 5 orders with one update each, and wait until the receiver has the 10 changes.
 async fn ten_changes_delivered(client: &Client, receiver: &TestServer) {
     write(client, 5, 1).await;
@@ -476,7 +425,8 @@ async fn ten_changes_delivered(client: &Client, receiver: &TestServer) {
 
 #[tokio::test]
 async fn a_token_protected_work_stream_delivers_and_a_wrong_token_is_refused_at_start() {
-    let nats = OwnNats::start(test_dir(), &["--auth", "w0rk-t0ken"]).await;
+    let nats =
+        super::nats::OwnNats::start(super::nats::own_store_dir(), &["--auth", "w0rk-t0ken"]).await;
     let names = names();
     let db = TestDb::new().await;
     let client = schema(&db).await;
@@ -598,11 +548,11 @@ fn make_certificates(dir: &std::path::Path) {
 
 #[tokio::test]
 async fn a_tls_work_stream_with_its_ca_file_delivers() {
-    let dir = test_dir();
+    let dir = super::nats::own_store_dir();
     std::fs::create_dir_all(&dir).unwrap();
     make_certificates(&dir);
     let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
-    let nats = OwnNats::start(
+    let nats = super::nats::OwnNats::start(
         dir.clone(),
         &[
             "--tls",

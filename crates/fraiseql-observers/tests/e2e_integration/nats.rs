@@ -488,25 +488,26 @@ async fn a_nack_and_a_missing_puback_are_retryable() {
     js.delete_stream(&stream).await.unwrap();
 }
 
-/// A nats-server of the test's own (JetStream, token auth) on a free port; killed on drop.
-struct TokenServer {
+/// A nats-server of the test's own (JetStream in its own store directory) on a free port, with
+/// `args` (authentication, TLS); killed and its directory removed on drop.
+pub(crate) struct OwnNats {
     child: tokio::process::Child,
     dir: std::path::PathBuf,
-    url: String,
+    pub(crate) port: u16,
 }
 
-impl TokenServer {
-    async fn start(token: &str) -> TokenServer {
+impl OwnNats {
+    pub(crate) async fn start(dir: std::path::PathBuf, args: &[&str]) -> OwnNats {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let dir = std::env::temp_dir().join(format!("fo-test-nats-{}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
         let child = tokio::process::Command::new("nats-server")
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(&dir)
-            .args(["--auth", token])
+            .arg(dir.join("store"))
+            .args(args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
@@ -523,24 +524,26 @@ impl TokenServer {
             },
         )
         .await;
-        TokenServer {
-            child,
-            dir,
-            url: format!("nats://127.0.0.1:{port}"),
-        }
+        OwnNats { child, dir, port }
     }
 }
 
-impl Drop for TokenServer {
+impl Drop for OwnNats {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
+/// A fresh store directory for an [`OwnNats`].
+pub(crate) fn own_store_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("fo-test-nats-{}", rand::random::<u64>()))
+}
+
 #[tokio::test]
 async fn a_token_from_the_environment_authenticates_and_a_wrong_one_is_permanent() {
-    let server = TokenServer::start("s3cret-token").await;
+    let server = OwnNats::start(own_store_dir(), &["--auth", "s3cret-token"]).await;
+    let url = format!("nats://127.0.0.1:{}", server.port);
     let (stream, prefix) = names();
     let fields = format!(
         r#"type = "nats"
@@ -548,7 +551,7 @@ async fn a_token_from_the_environment_authenticates_and_a_wrong_one_is_permanent
            subject = "{prefix}.orders"
            token_env = "NATS_TOKEN"
            stream = {{ name = "{stream}", subjects = ["{prefix}.>"] }}"#,
-        server.url
+        url
     );
     let right = env_of(&[("NATS_TOKEN", "s3cret-token")]);
     let action = compile(&fields, &right, None, None).unwrap();
@@ -556,7 +559,7 @@ async fn a_token_from_the_environment_authenticates_and_a_wrong_one_is_permanent
     let event = order_event(EventKind::Created, None, Some(json!({"id": 1})));
     run(&action, &event, 1).await.unwrap();
     let client = async_nats::ConnectOptions::with_token("s3cret-token".into())
-        .connect(server.url.as_str())
+        .connect(url.as_str())
         .await
         .unwrap();
     let js = jetstream::new(client);
