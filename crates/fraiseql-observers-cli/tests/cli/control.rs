@@ -10,7 +10,8 @@ use fraiseql_observers::testing::{eventually, Request, TestDb, TestServer};
 use std::collections::HashMap;
 use std::time::Duration;
 
-fn added(server: &TestServer) -> String {
+/// An observer `added` (Item inserts and updates) to `server`'s `/added`.
+pub(crate) fn added(server: &TestServer) -> String {
     format!(
         r#"
 [observers.added]

@@ -64,6 +64,30 @@ async fn killed_at_random_moments_the_daemon_loses_nothing_and_keeps_ids_and_ord
     // A final run drains what is left, then stops cleanly.
     let mut daemon = Daemon::start(&db.url, &file.path);
     wait_all_delivered(&receiver, &committed, Duration::from_secs(30)).await;
+    // Every change may have reached the receiver before the last kill: wait until this run's
+    // checkpoint covers the last write, so the clean restart below has nothing old to send.
+    let client = db.client().await;
+    eventually(
+        Duration::from_secs(30),
+        "the checkpoint past the last write",
+        || {
+            let client = &client;
+            async move {
+                client
+                .query_one(
+                    "SELECT coalesce(bool_and(pg_visible_in_snapshot(l.txid, c.snapshot)), false)
+                       FROM core.tb_entity_change_log l, core.observer_checkpoints c
+                      WHERE c.consumer_id = 'crash'",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get::<_, bool>(0)
+                .then_some(())
+            }
+        },
+    )
+    .await;
     daemon.signal("TERM");
     let status = daemon.exit(Duration::from_secs(15)).await;
     assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log());
@@ -80,7 +104,6 @@ async fn killed_at_random_moments_the_daemon_loses_nothing_and_keeps_ids_and_ord
     // A clean restart re-sends nothing old: only the change written now arrives.
     let seen = receiver.answered().len();
     let mut daemon = Daemon::start(&db.url, &file.path);
-    let client = db.client().await;
     let fresh = insert_change(&client, Uuid::new_v4(), "c", json!({"n": "fresh"})).await;
     eventually(Duration::from_secs(10), "the new change delivered", || {
         let done = receiver.accepted().iter().any(|h| h.sequence() == fresh);

@@ -372,19 +372,7 @@ async fn sighup_reloads_a_worker_and_the_reader_and_nothing_is_lost() {
 
     // An added observer, the workers first (they must know it before the reader publishes
     // for it), then the reader: the reader reloads too, and the workers deliver the new one.
-    let added = format!(
-        r#"
-[observers.added]
-entity = "Item"
-event_type = ["INSERT", "UPDATE"]
-
-[[observers.added.actions]]
-type = "webhook"
-url = "{}"
-allow_private_networks = true
-"#,
-        receiver.url("/added")
-    );
+    let added = super::control::added(&receiver);
     std::fs::write(&worker.file.path, format!("{new_text}{added}")).unwrap();
     worker.daemon.signal("HUP");
     eventually(
