@@ -21,7 +21,7 @@ pub const IN_FLIGHT: &str = "fraiseql_observers_in_flight";
 /// Requests in flight to one endpoint (labelled `endpoint`: `host:port`).
 pub const ENDPOINT_IN_FLIGHT: &str = "fraiseql_observers_endpoint_in_flight";
 /// Deliveries not sent at once because of their endpoint's flow control (labelled `endpoint`
-/// and `reason` = breaker_open | rate_limited); they wait in the retry queue.
+/// and `reason` = breaker_open | rate_limited | saturated); they wait in the retry queue.
 pub const ENDPOINT_THROTTLED: &str = "fraiseql_observers_endpoint_throttled_total";
 /// 1 while an endpoint's circuit breaker is open or half-open, else 0.
 pub const ENDPOINT_BREAKER_OPEN: &str = "fraiseql_observers_endpoint_breaker_open";

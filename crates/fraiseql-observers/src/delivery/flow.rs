@@ -1,10 +1,12 @@
 //! Flow control per endpoint (an action's target: a URL's host and port, an SMTP server, a
 //! Redis server, a push provider): at most `max_in_flight` requests at once, at most
 //! `rate_limit` requests per second, and a circuit breaker that stops sending to an endpoint
-//! that keeps failing. A delivery waits for a permit on its own chain (bounded by the events in
-//! flight); one whose breaker is open, or whose rate-limit token is more than a second away, is
-//! handed to the durable retry queue (parked per entity, in order). So one slow, hung or
-//! rate-limited receiver never holds back the others.
+//! that keeps failing. A delivery waits in memory for its endpoint at most [`MAX_WAIT`]: one
+//! whose breaker is open (or opens while it waits), whose rate-limit token is more than
+//! [`MAX_WAIT`] away, or that gets no in-flight permit within [`MAX_WAIT`] (the endpoint is
+//! saturated, e.g. by hung requests) is handed to the durable retry queue (parked per entity, in
+//! order; not counted as an attempt). So one slow, hung or rate-limited receiver never holds back
+//! the others: the events in flight are never held by deliveries waiting for it.
 //!
 //! [`Breaker`] and [`TokenBucket`] are pure (the caller passes the clock in); [`Endpoint`] holds
 //! them with the in-flight permits.
@@ -13,7 +15,7 @@ use crate::actions::Action;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 pub use crate::actions::RateLimit;
 use crate::metrics as m;
@@ -44,8 +46,8 @@ pub struct Limits {
     pub breaker: BreakerSettings,
 }
 
-/// The longest a delivery waits in memory for its endpoint (a rate-limit token) before it is
-/// handed to the retry queue instead.
+/// The longest a delivery waits in memory for its endpoint (a rate-limit token, then an
+/// in-flight permit) before it is handed to the retry queue instead.
 pub const MAX_WAIT: Duration = Duration::from_secs(1);
 
 /// What the breaker lets through.
@@ -169,6 +171,8 @@ impl TokenBucket {
 pub enum Throttle {
     BreakerOpen,
     RateLimited,
+    /// No in-flight permit within [`MAX_WAIT`]: the endpoint's requests are all still running.
+    Saturated,
 }
 
 impl Throttle {
@@ -177,6 +181,7 @@ impl Throttle {
         match self {
             Throttle::BreakerOpen => "circuit breaker open",
             Throttle::RateLimited => "rate limit reached",
+            Throttle::Saturated => "endpoint saturated (max_in_flight requests still running)",
         }
     }
 
@@ -184,6 +189,7 @@ impl Throttle {
         match self {
             Throttle::BreakerOpen => "breaker_open",
             Throttle::RateLimited => "rate_limited",
+            Throttle::Saturated => "saturated",
         }
     }
 }
@@ -212,7 +218,7 @@ impl Drop for Pass {
 struct Gauges {
     in_flight: metrics::Gauge,
     breaker_open: metrics::Gauge,
-    throttled: [metrics::Counter; 2],
+    throttled: [metrics::Counter; 3],
 }
 
 impl std::fmt::Debug for Gauges {
@@ -229,6 +235,8 @@ pub struct Endpoint {
     in_flight: Arc<Semaphore>,
     bucket: Mutex<Option<TokenBucket>>,
     breaker: Mutex<Breaker>,
+    /// Woken when the breaker opens: deliveries waiting for a permit leave for the retry queue.
+    opened: Notify,
     metrics: Gauges,
 }
 
@@ -241,6 +249,7 @@ impl Endpoint {
             throttled: [
                 throttled(Throttle::BreakerOpen),
                 throttled(Throttle::RateLimited),
+                throttled(Throttle::Saturated),
             ],
         };
         Endpoint {
@@ -252,6 +261,7 @@ impl Endpoint {
             ),
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
             breaker: Mutex::new(Breaker::default()),
+            opened: Notify::new(),
             name,
             limits,
         }
@@ -262,8 +272,13 @@ impl Endpoint {
         &self.name
     }
 
-    /// Leave to send now (after a short wait at most), or how long to wait instead and why.
+    /// Leave to send now (after a wait of at most about [`MAX_WAIT`] for a rate-limit token and
+    /// as long again for an in-flight permit), or how long to wait instead and why.
     pub async fn admit(&self) -> Result<Pass, (Duration, Throttle)> {
+        // Registered before the breaker is read: an opening after this wakes the wait below.
+        let opened = self.opened.notified();
+        tokio::pin!(opened);
+        opened.as_mut().enable();
         let now = Instant::now();
         let gate = self.lock_breaker().gate(now, &self.limits.breaker);
         let probe = match gate {
@@ -271,11 +286,14 @@ impl Endpoint {
             Gate::Probe => true,
             Gate::Pass => false,
         };
-        // Waiting for a permit is bounded by the events in flight (the dispatcher's permits).
-        self.wait_turn(probe).await
+        self.wait_turn(probe, opened).await
     }
 
-    async fn wait_turn(&self, probe: bool) -> Result<Pass, (Duration, Throttle)> {
+    async fn wait_turn(
+        &self,
+        probe: bool,
+        opened: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+    ) -> Result<Pass, (Duration, Throttle)> {
         if let Some(limit) = &self.limits.rate_limit {
             let taken = self
                 .bucket
@@ -289,12 +307,21 @@ impl Endpoint {
                 _ => {}
             }
         }
-        let permit = self
-            .in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the in-flight semaphore is never closed");
+        // Bounded: a delivery never holds its event in flight (and its lane's room) for longer
+        // than MAX_WAIT behind requests that may run to their timeout.
+        let permit = tokio::select! {
+            biased;
+            permit = self.in_flight.clone().acquire_owned() => {
+                permit.expect("the in-flight semaphore is never closed")
+            }
+            () = opened => {
+                let cool_down = self.limits.breaker.cool_down;
+                return self.unprobe(probe, cool_down, Throttle::BreakerOpen);
+            }
+            () = tokio::time::sleep(MAX_WAIT) => {
+                return self.unprobe(probe, MAX_WAIT, Throttle::Saturated);
+            }
+        };
         self.metrics.in_flight.increment(1.0);
         Ok(Pass {
             _permit: permit,
@@ -313,6 +340,7 @@ impl Endpoint {
         };
         self.metrics.breaker_open.set(if open { 1.0 } else { 0.0 });
         if opened {
+            self.opened.notify_waiters();
             tracing::warn!(endpoint = %self.name, failures = self.limits.breaker.failures,
                 cool_down_ms = self.limits.breaker.cool_down.as_millis() as u64,
                 "circuit breaker open: deliveries to this endpoint wait in the retry queue");
@@ -502,5 +530,39 @@ mod tests {
         assert!(!waiter.is_finished(), "the second waits for the first");
         drop(first);
         waiter.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_delivery_waits_for_a_permit_at_most_max_wait() {
+        let limits = Limits {
+            max_in_flight: 1,
+            rate_limit: None,
+            breaker: settings(5),
+        };
+        let endpoint = Endpoint::new("e:80".into(), limits);
+        let _hung = endpoint.admit().await.unwrap();
+        let (wait, why) = endpoint.admit().await.unwrap_err();
+        assert_eq!((wait, why), (MAX_WAIT, Throttle::Saturated));
+    }
+
+    #[tokio::test]
+    async fn the_breaker_opening_sends_the_waiting_deliveries_away() {
+        let limits = Limits {
+            max_in_flight: 1,
+            rate_limit: None,
+            breaker: settings(1),
+        };
+        let endpoint = Arc::new(Endpoint::new("e:80".into(), limits));
+        let first = endpoint.admit().await.unwrap();
+        let waiter = {
+            let endpoint = endpoint.clone();
+            tokio::spawn(async move { endpoint.admit().await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The request holding the only permit fails: the breaker opens, the permit is still held.
+        endpoint.record(true);
+        let (_, why) = waiter.await.unwrap().unwrap_err();
+        assert_eq!(why, Throttle::BreakerOpen);
+        drop(first);
     }
 }

@@ -1,8 +1,11 @@
 //! Flow control per endpoint: a receiver that hangs does not hold back another observer's
 //! deliveries; its circuit breaker opens; its deliveries wait durably and arrive, in order, once
-//! it answers again. A rate limit spaces requests out.
+//! it answers again. A rate limit spaces requests out. A delivery waits in memory at most
+//! `MAX_WAIT` for an in-flight permit, so requests that run to a long timeout never fill the
+//! events in flight.
 
 use crate::items::{count, first_deliveries, schema, write};
+use fraiseql_observers::delivery::retry_queue;
 use fraiseql_observers::testing::{eventually, Answer, Request, TestDb, TestServer};
 use fraiseql_observers::{config, Pipeline};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -130,6 +133,69 @@ circuit_breaker = {{ failures = 3, cool_down_ms = 300 }}
             "every version, in order"
         );
     }
+    let _ = stop.send(());
+    engine.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_hung_until_a_long_timeout_do_not_fill_the_events_in_flight() {
+    let db = TestDb::new().await;
+    let client = schema(&db).await;
+    let healthy = TestServer::start().await;
+    let stuck = TestServer::with(|_: &Request| Answer::hang()).await;
+    // Two lanes (32 events in flight), a 60 s timeout, two requests at once: before, the
+    // deliveries waiting for one of the two permits held their events in flight until the hung
+    // requests timed out, so the healthy observer's events were not dispatched for a minute.
+    let toml = format!(
+        r#"
+[observers.runtime]
+consumer_id = "saturated"
+start_position = "beginning"
+poll_interval_ms = 20
+checkpoint_interval_ms = 50
+retry_poll_interval_ms = 50
+shutdown_timeout_ms = 500
+concurrency = 2
+{}
+{}"#,
+        webhook("healthy", &healthy, ""),
+        webhook("stuck", &stuck, "timeout_ms = 60000\nmax_in_flight = 2"),
+    );
+    let (stop, engine) = run(&db, &toml).await;
+
+    let (items, versions) = (30, 10);
+    for version in 1..=versions {
+        for item in 1..=items {
+            write(&client, item, version).await;
+        }
+    }
+    let total = (items * versions) as usize;
+    // Well before the hung requests' 60 s timeout.
+    eventually(Duration::from_secs(40), "every healthy delivery", || {
+        let n = count(&first_deliveries(&healthy.accepted()));
+        async move { (n == total).then_some(()) }
+    })
+    .await;
+    // The hung receiver still holds its first two requests: none timed out, none more was sent.
+    assert_eq!(stuck.requests().len(), 2, "only the first two requests");
+    assert!(stuck.answered().is_empty());
+    for versions in first_deliveries(&healthy.accepted()).values() {
+        assert!(
+            versions.windows(2).all(|w| w[0] < w[1]),
+            "in order: {versions:?}"
+        );
+    }
+    // None of the hung receiver's deliveries is lost: the two hung entities' (one request hung,
+    // their later versions behind it, in order) are in flight, every other one waits in the
+    // retry queue.
+    eventually(Duration::from_secs(20), "the deferred deliveries", || {
+        let client = &client;
+        async move {
+            let queued = retry_queue::len(client, "saturated").await.unwrap();
+            (queued == i64::from(total as i32 - 2 * versions)).then_some(())
+        }
+    })
+    .await;
     let _ = stop.send(());
     engine.await.unwrap().unwrap();
 }
