@@ -53,6 +53,31 @@ async fn run(
     (stop, engine)
 }
 
+/// Items and versions of each that [`write_all_and_wait_for`] writes.
+const ITEMS: i32 = 30;
+const VERSIONS: i32 = 10;
+
+/// Write [`VERSIONS`] versions of [`ITEMS`] items and wait (at most `within`) until `healthy` has the first
+/// delivery of each change; their number.
+async fn write_all_and_wait_for(
+    client: &tokio_postgres::Client,
+    healthy: &TestServer,
+    within: Duration,
+) -> usize {
+    for version in 1..=VERSIONS {
+        for item in 1..=ITEMS {
+            write(client, item, version).await;
+        }
+    }
+    let total = (ITEMS * VERSIONS) as usize;
+    eventually(within, "every healthy delivery", || {
+        let n = count(&first_deliveries(&healthy.accepted()));
+        async move { (n == total).then_some(()) }
+    })
+    .await;
+    total
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_receiver_does_not_hold_back_another_observer() {
     let db = TestDb::new().await;
@@ -89,19 +114,8 @@ circuit_breaker = {{ failures = 3, cool_down_ms = 300 }}
     );
     let (stop, engine) = run(&db, &toml).await;
 
-    let (items, versions) = (30, 10);
-    for version in 1..=versions {
-        for item in 1..=items {
-            write(&client, item, version).await;
-        }
-    }
-    let total = (items * versions) as usize;
     // Every healthy delivery arrives while the other receiver still hangs.
-    eventually(Duration::from_secs(20), "every healthy delivery", || {
-        let n = count(&first_deliveries(&healthy.accepted()));
-        async move { (n == total).then_some(()) }
-    })
-    .await;
+    let total = write_all_and_wait_for(&client, &healthy, Duration::from_secs(20)).await;
     assert!(hanging.load(Ordering::Relaxed));
     let sent_while_hung = stuck.requests().len();
     assert!(
@@ -163,19 +177,8 @@ concurrency = 2
     );
     let (stop, engine) = run(&db, &toml).await;
 
-    let (items, versions) = (30, 10);
-    for version in 1..=versions {
-        for item in 1..=items {
-            write(&client, item, version).await;
-        }
-    }
-    let total = (items * versions) as usize;
     // Well before the hung requests' 60 s timeout.
-    eventually(Duration::from_secs(40), "every healthy delivery", || {
-        let n = count(&first_deliveries(&healthy.accepted()));
-        async move { (n == total).then_some(()) }
-    })
-    .await;
+    let total = write_all_and_wait_for(&client, &healthy, Duration::from_secs(40)).await;
     // The hung receiver still holds its first two requests: none timed out, none more was sent.
     assert_eq!(stuck.requests().len(), 2, "only the first two requests");
     assert!(stuck.answered().is_empty());
@@ -192,7 +195,7 @@ concurrency = 2
         let client = &client;
         async move {
             let queued = retry_queue::len(client, "saturated").await.unwrap();
-            (queued == i64::from(total as i32 - 2 * versions)).then_some(())
+            (queued == i64::from(total as i32 - 2 * VERSIONS)).then_some(())
         }
     })
     .await;
