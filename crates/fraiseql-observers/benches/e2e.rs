@@ -520,7 +520,7 @@ impl ThroughputDb {
         let engine = Engine::start(&self.url, consumer, "", observers).await;
         loop {
             tokio::time::sleep(Duration::from_millis(5)).await;
-            if engine::checkpoint_covers(&self.client, consumer, &self.last_txid).await {
+            if engine::drained(&self.client, consumer, &self.last_txid).await {
                 break;
             }
             assert!(!engine.failed(), "the engine stopped during {consumer}");
@@ -575,7 +575,7 @@ impl ThroughputDb {
         };
         loop {
             tokio::time::sleep(Duration::from_millis(5)).await;
-            if engine::checkpoint_covers(&self.client, consumer, &self.last_txid).await {
+            if engine::drained(&self.client, consumer, &self.last_txid).await {
                 break;
             }
             assert!(
@@ -956,7 +956,7 @@ async fn backlog(options: &Options, receiver: &ReceiverProcess) -> Value {
             .load(std::sync::atomic::Ordering::Relaxed);
         samples.push((started.elapsed().as_secs_f64(), read));
         max_rss = max_rss.max(engine::rss_kib());
-        if engine::checkpoint_covers(&client, "backlog", &last_txid).await {
+        if engine::drained(&client, "backlog", &last_txid).await {
             break;
         }
         assert!(!engine.failed(), "the engine stopped during the backlog");

@@ -78,11 +78,15 @@ pub async fn last_txid(client: &Client) -> String {
         .expect("the change log is not empty")
 }
 
-/// Whether consumer's stored checkpoint covers transaction `txid` (and so every row before it).
-pub async fn checkpoint_covers(client: &Client, consumer: &str, txid: &str) -> bool {
+/// Whether `consumer` is done with everything up to transaction `txid`: its checkpoint covers
+/// it and none of its deliveries waits in the retry queue (a delivery whose endpoint stays
+/// saturated for `flow::MAX_WAIT` is deferred there, and the checkpoint moves past it).
+pub async fn drained(client: &Client, consumer: &str, txid: &str) -> bool {
     client
         .query_opt(
             "SELECT pg_visible_in_snapshot($2::text::xid8, snapshot)
+                    AND NOT EXISTS (SELECT 1 FROM core.observer_retry_queue q
+                                     WHERE q.consumer_id = $1)
                FROM core.observer_checkpoints WHERE consumer_id = $1",
             &[&consumer, &txid],
         )
