@@ -666,15 +666,8 @@ pub(crate) mod tests {
     /// one action (docs that show syntax the parser rejects are a known failure of this kind of
     /// system, so the examples are executed).
     pub(crate) fn doc_example(source: &str) -> toml::Table {
-        let docs: String = source
-            .lines()
-            .filter_map(|l| l.strip_prefix("//!"))
-            .map(|l| l.strip_prefix(' ').unwrap_or(l))
-            .collect::<Vec<_>>()
-            .join("\n");
-        let start = docs.find("```toml").expect("a toml example") + "```toml".len();
-        let end = start + docs[start..].find("```").expect("the example ends");
-        let file: toml::Table = toml::from_str(&docs[start..end]).expect("the example parses");
+        let file: toml::Table =
+            toml::from_str(&crate::config::doc_toml(source)).expect("the example parses");
         file["observers"]["order_paid"]["actions"][0]
             .as_table()
             .unwrap()

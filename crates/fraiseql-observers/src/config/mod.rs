@@ -362,6 +362,21 @@ pub fn keep_restart_only(
     kept
 }
 
+/// The first ```` ```toml ```` block of a module's `//!` documentation (`source` is the module's
+/// text, from `include_str!`), for the tests that parse each module's documented example.
+#[cfg(test)]
+pub(crate) fn doc_toml(source: &str) -> String {
+    let docs: String = source
+        .lines()
+        .filter_map(|l| l.strip_prefix("//!"))
+        .map(|l| l.strip_prefix(' ').unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let start = docs.find("```toml").expect("a toml block") + "```toml".len();
+    let end = start + docs[start..].find("```").expect("the block's end");
+    docs[start..end].to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -438,15 +438,8 @@ mod tests {
 
     #[test]
     fn doc_example_parses() {
-        let docs: String = include_str!("mod.rs")
-            .lines()
-            .filter_map(|l| l.strip_prefix("//!"))
-            .map(|l| l.strip_prefix(' ').unwrap_or(l))
-            .collect::<Vec<_>>()
-            .join("\n");
-        let start = docs.find("```toml").unwrap() + "```toml".len();
-        let end = start + docs[start..].find("```").unwrap();
-        let file: toml::Table = toml::from_str(&docs[start..end]).unwrap();
+        let file: toml::Table =
+            toml::from_str(&crate::config::doc_toml(include_str!("mod.rs"))).unwrap();
         let table = file["distributed"].as_table().unwrap();
         let ctx = CompileContext {
             read_file: &files,

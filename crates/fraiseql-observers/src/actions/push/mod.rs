@@ -763,15 +763,8 @@ mod tests {
     #[test]
     fn doc_examples_compile() {
         use p256::pkcs8::EncodePrivateKey;
-        let docs: String = include_str!("mod.rs")
-            .lines()
-            .filter_map(|l| l.strip_prefix("//!"))
-            .map(|l| l.strip_prefix(' ').unwrap_or(l))
-            .collect::<Vec<_>>()
-            .join("\n");
-        let start = docs.find("```toml").unwrap() + "```toml".len();
-        let end = start + docs[start..].find("```").unwrap();
-        let file: toml::Table = toml::from_str(&docs[start..end]).unwrap();
+        let file: toml::Table =
+            toml::from_str(&crate::config::doc_toml(include_str!("mod.rs"))).unwrap();
         let actions = file["observers"]["order_paid"]["actions"]
             .as_array()
             .unwrap();
